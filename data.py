@@ -1,0 +1,342 @@
+"""Image data for every training and evaluation script.
+
+- `ImageFolder`: ImageNet-style class-per-subfolder trees (labels = sorted folder names) or a flat
+  folder of images (no labels; fine for reconstruction and FID). Real folders are messy, so every
+  image mode is converted to RGB, non-image files are ignored, and a corrupt file is skipped with a
+  warning instead of crashing an epoch.
+- `center_crop_arr`: the ADM centre crop that ImageNet 256x256 diffusion results are reported with.
+- `DemoShapes`: a built-in, procedurally drawn, class-labelled image set, so the whole pipeline runs
+  on a laptop with no download.
+- `Batches`: an endless, resumable stream of batches over epochs, sharded over `torchrun` ranks.
+
+Images leave the dataset as uint8 CHW tensors (4x less to copy than float32); `to_model_range`
+turns them into floats in [-1, 1] on the device.
+"""
+
+import multiprocessing
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFile, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+
+
+def is_image_file(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding and cropping
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB.
+
+    16-bit greyscale ('I;16', 'I') would be clipped at 255 by a plain convert('RGB'), so it is
+    rescaled; images with transparency are composited over white, because the colour stored under
+    fully transparent pixels is arbitrary (often black).
+    """
+    img = ImageOps.exif_transpose(img)  # camera photos stored sideways
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's centre crop (guided-diffusion, used for all ImageNet 256 numbers): halve the image with
+    a box filter while its short side is at least twice the target (cheap anti-aliasing), resize
+    with bicubic so the short side equals the target (this also upsamples small images), then crop
+    the centre. Returns an HxWx3 uint8 array."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """Read, convert to RGB and centre-crop one file. Raises OSError/ValueError on a bad file."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so a truncated file fails here and not later
+        return center_crop_arr(to_rgb(img), image_size)
+
+
+def to_model_range(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) batch -> float32 in [-1, 1] on `device` (non-blocking from pinned memory)."""
+    return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float images in [-1, 1] -> uint8, rounding as ADM does when it saves samples."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _hflip_decision(seed: int, epoch: int, index: int) -> bool:
+    """The random flip of sample `index` in `epoch`: a pure function of its arguments, so it does not
+    depend on which worker loads the sample, and a resumed run flips exactly as the original did."""
+    return bool(np.random.default_rng([seed, epoch, index]).random() < 0.5)
+
+
+class _FlipMixin:
+    """Random horizontal flip that is deterministic per (seed, epoch, index)."""
+
+    hflip: bool = False
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int):
+        # Workers receive a copy of the dataset when an epoch's iterator is created (we do not use
+        # persistent workers), so setting this before each epoch reaches them.
+        self.epoch = epoch
+
+    def _maybe_flip(self, arr: np.ndarray, index: int) -> np.ndarray:
+        if self.hflip and _hflip_decision(self.seed, self.epoch, index):
+            return arr[:, ::-1]
+        return arr
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # HWC -> CHW uint8
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class ImageFolder(_FlipMixin, Dataset):
+    """Images under `root`, either in class subfolders (labels 0..C-1 from sorted folder names) or
+    directly in `root` (label -1 for every image, `classes` is None).
+
+    A file that cannot be decoded is replaced by the next readable one, with a warning naming it;
+    `num_skipped` counts them over all worker processes.
+    """
+
+    def __init__(self, root: str, image_size: int, hflip: bool = False, seed: int = 0):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist (check --data)")
+        self.root, self.image_size, self.hflip, self.seed = root, image_size, hflip, seed
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        flat = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
+        self.samples: list[tuple[str, int]] = []
+        if class_dirs:
+            self.classes = []
+            for name in class_dirs:
+                files = sorted(
+                    os.path.join(dirpath, f)
+                    for dirpath, _, names in os.walk(os.path.join(root, name), followlinks=True)
+                    for f in names if is_image_file(f))
+                if files:  # an empty class folder would shift every later label
+                    self.samples += [(f, len(self.classes)) for f in files]
+                    self.classes.append(name)
+        else:
+            self.classes = None
+            self.samples = [(f, -1) for f in flat]
+        if not self.samples:
+            raise ValueError(f"no images found in {root!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                             "directly in it or in one subfolder per class")
+        # Shared across DataLoader workers (passed to them at creation, which multiprocessing allows).
+        self._skipped = multiprocessing.Value("i", 0)
+        self._warned: set[str] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 0
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skipped.value
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                arr = load_image(path, self.image_size)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    with self._skipped.get_lock():
+                        self._skipped.value += 1
+                    warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+                continue
+            return _to_tensor(self._maybe_flip(arr, index)), label
+        raise RuntimeError(f"none of the {len(self.samples)} files in {self.root!r} could be read as an image")
+
+
+class DemoShapes(_FlipMixin, Dataset):
+    """A deterministic, procedurally drawn, class-labelled image set (no download needed).
+
+    Class k is a shape type (disc, square, triangle, ring, cross, stripes, ...) drawn in a random
+    colour, size and position on a random two-colour background, so the classes are easy to tell
+    apart but each image differs. Image i is a pure function of (seed, i).
+    """
+
+    CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes", "checker", "diamond")
+
+    def __init__(self, num_images: int = 512, image_size: int = 64, num_classes: int = 4,
+                 hflip: bool = False, seed: int = 0):
+        if not 1 <= num_classes <= len(self.CLASSES):
+            raise ValueError(f"DemoShapes has 1..{len(self.CLASSES)} classes, not {num_classes}")
+        self.num_images, self.image_size, self.hflip, self.seed = num_images, image_size, hflip, seed
+        self.classes = list(self.CLASSES[:num_classes])
+        self.num_skipped = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self):
+        return self.num_images
+
+    def render(self, index: int) -> np.ndarray:
+        """Draw image `index` as HxWx3 uint8 (4x supersampled, then downsampled: smooth edges)."""
+        rng = np.random.default_rng([self.seed, 12345, index])
+        label = index % self.num_classes
+        s = 4 * self.image_size
+        colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))  # noqa: E731
+        img = Image.new("RGB", (s, s), colour(0, 256))
+        draw = ImageDraw.Draw(img)
+        # A soft second background colour on one half, so backgrounds are not flat.
+        draw.rectangle([0, 0, s, int(s * rng.uniform(0.2, 0.8))], fill=colour(0, 256))
+        fg = colour(0, 256)
+        r = s * rng.uniform(0.18, 0.32)
+        cx, cy = s * rng.uniform(0.35, 0.65, size=2)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        name = self.CLASSES[label]
+        if name == "disc":
+            draw.ellipse(box, fill=fg)
+        elif name == "square":
+            draw.rectangle(box, fill=fg)
+        elif name == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+        elif name == "ring":
+            draw.ellipse(box, outline=fg, width=max(1, int(r * 0.35)))
+        elif name == "cross":
+            w = r * 0.35
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        elif name == "stripes":
+            period = max(2, int(s * rng.uniform(0.08, 0.16)))
+            for x0 in range(0, s, 2 * period):
+                draw.rectangle([x0, 0, x0 + period - 1, s], fill=fg)
+        elif name == "checker":
+            period = max(2, int(s * rng.uniform(0.1, 0.2)))
+            for y0 in range(0, s, period):
+                for x0 in range((y0 // period) % 2 * period, s, 2 * period):
+                    draw.rectangle([x0, y0, x0 + period - 1, y0 + period - 1], fill=fg)
+        elif name == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
+        img = img.resize((self.image_size, self.image_size), resample=Image.LANCZOS)
+        return np.asarray(img)
+
+    def __getitem__(self, index: int):
+        return _to_tensor(self._maybe_flip(self.render(index), index)), index % self.num_classes
+
+    def save(self, folder: str):
+        """Write the set as PNGs in one subfolder per class (an ImageFolder that FID can read)."""
+        for i in range(len(self)):
+            sub = os.path.join(folder, self.classes[i % self.num_classes])
+            os.makedirs(sub, exist_ok=True)
+            Image.fromarray(self.render(i)).save(os.path.join(sub, f"{i:06d}.png"))
+
+
+def build_dataset(path: str | None, image_size: int, hflip: bool = False, seed: int = 0,
+                  demo_images: int = 512, demo_classes: int = 4) -> Dataset:
+    """`ImageFolder(path)`, or the built-in demo set when no path is given."""
+    if path is None or path == "demo":
+        return DemoShapes(demo_images, image_size, demo_classes, hflip=hflip, seed=seed)
+    return ImageFolder(path, image_size, hflip=hflip, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching over ranks and epochs
+
+
+class _SkipFirst(torch.utils.data.Sampler):
+    """A sampler without its first `skip` indices (to resume in the middle of an epoch)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+class Batches:
+    """Endless iterator of (images uint8 (B,3,H,W), labels (B,)) over epochs, for training.
+
+    Each rank gets a disjoint shard of every epoch through a `DistributedSampler` (epoch set each
+    epoch, so the shuffle changes). `state_dict()` records how many batches the loop has consumed,
+    so a resumed run sees exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset, batch_size: int, dist_env, seed: int = 0, num_workers: int = 4,
+                 shuffle: bool = True):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.sampler = DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
+                                          shuffle=shuffle, seed=seed, drop_last=False)
+        self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                             f"({batch_size} per rank x {dist_env.world_size} ranks); lower the batch size")
+        self.pin_memory = dist_env.device.type == "cuda"
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+    def __iter__(self):
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            sampler = _SkipFirst(self.sampler, self.batch_in_epoch * self.batch_size)
+            loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                prefetch_factor=4 if self.num_workers else None)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+
+def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4) -> DataLoader:
+    """One pass over `dataset` in order, split over ranks without padding (every image once)."""
+    indices = list(range(dist_env.rank, len(dataset), dist_env.world_size))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=dist_env.device.type == "cuda")
+
+
+# Truncated files: PIL raises on load() by default, which is what we want (skip them, loudly).
+ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,28 @@
+"""Shared test settings: small thread counts (CI has 2 cores) and a helper to run torchrun."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+torch.set_num_threads(2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_torchrun(script_args, nproc=2, timeout=300, env=None):
+    """Run `torchrun --standalone --nproc_per_node=N <args>` from the repo root on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *script_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT,
+                **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def run_script(script_args, timeout=300, env=None):
+    """Run `python <args>` from the repo root, as a user would."""
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,38 @@
+"""Run by tests/test_data.py under `torchrun --nproc_per_node=2`: each rank reads one epoch of a
+32-image demo set through `Batches` and rank 0 writes every rank's image ids to a JSON file."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from common import cleanup_distributed, seed_everything, setup_distributed
+from data import Batches, DemoShapes
+
+
+class Indexed(DemoShapes):
+    """Demo images whose label is their index, so a rank can report what it saw."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(index)[0], index
+
+
+def main(out_path):
+    env = setup_distributed("cpu")
+    seed_everything(0, env.rank)
+    assert env.world_size == 2 and dist.get_backend() == "gloo"
+    batches = Batches(Indexed(32, 8), batch_size=4, dist_env=env, seed=0, num_workers=1)
+    it = iter(batches)
+    seen = torch.cat([next(it)[1] for _ in range(batches.steps_per_epoch)]).tolist()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, seen)
+    if env.is_main:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+    del it, batches
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
