@@ -268,12 +268,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class StopSignal:
     """Turns SIGTERM (cluster pre-emption, `kill`) and the first Ctrl-C into a flag that the training
     loop checks between steps, so it can save a checkpoint and exit cleanly. A second Ctrl-C stops at
-    once as usual."""
+    once as usual. `restore()` puts the previous handlers back."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:

@@ -340,3 +340,16 @@ def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4) -> Dat
 
 # Truncated files: PIL raises on load() by default, which is what we want (skip them, loudly).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
+    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` images per row, 2-px white gaps."""
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    canvas = np.full((rows * (h + 2) - 2, ncol * (w + 2) - 2, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images.cpu().numpy()):
+        r, c = divmod(i, ncol)
+        canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img.transpose(1, 2, 0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(canvas).save(path)

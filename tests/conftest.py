@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-torch.set_num_threads(2)
+# One thread: oneDNN with 2 threads on 2 shared cores slows down badly when anything else runs.
+torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,6 +24,7 @@ def run_torchrun(script_args, nproc=2, timeout=300, env=None):
 
 def run_script(script_args, timeout=300, env=None):
     """Run `python <args>` from the repo root, as a user would."""
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT,
+                **(env or {})}
     return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

@@ -1,0 +1,319 @@
+"""The tokenizer (DINOv2 encoder, adapter, decoder, losses) and its three training stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train_tokenizer
+from common import MissingWeightsError, load_checkpoint
+from conftest import ROOT, run_torchrun
+from tokenizer import (DINOV2_VARIANTS, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2, build_lpips,
+                       default_config, load_tokenizer)
+
+REF = os.path.join(os.path.dirname(__file__), "reference")
+TINY_CFG = dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1)
+# A tiny stage run on the demo set: a 2-block 64-wide encoder, 32-px images, a 2M-parameter decoder.
+TINY_ARGS = ["--encoder", "tiny", "--random_encoder", "--random_lpips", "--image_size", "32", "--decoder_ch", "32",
+             "--decoder_res_blocks", "1", "--disc_ch", "8", "--batch_size", "4", "--demo_images", "16",
+             "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--grid_every", "1000"]
+
+
+def read_reference_keys(name):
+    rows = []
+    with open(os.path.join(REF, name)) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape, _ = line.rstrip("\n").split("\t")
+            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
+
+
+def read_log(run_dir, stage):
+    with open(os.path.join(run_dir, f"stage{stage}", "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------------
+# DINOv2
+
+
+@pytest.mark.parametrize("name", sorted(DINOV2_VARIANTS))
+def test_dinov2_state_dict_matches_official_keys(name):
+    with torch.device("meta"):
+        model = DINOv2(**DINOV2_VARIANTS[name])
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert sorted(ours) == sorted(read_reference_keys(f"dinov2_keys_{name.removeprefix('dinov2_')}.txt"))
+
+
+def test_strict_load_roundtrip_and_wrong_variant(tmp_path):
+    torch.manual_seed(0)
+    model = DINOv2(**DINOV2_VARIANTS["dinov2_vits14"])
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    loaded = build_dinov2("dinov2_vits14", ckpt=str(path))
+    x = torch.randn(1, 3, 56, 70)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="does not hold dinov2_vitb14 weights"):
+        build_dinov2("dinov2_vitb14", ckpt=str(path))
+
+
+def test_missing_dinov2_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(MissingWeightsError) as err:
+        build_dinov2("dinov2_vitl14_reg")
+    msg = str(err.value)
+    assert "dinov2_vitl14_reg4_pretrain.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    assert "--encoder_ckpt" in msg and "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" in msg
+    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+        build_lpips()
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_dinov2("dinov3_vitl16")
+
+
+def _cubic_resize_matrix(n_in, n_out, scale):
+    """Rows of weights that PyTorch's bicubic (no antialias, align_corners=False, A=-0.75) applies,
+    written from the textbook definition: source x = (i + 0.5) / scale - 0.5, 4 taps, edges clamped."""
+    A = -0.75
+
+    def kernel(d):
+        d = abs(d)
+        if d <= 1:
+            return ((A + 2) * d - (A + 3)) * d * d + 1
+        if d < 2:
+            return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A
+        return 0.0
+
+    W = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) / scale - 0.5
+        f = int(np.floor(src))
+        for tap in range(f - 1, f + 3):
+            W[i, min(max(tap, 0), n_in - 1)] += kernel(src - tap)
+    return W
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (224, 308)])
+def test_pos_embed_interpolation_plain_models(hw):
+    """The plain hub models pass scale factor (n + 0.1) / 37, which moves the sample points."""
+    torch.manual_seed(0)
+    model = DINOv2(embed_dim=8, depth=1, num_heads=2)  # 518 px -> 37 x 37 positions
+    h, w = hw[0] // 14, hw[1] // 14
+    got = model.interpolate_pos_encoding(h, w, torch.float32)[0]
+    grid = model.pos_embed[0, 1:].detach().double().reshape(37, 37, 8).numpy()
+    Wh, Ww = _cubic_resize_matrix(37, h, (h + 0.1) / 37), _cubic_resize_matrix(37, w, (w + 0.1) / 37)
+    want = np.einsum("ia,abc,jb->ijc", Wh, grid, Ww).reshape(h * w, 8)
+    assert got.shape == (1 + h * w, 8)
+    torch.testing.assert_close(got[0], model.pos_embed[0, 0].detach())  # CLS position unchanged
+    np.testing.assert_allclose(got[1:].detach().numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (224, 308)])
+def test_pos_embed_interpolation_reg_models(hw):
+    """The _reg models resize to the grid size with antialiasing, which is PIL's bicubic filter."""
+    torch.manual_seed(0)
+    model = DINOv2(embed_dim=4, depth=1, num_heads=2, num_register_tokens=4, interpolate_antialias=True,
+                   interpolate_offset=0.0)
+    h, w = hw[0] // 14, hw[1] // 14
+    got = model.interpolate_pos_encoding(h, w, torch.float32)[0, 1:].detach().reshape(h, w, 4)
+    grid = model.pos_embed[0, 1:].detach().reshape(37, 37, 4).numpy()
+    for c in range(4):
+        want = np.asarray(Image.fromarray(grid[:, :, c].astype(np.float32), mode="F").resize((w, h), Image.BICUBIC))
+        np.testing.assert_allclose(got[:, :, c].numpy(), want, atol=2e-5)
+
+
+def test_encoder_drops_cls_and_registers():
+    torch.manual_seed(0)
+    model = DINOv2(embed_dim=16, depth=1, num_heads=2, num_register_tokens=4)
+    out = model(torch.randn(2, 3, 28, 42))
+    assert out.shape == (2, 2 * 3, 16)
+    # Registers carry no position: changing them changes the output, but the count stays 6 patches.
+    with pytest.raises(ValueError, match="multiples of 14"):
+        model(torch.randn(1, 3, 30, 28))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_shapes_and_default_sizes():
+    with torch.device("meta"):
+        big = AlignedTokenizer(default_config())
+    assert big.latent_shape == (32, 16, 16) and big.encoder_size == 224
+    n_dec = sum(p.numel() for p in Decoder().parameters())
+    assert 40e6 < n_dec < 43e6  # "about 42M"
+    tok = AlignedTokenizer(TINY_CFG)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat, z = tok(x)
+    assert z.shape == (2, 32, 2, 2) and x_hat.shape == x.shape
+    torch.testing.assert_close(tok.decode(tok.encode(x)), x_hat)
+    assert PatchGAN(8)(x).shape[:2] == (2, 1)
+
+
+def test_preprocess_is_imagenet_normalised_224():
+    tok = AlignedTokenizer({**TINY_CFG, "image_size": 256})
+    x = torch.ones(1, 3, 256, 256) * 0.5  # [-1, 1] -> 0.75 in [0, 1]
+    out = tok.preprocess(x)
+    assert out.shape == (1, 3, 224, 224)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(out[0, :, 100, 100], (0.75 - mean) / std)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_trains_exactly_its_parts(stage):
+    torch.manual_seed(0)
+    args = train_tokenizer.parse_args(["--stage", str(stage)])
+    model = AlignedTokenizer(TINY_CFG)
+    ref = None
+    if stage == 2:
+        ref = AlignedTokenizer(TINY_CFG).requires_grad_(False)
+        ref.load_state_dict(model.state_dict())
+    train_tokenizer.set_trainable(model, stage)
+    lpips = build_lpips(random_backbone=True)
+    disc = PatchGAN(8)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips, disc, ref)
+    loss.backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == set(train_tokenizer.TRAINABLE[stage])
+    for name, p in model.named_parameters():  # every trainable parameter gets a gradient (DDP needs it)
+        assert (p.grad is not None) == p.requires_grad, name
+        assert p.requires_grad == (name.split(".")[0] in trained and name != "encoder.mask_token"), name
+    assert all(p.grad is None for p in disc.parameters())  # the tokenizer loss does not train D
+    assert all(p.grad is None for p in lpips.parameters())
+    assert set(parts) >= {"l1", "lpips", "g_loss", "w_g", "loss"} and ("sp" in parts) == (stage == 2)
+    if stage == 2:
+        assert parts["sp"].item() == 0.0  # same weights, same image: z == z_ref
+
+
+def test_tiny_tokenizer_overfits_one_batch():
+    torch.manual_seed(0)
+    args = train_tokenizer.parse_args(["--stage", "1"])
+    model = AlignedTokenizer(TINY_CFG)
+    train_tokenizer.set_trainable(model, 1)
+    lpips = build_lpips(random_backbone=True)
+    from data import DemoShapes, to_model_range
+    ds = DemoShapes(2, 32)
+    x = to_model_range(torch.stack([ds[i][0] for i in range(2)]), torch.device("cpu"))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3, betas=(0.5, 0.9))
+    losses = []
+    for _ in range(80):
+        loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(parts["loss"].item())
+    assert min(losses[-10:]) < losses[0] / 4, (losses[0], losses[-10:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training script
+
+
+def test_three_stages_chain_and_freeze(tmp_path):
+    run = str(tmp_path)
+    train_tokenizer.main(["--stage", "1", "--steps", "3", "--disc_start", "1", "--run_dir", run, *TINY_ARGS])
+    train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run, *TINY_ARGS])
+    train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run, *TINY_ARGS])
+    exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["model"] for s in (1, 2, 3)}
+    ckpt1 = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
+
+    def same(a, b, part):
+        return all(torch.equal(a[k], b[k]) for k in a if k.startswith(part + "."))
+
+    # Stage 1: the encoder stayed as built (raw weights == EMA weights), the decoder learned.
+    assert same(ckpt1["model"], ckpt1["ema"], "encoder") and not same(ckpt1["model"], ckpt1["ema"], "decoder")
+    # Stage 2 changed the encoder; stage 3 kept encoder and adapter and changed only the decoder.
+    assert not same(exports[1], exports[2], "encoder") and not same(exports[1], exports[2], "adapter")
+    assert same(exports[2], exports[3], "encoder") and same(exports[2], exports[3], "adapter")
+    assert not same(exports[2], exports[3], "decoder")
+    log2 = read_log(run, 2)
+    assert log2[0]["sp"] == 0.0 and log2[1]["sp"] > 0.0  # L_sp starts at exactly zero
+    assert "d_loss" in log2[0] and "g_loss" in read_log(run, 1)[1] and "g_loss" not in read_log(run, 1)[0]
+    assert os.path.exists(os.path.join(run, "stage3", "recon_0000002.png"))
+    tok = load_tokenizer(os.path.join(run, "stage3", "tokenizer.pt"))
+    assert tok.latent_shape == (32, 2, 2)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--stage", "1", "--disc_start", "2", *TINY_ARGS]
+    train_tokenizer.main([*common, "--steps", "6", "--run_dir", a])
+    train_tokenizer.main([*common, "--steps", "3", "--run_dir", b])
+    train_tokenizer.main([*common, "--steps", "6", "--run_dir", b, "--resume"])
+    la, lb = read_log(a, 1), read_log(b, 1)
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "l1", "lpips", "g_loss", "d_loss"):
+            assert ra.get(k) == rb.get(k), (ra["step"], k)
+    ca, cb = (load_checkpoint(os.path.join(d, "stage1", "ckpt.pt")) for d in (a, b))
+    for part in ("model", "ema", "disc"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+
+
+def test_bad_inputs_have_clear_messages(tmp_path):
+    run = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run --stage 1 first"):
+        train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS])
+    with pytest.raises(FileNotFoundError, match="training checkpoint to resume not found"):
+        train_tokenizer.main(["--stage", "1", "--resume", "--run_dir", run, *TINY_ARGS])
+    with pytest.raises(MissingWeightsError, match="--encoder_ckpt /nonexistent.pth does not exist"):
+        train_tokenizer.main(["--stage", "1", "--run_dir", run, "--encoder", "dinov2_vits14",
+                              "--encoder_ckpt", "/nonexistent.pth"])
+    train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
+    with pytest.raises(ValueError, match="--latent_channels 64 .checkpoint: 32."):
+        train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS, "--latent_channels", "64"])
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        train_tokenizer.main(["--stage", "2", "--init", str(bogus), "--run_dir", run, *TINY_ARGS])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="could not read tokenizer checkpoint"):
+        load_tokenizer(str(tmp_path / "garbage.pt"))
+    with pytest.raises(SystemExit):
+        train_tokenizer.parse_args(["--stage", "4"])
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    run = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "train_tokenizer.py", "--stage", "1", "--steps", "100000",
+                             "--run_dir", run, *TINY_ARGS], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    log = os.path.join(run, "stage1", "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
+    assert 1 <= ckpt["step"] < 100000 and "continue with --resume" in out
+    assert not os.path.exists(os.path.join(run, "stage1", "tokenizer.pt"))  # not finished: nothing exported
+
+
+def test_two_process_gloo_stages(tmp_path):
+    run = str(tmp_path)
+    for stage in (1, 2):  # stage 2 trains the encoder too: every trainable parameter must get a gradient
+        run_torchrun(["train_tokenizer.py", "--stage", str(stage), "--steps", "2", "--disc_start", "1",
+                      "--run_dir", run, *TINY_ARGS])
+        assert os.path.exists(os.path.join(run, f"stage{stage}", "tokenizer.pt"))
+        assert [r["step"] for r in read_log(run, stage)] == [1, 2]
