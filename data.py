@@ -298,7 +298,7 @@ class Batches:
 
     def __init__(self, dataset, batch_size: int, dist_env, seed: int = 0, num_workers: int = 4,
                  shuffle: bool = True):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
         self.sampler = DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
                                           shuffle=shuffle, seed=seed, drop_last=False)
         self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
@@ -321,9 +321,12 @@ class Batches:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             sampler = _SkipFirst(self.sampler, self.batch_in_epoch * self.batch_size)
+            # A generator of its own: otherwise creating the iterator draws from the global RNG, and a
+            # resumed run (which creates it at a different point) would see other training noise.
             loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                prefetch_factor=4 if self.num_workers else None)
+                                prefetch_factor=4 if self.num_workers else None,
+                                generator=torch.Generator().manual_seed(self.seed + self.epoch))
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch

@@ -319,6 +319,24 @@ def build_dit(name: str, **kwargs) -> LightningDiT:
     return DiT_models[name](**kwargs)
 
 
+def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
+    """A LightningDiT from a checkpoint written by train_dit.py, with its EMA weights by default.
+
+    Returns (model in eval mode, checkpoint without the weight/optimiser entries); the latter holds
+    `latent_stats` ({"mean", "std"}: per-channel tensors to undo the latent normalisation),
+    `tokenizer` (path of the tokenizer the latents came from) and `tokenizer_config`."""
+    from common import load_checkpoint
+
+    ckpt = load_checkpoint(path, "LightningDiT checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "dit":
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
+    model = build_dit(ckpt["model_name"], **ckpt["model_args"])
+    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
+    return model.eval(), meta
+
+
 def forward_flops_per_image(model: LightningDiT) -> int:
     """Model FLOPs of one forward pass for one image (multiply-add = 2 FLOPs; no recomputation).
 
