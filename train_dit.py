@@ -185,6 +185,7 @@ def model_args(args, dataset: LatentDataset) -> dict:
 
 
 def train(args, env):
+    dataset = LatentDataset(args.latents)  # first: a missing latent folder fails before anything is written
     os.makedirs(args.run_dir, exist_ok=True)
     log = Logger(env, args.run_dir if env.is_main else None)
     seed_everything(args.seed, env.rank)
@@ -197,7 +198,6 @@ def train(args, env):
         raise ValueError(f"--micro_batch {micro} must divide the per-rank batch {per_rank}")
     accum = per_rank // micro  # gradient accumulation steps per optimiser step
 
-    dataset = LatentDataset(args.latents)
     stats = dataset.latent_stats()
     mean, std = (stats[k].to(device).view(1, -1, 1, 1) for k in ("mean", "std"))
     kwargs = model_args(args, dataset)

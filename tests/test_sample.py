@@ -1,0 +1,266 @@
+"""sample.py: ODE solvers at their orders on a closed-form flow, the time shift, classifier-free guidance
+(plain, first-K channels, interval), per-index seeds, and the CLI on a tiny checkpoint: PNG grid, ADM
+.npz identical over 1 and 2 ranks and batch sizes, resume from shards, and the bad-input messages."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from conftest import run_torchrun
+from dit import build_dit
+from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels, sample_latents,
+                    sample_noise, shift_timesteps, time_grid)
+from tokenizer import AlignedTokenizer
+
+# ----------------------------------------------------------------------------------------------------
+# Time grid and solvers
+
+# The exact flow from noise to data N(mu, s^2) along x_t = t x1 + (1 - t) eps: x_t = t mu + sigma_t z with
+# sigma_t = sqrt(t^2 s^2 + (1 - t)^2), so the noise z ends at mu + s z, and the velocity
+# dx/dt = mu + sigma_t'/sigma_t (x - t mu) is smooth and nonlinear in t.
+MU, S = 2.0, 0.5
+
+
+def gaussian_velocity(x, t):
+    return MU + (t * S ** 2 - (1 - t)) / (t ** 2 * S ** 2 + (1 - t) ** 2) * (x - t * MU)
+
+
+@pytest.mark.parametrize("shift", [1.0, 0.3])
+@pytest.mark.parametrize("solver,order,evals_per_interval", [(euler, 1, 1), (heun, 2, 2)])
+def test_solvers_converge_at_their_order(solver, order, evals_per_interval, shift):
+    z = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    counts, errors, steps = [], [], [65, 129, 257, 513]
+    for n in steps:
+        calls = []
+        ts = shift_timesteps(torch.linspace(0, 1, n, dtype=torch.float64), shift)
+        x1 = solver(lambda x, t: calls.append(1) or gaussian_velocity(x, t), z.clone(), ts)
+        errors.append((x1 - (MU + S * z)).abs().max().item())
+        counts.append(len(calls))
+    slope = np.polyfit(np.log([1 / (n - 1) for n in steps]), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.25, (errors, slope)
+    assert counts == [evals_per_interval * (n - 1) for n in steps]  # N time points = N-1 intervals
+
+
+def test_shift_keeps_endpoints_and_is_monotone():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for s in (0.3, 1.0, 3.0):
+        ts = shift_timesteps(t, s)
+        assert ts[0] == 0 and ts[-1] == 1 and (ts.diff() > 0).all()
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    assert (shift_timesteps(t, 0.3) <= t).all()  # s < 1: more of the steps near t = 0 (noise)
+    assert torch.allclose(shift_timesteps(torch.tensor(0.5), 0.3), torch.tensor(0.15 / 0.65))
+    grid = time_grid(250, 0.3)
+    assert grid.shape == (250,) and grid.dtype == torch.float32 and grid[0] == 0 and grid[-1] == 1
+    with pytest.raises(ValueError, match="--steps must be at least 2"):
+        time_grid(1, 0.3)
+    with pytest.raises(ValueError, match="--shift must be > 0"):
+        time_grid(10, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+
+
+class Recorder(torch.nn.Module):
+    """v(x, t, y) = (y + 1) x + t, recording every forward's batch size and labels."""
+
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append((x.shape[0], y.tolist()))
+        return (y.view(-1, 1, 1, 1) + 1).float() * x + t
+
+
+def test_cfg_one_is_the_conditional_model():
+    model, x, y = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2])
+    v = guided_velocity(model, y, 1.0, cfg_channels=3, cfg_interval_start=0.5)(x, torch.tensor(0.7))
+    assert torch.equal(v, model(x, torch.tensor(0.7), y))
+    assert model.calls[0] == (3, [0, 1, 2])  # one pass, no unconditional rows
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_guidance_in_one_batched_forward_on_k_channels(k):
+    model, x, y, t, w = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2]), torch.tensor(0.7), 4.0
+    v = guided_velocity(model, y, w, cfg_channels=k)(x, t)
+    assert model.calls == [(6, [0, 1, 2, 4, 4, 4])]  # [y; null], null = num_classes
+    v_c, v_u = (y.view(-1, 1, 1, 1) + 1) * x + t, 5 * x + t
+    k = 6 if k is None else k
+    torch.testing.assert_close(v[:, :k], (v_u + w * (v_c - v_u))[:, :k])
+    assert torch.equal(v[:, k:], v_c[:, k:])  # unguided channels stay conditional
+    with pytest.raises(ValueError, match="--cfg_channels"):
+        guided_velocity(model, y, w, cfg_channels=7)(x, t)
+
+
+def test_cfg_interval_turns_guidance_off_at_the_noisy_end():
+    model, x, y = Recorder(), torch.randn(2, 4, 2, 2), torch.tensor([1, 3])
+    fn = guided_velocity(model, y, 3.0, cfg_interval_start=0.1)
+    v_c = lambda t: (y.view(-1, 1, 1, 1) + 1) * x + t  # noqa: E731
+    assert torch.equal(fn(x, torch.tensor(0.05)), v_c(0.05))
+    torch.testing.assert_close(fn(x, torch.tensor(0.1)), 5 * x + 0.1 + 3 * (v_c(0.1) - 5 * x - 0.1))
+
+
+def test_sample_latents_on_a_dit(tiny_files):
+    model = sample.load_models(tiny_files["dit"], None, ema=True)[0]
+    noise, y = sample_noise(0, range(2), (32, 2, 2)), torch.tensor([1, 2])
+    z = sample_latents(model, y, noise, steps=4, cfg_scale=1.0, shift=0.3)
+    with torch.no_grad():
+        ref = euler(lambda x, t: model(x, t, y), noise, time_grid(4, 0.3))
+    assert torch.equal(z, ref) and not torch.equal(z, noise)
+    z_heun = sample_latents(model, y, noise, steps=4, cfg_scale=2.0, shift=0.3, solver="heun", cfg_channels=3)
+    assert z_heun.shape == noise.shape and torch.isfinite(z_heun).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds and decoding
+
+
+def test_noise_and_labels_depend_only_on_seed_and_index():
+    full = sample_noise(7, range(6), (4, 2, 2))
+    assert full.shape == (6, 4, 2, 2) and full.dtype == torch.float32
+    assert torch.equal(sample_noise(7, [3, 4], (4, 2, 2)), full[3:5])
+    assert not torch.equal(sample_noise(8, [3], (4, 2, 2)), full[3:4])
+    labels = sample_labels(7, range(200), 10)
+    assert torch.equal(sample_labels(7, range(100, 200), 10), labels[100:])
+    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() <= 9 and len(labels.unique()) == 10
+
+
+def test_denormalize_and_decode(tiny_files):
+    stats = {"mean": torch.tensor([1.0, -2.0]), "std": torch.tensor([2.0, 0.5])}
+    z = torch.ones(1, 2, 1, 1)
+    assert denormalize(z, stats).flatten().tolist() == [3.0, -1.5]
+    tok = sample.load_tokenizer(tiny_files["tok"])
+    img = decode_to_uint8(tok, torch.randn(2, 32, 2, 2), torch.load(tiny_files["dit"])["latent_stats"])
+    assert img.dtype == torch.uint8 and img.shape == (2, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI on a tiny checkpoint
+
+
+def randomize_(model, scale=0.2, seed=0):
+    """Random non-zero weights (the AdaLN-Zero init would make the DiT predict exactly 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def save_tokenizer(path, **config):
+    tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1, **config))
+    torch.save({"kind": "tokenizer", "stage": 3, "config": tok.config, "model": tok.state_dict()}, path)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    files = {k: str(d / f"{k}.pt") for k in ("tok", "tok16", "dit", "dit_nostats")}
+    tok = save_tokenizer(files["tok"])
+    save_tokenizer(files["tok16"], latent_channels=16)
+    args = dict(input_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    ema, raw = randomize_(build_dit("B/1", **args), seed=0), randomize_(build_dit("B/1", **args), seed=1)
+    g = torch.Generator().manual_seed(2)
+    ckpt = {"kind": "dit", "model_name": "B/1", "model_args": args, "model": raw.state_dict(),
+            "ema": ema.state_dict(), "step": 10, "tokenizer": files["tok"], "tokenizer_config": tok.config,
+            "latent_stats": {"mean": torch.randn(32, generator=g), "std": torch.rand(32, generator=g) + 0.5}}
+    torch.save(ckpt, files["dit"])
+    torch.save({k: v for k, v in ckpt.items() if k != "latent_stats"}, files["dit_nostats"])
+    return files
+
+
+def cli(files, *args, ckpt="dit"):
+    return ["--ckpt", files[ckpt], "--device", "cpu", "--steps", "3", "--seed", "5", *map(str, args)]
+
+
+def test_grid(tiny_files, tmp_path, capsys):
+    path = sample.main(cli(tiny_files, "--cfg", 1.5, "--classes", "0,1,3", "--out", tmp_path))
+    assert path == str(tmp_path / "grid_cfg1.5_steps3.png") and path in capsys.readouterr().out
+    from PIL import Image
+    assert Image.open(path).size == (3 * 34 - 2, 32)  # three 32-px images, 2-px gaps
+    # bf16 autocast path (CUDA's default) and raw weights run on the CPU too.
+    path = sample.main(cli(tiny_files, "--precision", "bf16", "--raw_weights", "--solver", "heun", "--out", tmp_path))
+    assert Image.open(path).size == (8 * 34 - 2, 2 * 34 - 2)  # 16 random classes, 8 per row
+
+
+def read_like_adm_evaluator(path):
+    """What guided-diffusion's evaluations/evaluator.py does: stream arr_0.npy out of the zip."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        assert np.lib.format.read_magic(f) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        assert not fortran and dtype == np.uint8
+        return np.frombuffer(f.read(), dtype=dtype).reshape(shape)
+
+
+def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_path, monkeypatch):
+    common = ("--npz", "--num_samples", 6, "--shard_size", 4, "--cfg", 2.0, "--cfg_channels", 3,
+              "--cfg_interval_start", 0.3, "--solver", "heun")
+    one = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards", "--out", tmp_path / "one"))
+    ref = np.load(one)
+    assert sorted(ref.files) == ["arr_0", "arr_1"]
+    assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (6, 32, 32, 3)
+    assert ref["arr_1"].dtype == np.int64 and ref["arr_1"].shape == (6,) and ref["arr_1"].max() < 4
+    assert np.array_equal(read_like_adm_evaluator(one), ref["arr_0"])
+    assert ref["arr_0"].std() > 1  # not a constant image
+    assert json.load(open(tmp_path / "one" / "settings.json"))["cfg_channels"] == 3
+
+    # Two ranks (gloo on the CPU): shard 0 on rank 0, shard 1 on rank 1.
+    run_torchrun(["sample.py", *cli(tiny_files, *common, "--batch_size", 4, "--out", tmp_path / "two")])
+    two = np.load(tmp_path / "two" / "samples.npz")
+    assert np.array_equal(two["arr_0"], ref["arr_0"]) and np.array_equal(two["arr_1"], ref["arr_1"])
+    assert not os.path.exists(tmp_path / "two" / "shards" / "shard_000000.npz")  # removed after concatenation
+
+    # Another batch size: the same noise and labels; kernels may differ in the last bits.
+    other = np.load(sample.main(cli(tiny_files, *common, "--batch_size", 1, "--out", tmp_path / "bs1")))
+    assert np.array_equal(other["arr_1"], ref["arr_1"])
+    assert np.abs(other["arr_0"].astype(int) - ref["arr_0"]).max() <= 1
+    assert (other["arr_0"] != ref["arr_0"]).mean() < 0.01
+
+    # Resume: only the missing shard is generated again.
+    os.remove(one)
+    os.remove(tmp_path / "one" / "shards" / "shard_000001.npz")
+    generated, generate = [], sample.generate
+
+    def recording_generate(model, tokenizer, stats, indices, *args, **kwargs):
+        generated.append(indices)
+        return generate(model, tokenizer, stats, indices, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", recording_generate)
+    resumed = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards", "--out", tmp_path / "one"))
+    resumed = np.load(resumed)
+    assert generated == [[4, 5]]
+    assert np.array_equal(resumed["arr_0"], ref["arr_0"]) and np.array_equal(resumed["arr_1"], ref["arr_1"])
+    # A finished run is not redone; other settings in the same folder are refused.
+    sample.main(cli(tiny_files, *common, "--out", tmp_path / "one"))
+    assert generated == [[4, 5]]
+    with pytest.raises(ValueError, match="other settings.*'cfg'"):
+        sample.main(cli(tiny_files, *[a if a != 2.0 else 3.0 for a in common], "--out", tmp_path / "one"))
+
+
+def test_bad_inputs(tiny_files, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no latent statistics"):
+        sample.main(cli(tiny_files, "--out", tmp_path, ckpt="dit_nostats"))
+    with pytest.raises(ValueError, match=r"latents of shape \(16, 2, 2\).*generates \(32, 2, 2\)"):
+        sample.main(cli(tiny_files, "--tokenizer", tiny_files["tok16"], "--out", tmp_path))
+    with pytest.raises(ValueError, match=r"unknown class id\(s\) \[4\].*4 classes"):
+        sample.main(cli(tiny_files, "--classes", "1,4", "--out", tmp_path))
+    with pytest.raises(ValueError, match="--steps must be at least 2"):
+        sample.main(cli(tiny_files, "--steps", 1, "--out", tmp_path))  # the last --steps wins
+    with pytest.raises(FileNotFoundError, match="tokenizer .*missing.pt not found.*--tokenizer"):
+        sample.main(cli(tiny_files, "--tokenizer", tmp_path / "missing.pt", "--out", tmp_path))
+    with pytest.raises(ValueError, match="--cfg_channels must be between 1 and 32"):
+        sample.main(cli(tiny_files, "--cfg", 2, "--cfg_channels", 33, "--out", tmp_path))
+    monkeypatch.chdir(tmp_path)  # the default --ckpt runs/dit/ckpt.pt does not exist here
+    with pytest.raises(FileNotFoundError, match=r"runs/dit/ckpt.pt: train one first \(python train_dit.py\) "
+                                                "or pass --ckpt"):
+        sample.main(["--cfg", "1.5"])
