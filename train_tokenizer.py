@@ -92,6 +92,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_images", type=int, default=None, help="evaluate on the first N images only")
     g.add_argument("--eval_batch_size", type=int, default=32)
     g.add_argument("--rfid", action="store_true", help="also compute rFID (needs the Inception weights)")
+    g.add_argument("--inception_ckpt", default=None, help="local pt_inception-2015-12-05-6726825d.pth for rFID")
     g.add_argument("--random_inception", action="store_true", help="random Inception for rFID (tests only)")
     g.add_argument("--json", default=None, help="write the metrics to this JSON file")
     args = p.parse_args(argv)
@@ -353,7 +354,8 @@ def train(args, env):
 
 @torch.no_grad()
 def evaluate(args, env):
-    """PSNR, SSIM, LPIPS (and rFID with --rfid) of reconstructions of a held-out image set."""
+    """PSNR, SSIM and LPIPS (and rFID with --rfid) of the reconstructions of a held-out image set,
+    all measured on the 8-bit images, as reconstructions are saved and as everyone reports them."""
     import fid
 
     path = args.tokenizer or os.path.join(args.run_dir, "stage3", "tokenizer.pt")
@@ -364,31 +366,32 @@ def evaluate(args, env):
     if args.eval_images:
         dataset = torch.utils.data.Subset(dataset, range(min(args.eval_images, len(dataset))))
     lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(env.device)
-    inception = fid.load_inception(random_weights=args.random_inception, device=env.device) if args.rfid else None
-    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # psnr, ssim, lpips, count
-    real_feats, fake_feats = [], []
+    inception = (fid.load_inception(args.inception_ckpt, args.random_inception, env.device) if args.rfid else None)
+    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # sums of psnr, ssim, lpips; count
+    features = {"real": [], "recon": []}  # Inception pool features of this rank's images
     for images, _ in tqdm(eval_loader(dataset, args.eval_batch_size, env, args.num_workers),
                           disable=not env.is_main, desc="eval"):
-        x = to_model_range(images, env.device)
+        real = images.to(env.device)
         with autocast(env.device, use_bf16):
-            x_hat, _ = model(x)
-        recon = to_uint8(x_hat)  # metrics on the saved 8-bit images, as everyone reports them
-        totals[0] += fid.psnr(images.to(env.device), recon).sum()
-        totals[1] += fid.ssim(images.to(env.device), recon).sum()
-        totals[2] += lpips(recon.float() / 127.5 - 1, x).flatten().sum()
+            x_hat, _ = model(to_model_range(images, env.device))
+        recon = to_uint8(x_hat)
+        totals[0] += fid.psnr(real, recon).sum()
+        totals[1] += fid.ssim(real, recon).sum()
+        totals[2] += lpips(recon.float() / 127.5 - 1, real.float() / 127.5 - 1).sum()
         totals[3] += len(images)
         if inception is not None:
-            real_feats.append(fid.inception_features(inception, images.to(env.device)))
-            fake_feats.append(fid.inception_features(inception, recon))
+            for name, batch in (("real", real), ("recon", recon)):
+                features[name].append(torch.from_numpy(fid.compute_activations([batch], inception, progress=False)[0]))
     if env.distributed:
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
     metrics = {"tokenizer": path, "images": int(n), "psnr": totals[0].item() / n, "ssim": totals[1].item() / n,
                "lpips": totals[2].item() / n}
     if inception is not None:
-        real = fid.gather_rows(torch.cat(real_feats), env)
-        fake = fid.gather_rows(torch.cat(fake_feats), env)
-        metrics["rfid"] = fid.fid_from_features(real, fake)
+        # eval_loader gave rank r the images r, r + W, ...: gather_rows restores the dataset order.
+        real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))
+        metrics["rfid"] = fid.FIDStatistics.from_features(recon).frechet_distance(fid.FIDStatistics.from_features(real))
+        metrics["inception_weights"] = inception.weights_name
     log.info(json.dumps(metrics, indent=1))
     if args.json and env.is_main:
         with open(args.json, "w") as f:
@@ -399,11 +402,9 @@ def evaluate(args, env):
 def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
-    if args.eval:
-        evaluate(args, env)
-    else:
-        train(args, env)  # every DDP module lives and dies inside train()
+    result = evaluate(args, env) if args.eval else train(args, env)  # DDP modules live and die inside
     cleanup_distributed()
+    return result
 
 
 if __name__ == "__main__":

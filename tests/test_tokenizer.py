@@ -1,6 +1,7 @@
 """The tokenizer (DINOv2 encoder, adapter, decoder, losses) and its three training stages."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -249,6 +250,13 @@ def test_three_stages_chain_and_freeze(tmp_path):
     assert os.path.exists(os.path.join(run, "stage3", "recon_0000002.png"))
     tok = load_tokenizer(os.path.join(run, "stage3", "tokenizer.pt"))
     assert tok.latent_shape == (32, 2, 2)
+    # --eval: reconstruction metrics of the final tokenizer on a few demo images.
+    out = os.path.join(run, "eval.json")
+    metrics = train_tokenizer.main(["--eval", "--run_dir", run, "--eval_images", "6", "--rfid", "--random_inception",
+                                    "--json", out, *TINY_ARGS])
+    assert metrics == json.load(open(out)) and metrics["images"] == 6
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["lpips"] > 0
+    assert math.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0 and "RANDOM" in metrics["inception_weights"]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
