@@ -107,9 +107,24 @@ def seed_everything(seed: int, rank: int = 0):
     torch.manual_seed(seed + rank)
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """--precision auto|bf16|fp32: auto is bf16 autocast on CUDA and float32 on the CPU (where bf16
+    is slow); bf16 on the CPU is allowed so that tests cover that path."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast (on CUDA by default; on CPU only when asked for, so tests cover the path)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun (gradients all-reduced in backward), else the module."""
+    if not env.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
@@ -189,17 +204,24 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
                            "Is it a complete file written by this project (or the official weights)?") from e
 
 
-def rng_state() -> dict:
+def rng_states(env: DistEnv) -> list[dict]:
+    """Every rank's torch RNG state (CPU and this rank's GPU), gathered for a checkpoint."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    if not env.distributed:
+        return [state]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
-def set_rng_state(state: dict):
+def set_rng_states(states: list[dict], env: DistEnv):
+    """Restore this rank's RNG state from `rng_states` (a run resumed on more ranks reuses them)."""
+    state = states[env.rank % len(states)]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and env.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], env.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
@@ -339,10 +339,6 @@ def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4) -> Dat
     indices = list(range(dist_env.rank, len(dataset), dist_env.world_size))
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=dist_env.device.type == "cuda")
-
-
-# Truncated files: PIL raises on load() by default, which is what we want (skip them, loudly).
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):

@@ -972,7 +972,7 @@ def benchmark(num_images: int = 64, image_size: int = 256, batch_size: int = 32,
 # Command line
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / Inception Score / precision-recall of samples against a "
                                 "reference (folders, ADM .npz files or statistics .npz files). Under torchrun, "
                                 "feature extraction is split over the ranks.")
@@ -993,7 +993,13 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="time our feature extraction against pytorch-fid's")
     p.add_argument("--bench_images", type=int, default=64, help="images for --bench (size: --image_size, default 256)")
     args = p.parse_args(argv)
+    if not args.bench and not (len(args.paths) == 2 or (len(args.paths) == 1 and args.save_stats)):
+        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its statistics)")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.bench:
         dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
         r = benchmark(args.bench_images, args.image_size or 256, min(args.batch_size, args.bench_images), dev)
@@ -1001,9 +1007,6 @@ def main(argv=None):
         print(f"feature extraction on {r['device']}: ours {r['ours_img_per_s']:.2f} img/s, pytorch-fid "
               f"{r['pytorch_fid_img_per_s']:.2f} img/s, ratio {r['ratio']:.3f}")
         return r
-    if not (len(args.paths) == 2 or (len(args.paths) == 1 and args.save_stats)):
-        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its statistics)")
-
     dist_env = setup_distributed(args.device)
     logger = Logger(dist_env)
     model = load_inception(args.inception_ckpt, args.random_inception, dist_env.device)

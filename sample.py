@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import Logger, autocast, cleanup_distributed, setup_distributed
+from common import Logger, autocast, cleanup_distributed, setup_distributed, use_bf16
 from data import save_grid, to_uint8
 from dit import load_dit
 from tokenizer import load_tokenizer
@@ -231,14 +231,14 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
 # Generation
 
 
-def generate(model, tokenizer, latent_stats, indices, labels, args, device, use_bf16, bar=None):
+def generate(model, tokenizer, latent_stats, indices, labels, args, device, bf16, bar=None):
     """Images for the global `indices` with `labels`: (n, H, W, 3) uint8 numpy, in batches."""
     out = []
     for s in range(0, len(indices), args.batch_size):
         idx = indices[s: s + args.batch_size]
         noise = sample_noise(args.seed, idx, dit_latent_shape(model)).to(device)  # (b, C, h, w)
         y = labels[s: s + args.batch_size].to(device)
-        with autocast(device, use_bf16):
+        with autocast(device, bf16):
             z = sample_latents(model, y, noise, args.steps, args.cfg, args.shift, args.solver,
                                args.cfg_channels, args.cfg_interval_start)
         # The decoder runs in float32: it is a small share of the time and sets the final pixels.
@@ -271,7 +271,7 @@ def wait_for(paths, poll_s: float = 1.0):
         time.sleep(poll_s)
 
 
-def run_npz(args, env, model, tokenizer, meta, use_bf16, log):
+def run_npz(args, env, model, tokenizer, meta, bf16, log):
     """The 50K-style run: shards of `--shard_size` samples by global index, the missing ones split over
     ranks, then concatenated by rank 0 into `<out>/samples.npz`. Returns its path."""
     N, S = args.num_samples, args.shard_size
@@ -287,7 +287,7 @@ def run_npz(args, env, model, tokenizer, meta, use_bf16, log):
                     tokenizer=os.path.abspath(meta["tokenizer"]), cfg=args.cfg, cfg_channels=args.cfg_channels,
                     cfg_interval_start=args.cfg_interval_start, steps=args.steps, shift=args.shift,
                     solver=args.solver, seed=args.seed, classes=args.classes, num_samples=N, shard_size=S,
-                    precision="bf16" if use_bf16 else "fp32")
+                    precision="bf16" if bf16 else "fp32")
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if env.is_main:
         os.makedirs(shard_dir, exist_ok=True)
@@ -316,7 +316,7 @@ def run_npz(args, env, model, tokenizer, meta, use_bf16, log):
     for k in mine:
         indices = list(range(k * S, min(N, (k + 1) * S)))
         labels = labels_for(indices, args.classes, args.seed, model.num_classes)
-        images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, env.device, use_bf16, bar)
+        images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, env.device, bf16, bar)
         save_npz(shard_path(k), arr_0=images, arr_1=labels.numpy())
     bar.close()
 
@@ -340,11 +340,11 @@ def run_npz(args, env, model, tokenizer, meta, use_bf16, log):
     return final
 
 
-def run_grid(args, model, tokenizer, meta, device, use_bf16):
+def run_grid(args, model, tokenizer, meta, device, bf16):
     """A PNG grid of `--num_samples` samples (default: one per `--classes` entry, or 16 random)."""
     indices = list(range(args.num_samples))
     labels = labels_for(indices, args.classes, args.seed, model.num_classes)
-    images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, device, use_bf16)
+    images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, device, bf16)
     solver = "" if args.solver == "euler" else f"_{args.solver}"
     path = os.path.join(args.out, f"grid_cfg{args.cfg:g}_steps{args.steps}{solver}.png")
     save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), path)
@@ -420,7 +420,7 @@ def main(argv=None):
                          f"(0..{model.num_classes - 1})")
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= model.in_channels:
         raise ValueError(f"--cfg_channels must be between 1 and {model.in_channels}, got {args.cfg_channels}")
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+    bf16 = use_bf16(args.precision, env.device)
     model.to(env.device)
     tokenizer.decoder.to(env.device)  # decoding needs only the decoder; the encoder stays on the CPU
     if args.compile:
@@ -428,13 +428,13 @@ def main(argv=None):
     log(f"LightningDiT {meta.get('model_name')} step {meta.get('step')} ({'raw' if args.raw_weights else 'EMA'} "
         f"weights), tokenizer {meta['tokenizer']}; cfg {args.cfg:g} (channels {args.cfg_channels or 'all'}, "
         f"from t={args.cfg_interval_start:g}), {args.solver} {args.steps} steps, shift {args.shift:g}, "
-        f"{'bf16' if use_bf16 else 'fp32'} on {env.device}")
+        f"{'bf16' if bf16 else 'fp32'} on {env.device}")
 
     if args.npz:
-        path = run_npz(args, env, model, tokenizer, meta, use_bf16, log)
+        path = run_npz(args, env, model, tokenizer, meta, bf16, log)
         log(f"{args.num_samples} samples in {path} (arr_0: images NHWC uint8, arr_1: labels)")
     else:
-        path = run_grid(args, model, tokenizer, meta, env.device, use_bf16) if env.is_main else None
+        path = run_grid(args, model, tokenizer, meta, env.device, bf16) if env.is_main else None
         if path:
             print(path)
     cleanup_distributed()

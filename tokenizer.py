@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import MissingWeightsError, load_checkpoint, pretrained_file
 
@@ -142,6 +143,7 @@ class DINOv2(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpointing = False  # recompute blocks in backward: less memory when the encoder trains
         self._init_weights()
 
     def _init_weights(self):
@@ -187,7 +189,10 @@ class DINOv2(nn.Module):
         if self.register_tokens is not None:  # registers go after CLS and carry no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.norm(x)[:, self.num_prefix:]  # (B, N, D): drop CLS and registers
 
 

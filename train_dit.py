@@ -22,13 +22,12 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dit
 from common import (EMA, Logger, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
-                    peak_bf16_flops, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed)
+                    peak_bf16_flops, rng_states, save_checkpoint, seed_everything, set_rng_states,
+                    setup_distributed, use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ def extract_latents(args, env):
 
     log = Logger(env)
     tok = load_tokenizer(args.tokenizer).to(env.device)
-    use_bf16 = bf16_enabled(args, env)
+    bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, tok.config["image_size"], demo_images=args.demo_images)
     if not dataset.num_classes:
         raise ValueError(f"{args.data!r} has no class subfolders: the class-conditional DiT needs labels "
@@ -95,7 +94,7 @@ def extract_latents(args, env):
     done = 0
     for images, y in tqdm(loader, desc="extract", disable=not env.is_main):
         x = to_model_range(images, env.device)
-        with autocast(env.device, use_bf16):
+        with autocast(env.device, bf16):
             z = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], dim=1)  # (B, 2, C, h, w)
         rows = (2 * mine[done: done + len(images)])[:, None] + np.arange(2)  # (B, 2): 2i, 2i + 1
         latents[rows.ravel()] = z.float().flatten(0, 1).cpu().numpy().astype(np.float16)
@@ -171,10 +170,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def bf16_enabled(args, env) -> bool:
-    return args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-
-
 def model_args(args, dataset: LatentDataset) -> dict:
     """build_dit(args.model, **model_args): the latent shape and class count come from the latents."""
     channels, size, _ = dataset.meta["latent_shape"]
@@ -189,7 +184,7 @@ def train(args, env):
     os.makedirs(args.run_dir, exist_ok=True)
     log = Logger(env, args.run_dir if env.is_main else None)
     seed_everything(args.seed, env.rank)
-    device, use_bf16 = env.device, bf16_enabled(args, env)
+    device, bf16 = env.device, use_bf16(args.precision, env.device)
     if args.batch_size % env.world_size:
         raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} ranks")
     per_rank = args.batch_size // env.world_size
@@ -207,7 +202,7 @@ def train(args, env):
                             weight_decay=args.weight_decay, fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
     flops = dit.training_flops_per_image(model)
-    peak = peak_bf16_flops(device) if use_bf16 else None
+    peak = peak_bf16_flops(device) if bf16 else None
     log.info(f"LightningDiT-{args.model} {kwargs}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
              f"parameters, {flops / 3e9:.1f} GFLOPs/image forward; {len(dataset)} latents; global batch "
              f"{args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
@@ -228,22 +223,17 @@ def train(args, env):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         batches.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][env.rank % len(ckpt["rng"])])
+        set_rng_states(ckpt["rng"], env)
         start_step = ckpt["step"]
         log.info(f"resumed at step {start_step} from {ckpt_path}")
 
     train_model = model
     if args.compile:
         train_model.compile()  # in place: the state dict keeps its names
-    if env.distributed:
-        train_model = DDP(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    train_model = wrap_ddp(train_model, env)
 
     def save(step, path=ckpt_path):
-        rngs = [None] * env.world_size
-        if env.distributed:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = rng_states(env)  # a collective: every rank takes part
         if env.is_main:
             save_checkpoint({"kind": "dit", "step": step, "model_name": args.model, "model_args": kwargs,
                              "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -251,7 +241,7 @@ def train(args, env):
                              "tokenizer": dataset.meta["tokenizer"], "tokenizer_config": dataset.meta["tokenizer_config"],
                              "classes": dataset.meta["classes"], "args": vars(args)}, path)
 
-    grid = SampleGrid(args, dataset, device, use_bf16, log) if env.is_main and args.grid_every else None
+    grid = SampleGrid(args, dataset, device, bf16, log) if env.is_main and args.grid_every else None
     stop = StopSignal()
     stopped = False
     loss_sum = torch.zeros(3, device=device)  # loss, mse, cos summed since the last log
@@ -266,7 +256,7 @@ def train(args, env):
             y = y.to(device, non_blocking=True)
             # Gradients are all-reduced on the last micro-batch only.
             sync = not env.distributed or i == accum - 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, use_bf16):
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, bf16):
                 loss, parts = dit.flow_matching_loss(train_model, x1, y)
                 (loss / accum).backward()
             loss_sum += torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
@@ -324,10 +314,10 @@ class SampleGrid:
     """A grid of EMA samples (fixed noise and classes) decoded with the tokenizer, to watch training.
     Skipped with a warning if the tokenizer file named in the latents is not available."""
 
-    def __init__(self, args, dataset, device, use_bf16, log):
+    def __init__(self, args, dataset, device, bf16, log):
         from tokenizer import load_tokenizer
 
-        self.args, self.device, self.use_bf16, self.log = args, device, use_bf16, log
+        self.args, self.device, self.bf16, self.log = args, device, bf16, log
         path = dataset.meta["tokenizer"]
         try:
             self.tokenizer = load_tokenizer(path).to(device)
@@ -345,7 +335,7 @@ class SampleGrid:
             return
         from sample import decode_to_uint8, sample_latents
 
-        with autocast(self.device, self.use_bf16):
+        with autocast(self.device, self.bf16):
             z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device), steps=30,
                                cfg_scale=self.args.grid_cfg)
             images = decode_to_uint8(self.tokenizer, z.float(), self.stats)

@@ -25,11 +25,11 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (EMA, Logger, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
-                    rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed, unwrap)
+                    rng_states, save_checkpoint, seed_everything, set_rng_states, setup_distributed, unwrap,
+                    use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (AlignedTokenizer, adaptive_gan_weight, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, load_tokenizer, PatchGAN, semantic_preservation_loss)
@@ -80,6 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder and discriminator")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format for the conv nets")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% more compute)")
     g.add_argument("--num_workers", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--demo_images", type=int, default=512, help="size of the built-in demo set")
@@ -178,12 +180,16 @@ def tokenizer_loss(model, x, args, lpips, disc=None, ref=None):
 
 def train(args, env):
     run_dir = stage_dir(args)
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    if not args.resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or use another --run_dir "
+                              "(we do not overwrite training progress)")
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
     log = Logger(env, run_dir)
     seed_everything(args.seed, env.rank)
     device = env.device
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(args.precision, device)
     if args.batch_size % env.world_size:
         raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} ranks")
     local_batch = args.batch_size // env.world_size
@@ -203,6 +209,7 @@ def train(args, env):
         log.info("WARNING: --random_lpips: the LPIPS VGG backbone has RANDOM weights (demo/tests only).")
     disc = PatchGAN(args.disc_ch).to(device)
     model.to(device)
+    model.encoder.grad_checkpointing = args.grad_checkpointing
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
@@ -222,10 +229,6 @@ def train(args, env):
     batches = Batches(dataset, local_batch, env, seed=args.seed, num_workers=args.num_workers)
     grid_images = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])  # the same 8 images all stage
     start_step = 0
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or use another --run_dir "
-                              "(we do not overwrite training progress)")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "training checkpoint to resume")
         if ckpt.get("kind") != "tokenizer" or ckpt.get("stage") != args.stage:
@@ -238,7 +241,7 @@ def train(args, env):
         opt.load_state_dict(ckpt["opt"])
         opt_d.load_state_dict(ckpt["opt_d"])
         batches.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_states(ckpt["rng"], env)
         start_step = ckpt["step"]
         log.info(f"resumed stage {args.stage} at step {start_step} from {ckpt_path}")
 
@@ -246,16 +249,11 @@ def train(args, env):
         model.encoder.compile()
         model.decoder.compile()
         disc.compile()
-    ddp_model = DDP(model, device_ids=[env.local_rank] if device.type == "cuda" else None) if env.distributed else model
-    ddp_disc = DDP(disc, device_ids=[env.local_rank] if device.type == "cuda" else None) if env.distributed else disc
+    ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
 
     def save(step):
         """Everything needed to continue exactly: weights, EMA, optimisers, data position, RNG."""
-        rngs = [None] * env.world_size
-        if env.distributed:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = rng_states(env)  # a collective: every rank takes part
         if env.is_main:
             save_checkpoint({"kind": "tokenizer", "stage": args.stage, "step": step, "config": cfg,
                              "model": model.state_dict(), "ema": ema.state_dict(), "disc": disc.state_dict(),
@@ -272,7 +270,7 @@ def train(args, env):
     def save_recon_grid(step):
         if not env.is_main:
             return
-        with torch.no_grad(), autocast(device, use_bf16):
+        with torch.no_grad(), autocast(device, bf16):
             x = to_model_range(grid_images, device)
             x_hat, _ = ema.model(x)
         path = os.path.join(run_dir, f"recon_{step:07d}.png")
@@ -295,7 +293,7 @@ def train(args, env):
         gan_on = step >= disc_start
 
         # ---- tokenizer update
-        with autocast(device, use_bf16):
+        with autocast(device, bf16):
             loss, x_hat, parts = tokenizer_loss(ddp_model, x, args, lpips, disc if gan_on else None, ref)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +302,7 @@ def train(args, env):
 
         # ---- discriminator update (hinge loss on real vs detached reconstructions)
         if gan_on:
-            with autocast(device, use_bf16):
+            with autocast(device, bf16):
                 d_loss = hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -361,7 +359,7 @@ def evaluate(args, env):
     path = args.tokenizer or os.path.join(args.run_dir, "stage3", "tokenizer.pt")
     model = load_tokenizer(path).to(env.device)
     log = Logger(env)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+    bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, model.config["image_size"], demo_images=args.demo_images)
     if args.eval_images:
         dataset = torch.utils.data.Subset(dataset, range(min(args.eval_images, len(dataset))))
@@ -372,7 +370,7 @@ def evaluate(args, env):
     for images, _ in tqdm(eval_loader(dataset, args.eval_batch_size, env, args.num_workers),
                           disable=not env.is_main, desc="eval"):
         real = images.to(env.device)
-        with autocast(env.device, use_bf16):
+        with autocast(env.device, bf16):
             x_hat, _ = model(to_model_range(images, env.device))
         recon = to_uint8(x_hat)
         totals[0] += fid.psnr(real, recon).sum()

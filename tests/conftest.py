@@ -28,3 +28,14 @@ def run_script(script_args, timeout=300, env=None):
                 **(env or {})}
     return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def randomize_(model, scale=0.2, seed=0):
+    """Random non-zero values for every trainable weight, norm weights near 1: the AdaLN-Zero init
+    would make a LightningDiT predict exactly 0 and hide most of the model from a test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
+    return model

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize_
 from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, build_dit,
                  flow_matching_loss, forward_flops_per_image, get_2d_sincos_pos_embed,
                  training_flops_per_image)
@@ -19,17 +20,6 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, 
 
 def tiny(**kw):
     return LightningDiT(**{**TINY, **kw})
-
-
-def randomize_(model, scale=0.2, seed=0):
-    """Random non-zero values for every trainable weight (the init zeros would hide most of the model);
-    norm weights stay near 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------

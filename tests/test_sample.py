@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sample
-from conftest import run_torchrun
+from conftest import randomize_, run_torchrun
 from dit import build_dit
 from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels, sample_latents,
                     sample_noise, shift_timesteps, time_grid)
@@ -144,16 +144,6 @@ def test_denormalize_and_decode(tiny_files):
 
 # ----------------------------------------------------------------------------------------------------
 # The CLI on a tiny checkpoint
-
-
-def randomize_(model, scale=0.2, seed=0):
-    """Random non-zero weights (the AdaLN-Zero init would make the DiT predict exactly 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
-    return model
 
 
 def save_tokenizer(path, **config):

@@ -325,3 +325,17 @@ def test_two_process_gloo_stages(tmp_path):
                       "--run_dir", run, *TINY_ARGS])
         assert os.path.exists(os.path.join(run, f"stage{stage}", "tokenizer.pt"))
         assert [r["step"] for r in read_log(run, stage)] == [1, 2]
+
+
+def test_encoder_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = DINOv2(embed_dim=16, depth=2, num_heads=2)
+    x = torch.randn(2, 3, 28, 28)
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from PIL import Image
 import dit
 import train_dit
 from common import load_checkpoint
-from conftest import run_torchrun
+from conftest import ROOT, run_torchrun
 from data import DemoShapes, to_model_range
 from tokenizer import AlignedTokenizer, load_tokenizer
 
@@ -149,3 +153,22 @@ def test_bad_inputs_have_clear_messages(latents, tmp_path):
                         "--device", "cpu", "--num_workers", "0"])
     with pytest.raises(ValueError, match="is not a LightningDiT checkpoint"):
         dit.load_dit(tok_path)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
+    _, folder = latents
+    run = str(tmp_path)
+    args = ["train_dit.py", "--latents", folder, "--run_dir", run, *TINY_DIT]
+    proc = subprocess.Popen([sys.executable, *args, "--steps", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    log = os.path.join(run, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0 and "continue with --resume" in out, out[-2000:]
+    step = load_checkpoint(os.path.join(run, "ckpt.pt"))["step"]
+    assert 1 <= step < 1000000
+    train_dit.main([*args[1:], "--steps", str(step + 2), "--resume"])
+    assert load_checkpoint(os.path.join(run, "ckpt.pt"))["step"] == step + 2
