@@ -1,0 +1,289 @@
+"""Speed benchmarks of every part of the method, on the device present (SPEC: the training steps of
+the tokenizer and the LightningDiT, sampling, FID feature extraction).
+
+    python bench.py                                  # all parts; CUDA if present, else small CPU configs
+    python bench.py --part dit --compile             # one part, with torch.compile
+    python bench.py --part dit --precision fp32 --no_fused --attention math   # the plain baseline
+
+For each part: images/s, peak memory, and on CUDA the model FLOPs utilisation (MFU) = achieved model
+FLOP/s / the GPU's dense bf16 peak (common.PEAK_BF16_FLOPS). Timing: --warmup steps not timed, CUDA
+synchronised before and after each timed repeat of --iters steps, the median of --repeats repeats.
+
+FLOP counts (what "model FLOPs" means here):
+- LightningDiT: dit.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied to
+  every token) x tokens + 2 x (conditioning weights) + depth x 4 x tokens^2 x width (attention).
+- tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
+  and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
+- sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
+
+Each fast path can be switched off to measure what it brings: --precision fp32 (bf16 autocast),
+--no_fused (fused Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --compile,
+--channels_last (tokenizer conv nets), --no_tf32, --cfg_two_pass (CFG as two forwards instead of one
+batched forward), --grad_checkpointing (DiT: less memory, more compute).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import dit
+from common import EMA, autocast, peak_bf16_flops, use_bf16
+
+# Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
+CONFIGS = {
+    "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=256, latent=(32, 16, 16),
+                 tok={}, tok_batch=32, image_size=256, sample_batch=256, fid_batch=250),
+    "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8), dit_batch=8,
+                latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
+                tok_batch=2, image_size=64, sample_batch=8, fid_batch=8),
+}
+
+
+def timed(step, device, warmup: int, iters: int, repeats: int) -> float:
+    """Median seconds per call of `step` over `repeats` timed blocks of `iters` calls, after `warmup`."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+def peak_memory_gib(device) -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def attention_backend(name: str):
+    """`math` forces PyTorch's reference attention (materialises the N x N scores)."""
+    if name == "sdpa":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
+    img_s = batch / seconds
+    row = {"part": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak_memory_gib(device),
+           **extra}
+    peak = peak_bf16_flops(device)
+    if flops_per_image and peak:
+        row["mfu"] = img_s * flops_per_image / peak
+    mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
+    print(f"{name:28s} {img_s:10.1f} img/s  {row['ms_per_step']:9.1f} ms/step  "
+          f"peak {row['peak_mem_gib']:.2f} GiB{mfu}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parts
+
+
+def bench_dit(args, cfg, device, bf16):
+    """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update."""
+    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], grad_checkpointing=args.grad_checkpointing,
+                          **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device)
+    flops = dit.training_flops_per_image(model)
+    ema = EMA(model, 0.9999)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
+    train_model = torch.compile(model) if args.compile else model
+    B = args.batch_size or cfg["dit_batch"]
+    x1 = torch.randn(B, *cfg["latent"], device=device)
+    y = torch.randint(0, model.num_classes, (B,), device=device)
+
+    def step():
+        with autocast(device, bf16), attention_backend(args.attention):
+            loss, _ = dit.flow_matching_loss(train_model, x1, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+
+    seconds = timed(step, device, args.warmup, args.iters, args.repeats)
+    return [report(f"dit {cfg['dit']} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)]
+
+
+def bench_tokenizer(args, cfg, device, bf16):
+    """One tokenizer training step of each stage, with LPIPS and the GAN on (the costliest phase)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train_tokenizer as tt
+    from tokenizer import AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss
+
+    rows = []
+    B = args.batch_size or cfg["tok_batch"]
+    targs = tt.parse_args(["--stage", "1"])
+    lpips = build_lpips(random_backbone=True).to(device)
+    for stage in (1, 2, 3):
+        torch.manual_seed(0)
+        model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
+        tt.set_trainable(model, stage)
+        ref = copy.deepcopy(model).requires_grad_(False) if stage == 2 else None
+        disc = PatchGAN().to(device)
+        if args.channels_last:
+            model.decoder.to(memory_format=torch.channels_last)
+            disc.to(memory_format=torch.channels_last)
+        if args.compile:
+            model.encoder.compile()
+            model.decoder.compile()
+            disc.compile()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
+        ema = EMA(model, 0.999)
+        x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def step():
+            with autocast(device, bf16), attention_backend(args.attention):
+                loss, x_hat, _ = tt.tokenizer_loss(model, x, targs, lpips, disc, ref)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(model)
+            with autocast(device, bf16):
+                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+        step()  # outside the counter: compile and lazy initialisation
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops() / B
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(step, device, args.warmup, args.iters, args.repeats)
+        rows.append(report(f"tokenizer stage {stage} train", args, device, B, seconds, flops,
+                           gflops_per_image=flops / 1e9))
+        del model, ref, disc, opt, opt_d, ema
+    return rows
+
+
+def bench_sampling(args, cfg, device, bf16):
+    """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding.
+
+    The 30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
+    import sample
+    from tokenizer import AlignedTokenizer
+
+    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
+                          **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device).eval()
+    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
+    net = torch.compile(model) if args.compile else model
+    if args.cfg_two_pass:  # CFG as two separate forwards of B rows (what batching saves)
+        net = TwoPass(net)
+    B = args.batch_size or cfg["sample_batch"]
+    noise = torch.randn(B, *cfg["latent"], device=device)
+    y = torch.randint(0, model.num_classes, (B,), device=device)
+    stats = {"mean": torch.zeros(cfg["latent"][0]), "std": torch.ones(cfg["latent"][0])}
+
+    def run(steps):
+        with autocast(device, bf16), attention_backend(args.attention):
+            z = sample.sample_latents(net, y, noise, steps=steps, cfg_scale=1.5)
+        return z
+
+    def decode():
+        sample.decode_to_uint8(tok, z, stats)
+
+    z = run(30)
+    t30 = timed(lambda: run(30), device, 1, 1, args.repeats)
+    t_decode = timed(decode, device, 1, 1, args.repeats)
+    per_step = t30 / 29
+    flops = 2 * dit.forward_flops_per_image(model)  # per step and image: conditional + unconditional rows
+    rows = []
+    for steps in (250, 30):
+        seconds = per_step * (steps - 1) + t_decode
+        rows.append(report(f"sample cfg {steps} steps", args, device, B, seconds, flops * (steps - 1),
+                           hours_for_50k=50_000 / (B / seconds) / 3600))
+    return rows
+
+
+class TwoPass(torch.nn.Module):
+    """Calls the model on each half of the batch separately (CFG without batching)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.num_classes = model, model.num_classes
+
+    def forward(self, x, t, y):
+        h = x.shape[0] // 2
+        return torch.cat([self.model(x[:h], t, y[:h]), self.model(x[h:], t, y[h:])])
+
+
+def bench_fid(args, cfg, device, bf16):
+    """Inception feature extraction (float32 always) on 256 px uint8 images, next to pytorch-fid's."""
+    import fid
+
+    B = args.batch_size or cfg["fid_batch"]
+    r = fid.benchmark(num_images=B * args.iters, image_size=256, batch_size=B, device=str(device),
+                      rounds=args.repeats)
+    seconds = B / r["ours_img_per_s"]
+    return [report("fid features", args, device, B, seconds, pytorch_fid_img_per_s=r["pytorch_fid_img_per_s"],
+                   ratio_vs_pytorch_fid=r["ratio"])]
+
+
+PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=sorted(PARTS), action="append", help="what to measure (repeatable; default all)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--batch_size", type=int, default=None, help="override the part's default batch")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--no_tf32", action="store_true")
+    p.add_argument("--cfg_two_pass", action="store_true")
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    cfg = CONFIGS[device.type]
+    bf16 = use_bf16(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.benchmark = True
+    switches = {k: v for k, v in vars(args).items() if k not in ("part", "json")}
+    print(f"device {device}, {'bf16' if bf16 else 'fp32'}; switches {switches}")
+    rows = []
+    for part in args.part or PARTS:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        rows += PARTS[part](args, cfg, device, bf16)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"switches": switches, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

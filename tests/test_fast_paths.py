@@ -1,0 +1,124 @@
+"""The GPU fast paths give the results of the plain float32 path (within bf16 tolerance where bf16 is
+involved), checked on the CPU: bf16 autocast, SDPA vs reference attention, fused optimisers,
+torch.compile, channels-last, batched CFG; and the benchmark command runs."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import bench
+import dit
+import sample
+import train_tokenizer
+from common import autocast
+from conftest import randomize_
+from tokenizer import AlignedTokenizer, PatchGAN, build_lpips
+
+CPU = torch.device("cpu")
+TINY_DIT = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+
+
+def tiny_dit(seed=0):
+    """Non-zero weights everywhere: the zero init would make every path trivially equal."""
+    return randomize_(dit.LightningDiT(**TINY_DIT), scale=0.05, seed=seed)
+
+
+def dit_loss_and_grads(model, bf16=False):
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(6, 8, 4, 4, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    model.zero_grad()
+    with autocast(CPU, bf16):
+        loss, _ = dit.flow_matching_loss(model, x1, y, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def test_dit_bf16_autocast_matches_fp32():
+    model = tiny_dit().train()
+    model.y_embedder.dropout_prob = 0.0  # no random label dropout: both passes see the same labels
+    loss32, grads32 = dit_loss_and_grads(model)
+    loss16, grads16 = dit_loss_and_grads(model, bf16=True)
+    assert loss16.dtype == torch.float32 and abs(loss16 - loss32) / loss32 < 2e-2
+    assert rel_err(torch.cat([g.flatten() for g in grads16]), torch.cat([g.flatten() for g in grads32])) < 5e-2
+
+
+def test_sdpa_equals_reference_attention():
+    model = tiny_dit().eval()
+    x, t, y = torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
+    fast = model(x, t, y)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = model(x, t, y)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adamw_equals_foreach():
+    runs = []
+    for fused in (True, False):
+        model = tiny_dit().train()
+        model.y_embedder.dropout_prob = 0.0
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        for _ in range(3):
+            dit_loss_and_grads(model)
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # updates are ~1e-3: equal to float precision
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_dit().eval()
+    x, t, y = torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
+    eager = model(x, t, y)
+    compiled = torch.compile(model)(x, t, y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_cfg_equals_two_forwards():
+    model = tiny_dit().eval()
+    y, noise = torch.tensor([0, 3]), torch.randn(2, 8, 4, 4)
+    batched = sample.sample_latents(model, y, noise, steps=5, cfg_scale=2.0)
+    two_pass = sample.sample_latents(bench.TwoPass(model), y, noise, steps=5, cfg_scale=2.0)
+    torch.testing.assert_close(batched, two_pass, rtol=1e-5, atol=1e-5)
+
+
+def tokenizer_loss(model, disc, lpips, x, bf16=False):
+    args = train_tokenizer.parse_args(["--stage", "2"])
+    with autocast(CPU, bf16):
+        loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips, disc, None)
+    return loss.detach()
+
+
+def test_tokenizer_channels_last_and_bf16_match_fp32():
+    torch.manual_seed(0)
+    model = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1))
+    disc = PatchGAN(8).eval()  # eval: BatchNorm uses fixed statistics, so repeated calls are comparable
+    lpips = build_lpips(random_backbone=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = tokenizer_loss(model, disc, lpips, x)
+    cl_model, cl_disc = copy.deepcopy(model), copy.deepcopy(disc)
+    cl_model.decoder.to(memory_format=torch.channels_last)
+    cl_disc.to(memory_format=torch.channels_last)
+    cl = tokenizer_loss(cl_model, cl_disc, lpips, x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+    bf16 = tokenizer_loss(model, disc, lpips, x, bf16=True)
+    assert abs(bf16 - ref) / ref.abs() < 5e-2
+
+
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer"])
+def test_benchmark_command_runs_on_cpu(part, tmp_path):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--part", part, "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",
+                       "--batch_size", "2", "--json", str(out)])
+    assert rows == json.load(open(out))["rows"]
+    assert rows and all(r["img_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in rows)
+    if part == "tokenizer":
+        assert [r["part"] for r in rows] == [f"tokenizer stage {s} train" for s in (1, 2, 3)]
+        assert all(r["gflops_per_image"] > 0 for r in rows)
