@@ -297,6 +297,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first step whose loss was not finite: `update` costs no host
+    sync; `check` (called before anything is logged or saved) reads it and stops the run, so a
+    checkpoint is never written after a NaN and the last good one survives."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int):
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
+
+    def check(self, env: DistEnv, ckpt_path: str, advice: str):
+        bad = self.first_bad.clone()
+        if env.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            raise FloatingPointError(f"non-finite loss at step {bad.item()}: the run is stopped and no checkpoint "
+                                     f"was written after it; the last good one is {ckpt_path}. {advice}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Graceful stop
 
 

@@ -305,15 +305,22 @@ class Batches:
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                              f"({batch_size} per rank x {dist_env.world_size} ranks); lower the batch size")
+        self.global_batch = batch_size * dist_env.world_size
         self.pin_memory = dist_env.device.type == "cuda"
         self.epoch = 0
         self.batch_in_epoch = 0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        # Samples consumed by all ranks together: the same position whatever the number of ranks or the
+        # batch size (rank r reads positions r, r + W, ... of the epoch's shared permutation).
+        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * self.global_batch}
 
     def load_state_dict(self, state):
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["samples_in_epoch"] // self.global_batch
+        if state["samples_in_epoch"] % self.global_batch:
+            warnings.warn("resuming with another global batch size: the position in the epoch is rounded down "
+                          f"to a whole batch ({state['samples_in_epoch']} samples -> {self.batch_in_epoch} batches)")
 
     def __iter__(self):
         while True:

@@ -8,7 +8,8 @@
 
 Each step is the real command-line script, run in a subprocess and printed first, so any step can be
 re-run by hand or scaled up to ImageNet (README, "Reproducing the ImageNet 256 results"). Running the
-demo again continues where it stopped (finished steps are only re-exported).
+demo again continues where it stopped: finished training stages are resumed (and only re-exported),
+the quick steps (evaluation, latent extraction, grid, FID) run again.
 
 Pretrained weights are used when they are in the torch.hub cache ($TORCH_HOME/hub/checkpoints):
 DINOv2 ViT-S/14 as the encoder, VGG16 for LPIPS, the FID Inception. Without them (no internet), the

@@ -113,7 +113,7 @@ def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_
     def velocity_fn(x, t):  # x: (B, C, H, W)
         v_c, v_u = model(torch.cat([x, x]), t, y2).to(x.dtype).chunk(2)  # each (B, C, H, W)
         k = x.shape[1] if cfg_channels is None else cfg_channels
-        if not 1 <= k <= x.shape[1]:
+        if not 1 <= k <= x.shape[1]:  # a host-side int check, no sync
             raise ValueError(f"--cfg_channels must be between 1 and {x.shape[1]} (the latent channels), got {k}")
         v = torch.cat([v_u[:, :k] + cfg_scale * (v_c[:, :k] - v_u[:, :k]), v_c[:, k:]], dim=1)
         if cfg_interval_start > 0:

@@ -381,7 +381,11 @@ class AlignedTokenizer(nn.Module):
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1] -> latents z (B, C, H/16, W/16)."""
+        """Images (B, 3, S, S) in [-1, 1], S = image_size -> latents z (B, C, S/16, S/16)."""
+        S = self.config["image_size"]
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, S, S) or not x.is_floating_point():
+            raise ValueError(f"this tokenizer encodes float images of shape (B, 3, {S}, {S}) in [-1, 1], got "
+                             f"{tuple(x.shape)} {x.dtype} (centre-crop with data.py, map with data.to_model_range)")
         tokens = self.encoder(self.preprocess(x))  # (B, h*w, D)
         z = self.adapter(tokens)  # (B, h*w, C)
         B = z.shape[0]

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 import dit
-from common import (EMA, Logger, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
-                    peak_bf16_flops, rng_states, save_checkpoint, seed_everything, set_rng_states,
+from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics,
+                    load_checkpoint, peak_bf16_flops, rng_states, save_checkpoint, seed_everything, set_rng_states,
                     setup_distributed, use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range
 
@@ -81,9 +81,9 @@ def extract_latents(args, env):
     os.makedirs(args.latents, exist_ok=True)
     paths = {k: os.path.join(args.latents, f"{k}.npy") for k in ("latents", "labels")}
     meta_path = os.path.join(args.latents, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the set is incomplete until we write it again
     if env.is_main:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # the set is incomplete until we write it again
         np.lib.format.open_memmap(paths["latents"], mode="w+", dtype=np.float16, shape=(2 * n, *shape))
         np.lib.format.open_memmap(paths["labels"], mode="w+", dtype=np.int64, shape=(2 * n,))
     env.barrier()
@@ -95,7 +95,8 @@ def extract_latents(args, env):
     for images, y in tqdm(loader, desc="extract", disable=not env.is_main):
         x = to_model_range(images, env.device)
         with autocast(env.device, bf16):
-            z = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], dim=1)  # (B, 2, C, h, w)
+            z = tok.encode(torch.cat([x, x.flip(-1)]))  # one pass over images and mirrors: (2B, C, h, w)
+        z = torch.stack(z.chunk(2), dim=1)  # (B, 2, C, h, w): image i, then its mirror
         rows = (2 * mine[done: done + len(images)])[:, None] + np.arange(2)  # (B, 2): 2i, 2i + 1
         latents[rows.ravel()] = z.float().flatten(0, 1).cpu().numpy().astype(np.float16)
         labels[rows.ravel()] = np.repeat(y.numpy(), 2)
@@ -201,12 +202,15 @@ def train(args, env):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay, fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
+    log.log({"event": "start", "args": vars(args), "model_args": kwargs})
     flops = dit.training_flops_per_image(model)
     peak = peak_bf16_flops(device) if bf16 else None
     log.info(f"LightningDiT-{args.model} {kwargs}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
              f"parameters, {flops / 3e9:.1f} GFLOPs/image forward; {len(dataset)} latents; global batch "
              f"{args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
 
+    # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
+    grid = SampleGrid(args, dataset, device, bf16, log) if env.is_main and args.grid_every else None
     ckpt_path = os.path.join(args.run_dir, "ckpt.pt")
     start_step = 0
     if not args.resume and os.path.exists(ckpt_path):
@@ -227,10 +231,9 @@ def train(args, env):
         start_step = ckpt["step"]
         log.info(f"resumed at step {start_step} from {ckpt_path}")
 
-    train_model = model
-    if args.compile:
-        train_model.compile()  # in place: the state dict keeps its names
-    train_model = wrap_ddp(train_model, env)
+    train_model = wrap_ddp(model, env)
+    if args.compile:  # compile the DDP module, so that gradient all-reduces still overlap the backward
+        train_model = torch.compile(train_model)
 
     def save(step, path=ckpt_path):
         rngs = rng_states(env)  # a collective: every rank takes part
@@ -241,11 +244,10 @@ def train(args, env):
                              "tokenizer": dataset.meta["tokenizer"], "tokenizer_config": dataset.meta["tokenizer_config"],
                              "classes": dataset.meta["classes"], "args": vars(args)}, path)
 
-    grid = SampleGrid(args, dataset, device, bf16, log) if env.is_main and args.grid_every else None
     stop = StopSignal()
     stopped = False
+    nan_guard = NonFiniteGuard(device)
     loss_sum = torch.zeros(3, device=device)  # loss, mse, cos summed since the last log
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
     n_sum, t0 = 0, time.time()
     data_iter = iter(batches)
     pbar = tqdm(total=args.steps, initial=start_step, desc="train", disable=not env.is_main, dynamic_ncols=True)
@@ -256,12 +258,12 @@ def train(args, env):
             y = y.to(device, non_blocking=True)
             # Gradients are all-reduced on the last micro-batch only.
             sync = not env.distributed or i == accum - 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, bf16):
-                loss, parts = dit.flow_matching_loss(train_model, x1, y)
-                (loss / accum).backward()
+            with contextlib.nullcontext() if sync else train_model.no_sync():
+                with autocast(device, bf16):
+                    loss, parts = dit.flow_matching_loss(train_model, x1, y)
+                (loss / accum).backward()  # outside autocast, as PyTorch recommends
             loss_sum += torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
-        # Remember the first bad step on the device: no host sync now, checked at log/save time.
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum[0]), step + 1, first_bad)
+        nan_guard.update(loss_sum[0], step + 1)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
@@ -273,22 +275,19 @@ def train(args, env):
 
         is_log = done % args.log_every == 0 or done == args.steps
         is_ckpt = done % args.ckpt_every == 0 or done == args.steps
-        if is_log or is_ckpt:  # never log or save past a non-finite loss
-            bad = first_bad.clone()
-            if env.distributed:
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-            if bad.item() >= 0:
-                bad = bad.item()
-                raise FloatingPointError(
-                    f"non-finite loss at step {bad}: the run is stopped and no checkpoint was written after it; "
-                    f"the last good one is {ckpt_path}. Resume with --resume, and consider --qknorm, "
-                    "--grad_clip 1.0 or a lower --lr (LightningDiT without QK-norm is known to spike to NaN).")
+        keep = args.keep_every and done % args.keep_every == 0
+        # Ranks agree on stopping at log steps (a collective), a single process checks every step.
+        stopped = (not env.distributed or is_log) and env.any(stop.requested)
+        if is_log or is_ckpt or keep or stopped:  # never log or save past a non-finite loss
+            nan_guard.check(env, ckpt_path, "Resume with --resume and a lower --lr or --grad_clip 1.0; long runs "
+                            "should use --qknorm (LightningDiT without QK-norm is known to spike to NaN).")
         if is_log:
             values = (env.all_reduce_mean(loss_sum) / n_sum).tolist()
             elapsed = time.time() - t0
             img_s = n_sum * args.batch_size / elapsed
+            # Each image has two latents (itself and its mirror image): an epoch is len(dataset) / 2 samples.
             record = {"step": done, "loss": values[0], "mse": values[1], "cos": values[2], "img_per_s": img_s,
-                      "epoch": done * args.batch_size / len(dataset)}
+                      "epoch": done * args.batch_size / (len(dataset) / 2)}
             if peak:
                 record["mfu"] = img_s * flops / (peak * env.world_size)
             log.log(record)
@@ -297,10 +296,9 @@ def train(args, env):
             n_sum, t0 = 0, time.time()
         if grid is not None and (done % args.grid_every == 0 or done == args.steps):
             grid.save(ema.model, done, args.run_dir)
-        stopped = (not env.distributed or is_log) and env.any(stop.requested)
         if is_ckpt or stopped:
             save(done)
-        if args.keep_every and done % args.keep_every == 0:
+        if keep:
             save(done, os.path.join(args.run_dir, f"ckpt_{done:07d}.pt"))
         if stopped:
             log.info(f"stopped at step {done}; continue with --resume")
@@ -320,7 +318,8 @@ class SampleGrid:
         self.args, self.device, self.bf16, self.log = args, device, bf16, log
         path = dataset.meta["tokenizer"]
         try:
-            self.tokenizer = load_tokenizer(path).to(device)
+            self.tokenizer = load_tokenizer(path)
+            self.tokenizer.decoder.to(device)  # decoding needs only the decoder
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             log.info(f"no sample grids: cannot load the tokenizer {path} ({e})")
             self.tokenizer = None

@@ -20,14 +20,13 @@ stage N-1 exported to <run_dir>/stage{N-1}/tokenizer.pt and exports its own to s
 import argparse
 import copy
 import json
-import math
 import os
 import time
 
 import torch
 from tqdm import tqdm
 
-from common import (EMA, Logger, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
+from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
                     rng_states, save_checkpoint, seed_everything, set_rng_states, setup_distributed, unwrap,
                     use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range, to_uint8
@@ -217,6 +216,7 @@ def train(args, env):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr, betas=tuple(args.betas), fused=True)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas), fused=True)
+    log.log({"event": "start", "stage": args.stage, "args": vars(args)})  # the run's flags, random weights included
     n_train = sum(p.numel() for p in params)
     log.info(f"tokenizer {cfg['encoder']} -> {cfg['latent_channels']}x{model.latent_size}x{model.latent_size}: "
              f"{n_train / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters train "
@@ -245,10 +245,12 @@ def train(args, env):
         start_step = ckpt["step"]
         log.info(f"resumed stage {args.stage} at step {start_step} from {ckpt_path}")
 
-    if args.compile:
+    if args.compile:  # the conv/attention-heavy parts, in place (state-dict names unchanged)
         model.encoder.compile()
         model.decoder.compile()
         disc.compile()
+        if ref is not None:
+            ref.encoder.compile()
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
 
     def save(step):
@@ -264,7 +266,8 @@ def train(args, env):
         """The stage's result: EMA weights + config, what the next stage and train_dit.py read."""
         if env.is_main:
             path = os.path.join(run_dir, "tokenizer.pt")
-            save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": cfg, "model": ema.state_dict()}, path)
+            save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": cfg, "model": ema.state_dict(),
+                             "init": init_path, "args": vars(args)}, path)  # args: incl. --random_encoder
             log.info(f"exported the EMA tokenizer to {path}")
 
     def save_recon_grid(step):
@@ -279,11 +282,14 @@ def train(args, env):
 
     stop = StopSignal()
     stopped = False
-    sums, n_sum = {}, 0
+    nan_guard = NonFiniteGuard(device)
+    sums, counts, n_steps = {}, {}, 0
     t0 = time.time()
     data_iter = iter(batches)
     pbar = tqdm(total=args.steps, initial=start_step, desc=f"stage {args.stage}", disable=not env.is_main,
                 dynamic_ncols=True)
+    # Train mode throughout: frozen parts have nothing that behaves differently (no dropout or
+    # BatchNorm in DINOv2, the adapter or the decoder); only the discriminator has BatchNorm.
     model.train()
     for step in range(start_step, args.steps):
         images, _ = next(data_iter)
@@ -310,29 +316,32 @@ def train(args, env):
             parts["d_loss"] = d_loss
 
         # Sum the losses on the device; they reach the host only at log steps (no per-step sync).
+        nan_guard.update(loss, step + 1)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
-        n_sum += 1
+            counts[k] = counts.get(k, 0) + 1  # the GAN terms exist only once the discriminator is on
+        n_steps += 1
         done = step + 1
         pbar.update(1)
 
-        if done % args.log_every == 0 or done == args.steps:
+        is_log = done % args.log_every == 0 or done == args.steps
+        is_ckpt = done % args.ckpt_every == 0 or done == args.steps
+        # Ranks agree on stopping at log steps (a collective), a single process checks every step.
+        stopped = (not env.distributed or is_log) and env.any(stop.requested)
+        if is_log or is_ckpt or stopped:  # never log or save past a non-finite loss
+            nan_guard.check(env, ckpt_path, "Resume with --resume and a lower --lr, or --precision fp32.")
+        if is_log:
             keys = sorted(sums)
-            values = env.all_reduce_mean(torch.stack([sums[k] for k in keys]) / n_sum).tolist()
-            elapsed = time.time() - t0
-            record = {"step": done, **dict(zip(keys, values)),
-                      "img_per_s": n_sum * args.batch_size / elapsed, "skipped_files": dataset.num_skipped}
+            means = torch.stack([sums[k] / counts[k] for k in keys])
+            record = {"step": done, **dict(zip(keys, env.all_reduce_mean(means).tolist())),
+                      "img_per_s": n_steps * args.batch_size / (time.time() - t0),
+                      "skipped_files": dataset.num_skipped}
             log.log(record)
             pbar.set_postfix_str(fmt_metrics({k: record[k] for k in keys if k in ("loss", "l1", "lpips", "sp")}))
-            if not all(map(math.isfinite, values)):
-                raise FloatingPointError(f"non-finite loss at step {done}: {record}. The last good checkpoint "
-                                         f"is {ckpt_path}; lower --lr or use --precision fp32 and --resume.")
-            sums, n_sum, t0 = {}, 0, time.time()
+            sums, counts, n_steps, t0 = {}, {}, 0, time.time()
         if env.is_main and (done % args.grid_every == 0 or done == args.steps):
             save_recon_grid(done)
-        # Ranks agree on stopping at log steps (a collective), a single process checks every step.
-        stopped = (not env.distributed or done % args.log_every == 0) and env.any(stop.requested)
-        if done % args.ckpt_every == 0 or done == args.steps or stopped:
+        if is_ckpt or stopped:
             save(done)
         if stopped:
             log.info(f"stopped at step {done}; continue with --resume")
@@ -369,13 +378,14 @@ def evaluate(args, env):
     features = {"real": [], "recon": []}  # Inception pool features of this rank's images
     for images, _ in tqdm(eval_loader(dataset, args.eval_batch_size, env, args.num_workers),
                           disable=not env.is_main, desc="eval"):
-        real = images.to(env.device)
+        x = to_model_range(images, env.device)
+        real = to_uint8(x)  # the same 8-bit image, now on the device
         with autocast(env.device, bf16):
-            x_hat, _ = model(to_model_range(images, env.device))
+            x_hat, _ = model(x)
         recon = to_uint8(x_hat)
         totals[0] += fid.psnr(real, recon).sum()
         totals[1] += fid.ssim(real, recon).sum()
-        totals[2] += lpips(recon.float() / 127.5 - 1, real.float() / 127.5 - 1).sum()
+        totals[2] += lpips(recon.float() / 127.5 - 1, x).sum()
         totals[3] += len(images)
         if inception is not None:
             for name, batch in (("real", real), ("recon", recon)):
@@ -384,7 +394,7 @@ def evaluate(args, env):
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
     metrics = {"tokenizer": path, "images": int(n), "psnr": totals[0].item() / n, "ssim": totals[1].item() / n,
-               "lpips": totals[2].item() / n}
+               "lpips": totals[2].item() / n, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16"}
     if inception is not None:
         # eval_loader gave rank r the images r, r + W, ...: gather_rows restores the dataset order.
         real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))

@@ -146,13 +146,19 @@ def test_batches_resume_mid_epoch():
     for _ in range(13):
         next(it)
     state = run.state_dict()
-    assert state == {"epoch": 1, "batch_in_epoch": 3}
+    assert state == {"epoch": 1, "samples_in_epoch": 12}
     resumed = Batches(ds, 4, CPU1, seed=3, num_workers=0)
     resumed.load_state_dict(state)
     it = iter(resumed)
     for i in range(13, 25):
         x, y = next(it)
         assert torch.equal(x, want[i][0]) and torch.equal(y, want[i][1])
+    # Resumed with batch 2 (e.g. on twice the ranks): the same samples come next, in the same order.
+    half = Batches(ds, 2, CPU1, seed=3, num_workers=0)
+    half.load_state_dict(state)
+    it = iter(half)
+    nxt = torch.cat([next(it)[0] for _ in range(2)])
+    assert torch.equal(nxt, want[13][0])
 
 
 def test_batches_too_small_dataset_is_clear():

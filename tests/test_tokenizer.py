@@ -41,8 +41,11 @@ def read_reference_keys(name):
 
 
 def read_log(run_dir, stage):
+    """The per-step records of log.jsonl (the first record holds the run's flags)."""
     with open(os.path.join(run_dir, f"stage{stage}", "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    assert records[0]["event"] == "start" and records[0]["args"]["stage"] == stage
+    return [r for r in records if "step" in r]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +167,10 @@ def test_tokenizer_shapes_and_default_sizes():
     assert z.shape == (2, 32, 2, 2) and x_hat.shape == x.shape
     torch.testing.assert_close(tok.decode(tok.encode(x)), x_hat)
     assert PatchGAN(8)(x).shape[:2] == (2, 1)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\)"):
+        tok.encode(torch.rand(2, 3, 64, 64))  # another size would silently give a 2x2 latent
+    with pytest.raises(ValueError, match="to_model_range"):
+        tok.encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_preprocess_is_imagenet_normalised_224():

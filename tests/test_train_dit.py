@@ -38,8 +38,11 @@ def latents(tmp_path_factory):
 
 
 def read_log(run_dir):
+    """The per-step records of log.jsonl (the first record holds the run's flags)."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    assert records[0]["event"] == "start" and "model" in records[0]["args"]
+    return [r for r in records if "step" in r]
 
 
 def test_extraction_stores_image_and_flip_and_stats(latents):
