@@ -121,60 +121,62 @@ def bench_dit(args, cfg, device, bf16):
 
 def bench_tokenizer(args, cfg, device, bf16):
     """One tokenizer training step of each stage, with LPIPS and the GAN on (the costliest phase)."""
+    from tokenizer import build_lpips
+
+    lpips = build_lpips(random_backbone=True).to(device)
+    return [bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16) for stage in (1, 2, 3)]
+
+
+def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
+    """The step of train_tokenizer.py: tokenizer loss and update, EMA, discriminator update."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import train_tokenizer as tt
-    from tokenizer import AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss
+    from tokenizer import AlignedTokenizer, PatchGAN, hinge_d_loss
 
-    rows = []
+    torch.manual_seed(0)
     B = args.batch_size or cfg["tok_batch"]
-    targs = tt.parse_args(["--stage", "1"])
-    lpips = build_lpips(random_backbone=True).to(device)
-    for stage in (1, 2, 3):
-        torch.manual_seed(0)
-        model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
-        tt.set_trainable(model, stage)
-        ref = copy.deepcopy(model).requires_grad_(False) if stage == 2 else None
-        disc = PatchGAN().to(device)
-        if args.channels_last:
-            model.decoder.to(memory_format=torch.channels_last)
-            disc.to(memory_format=torch.channels_last)
-        if args.compile:
-            model.encoder.compile()
-            model.decoder.compile()
-            disc.compile()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
-        ema = EMA(model, 0.999)
-        x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    targs = tt.parse_args(["--stage", str(stage)])
+    model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
+    tt.set_trainable(model, stage)
+    ref = copy.deepcopy(model).requires_grad_(False) if stage == 2 else None
+    disc = PatchGAN().to(device)
+    if args.channels_last:
+        model.decoder.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+        disc.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
+    ema = EMA(model, 0.999)
+    x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
-        def step():
-            with autocast(device, bf16), attention_backend(args.attention):
-                loss, x_hat, _ = tt.tokenizer_loss(model, x, targs, lpips, disc, ref)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update(model)
-            with autocast(device, bf16):
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+    def step():
+        with autocast(device, bf16), attention_backend(args.attention):
+            loss, x_hat, _ = tt.tokenizer_loss(model, x, targs, lpips, disc, ref)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        with autocast(device, bf16):
+            d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
 
-        step()  # outside the counter: compile and lazy initialisation
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops() / B
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(step, device, args.warmup, args.iters, args.repeats)
-        rows.append(report(f"tokenizer stage {stage} train", args, device, B, seconds, flops,
-                           gflops_per_image=flops / 1e9))
-        del model, ref, disc, opt, opt_d, ema
-    return rows
+    step()  # outside the counter: compilation and lazy initialisation
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / B
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, args.warmup, args.iters, args.repeats)
+    return report(f"tokenizer stage {stage} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)
 
 
 def bench_sampling(args, cfg, device, bf16):

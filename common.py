@@ -204,6 +204,20 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
                            "Is it a complete file written by this project (or the official weights)?") from e
 
 
+def training_state(parts: dict, env: DistEnv) -> dict:
+    """What a resumable checkpoint holds besides its metadata: the state dict of every stateful part
+    (model, EMA, optimisers, data position) and every rank's RNG. A collective: call it on all ranks."""
+    return {**{name: part.state_dict() for name, part in parts.items()}, "rng": rng_states(env)}
+
+
+def load_training_state(ckpt: dict, parts: dict, env: DistEnv) -> int:
+    """Restore what `training_state` saved; returns the step to continue from."""
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    set_rng_states(ckpt["rng"], env)
+    return ckpt["step"]
+
+
 def rng_states(env: DistEnv) -> list[dict]:
     """Every rank's torch RNG state (CPU and this rank's GPU), gathered for a checkpoint."""
     state = {"torch": torch.get_rng_state()}

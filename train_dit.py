@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import dit
 from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics,
-                    load_checkpoint, peak_bf16_flops, rng_states, save_checkpoint, seed_everything, set_rng_states,
-                    setup_distributed, use_bf16, wrap_ddp)
+                    load_checkpoint, load_training_state, peak_bf16_flops, save_checkpoint, seed_everything,
+                    setup_distributed, training_state, use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,6 +212,7 @@ def train(args, env):
     # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
     grid = SampleGrid(args, dataset, device, bf16, log) if env.is_main and args.grid_every else None
     ckpt_path = os.path.join(args.run_dir, "ckpt.pt")
+    stateful = {"model": model, "ema": ema, "opt": opt, "data": batches}  # what a checkpoint restores
     start_step = 0
     if not args.resume and os.path.exists(ckpt_path):
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or use another --run_dir")
@@ -223,12 +224,7 @@ def train(args, env):
             raise ValueError(f"{ckpt_path} holds LightningDiT-{ckpt['model_name']} {ckpt['model_args']}, but this run "
                              f"asks for LightningDiT-{args.model} {kwargs} (different --model/--qknorm flags or "
                              "latents from another tokenizer?)")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        batches.load_state_dict(ckpt["data"])
-        set_rng_states(ckpt["rng"], env)
-        start_step = ckpt["step"]
+        start_step = load_training_state(ckpt, stateful, env)
         log.info(f"resumed at step {start_step} from {ckpt_path}")
 
     train_model = wrap_ddp(model, env)
@@ -236,13 +232,12 @@ def train(args, env):
         train_model = torch.compile(train_model)
 
     def save(step, path=ckpt_path):
-        rngs = rng_states(env)  # a collective: every rank takes part
-        if env.is_main:
-            save_checkpoint({"kind": "dit", "step": step, "model_name": args.model, "model_args": kwargs,
-                             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "data": batches.state_dict(), "rng": rngs, "latent_stats": stats,
-                             "tokenizer": dataset.meta["tokenizer"], "tokenizer_config": dataset.meta["tokenizer_config"],
-                             "classes": dataset.meta["classes"], "args": vars(args)}, path)
+        state = training_state(stateful, env)  # a collective: every rank takes part
+        if env.is_main:  # + what sampling needs: the latent statistics and the tokenizer
+            save_checkpoint({"kind": "dit", "step": step, "model_name": args.model, "model_args": kwargs, **state,
+                             "latent_stats": stats, "tokenizer": dataset.meta["tokenizer"],
+                             "tokenizer_config": dataset.meta["tokenizer_config"], "classes": dataset.meta["classes"],
+                             "args": vars(args)}, path)
 
     stop = StopSignal()
     stopped = False

@@ -26,9 +26,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics, load_checkpoint,
-                    rng_states, save_checkpoint, seed_everything, set_rng_states, setup_distributed, unwrap,
-                    use_bf16, wrap_ddp)
+from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics,
+                    load_checkpoint, load_training_state, save_checkpoint, seed_everything, setup_distributed,
+                    training_state, unwrap, use_bf16, wrap_ddp)
 from data import Batches, build_dataset, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (AlignedTokenizer, adaptive_gan_weight, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, load_tokenizer, PatchGAN, semantic_preservation_loss)
@@ -228,6 +228,7 @@ def train(args, env):
         log.info(f"no --data given: using the built-in demo set ({len(dataset)} images)")
     batches = Batches(dataset, local_batch, env, seed=args.seed, num_workers=args.num_workers)
     grid_images = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])  # the same 8 images all stage
+    stateful = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
     start_step = 0
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "training checkpoint to resume")
@@ -235,14 +236,7 @@ def train(args, env):
             raise ValueError(f"{ckpt_path} is not a stage-{args.stage} tokenizer checkpoint")
         if ckpt["config"] != cfg:
             raise ValueError(f"{ckpt_path} was trained with a different architecture: {ckpt['config']} vs {cfg}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        batches.load_state_dict(ckpt["data"])
-        set_rng_states(ckpt["rng"], env)
-        start_step = ckpt["step"]
+        start_step = load_training_state(ckpt, stateful, env)
         log.info(f"resumed stage {args.stage} at step {start_step} from {ckpt_path}")
 
     if args.compile:  # the conv/attention-heavy parts, in place (state-dict names unchanged)
@@ -255,12 +249,10 @@ def train(args, env):
 
     def save(step):
         """Everything needed to continue exactly: weights, EMA, optimisers, data position, RNG."""
-        rngs = rng_states(env)  # a collective: every rank takes part
+        state = training_state(stateful, env)  # a collective: every rank takes part
         if env.is_main:
-            save_checkpoint({"kind": "tokenizer", "stage": args.stage, "step": step, "config": cfg,
-                             "model": model.state_dict(), "ema": ema.state_dict(), "disc": disc.state_dict(),
-                             "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "data": batches.state_dict(),
-                             "rng": rngs, "init": init_path, "args": vars(args)}, ckpt_path)
+            save_checkpoint({"kind": "tokenizer", "stage": args.stage, "step": step, "config": cfg, **state,
+                             "init": init_path, "args": vars(args)}, ckpt_path)
 
     def export():
         """The stage's result: EMA weights + config, what the next stage and train_dit.py read."""

@@ -12,7 +12,6 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import train_tokenizer
