@@ -83,7 +83,8 @@ def to_model_range(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float images in [-1, 1] -> uint8, rounding as ADM does when it saves samples."""
+    """float images in [-1, 1] -> uint8, rounded to nearest: what DiT/LightningDiT's uint8 cast of
+    `127.5 x + 128` amounts to (ADM's sampler truncates `127.5 (x + 1)`, half a grey level darker)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

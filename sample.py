@@ -168,7 +168,7 @@ def denormalize(z, latent_stats):
 
 
 def decode_to_uint8(tokenizer, z_norm, latent_stats) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w) (rounded like ADM's samples)."""
+    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w), rounded to nearest (data.to_uint8)."""
     with torch.no_grad():
         return to_uint8(tokenizer.decode(denormalize(z_norm.float(), latent_stats)))
 

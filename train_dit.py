@@ -332,7 +332,7 @@ class SampleGrid:
         with autocast(self.device, self.bf16):
             z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device), steps=30,
                                cfg_scale=self.args.grid_cfg)
-            images = decode_to_uint8(self.tokenizer, z.float(), self.stats)
+        images = decode_to_uint8(self.tokenizer, z.float(), self.stats)  # the decoder in float32, as sample.py
         path = os.path.join(run_dir, f"samples_{step:07d}.png")
         save_grid(images, path, nrow=8)
         self.log.info(f"EMA samples (30 steps, cfg {self.args.grid_cfg}) -> {path}")
