@@ -184,10 +184,12 @@ class DINOv2(nn.Module):
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, got {H}x{W}")
         x = self.patch_embed(x)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
+        # No casts here, as in the official model: under bf16 autocast the concatenation with the
+        # float32 CLS token promotes the tokens to float32, and the position embeddings are added in float32.
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size, x.dtype)
         if self.register_tokens is not None:  # registers go after CLS and carry no position
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
@@ -292,7 +294,8 @@ class Decoder(nn.Module):
     widest: `num_res_blocks + 1` residual blocks (LDM's decoder convention; at the latent resolution
     each is followed by self-attention), then x2 nearest upsampling (len(ch_mult) - 1 times) ->
     norm, SiLU, conv_out. With the defaults (width 128, multipliers 1,1,2,2,4, num_res_blocks 2) it
-    has 41.4M parameters, the "about 42M" of the paper's decoder.
+    has 41.4M parameters, the size of the LDM / VA-VAE decoder (the paper does not give its decoder's
+    size; this is the project default).
     """
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks: int = 2):
@@ -369,6 +372,9 @@ class AlignedTokenizer(nn.Module):
         self.encoder_size = self.latent_size * self.encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Where the weights come from, set by load_tokenizer: the stage that trained them, and whether
+        # stage 1 started from a random encoder (so later stages and their logs can say so).
+        self.stage, self.random_encoder = None, False
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -410,6 +416,8 @@ def load_tokenizer(path: str) -> AlignedTokenizer:
         raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     model = AlignedTokenizer(ckpt["config"])
     model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    model.stage = ckpt.get("stage")
+    model.random_encoder = bool(ckpt.get("args", {}).get("random_encoder", False))
     return model.eval()
 
 

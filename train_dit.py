@@ -72,6 +72,8 @@ def extract_latents(args, env):
 
     log = Logger(env)
     tok = load_tokenizer(args.tokenizer).to(env.device)
+    if tok.random_encoder:
+        log.info(f"WARNING: {args.tokenizer} grew from a RANDOM encoder (demo/tests only)")
     bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, tok.config["image_size"], demo_images=args.demo_images)
     if not dataset.num_classes:

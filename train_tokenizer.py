@@ -122,6 +122,13 @@ def build_tokenizer(args, log):
         raise FileNotFoundError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} "
                                 f"does not exist: run --stage {args.stage - 1} first (same --run_dir) or pass --init PATH")
     model = load_tokenizer(init)
+    if model.stage != args.stage - 1:
+        raise ValueError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} comes from "
+                         f"stage {model.stage}: pass --init with a stage-{args.stage - 1} tokenizer.pt (or its ckpt.pt)")
+    if model.random_encoder:  # inherited: this stage's log, checkpoints and export record it too
+        args.random_encoder = True
+        log.info(f"WARNING: {init} grew from a RANDOM encoder (--random_encoder in stage 1): "
+                 "fine for a demo or a test, meaningless for real results.")
     given = {k: v for k, v in arch.items() if v is not None}
     clash = {k: (v, model.config[k]) for k, v in given.items() if default_config(**{k: v})[k] != model.config[k]}
     if clash:
@@ -386,7 +393,8 @@ def evaluate(args, env):
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
     metrics = {"tokenizer": path, "images": int(n), "psnr": totals[0].item() / n, "ssim": totals[1].item() / n,
-               "lpips": totals[2].item() / n, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16"}
+               "lpips": totals[2].item() / n, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
+               "encoder": model.config["encoder"] + (" (grown from RANDOM weights)" if model.random_encoder else "")}
     if inception is not None:
         # eval_loader gave rank r the images r, r + W, ...: gather_rows restores the dataset order.
         real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))

@@ -150,6 +150,17 @@ def test_encoder_drops_cls_and_registers():
         model(torch.randn(1, 3, 30, 28))
 
 
+def test_tokens_stay_float32_under_bf16_autocast():
+    """As in the official model: CLS and position embeddings join the bf16 patch embeddings in float32."""
+    torch.manual_seed(0)
+    model = DINOv2(embed_dim=16, depth=1, num_heads=2, num_register_tokens=4)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 28, 28))
+    assert seen == [torch.float32]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -233,11 +244,13 @@ def test_tiny_tokenizer_overfits_one_batch():
 # The training script
 
 
-def test_three_stages_chain_and_freeze(tmp_path):
+def test_three_stages_chain_and_freeze(tmp_path, capsys):
     run = str(tmp_path)
     train_tokenizer.main(["--stage", "1", "--steps", "3", "--disc_start", "1", "--run_dir", run, *TINY_ARGS])
-    train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run, *TINY_ARGS])
-    train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run, *TINY_ARGS])
+    # Stages 2 and 3 without --random_encoder: they inherit it from stage 1's export and say so.
+    later = [a for a in TINY_ARGS if a != "--random_encoder"]
+    train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
+    train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
     exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["model"] for s in (1, 2, 3)}
     ckpt1 = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
 
@@ -254,6 +267,10 @@ def test_three_stages_chain_and_freeze(tmp_path):
     assert log2[0]["sp"] == 0.0 and log2[1]["sp"] > 0.0  # L_sp starts at exactly zero
     assert "d_loss" in log2[0] and "g_loss" in read_log(run, 1)[1] and "g_loss" not in read_log(run, 1)[0]
     assert os.path.exists(os.path.join(run, "stage3", "recon_0000002.png"))
+    assert load_checkpoint(os.path.join(run, "stage3", "tokenizer.pt"))["args"]["random_encoder"]
+    with open(os.path.join(run, "stage3", "log.jsonl")) as f:
+        assert json.loads(f.readline())["args"]["random_encoder"]  # the start record
+    assert "grew from a RANDOM encoder" in capsys.readouterr().out
     tok = load_tokenizer(os.path.join(run, "stage3", "tokenizer.pt"))
     assert tok.latent_shape == (32, 2, 2)
     # --eval: reconstruction metrics of the final tokenizer on a few demo images.
@@ -263,6 +280,7 @@ def test_three_stages_chain_and_freeze(tmp_path):
     assert metrics == json.load(open(out)) and metrics["images"] == 6
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["lpips"] > 0
     assert math.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0 and "RANDOM" in metrics["inception_weights"]
+    assert metrics["encoder"] == "tiny (grown from RANDOM weights)"
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -296,6 +314,9 @@ def test_bad_inputs_have_clear_messages(tmp_path):
         train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
     with pytest.raises(ValueError, match="--latent_channels 64 .checkpoint: 32."):
         train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS, "--latent_channels", "64"])
+    with pytest.raises(ValueError, match="comes from stage 1: pass --init with a stage-2 tokenizer"):
+        train_tokenizer.main(["--stage", "3", "--init", os.path.join(run, "stage1", "tokenizer.pt"),
+                              "--run_dir", run, *TINY_ARGS])
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
