@@ -343,9 +343,17 @@ class StopSignal:
     loop checks between steps, so it can save a checkpoint and exit cleanly. A second Ctrl-C stops at
     once as usual. `restore()` puts the previous handlers back."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, every: int = 10):
+        self.requested, self.every = False, every
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def should_stop(self, env: DistEnv, step: int) -> bool:
+        """Whether to save and stop after `step`. All ranks must take the same branch, so under DDP
+        they combine their flags with a collective; that is a host sync, so only every `every` steps.
+        Not only at log steps: torchrun's agent kills the workers 30 s after it forwards a SIGTERM."""
+        if env.distributed and step % self.every:
+            return False
+        return env.any(self.requested)
 
     def restore(self):
         for s, handler in self._previous.items():

@@ -273,8 +273,7 @@ def train(args, env):
         is_log = done % args.log_every == 0 or done == args.steps
         is_ckpt = done % args.ckpt_every == 0 or done == args.steps
         keep = args.keep_every and done % args.keep_every == 0
-        # Ranks agree on stopping at log steps (a collective), a single process checks every step.
-        stopped = (not env.distributed or is_log) and env.any(stop.requested)
+        stopped = stop.should_stop(env, done)
         if is_log or is_ckpt or keep or stopped:  # never log or save past a non-finite loss
             nan_guard.check(env, ckpt_path, "Resume with --resume and a lower --lr or --grad_clip 1.0; long runs "
                             "should use --qknorm (LightningDiT without QK-norm is known to spike to NaN).")

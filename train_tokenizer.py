@@ -325,8 +325,7 @@ def train(args, env):
 
         is_log = done % args.log_every == 0 or done == args.steps
         is_ckpt = done % args.ckpt_every == 0 or done == args.steps
-        # Ranks agree on stopping at log steps (a collective), a single process checks every step.
-        stopped = (not env.distributed or is_log) and env.any(stop.requested)
+        stopped = stop.should_stop(env, done)
         if is_log or is_ckpt or stopped:  # never log or save past a non-finite loss
             nan_guard.check(env, ckpt_path, "Resume with --resume and a lower --lr, or --precision fp32.")
         if is_log:

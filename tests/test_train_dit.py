@@ -175,3 +175,24 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
     assert 1 <= step < 1000000
     train_dit.main([*args[1:], "--steps", str(step + 2), "--resume"])
     assert load_checkpoint(os.path.join(run, "ckpt.pt"))["step"] == step + 2
+
+
+def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path):
+    """torchrun forwards SIGTERM to its workers and kills them 30 s later: the ranks must agree to
+    stop within a few steps (not at the next log step) and save."""
+    _, folder = latents
+    run = str(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dit.py",
+           "--latents", folder, "--run_dir", run, *TINY_DIT, "--log_every", "1000000", "--steps", "1000000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    log = os.path.join(run, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # some training steps
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()  # torchrun itself exits 1 after a SIGTERM
+    assert "stopped at step" in out and "continue with --resume" in out, out[-3000:]
+    step = load_checkpoint(os.path.join(run, "ckpt.pt"))["step"]
+    assert step % 10 == 0 and 0 < step < 1000000
