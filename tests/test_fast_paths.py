@@ -93,7 +93,7 @@ def tokenizer_loss(model, disc, lpips, x, bf16=False):
     args = train_tokenizer.parse_args(["--stage", "2"])
     with autocast(CPU, bf16):
         loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips, disc, None)
-    return loss.detach()
+    return {k: v.detach().float() for k, v in parts.items()}
 
 
 def test_tokenizer_channels_last_and_bf16_match_fp32():
@@ -109,7 +109,11 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     cl = tokenizer_loss(cl_model, cl_disc, lpips, x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
     bf16 = tokenizer_loss(model, disc, lpips, x, bf16=True)
-    assert abs(bf16 - ref) / ref.abs() < 5e-2
+    for k in ("l1", "lpips", "g_loss"):
+        assert abs(bf16[k] - ref[k]) / ref[k].abs() < 2e-2, k
+    # The adaptive GAN weight is a ratio of two gradient norms taken in bf16, so it moves by a few per
+    # cent; at this random init w_g * g_loss dominates the total loss, so the parts are compared, not the total.
+    assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
 @pytest.mark.parametrize("part", ["dit", "sample", "tokenizer"])
