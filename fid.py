@@ -686,12 +686,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         S1 S2 = R (R S2 R) R^-1   with R = sqrt(S1) (symmetric),
     so S1 S2 has the same eigenvalues as M = R S2 R, which is symmetric positive semi-definite. Hence
         tr(sqrt(S1 S2)) = sum_i sqrt(lambda_i(M)),
-    computed with two symmetric eigendecompositions in float64 (R from the eigenvectors of S1, then the
+    computed with symmetric eigendecompositions in float64 (R from the eigenvectors of S1, then the
     eigenvalues of M). Symmetric solvers always return real eigenvalues. Round-off turns the zero
     eigenvalues of a rank-deficient matrix into +-1e-16 * lambda_max, and a square root would blow those
-    up (sqrt(1e-13) = 3e-7, times 2000 of them), so eigenvalues below the round-off level
-    d * eps * lambda_max are set to 0, as matrix-rank routines do. (For singular S1 the identity above
-    holds by continuity.) We use torch's LAPACK (MKL in the x86 wheels) rather than NumPy's: it does not depend
+    up (sqrt(1e-13) = 3e-7, times 2000 of them). So: eigenvalues of S1 and S2 below the round-off level
+    d * eps * lambda_max are 0 (this is how matrix-rank routines count the rank); M has rank at most
+    min(rank S1, rank S2), so only that many of its largest eigenvalues are kept (negatives -> 0). Not a
+    threshold on M's own eigenvalues: they scale like lambda(S)^2, so it would drop genuine small variances
+    and bias the FID upwards. (For singular S1 the identity above holds by continuity.) We use torch's LAPACK (MKL in the x86 wheels) rather than NumPy's: it does not depend
     on how NumPy/SciPy were built, and on rank-deficient 2048x2048 covariances NumPy's OpenBLAS `eigh`
     took 21 s here against 6 s. Two exact identities then check the linear algebra itself, so a broken
     library raises instead of printing a wrong FID.
@@ -709,17 +711,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             raise ValueError(f"{name} contains NaN/inf: recompute the statistics (were the features finite?)")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # exact symmetry; covariances are only symmetric to round-off
 
-    def sqrt_of_eigenvalues(w):  # (d,) -> (d,): sqrt, with round-off-level (and negative) values -> 0
+    def above_round_off(w):  # eigenvalues (d,) of a covariance; those at round-off level (or negative) -> 0
         noise = w.numel() * torch.finfo(w.dtype).eps * w.abs().max()
-        return torch.where(w > noise, w, 0.0).sqrt()
+        return torch.where(w > noise, w, 0.0)
 
     with _one_thread():
         w1, v1 = torch.linalg.eigh(s1)
-    sqrt_s1 = (v1 * sqrt_of_eigenvalues(w1)) @ v1.T  # R = V diag(sqrt(w)) V^T     (d, d)
-    m = sqrt_s1 @ s2 @ sqrt_s1                       # M = R S2 R, symmetric PSD    (d, d)
+        w2 = torch.linalg.eigvalsh(s2)
+    w1, w2 = above_round_off(w1), above_round_off(w2)
+    sqrt_s1 = (v1 * w1.sqrt()) @ v1.T  # R = V diag(sqrt(w)) V^T     (d, d)
+    m = sqrt_s1 @ s2 @ sqrt_s1         # M = R S2 R, symmetric PSD    (d, d)
     with _one_thread():
-        eig_m = torch.linalg.eigvalsh((m + m.T) / 2)
-    tr_sqrt = sqrt_of_eigenvalues(eig_m).sum().item()
+        eig_m = torch.linalg.eigvalsh((m + m.T) / 2)  # ascending
+    rank = min(int((w1 > 0).sum()), int((w2 > 0).sum()))
+    tr_sqrt = eig_m[len(eig_m) - rank:].clamp(min=0).sqrt().sum().item()  # the rank largest; the rest is round-off
 
     # Checks: the eigenvalues of M sum to tr(M) = tr(S1 S2) = sum(S1 * S2) (S2 symmetric); and
     # tr(sqrt(S1 S2)) = ||R sqrt(S2)||_nuclear <= ||R||_F ||sqrt(S2)||_F = sqrt(tr S1 tr S2) (Cauchy-Schwarz),

@@ -142,6 +142,20 @@ def test_frechet_diagonal_closed_form():
     assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
+def test_frechet_keeps_small_genuine_variances():
+    """Full rank but ill-conditioned (variances from 10 down to 1e-8), commuting: the closed form again.
+    Small eigenvalues are real here, not round-off, and must not be dropped (that biases FID upwards)."""
+    rng = np.random.default_rng(0)
+    d = 256
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a = np.logspace(1, -8, d)
+    b = a * rng.uniform(0.5, 1.5, d)
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s2) == pytest.approx(expected, abs=1e-6)
+    assert fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s1) == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytorch-fid passes scipy's deprecated `disp`
 def test_frechet_matches_pytorch_fid_when_well_conditioned():
     mu1, s1 = gaussian_stats(500, 64, 2)
