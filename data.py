@@ -19,7 +19,8 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+import torch.distributed as dist
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
@@ -38,9 +39,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     16-bit greyscale ('I;16', 'I') would be clipped at 255 by a plain convert('RGB'), so it is
     rescaled; images with transparency are composited over white, because the colour stored under
-    fully transparent pixels is arbitrary (often black).
+    fully transparent pixels is arbitrary (often black). EXIF orientation tags are ignored, as ADM's
+    and pytorch-fid's loaders ignore them (the FID reference statistics were made that way).
     """
-    img = ImageOps.exif_transpose(img)  # camera photos stored sideways
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
@@ -124,8 +125,10 @@ class ImageFolder(_FlipMixin, Dataset):
     """Images under `root`, either in class subfolders (labels 0..C-1 from sorted folder names) or
     directly in `root` (label -1 for every image, `classes` is None).
 
-    A file that cannot be decoded is replaced by the next readable one, with a warning naming it;
-    `num_skipped` counts them over all worker processes.
+    Every class folder keeps the label of its place in the sorted list, even an empty one (with a
+    warning), so labels mean the same as in the full ImageNet tree. A file that cannot be decoded is
+    replaced by the next readable one, with a warning naming it, once; `unreadable` flags such files
+    for all DataLoader workers and epochs, and `count_skipped` adds them up over ranks.
     """
 
     def __init__(self, root: str, image_size: int, hflip: bool = False, seed: int = 0):
@@ -137,32 +140,36 @@ class ImageFolder(_FlipMixin, Dataset):
         flat = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
         self.samples: list[tuple[str, int]] = []
         if class_dirs:
-            self.classes = []
-            for name in class_dirs:
+            self.classes, empty = class_dirs, []
+            for label, name in enumerate(class_dirs):
                 files = sorted(
                     os.path.join(dirpath, f)
                     for dirpath, _, names in os.walk(os.path.join(root, name), followlinks=True)
                     for f in names if is_image_file(f))
-                if files:  # an empty class folder would shift every later label
-                    self.samples += [(f, len(self.classes)) for f in files]
-                    self.classes.append(name)
+                self.samples += [(f, label) for f in files]
+                if not files:
+                    empty.append(name)
+            if empty and self.samples:
+                warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images ({', '.join(empty[:5])}"
+                              f"{', ...' if len(empty) > 5 else ''}); they keep their labels, so the others do too")
         else:
             self.classes = None
             self.samples = [(f, -1) for f in flat]
         if not self.samples:
             raise ValueError(f"no images found in {root!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                              "directly in it or in one subfolder per class")
-        # Shared across DataLoader workers (passed to them at creation, which multiprocessing allows).
-        self._skipped = multiprocessing.Value("i", 0)
-        self._warned: set[str] = set()
+        # One flag per file, shared with the DataLoader workers (they inherit it at creation): the files
+        # that failed to decode, so each is warned about and counted once, whichever worker or epoch meets it.
+        self._unreadable = multiprocessing.Array("b", len(self.samples))
 
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else 0
 
     @property
-    def num_skipped(self) -> int:
-        return self._skipped.value
+    def unreadable(self) -> np.ndarray:
+        """(N,) bool: which files were found unreadable so far (by this process and its workers)."""
+        return np.frombuffer(self._unreadable.get_obj(), dtype=np.int8).astype(bool)
 
     def __len__(self):
         return len(self.samples)
@@ -171,14 +178,17 @@ class ImageFolder(_FlipMixin, Dataset):
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path, label = self.samples[i]
+            if self._unreadable[i]:  # known bad: do not decode it again
+                continue
             try:
                 arr = load_image(path, self.image_size)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    with self._skipped.get_lock():
-                        self._skipped.value += 1
-                    warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+                with self._unreadable.get_lock():
+                    first = not self._unreadable[i]
+                    self._unreadable[i] = 1
+                if first:
+                    warnings.warn(f"skipping unreadable image {path} (the next readable one stands in): {e}",
+                                  stacklevel=2)
                 continue
             return _to_tensor(self._maybe_flip(arr, index)), label
         raise RuntimeError(f"none of the {len(self.samples)} files in {self.root!r} could be read as an image")
@@ -200,7 +210,6 @@ class DemoShapes(_FlipMixin, Dataset):
             raise ValueError(f"DemoShapes has 1..{len(self.CLASSES)} classes, not {num_classes}")
         self.num_images, self.image_size, self.hflip, self.seed = num_images, image_size, hflip, seed
         self.classes = list(self.CLASSES[:num_classes])
-        self.num_skipped = 0
 
     @property
     def num_classes(self) -> int:
@@ -259,6 +268,19 @@ class DemoShapes(_FlipMixin, Dataset):
             sub = os.path.join(folder, self.classes[i % self.num_classes])
             os.makedirs(sub, exist_ok=True)
             Image.fromarray(self.render(i)).save(os.path.join(sub, f"{i:06d}.png"))
+
+
+def count_skipped(dataset, dist_env) -> int:
+    """How many files of `dataset` were skipped as unreadable so far, on any rank (a file met on two
+    ranks counts once). A collective under DDP: every rank must call it."""
+    dataset = getattr(dataset, "dataset", dataset)  # a Subset's underlying set
+    if not isinstance(dataset, ImageFolder):  # the demo set has no files
+        return 0
+    if not dist_env.distributed:
+        return int(dataset.unreadable.sum())
+    flags = torch.from_numpy(dataset.unreadable.astype(np.uint8)).to(dist_env.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags.sum())
 
 
 def build_dataset(path: str | None, image_size: int, hflip: bool = False, seed: int = 0,

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common import DistEnv, Logger, cleanup_distributed, load_checkpoint, pretrained_file, setup_distributed
-from data import ImageFolder, eval_loader, is_image_file
+from data import ImageFolder, count_skipped, eval_loader, is_image_file
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -654,6 +654,10 @@ def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = 
                      for rows in (pools, logits)]
     if pools.shape[0] == 0:
         raise ValueError("no images to compute features of (an empty folder, array or loader?)")
+    skipped = count_skipped(images, dist_env)
+    if skipped and dist_env.is_main:
+        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable neighbour "
+                      "(see the warnings above); remove or repair them for an exact FID")
     return pools.numpy(), logits.numpy()
 
 

@@ -28,7 +28,7 @@ import dit
 from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics,
                     load_checkpoint, load_training_state, peak_bf16_flops, save_checkpoint, seed_everything,
                     setup_distributed, training_state, use_bf16, wrap_ddp)
-from data import Batches, build_dataset, eval_loader, save_grid, to_model_range
+from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 
 # ----------------------------------------------------------------------------------------------------
 # Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
@@ -107,6 +107,7 @@ def extract_latents(args, env):
     labels.flush()
     del latents, labels
     env.barrier()
+    skipped = count_skipped(dataset, env)
     if env.is_main:
         # Per-channel mean/std of a fixed random ~10K latents (enough for two moments per channel).
         all_latents = np.load(paths["latents"], mmap_mode="r")
@@ -121,8 +122,8 @@ def extract_latents(args, env):
             json.dump(meta, f, indent=1)
         os.replace(tmp, meta_path)
         log.info(f"{2 * n} latents of shape {tuple(shape)} ({n} images and their flips) -> {args.latents}")
-        if dataset.num_skipped:
-            log.info(f"{dataset.num_skipped} unreadable image files were skipped (see the warnings above)")
+        if skipped:
+            log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
     env.barrier()
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import (EMA, Logger, NonFiniteGuard, StopSignal, autocast, cleanup_distributed, fmt_metrics,
                     load_checkpoint, load_training_state, save_checkpoint, seed_everything, setup_distributed,
                     training_state, unwrap, use_bf16, wrap_ddp)
-from data import Batches, build_dataset, eval_loader, save_grid, to_model_range, to_uint8
+from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (AlignedTokenizer, adaptive_gan_weight, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, load_tokenizer, PatchGAN, semantic_preservation_loss)
 
@@ -333,7 +333,7 @@ def train(args, env):
             means = torch.stack([sums[k] / counts[k] for k in keys])
             record = {"step": done, **dict(zip(keys, env.all_reduce_mean(means).tolist())),
                       "img_per_s": n_steps * args.batch_size / (time.time() - t0),
-                      "skipped_files": dataset.num_skipped}
+                      "skipped_files": count_skipped(dataset, env)}
             log.log(record)
             pbar.set_postfix_str(fmt_metrics({k: record[k] for k in keys if k in ("loss", "l1", "lpips", "sp")}))
             sums, counts, n_steps, t0 = {}, {}, 0, time.time()
@@ -348,8 +348,9 @@ def train(args, env):
     stop.restore()
     if not stopped:
         export()
-    if dataset.num_skipped:
-        log.info(f"{dataset.num_skipped} unreadable image files were skipped (see the warnings above)")
+    skipped = count_skipped(dataset, env)
+    if skipped:
+        log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
     env.barrier()
 
 
@@ -393,7 +394,8 @@ def evaluate(args, env):
     n = totals[3].item()
     metrics = {"tokenizer": path, "images": int(n), "psnr": totals[0].item() / n, "ssim": totals[1].item() / n,
                "lpips": totals[2].item() / n, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
-               "encoder": model.config["encoder"] + (" (grown from RANDOM weights)" if model.random_encoder else "")}
+               "encoder": model.config["encoder"] + (" (grown from RANDOM weights)" if model.random_encoder else ""),
+               "skipped_files": count_skipped(dataset, env)}
     if inception is not None:
         # eval_loader gave rank r the images r, r + W, ...: gather_rows restores the dataset order.
         real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))

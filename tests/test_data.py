@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from common import DistEnv
 from conftest import run_torchrun
-from data import Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, to_rgb
+from data import Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, count_skipped, to_rgb
 
 CPU1 = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -99,7 +100,22 @@ def test_truncated_jpeg_is_skipped_with_warning(tmp_path):
     assert x.shape == (3, 32, 32) and y == 0  # the next readable image stands in
     for i in range(len(ds)):  # a whole epoch runs through
         ds[i]
-    assert ds.num_skipped == 1
+    assert ds.unreadable.tolist() == [True, False, False, False]
+    # Worker processes over two epochs (fresh workers each time): still one warning and one count.
+    loader = DataLoader(ds, batch_size=2, num_workers=2)
+    for _ in range(2):
+        assert sum(len(y) for _, y in loader) == 4
+    assert count_skipped(ds, CPU1) == 1
+
+
+def test_empty_class_folder_keeps_the_labels(tmp_path):
+    for cls in ("a", "b", "c"):
+        os.makedirs(tmp_path / cls)
+    for cls in ("a", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "0.png")
+    with pytest.warns(UserWarning, match=r"1 class folder\(s\) .* have no images \(b\)"):
+        ds = ImageFolder(str(tmp_path), image_size=8)
+    assert ds.classes == ["a", "b", "c"] and [s[1] for s in ds.samples] == [0, 2]
 
 
 def test_empty_and_missing_folders_are_clear_errors(tmp_path):
@@ -167,9 +183,15 @@ def test_batches_too_small_dataset_is_clear():
 
 
 def test_torchrun_two_ranks_see_disjoint_samples(tmp_path):
-    out = tmp_path / "shards.json"
-    run_torchrun(["tests/ddp_plumbing.py", str(out)])
-    shards = json.loads(out.read_text())
-    assert len(shards) == 2
+    out, folder = tmp_path / "shards.json", tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"not a png")
+    run_torchrun(["tests/ddp_plumbing.py", str(out), str(folder)])
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    shards = [r["seen"] for r in ranks]
     a, b = set(shards[0]), set(shards[1])
     assert len(a) == len(shards[0]) and a.isdisjoint(b) and len(a | b) == 32
+    assert [r["skipped"] for r in ranks] == [1, 1]  # met by one rank, counted on both

@@ -12,6 +12,7 @@ import pytorch_fid.fid_score
 import pytorch_fid.inception
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import fid
 from common import MissingWeightsError
@@ -340,6 +341,19 @@ def test_activations_inputs_agree():
         # (float32 matmuls round differently for different batch sizes, hence the tolerance)
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_with_an_unreadable_file_is_reported(tmp_path):
+    for i in range(3):
+        Image.fromarray(random_uint8_images(1, 16, 16, seed=i)[0]).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes(b"truncated")
+    with pytest.warns(UserWarning) as caught:
+        pools, _ = fid.compute_activations(str(tmp_path), StubInception(), batch_size=2, num_workers=0,
+                                           progress=False)  # no workers: their warnings would escape pytest
+    messages = [str(w.message) for w in caught]
+    assert any("unreadable image" in m and "1.png" in m for m in messages)  # named when met
+    assert any("1 unreadable files were replaced" in m for m in messages)  # counted at the end
+    assert pools.shape[0] == 3
 
 
 def test_extraction_stays_float32_under_a_callers_bf16_autocast():
