@@ -211,9 +211,18 @@ def training_state(parts: dict, env: DistEnv) -> dict:
 
 
 def load_training_state(ckpt: dict, parts: dict, env: DistEnv) -> int:
-    """Restore what `training_state` saved; returns the step to continue from."""
+    """Restore what `training_state` saved; returns the step to continue from.
+
+    An optimiser gets its moments and step counts back, but keeps the hyper-parameters it was built
+    with from this run's flags, so that `--resume --lr 1e-5` (after a loss spike) does lower the lr."""
     for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
+        if isinstance(part, torch.optim.Optimizer):
+            hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in part.param_groups]
+            part.load_state_dict(ckpt[name])
+            for group, h in zip(part.param_groups, hyper):
+                group.update(h)
+        else:
+            part.load_state_dict(ckpt[name])
     set_rng_states(ckpt["rng"], env)
     return ckpt["step"]
 

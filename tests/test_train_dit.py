@@ -96,6 +96,11 @@ def test_resume_equals_uninterrupted_run(latents, tmp_path):
     ca, cb = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (a, b))
     for part in ("model", "ema"):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part])
+    # The usual cure for a loss spike: resume with a lower lr. The optimiser keeps its moments but
+    # takes the new lr (its saved state must not bring the old one back).
+    train_dit.main([*args, "--steps", "9", "--run_dir", b, "--resume", "--lr", "1e-5"])
+    opt = load_checkpoint(os.path.join(b, "ckpt.pt"))["opt"]
+    assert [g["lr"] for g in opt["param_groups"]] == [1e-5] and opt["state"]
 
 
 def test_two_process_gloo_training(latents, tmp_path):
