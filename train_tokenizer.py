@@ -316,6 +316,8 @@ def train(args, env):
 
         # Sum the losses on the device; they reach the host only at log steps (no per-step sync).
         nan_guard.update(loss, step + 1)
+        if gan_on:  # a NaN discriminator poisons the next steps and must not be saved either
+            nan_guard.update(d_loss, step + 1)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
             counts[k] = counts.get(k, 0) + 1  # the GAN terms exist only once the discriminator is on

@@ -328,6 +328,23 @@ def test_bad_inputs_have_clear_messages(tmp_path):
         train_tokenizer.parse_args(["--stage", "4"])
 
 
+def test_nan_discriminator_loss_stops_before_a_save(tmp_path, monkeypatch):
+    real, calls = train_tokenizer.hinge_d_loss, [0]
+
+    def d_loss_with_a_nan(real_logits, fake_logits):
+        calls[0] += 1
+        loss = real(real_logits, fake_logits)
+        return loss * float("nan") if calls[0] == 4 else loss
+
+    monkeypatch.setattr(train_tokenizer, "hinge_d_loss", d_loss_with_a_nan)
+    run = str(tmp_path)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 4"):
+        train_tokenizer.main(["--stage", "1", "--steps", "8", "--disc_start", "0", "--ckpt_every", "2",
+                              "--run_dir", run, *TINY_ARGS])
+    ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["disc"].values() if v.is_floating_point())
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path):
     run = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "train_tokenizer.py", "--stage", "1", "--steps", "100000",
