@@ -344,6 +344,10 @@ class Batches:
         if state["samples_in_epoch"] % self.global_batch:
             warnings.warn("resuming with another global batch size: the position in the epoch is rounded down "
                           f"to a whole batch ({state['samples_in_epoch']} samples -> {self.batch_in_epoch} batches)")
+        # A finished epoch (perhaps on other ranks, whose padding can make it longer than ours here):
+        # go on with the next one, as the uninterrupted run does.
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def __iter__(self):
         while True:

@@ -177,6 +177,23 @@ def test_batches_resume_mid_epoch():
     assert torch.equal(nxt, want[13][0])
 
 
+def test_batches_resume_on_fewer_ranks_after_a_padded_epoch():
+    """101 images on 2 ranks: the sampler pads the epoch to 102, and a checkpoint after its last batch
+    records 102 samples, more than one rank has; that rank goes on with the next epoch."""
+    ds = DemoShapes(101, 8)
+    run = Batches(ds, 17, DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu")), num_workers=0)
+    it = iter(run)
+    for _ in range(run.steps_per_epoch):
+        next(it)
+    state = run.state_dict()
+    assert state == {"epoch": 0, "samples_in_epoch": 102}
+    one = Batches(ds, 34, CPU1, num_workers=0)
+    one.load_state_dict(state)
+    fresh = Batches(ds, 34, CPU1, num_workers=0)
+    fresh.load_state_dict({"epoch": 1, "samples_in_epoch": 0})
+    assert torch.equal(next(iter(one))[1], next(iter(fresh))[1])
+
+
 def test_batches_too_small_dataset_is_clear():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         Batches(DemoShapes(3, 8), 4, CPU1)
