@@ -240,11 +240,18 @@ def rng_states(env: DistEnv) -> list[dict]:
 
 
 def set_rng_states(states: list[dict], env: DistEnv):
-    """Restore this rank's RNG state from `rng_states` (a run resumed on more ranks reuses them)."""
-    state = states[env.rank % len(states)]
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and env.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], env.device)
+    """Restore this rank's RNG state from `rng_states`. A rank the checkpoint did not have (a run
+    resumed on more ranks) gets a new seed instead, drawn from a saved state and its own rank: a copy
+    of another rank's state would make the two draw the same noise, timesteps and label drops."""
+    if env.rank < len(states):
+        state = states[env.rank]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and env.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], env.device)
+        return
+    saved = torch.Generator().set_state(states[env.rank % len(states)]["torch"])
+    base = int(torch.randint(0, 2 ** 62, (), generator=saved))
+    torch.manual_seed(base + env.rank)  # seeds the CPU and every GPU
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 
 import dit
 import train_dit
-from common import load_checkpoint
+from common import DistEnv, load_checkpoint, set_rng_states
 from conftest import ROOT, run_torchrun
 from data import DemoShapes, to_model_range
 from tokenizer import AlignedTokenizer, load_tokenizer
@@ -101,6 +101,23 @@ def test_resume_equals_uninterrupted_run(latents, tmp_path):
     train_dit.main([*args, "--steps", "9", "--run_dir", b, "--resume", "--lr", "1e-5"])
     opt = load_checkpoint(os.path.join(b, "ckpt.pt"))["opt"]
     assert [g["lr"] for g in opt["param_groups"]] == [1e-5] and opt["state"]
+
+
+def test_resume_on_more_ranks_gives_every_rank_its_own_noise():
+    """A checkpoint of 2 ranks resumed on 4: ranks 0 and 1 continue their streams exactly; ranks 2 and 3
+    get new ones (a copy of rank 0's or 1's stream would repeat its noise and timesteps)."""
+    saved = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        saved.append({"torch": torch.get_rng_state()})
+    draws = []
+    for rank in range(4):
+        set_rng_states(saved, DistEnv(rank, rank, 4, torch.device("cpu")))
+        draws.append(torch.rand(4))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(draws[seed], torch.rand(4))
+    assert len({tuple(d.tolist()) for d in draws}) == 4
 
 
 def test_two_process_gloo_training(latents, tmp_path):
