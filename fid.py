@@ -696,8 +696,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     up (sqrt(1e-13) = 3e-7, times 2000 of them). So: eigenvalues of S1 and S2 below the round-off level
     d * eps * lambda_max are 0 (this is how matrix-rank routines count the rank); M has rank at most
     min(rank S1, rank S2), so only that many of its largest eigenvalues are kept (negatives -> 0). Not a
-    threshold on M's own eigenvalues: they scale like lambda(S)^2, so it would drop genuine small variances
-    and bias the FID upwards. (For singular S1 the identity above holds by continuity.) We use torch's LAPACK (MKL in the x86 wheels) rather than NumPy's: it does not depend
+    threshold on M's own eigenvalues: they scale like lambda(S)^2, so it would drop genuine small
+    variances and bias the FID upwards. (For singular S1 the identity above holds by continuity.)
+    We use torch's LAPACK (MKL in the x86 wheels) rather than NumPy's: it does not depend
     on how NumPy/SciPy were built, and on rank-deficient 2048x2048 covariances NumPy's OpenBLAS `eigh`
     took 21 s here against 6 s. Two exact identities then check the linear algebra itself, so a broken
     library raises instead of printing a wrong FID.
