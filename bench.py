@@ -1,5 +1,5 @@
-"""Speed benchmarks of every part of the method, on the device present (SPEC: the training steps of
-the tokenizer and the LightningDiT, sampling, FID feature extraction).
+"""Speed benchmarks of every part of the method on the device present: the training steps of the
+tokenizer and of the LightningDiT, sampling, and FID feature extraction next to pytorch-fid's.
 
     python bench.py                                  # all parts; CUDA if present, else small CPU configs
     python bench.py --part dit --compile             # one part, with torch.compile
@@ -24,8 +24,8 @@ batched forward), --grad_checkpointing (DiT: less memory, more compute).
 
 import argparse
 import contextlib
-import copy
 import json
+import os
 import resource
 import statistics
 import time
@@ -124,7 +124,7 @@ def bench_tokenizer(args, cfg, device, bf16):
     """One tokenizer training step of each stage, with LPIPS and the GAN on (the costliest phase)."""
     from tokenizer import build_lpips
 
-    lpips = build_lpips(random_backbone=True).to(device)
+    lpips = build_lpips(random_backbone=True).to(device)  # the backbone's weights do not change its speed
     return [bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16) for stage in (1, 2, 3)]
 
 
@@ -132,26 +132,22 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
     """The step of train_tokenizer.py: tokenizer loss and update, EMA, discriminator update."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import train_tokenizer as tt
-    from tokenizer import AlignedTokenizer, PatchGAN, hinge_d_loss
+    from tokenizer import AlignedTokenizer, PatchGAN, hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss
 
     torch.manual_seed(0)
     B = args.batch_size or cfg["tok_batch"]
-    targs = tt.parse_args(["--stage", str(stage)])
     model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
-    tt.set_trainable(model, stage)
-    ref = copy.deepcopy(model).requires_grad_(False) if stage == 2 else None
+    set_trainable(model, stage)
+    ref = semantic_reference(model) if stage == 2 else None
     disc = PatchGAN().to(device)
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
     if args.compile:
-        model.encoder.compile()
-        model.decoder.compile()
-        disc.compile()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=not args.no_fused)
+        for net in (model.encoder, model.decoder, disc):
+            net.compile()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.9), fused=not args.no_fused)
+    opt_d = torch.optim.Adam(disc.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
     ema = EMA(model, 0.999)
     x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
     if args.channels_last:
@@ -159,7 +155,7 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
 
     def step():
         with autocast(device, bf16), attention_backend(args.attention):
-            loss, x_hat, _ = tt.tokenizer_loss(model, x, targs, lpips, disc, ref)
+            loss, x_hat, _ = tokenizer_loss(model, x, lpips, disc, ref)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -232,15 +228,42 @@ class TwoPass(torch.nn.Module):
 
 
 def bench_fid(args, cfg, device, bf16):
-    """Inception feature extraction (float32 always) on 256 px uint8 images, next to pytorch-fid's."""
+    """Inception features (always float32) of 256 px images: ours and pytorch-fid's, same weights, same
+    images, alternating, best of --repeats passes each."""
+    import tempfile
+
     import fid
+    import pytorch_fid.inception
 
     B = args.batch_size or cfg["fid_batch"]
-    r = fid.benchmark(num_images=B * args.iters, image_size=256, batch_size=B, device=str(device),
-                      rounds=args.repeats)
-    seconds = B / r["ours_img_per_s"]
-    return [report("fid features", args, device, B, seconds, pytorch_fid_img_per_s=r["pytorch_fid_img_per_s"],
-                   ratio_vs_pytorch_fid=r["ratio"])]
+    ours = fid.load_inception(random_weights=True, device=device)
+    with tempfile.TemporaryDirectory() as hub:  # pytorch-fid reads its weight file from the torch.hub cache
+        old_hub = torch.hub.get_dir()
+        torch.hub.set_dir(hub)
+        os.makedirs(os.path.join(hub, "checkpoints"))
+        torch.save(ours.state_dict(), os.path.join(hub, "checkpoints", os.path.basename(fid.FID_WEIGHTS_URL)))
+        try:
+            theirs = pytorch_fid.inception.InceptionV3([3]).to(device).eval()  # block 3: the 2048-d pool
+        finally:
+            torch.hub.set_dir(old_hub)
+    images = torch.rand(B * args.iters, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+    batches = images.split(B)
+    extract = {"ours": lambda b: ours(b)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
+    seconds, feats = {name: [] for name in extract}, {}
+    with torch.inference_mode(), fid.exact_float32(device):
+        for i in range(args.repeats + 1):  # the first round is a warm-up
+            for name in list(extract) if i % 2 else list(extract)[::-1]:  # alternate: drifting load hits both
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                feats[name] = torch.cat([extract[name](b) for b in batches])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+    ours_s, theirs_s = (min(seconds[k][1:]) / len(batches) for k in ("ours", "pytorch_fid"))
+    return [report("fid features", args, device, B, ours_s, pytorch_fid_img_per_s=B / theirs_s,
+                   ratio_vs_pytorch_fid=theirs_s / ours_s,
+                   max_feature_diff=(feats["ours"] - feats["pytorch_fid"]).abs().max().item())]
 
 
 PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid}

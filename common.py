@@ -1,13 +1,16 @@
-"""Run plumbing shared by every script: torchrun/DDP set-up and clean shutdown, per-rank seeding,
-rank-0 logging (console + JSONL), atomic checkpoints, the EMA of the weights, graceful stop on
-SIGTERM/SIGINT, and finding pretrained weight files offline.
+"""The plumbing every script shares, written once so that the other files can be about the method.
 
-Nothing here is specific to the method; it is the part of a training script that is the same for the
-tokenizer (train_tokenizer.py), the diffusion model (train_dit.py), sampling and evaluation, written
-once so those files can stay about the method.
+- torchrun/DDP set-up and shutdown, per-rank seeding, bf16 autocast;
+- `Run`: the training-run harness of both trainers (train_tokenizer.py, train_dit.py): refuse to
+  overwrite a run, exact resume, log and checkpoint cadence, graceful stop on SIGTERM/Ctrl-C,
+  a guard against non-finite losses, rank-0 logging to the console and to `log.jsonl`;
+- atomic writes (temporary file, then rename), safe checkpoint loading, pretrained weight files;
+- the EMA of the weights; `UserError` and `script_main`: bad input is one clear line, not a traceback.
 """
 
+import argparse
 import copy
+import glob
 import json
 import os
 import signal
@@ -18,6 +21,79 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+EXIT_STOPPED = 75  # a run stopped by SIGTERM/Ctrl-C after saving (sysexits' EX_TEMPFAIL: "try again")
+
+
+class UserError(Exception):
+    """Bad input, or a run that cannot go on: the message names the problem and the fix, so scripts
+    print it alone (once, on rank 0) and exit with status 2 instead of showing a traceback."""
+
+
+class MissingWeightsError(UserError):
+    pass
+
+
+def script_main(main):
+    """Run a script's `main()`: a UserError becomes one line on stderr and exit status 2; a training run
+    stopped by a signal exits with EXIT_STOPPED, so that `train && sample` does not go on."""
+    try:
+        result = main()
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: another rank may never get there
+        sys.exit(2)
+    sys.exit(EXIT_STOPPED if isinstance(result, Run) and result.stopped else 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Module docstring kept as written, and every flag's default shown in --help."""
+
+
+def at_least(minimum, kind=int):
+    """An argparse type for numbers >= `minimum`: `--batch_size 0` fails when it is parsed, naming the
+    flag, instead of after the first step."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int):
+    """The flags both trainers share: device and precision, data loading, seed, log/checkpoint cadence."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA, float32 on the CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, noise and data order")
+    g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
+    g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
+    return g
+
+
+def check_writable(path: str, what: str):
+    """Fail now, not after hours of work, if `path` (a file to be written) cannot be created."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write the {what} {path}: {e.strerror}") from None
+
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed set-up
@@ -45,7 +121,7 @@ class DistEnv:
             dist.barrier()
 
     def all_reduce_mean(self, tensor):
-        """Average a tensor over ranks (in place on a copy); a no-op for a single process."""
+        """The mean of a tensor over ranks (a new tensor)."""
         tensor = tensor.detach().clone()
         if self.distributed:
             dist.all_reduce(tensor)
@@ -62,59 +138,44 @@ class DistEnv:
 
 
 def setup_distributed(device: str = "auto") -> DistEnv:
-    """Read rank and world size from the `torchrun` environment and join the process group.
-
-    NCCL on CUDA, gloo on CPU. `device` is "auto" (CUDA when present), "cuda" or "cpu".
-    """
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    """Join the `torchrun` process group (NCCL on CUDA, gloo on CPU); `device` is auto, cuda or cpu."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
+        # TF32 for the float32 parts (losses, norms); fid.py keeps its features in true float32 itself.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        # TF32 for the float32 parts (losses, norms, FID is kept in true fp32 by fid.py itself).
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     return DistEnv(rank, local_rank, world_size, dev)
 
 
 def cleanup_distributed():
-    """Leave the process group cleanly.
-
-    Call this after every DDP-wrapped module is gone (return from the function that owns them
-    first): destroying the group under a live DDP module, or exiting without destroying it, aborts
-    the processes at exit with "terminate called without an active exception".
-    """
+    """Leave the process group. Call it after every DDP module is gone: destroying the group under a
+    live DDP module, or exiting without destroying it, aborts the processes at exit."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def seed_everything(seed: int, rank: int = 0):
-    """Seed torch on this rank. Each rank gets its own stream (seed + rank) so that noise and
-    timesteps differ across GPUs; the data order is seeded separately (data.py) and is shared."""
+    """Each rank its own stream (seed + rank), so noise and timesteps differ across GPUs; the data
+    order is seeded separately (data.py) and is shared."""
     torch.manual_seed(seed + rank)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """--precision auto|bf16|fp32: auto is bf16 autocast on CUDA and float32 on the CPU (where bf16
-    is slow); bf16 on the CPU is allowed so that tests cover that path."""
+    """--precision auto is bf16 on CUDA and float32 on the CPU (where bf16 is slow); bf16 on the CPU
+    is allowed so that tests cover that path."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast (on CUDA by default; on CPU only when asked for, so tests cover the path)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -123,8 +184,13 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     if not env.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
@@ -133,7 +199,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    """The device's bf16 peak if we know it (None on CPU and unknown GPUs: then no MFU is reported)."""
+    """The GPU's bf16 peak if we know it (None on CPU and unknown GPUs: then no MFU is reported)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -141,49 +207,21 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging
+# Files: atomic writes, checkpoints, pretrained weights
 
 
-class Logger:
-    """Prints on rank 0 and appends one JSON object per `log()` call to `<run_dir>/log.jsonl`."""
-
-    def __init__(self, dist_env: DistEnv, run_dir: str | None = None):
-        self.enabled = dist_env.is_main
-        self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
-
-    def info(self, msg: str):
-        if self.enabled:
-            # tqdm.write keeps an active progress bar intact.
-            from tqdm import tqdm
-
-            tqdm.write(msg, file=sys.stdout)
-            sys.stdout.flush()
-
-    def log(self, record: dict):
-        if self.path is None:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def fmt_metrics(record: dict) -> str:
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(obj, path: str):
-    """Write `obj` with torch.save atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over `path`. A crash mid-write leaves the previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
+def atomic_write(path: str, write):
+    """Call `write(f)` on a binary temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash or a full disk never leaves a half-written file there. Temporary files that an
+    earlier, killed writer of the same path left behind are removed first."""
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
+        os.remove(stale)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -192,80 +230,41 @@ def save_checkpoint(obj, path: str):
             os.remove(tmp)
 
 
+def save_checkpoint(obj, path: str):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path: str):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def load_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the {what} {path} ({e}); delete it if it is damaged") from None
+
+
 def load_checkpoint(path: str, what: str = "checkpoint"):
-    """torch.load with weights_only=True (no arbitrary code from a file), on the CPU, with errors
-    that say which file is missing or unreadable."""
+    """torch.load on the CPU with weights_only=True: tensors and plain containers only, never code."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a non-torch file, or a pickle with foreign objects
-        raise RuntimeError(f"could not read {what} {path}: {type(e).__name__}: {e}. "
-                           "Is it a complete file written by this project (or the official weights)?") from e
+    except Exception as e:  # truncated, not a torch file, or a pickle of foreign objects
+        lines = str(e).splitlines()
+        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        if "weights_only" in why:
+            why = "it holds objects other than tensors and plain containers"
+        raise UserError(f"could not read {what} {path}: {type(e).__name__}: {why}. Is it a complete file "
+                        "written by this project (or the official weights)?") from None
 
 
-def training_state(parts: dict, env: DistEnv) -> dict:
-    """What a resumable checkpoint holds besides its metadata: the state dict of every stateful part
-    (model, EMA, optimisers, data position) and every rank's RNG. A collective: call it on all ranks."""
-    return {**{name: part.state_dict() for name, part in parts.items()}, "rng": rng_states(env)}
-
-
-def load_training_state(ckpt: dict, parts: dict, env: DistEnv) -> int:
-    """Restore what `training_state` saved; returns the step to continue from.
-
-    An optimiser gets its moments and step counts back, but keeps the hyper-parameters it was built
-    with from this run's flags, so that `--resume --lr 1e-5` (after a loss spike) does lower the lr."""
-    for name, part in parts.items():
-        if isinstance(part, torch.optim.Optimizer):
-            hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in part.param_groups]
-            part.load_state_dict(ckpt[name])
-            for group, h in zip(part.param_groups, hyper):
-                group.update(h)
-        else:
-            part.load_state_dict(ckpt[name])
-    set_rng_states(ckpt["rng"], env)
-    return ckpt["step"]
-
-
-def rng_states(env: DistEnv) -> list[dict]:
-    """Every rank's torch RNG state (CPU and this rank's GPU), gathered for a checkpoint."""
-    state = {"torch": torch.get_rng_state()}
-    if env.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(env.device)
-    if not env.distributed:
-        return [state]
-    states = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_states(states: list[dict], env: DistEnv):
-    """Restore this rank's RNG state from `rng_states`. A rank the checkpoint did not have (a run
-    resumed on more ranks) gets a new seed instead, drawn from a saved state and its own rank: a copy
-    of another rank's state would make the two draw the same noise, timesteps and label drops."""
-    if env.rank < len(states):
-        state = states[env.rank]
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and env.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], env.device)
-        return
-    saved = torch.Generator().set_state(states[env.rank % len(states)]["torch"])
-    base = int(torch.randint(0, 2 ** 62, (), generator=saved))
-    torch.manual_seed(base + env.rank)  # seeds the CPU and every GPU
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pretrained weights (no network at run time on many clusters)
-
-
-class MissingWeightsError(RuntimeError):
-    pass
-
-
-def pretrained_file(url: str, local_path: str | None, what: str, flag: str) -> str:
+def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:
     """Path of a pretrained weight file: `local_path` if given, else the torch.hub cache
-    (`$TORCH_HOME/hub/checkpoints/<file name>`), else downloaded there from `url`.
-    Offline with no file, the error names the file, where to put it and the flag that takes it."""
+    (`$TORCH_HOME/hub/checkpoints/<name>`), else downloaded there from `url`, with a progress bar.
+    Offline with no file, the error names the file, where to put it, and the flags that help."""
     if local_path:
         if not os.path.isfile(local_path):
             raise MissingWeightsError(f"{what}: {flag} {local_path} does not exist")
@@ -282,7 +281,9 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str) -> s
         raise MissingWeightsError(
             f"{what}: the weight file {name} is not available and could not be downloaded ({e}).\n"
             f"  Download {url} on a machine with internet and put it at {cached}\n"
-            f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}.") from e
+            f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}."
+            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead." if random_flag else "")
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,26 +291,22 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str) -> s
 
 
 class EMA:
-    """Exponential moving average of a model's trainable weights, kept as a full frozen copy.
-
-    The copy is what we evaluate and export: it is smoother than the raw weights late in training.
-    Parameters that do not train (a frozen encoder) are simply left as they were copied.
-    """
+    """Exponential moving average of a model's trainable weights, kept as a frozen copy of the model:
+    ema <- decay * ema + (1 - decay) * weights after every step. It is what we evaluate and export
+    (smoother than the raw weights late in training). Frozen parameters stay as they were copied."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         ema_params = dict(self.model.named_parameters())
-        self._ema = [ema_params[n] for n in names]
-        self._names = names
+        self._ema = [ema_params[n] for n in self._names]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
         params = dict(model.named_parameters())
-        src = [params[n].detach() for n in self._names]
         # One fused kernel for all tensors: ema += (1 - decay) * (param - ema).
-        torch._foreach_lerp_(self._ema, src, 1.0 - self.decay)
+        torch._foreach_lerp_(self._ema, [params[n].detach() for n in self._names], 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -320,53 +317,85 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 # ----------------------------------------------------------------------------------------------------
-# Non-finite losses
+# The training-run harness
+
+
+class Logger:
+    """Prints on rank 0 (through tqdm, so progress bars stay intact) and appends one JSON object per
+    `log()` call to `<run_dir>/log.jsonl`."""
+
+    def __init__(self, env: DistEnv, run_dir: str | None = None):
+        self.enabled = env.is_main
+        self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
+
+    def info(self, msg: str):
+        if self.enabled:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def log(self, record: dict):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def rng_states(env: DistEnv) -> list[dict]:
+    """Every rank's torch RNG state (CPU and this rank's GPU), gathered for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    if not env.distributed:
+        return [state]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states: list[dict], env: DistEnv):
+    """Restore this rank's RNG state. A rank the checkpoint did not have (a run resumed on more ranks)
+    gets a fresh seed drawn from a saved state and its rank: a copy of another rank's state would
+    draw the same noise, timesteps and label drops as that rank."""
+    if env.rank < len(states):
+        torch.set_rng_state(states[env.rank]["torch"])
+        if "cuda" in states[env.rank] and env.device.type == "cuda":
+            torch.cuda.set_rng_state(states[env.rank]["cuda"], env.device)
+        return
+    saved = torch.Generator().set_state(states[env.rank % len(states)]["torch"])
+    torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=saved)) + env.rank)
 
 
 class NonFiniteGuard:
-    """Remembers, on the device, the first step whose loss was not finite: `update` costs no host
-    sync; `check` (called before anything is logged or saved) reads it and stops the run, so a
-    checkpoint is never written after a NaN and the last good one survives."""
+    """Remembers on the device the first step with a non-finite loss: `update` needs no host sync;
+    `check`, before anything is logged or saved, stops the run, so no checkpoint is written after it."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def update(self, loss: torch.Tensor, step: int):
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
+    def update(self, values: torch.Tensor, step: int):
+        bad = (self.first_bad < 0) & ~torch.isfinite(values.detach()).all()
+        self.first_bad = torch.where(bad, step, self.first_bad)
 
     def check(self, env: DistEnv, ckpt_path: str, advice: str):
         bad = self.first_bad.clone()
         if env.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() >= 0:
-            raise FloatingPointError(f"non-finite loss at step {bad.item()}: the run is stopped and no checkpoint "
-                                     f"was written after it; the last good one is {ckpt_path}. {advice}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Graceful stop
+            raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no checkpoint was "
+                            f"written after it; the last good one is {ckpt_path}. {advice}")
 
 
 class StopSignal:
-    """Turns SIGTERM (cluster pre-emption, `kill`) and the first Ctrl-C into a flag that the training
-    loop checks between steps, so it can save a checkpoint and exit cleanly. A second Ctrl-C stops at
-    once as usual. `restore()` puts the previous handlers back."""
+    """SIGTERM (pre-emption, `kill`) and a first Ctrl-C become a flag the loop checks between steps,
+    so that it saves and exits cleanly; a second Ctrl-C aborts at once."""
 
     def __init__(self, every: int = 10):
         self.requested, self.every = False, every
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def should_stop(self, env: DistEnv, step: int) -> bool:
-        """Whether to save and stop after `step`. All ranks must take the same branch, so under DDP
-        they combine their flags with a collective; that is a host sync, so only every `every` steps.
-        Not only at log steps: torchrun's agent kills the workers 30 s after it forwards a SIGTERM."""
+        """Under DDP all ranks must agree, which is a host sync, so they compare flags every `every`
+        steps (not only at log steps: torchrun kills its workers 30 s after forwarding a SIGTERM)."""
         if env.distributed and step % self.every:
             return False
         return env.any(self.requested)
@@ -379,5 +408,152 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
-              "saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(f"\n[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: saving a checkpoint "
+              "and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+
+def training_state(parts: dict, env: DistEnv) -> dict:
+    """The state dict of every stateful part plus every rank's RNG (a collective: call it on all ranks)."""
+    return {**{name: part.state_dict() for name, part in parts.items()}, "rng": rng_states(env)}
+
+
+def load_training_state(ckpt: dict, parts: dict, env: DistEnv) -> int:
+    """Restore what `training_state` saved; returns the step to continue from. Optimisers keep this
+    run's hyper-parameters, so that `--resume --lr 1e-5` after a loss spike does lower the lr."""
+    for name, part in parts.items():
+        if isinstance(part, torch.optim.Optimizer):
+            hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in part.param_groups]
+            part.load_state_dict(ckpt[name])
+            for group, h in zip(part.param_groups, hyper):
+                group.update(h)
+        else:
+            part.load_state_dict(ckpt[name])
+    set_rng_states(ckpt["rng"], env)
+    return ckpt["step"]
+
+
+class Run:
+    """One training run: `for step in run.steps(): ...; run.record(loss=..., **parts)`.
+
+    `identity` (e.g. kind, stage, architecture) goes into every checkpoint and must match on
+    `--resume`; `state` maps names to the parts with a state dict (models, EMA, optimisers, data
+    position), which a checkpoint saves with every rank's RNG and a resume restores exactly. Between
+    steps the harness logs means of the recorded values every `log_every` steps, calls the hooks,
+    saves `ckpt.pt` every `ckpt_every` steps and at the end, stops cleanly on SIGTERM/Ctrl-C
+    (`stopped` is then True), and refuses to log or save past a non-finite value.
+    """
+
+    def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict | None = None,
+                 steps: int = 1, batch_size: int = 1, dataset=None, nan_advice: str = "", show=("loss",)):
+        self.env, self.args, self.dir, self.total = env, args, run_dir, steps
+        self.identity, self.state, self.meta, self.batch_size = identity, state, meta or {}, batch_size
+        self.dataset, self.nan_advice, self.show = dataset, nan_advice, show
+        self.ckpt_path = os.path.join(run_dir, "ckpt.pt")
+        if not args.resume and os.path.exists(self.ckpt_path):
+            raise UserError(f"{self.ckpt_path} exists: pass --resume to continue that run, or use another "
+                            "--run_dir (we do not overwrite training progress)")
+        if env.is_main:
+            check_writable(self.ckpt_path, "checkpoint")
+        env.barrier()
+        self.log = Logger(env, run_dir)
+        self.hooks, self.extras, self.stopped = [], None, False
+        self.guard = NonFiniteGuard(env.device)
+        self.start = self._resume() if args.resume else 0
+        # A resumed run re-runs the steps after its checkpoint: records after this one replace earlier
+        # records of the same steps (`read_log` keeps the last).
+        self.log.log({"event": "resume" if args.resume else "start", "step": self.start, "args": vars(args),
+                      **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}})
+
+    def _resume(self) -> int:
+        ckpt = load_checkpoint(self.ckpt_path, "training checkpoint to resume")
+        differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
+        if differ:
+            raise UserError(f"{self.ckpt_path} comes from a different run: "
+                            + "; ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
+                            + " (other architecture flags, or other latents/tokenizer?)")
+        step = load_training_state(ckpt, self.state, self.env)
+        self.log.info(f"resumed at step {step} from {self.ckpt_path}")
+        return step
+
+    def every(self, interval: int, fn):
+        """Call fn(step) on rank 0 after every `interval` steps and after the last (0: never)."""
+        if interval:
+            self.hooks.append((interval, fn))
+
+    def record(self, **values: torch.Tensor):
+        """Scalar device tensors of this step: summed on the device for the next log line (no host sync)
+        and watched for NaN/inf. A value may be missing in some steps (GAN terms before the GAN starts)."""
+        self.guard.update(torch.stack([v.detach().float() for v in values.values()]), self.step + 1)
+        for k, v in values.items():
+            s, n = self._sums.get(k, (0.0, 0))
+            self._sums[k] = (s + v.detach().float(), n + 1)
+
+    def save(self, step: int, path: str | None = None):
+        state = training_state(self.state, self.env)  # a collective: every rank takes part
+        if self.env.is_main:
+            save_checkpoint({**self.identity, "step": step, **self.meta, **state, "args": vars(self.args)},
+                            path or self.ckpt_path)
+
+    def steps(self):
+        """Yield the steps still to run; after each, the bookkeeping between steps."""
+        stop, keep = StopSignal(), getattr(self.args, "keep_every", 0)
+        pbar = tqdm(total=self.total, initial=self.start, disable=not self.env.is_main, dynamic_ncols=True)
+        self._sums, t0, n = {}, time.time(), 0
+        try:
+            for self.step in range(self.start, self.total):
+                yield self.step
+                done, n = self.step + 1, n + 1
+                pbar.update(1)
+                due = lambda every: every and (done % every == 0 or done == self.total)  # noqa: E731
+                is_log, is_ckpt = due(self.args.log_every), due(self.args.ckpt_every)
+                is_keep = keep and done % keep == 0
+                self.stopped = stop.should_stop(self.env, done)
+                if is_log or is_ckpt or is_keep or self.stopped:  # never log or save past a NaN
+                    self.guard.check(self.env, self.ckpt_path, self.nan_advice)
+                if is_log:
+                    record = self._log_record(done, n * self.batch_size / (time.time() - t0))
+                    pbar.set_postfix_str(" ".join(f"{k} {record[k]:.4g}" for k in self.show if k in record))
+                    self._sums, t0, n = {}, time.time(), 0
+                for interval, fn in self.hooks:
+                    if self.env.is_main and due(interval):
+                        fn(done)
+                if is_ckpt or self.stopped:
+                    self.save(done)
+                if is_keep:
+                    self.save(done, os.path.join(self.dir, f"ckpt_{done:07d}.pt"))
+                if self.stopped:
+                    self.log.info(f"stopped at step {done}; continue with --resume")
+                    break
+        finally:
+            pbar.close()
+            stop.restore()
+        self._report_skipped(final=True)
+        self.env.barrier()
+
+    def _log_record(self, step: int, img_per_s: float) -> dict:
+        keys = sorted(self._sums)
+        means = torch.stack([self._sums[k][0] / self._sums[k][1] for k in keys])
+        record = {"step": step, **dict(zip(keys, self.env.all_reduce_mean(means).tolist())), "img_per_s": img_per_s,
+                  **(self.extras(step, img_per_s) if self.extras else {}), **self._report_skipped()}
+        self.log.log(record)
+        return record
+
+    def _report_skipped(self, final: bool = False) -> dict:
+        from data import count_skipped  # a collective under DDP: every rank calls it at the same steps
+        skipped = count_skipped(self.dataset, self.env) if self.dataset is not None else 0
+        if final and skipped:
+            self.log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
+        return {"skipped_files": skipped} if skipped else {}
+
+
+def read_log(path: str) -> list[dict]:
+    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old ones."""
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("event") == "resume":
+                by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
+            elif "step" in r and "event" not in r:
+                by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]

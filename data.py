@@ -23,6 +23,8 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from common import UserError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
 
@@ -133,7 +135,7 @@ class ImageFolder(_FlipMixin, Dataset):
 
     def __init__(self, root: str, image_size: int, hflip: bool = False, seed: int = 0):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist (check --data)")
+            raise UserError(f"image folder {root!r} does not exist (check --data)")
         self.root, self.image_size, self.hflip, self.seed = root, image_size, hflip, seed
         entries = sorted(os.scandir(root), key=lambda e: e.name)
         class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
@@ -156,8 +158,8 @@ class ImageFolder(_FlipMixin, Dataset):
             self.classes = None
             self.samples = [(f, -1) for f in flat]
         if not self.samples:
-            raise ValueError(f"no images found in {root!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                             "directly in it or in one subfolder per class")
+            raise UserError(f"no images found in {root!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                            "directly in it or in one subfolder per class")
         # One flag per file, shared with the DataLoader workers (they inherit it at creation): the files
         # that failed to decode, so each is warned about and counted once, whichever worker or epoch meets it.
         self._unreadable = multiprocessing.Array("b", len(self.samples))
@@ -191,7 +193,7 @@ class ImageFolder(_FlipMixin, Dataset):
                                   stacklevel=2)
                 continue
             return _to_tensor(self._maybe_flip(arr, index)), label
-        raise RuntimeError(f"none of the {len(self.samples)} files in {self.root!r} could be read as an image")
+        raise UserError(f"none of the {len(self.samples)} files in {self.root!r} could be read as an image")
 
 
 class DemoShapes(_FlipMixin, Dataset):
@@ -326,7 +328,7 @@ class Batches:
                                           shuffle=shuffle, seed=seed, drop_last=False)
         self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+            raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                              f"({batch_size} per rank x {dist_env.world_size} ranks); lower the batch size")
         self.global_batch = batch_size * dist_env.world_size
         self.pin_memory = dist_env.device.type == "cuda"

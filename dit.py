@@ -9,9 +9,8 @@ A block is a pre-norm transformer block: RMSNorm, multi-head attention (qkv bias
 2D rotary position embedding), SwiGLU MLP, and AdaLN-Zero conditioning on `c = t_emb + y_emb`. A
 fixed 2D sin-cos position embedding is also added to the tokens once at the input.
 
-Parameter names and conventions follow the public LightningDiT code (hustvl/LightningDiT) so its
-checkpoints load with strict=True; `../shared/SPEC.md` section 2 lists them.
-Flow matching: t = 0 is noise, t = 1 is data, x_t = t x1 + (1 - t) eps, target velocity v = x1 - eps.
+Parameter names and conventions follow the public LightningDiT code (hustvl/LightningDiT), so that
+its checkpoints load with strict=True. Flow matching: t = 0 is noise, t = 1 is data, x_t = t x1 + (1 - t) eps, target velocity v = x1 - eps.
 """
 
 import math
@@ -21,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from common import UserError, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Fixed position tables
@@ -315,7 +316,7 @@ DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_h
 def build_dit(name: str, **kwargs) -> LightningDiT:
     """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True)."""
     if name not in DiT_models:
-        raise ValueError(f"unknown LightningDiT configuration {name!r}; choose one of {sorted(DiT_models)}")
+        raise UserError(f"unknown LightningDiT configuration {name!r}; choose one of {sorted(DiT_models)}")
     return DiT_models[name](**kwargs)
 
 
@@ -325,14 +326,15 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
     Returns (model in eval mode, checkpoint without the weight/optimiser entries); the latter holds
     `latent_stats` ({"mean", "std"}: per-channel tensors to undo the latent normalisation),
     `tokenizer` (path of the tokenizer the latents came from) and `tokenizer_config`."""
-    from common import load_checkpoint
-
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "dit":
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
+        raise UserError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
+    weights = "ema" if ema else "model"
+    if weights not in ckpt:
+        raise UserError(f"{path} has no '{weights}' weights" + (" (--raw_weights uses the raw ones)" if ema else ""))
     model = build_dit(ckpt["model_name"], **ckpt["model_args"])
-    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    model.load_state_dict(ckpt[weights])
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
     return model.eval(), meta
 

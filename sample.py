@@ -1,50 +1,34 @@
-"""Sampling: turn a trained LightningDiT (dit.py, train_dit.py) into images with the aligned tokenizer's
-decoder (tokenizer.py). This is the generation half of the method (SPEC section 2, "Sampling").
+"""Sampling: a trained LightningDiT (train_dit.py) and the tokenizer's decoder turn noise into images.
 
     noise (B, 32, 16, 16) at t = 0
-      -> ODE dx/dt = v(x, t, y) integrated to t = 1 (Euler, or Heun), on a shifted time grid,
-         with classifier-free guidance (CFG)                            -> normalised latent
-      -> undo the per-channel latent normalisation of training         -> tokenizer latent
-      -> tokenizer decoder                                              -> image (B, 3, 256, 256)
+      -> the ODE dx/dt = v(x, t, y) integrated to t = 1 (Euler or Heun) on a shifted time grid,
+         with classifier-free guidance (CFG)
+      -> undo the per-channel latent normalisation of training -> tokenizer decoder -> image
 
-Conventions, as in the reference code (hustvl/LightningDiT, transport/integrators.py and inference.py):
-- `--steps N` means N time points from 0 to 1, so N - 1 model evaluations per sample with Euler
-  (the paper's "250 steps" and "30 steps"). Heun uses two evaluations per interval.
-- Time shift t' = s t / (1 + (s - 1) t), s = 0.3: s < 1 spends more of the steps near t = 0 (noise).
-  s = 1 is no shift (the reference writes `timestep_shift: 0` for that).
-- CFG: v = v_u + w (v_c - v_u) from one batched forward over [x; x] with labels [y; null].
-  `--cfg 1` runs the conditional model alone. LightningDiT's published protocol adds two quirks that
-  make its best scales large: guidance only on the first 3 latent channels (`--cfg_channels 3`) and
-  no guidance while t < 0.10 (`--cfg_interval_start 0.10`; 0.125 for its 800-epoch model), e.g.
-      python sample.py --npz --cfg 10 --cfg_channels 3 --cfg_interval_start 0.10
-  Plain CFG on all channels is the default.
+    python sample.py --cfg 1.5                                 # a PNG grid of 16 random classes
+    torchrun --nproc_per_node=8 sample.py --npz --cfg 1.5      # 50K samples as ADM's .npz, for fid.py
 
-Two outputs:
-- a PNG grid (default) of `--classes` or of random classes, to look at;
-- `--npz`: an ADM-format `<out>/samples.npz` (`arr_0` uint8 NHWC images, `arr_1` int64 labels) for
-  fid.py or the ADM evaluator, usually 50K samples under `torchrun`. Labels are drawn uniformly at
-  random per sample, as ADM and LightningDiT do for their FID runs (or cycle through `--classes`).
-  Samples are grouped into fixed-size shards by global index; each rank writes the missing shards it is
-  given, so an interrupted run resumes where it stopped and any number of ranks can finish it.
-
-Every sample has its own noise and label generator seeded from (`--seed`, global index): the same
-seed gives the same noise and labels whatever the number of ranks or the batch size (with the same
-batch size the images are bit-identical; a different batch size can change the last bits of the
-GPU/CPU kernels' results, hence rarely one uint8 level).
+Conventions of the LightningDiT code: `--steps N` is N time points from 0 to 1, so N - 1 model
+evaluations (the paper's "250 steps"); the time shift t' = s t / (1 + (s - 1) t), s = 0.3, puts more
+steps near the noise; guidance v = v_u + w (v_c - v_u) comes from one batched forward over [x; x]
+with labels [y; null]. LightningDiT's published protocol guides only the first 3 latent channels and
+only for t >= 0.10 (`--cfg_channels 3 --cfg_interval_start 0.10`; its best w is about 10); plain
+guidance on every channel is the default. Each sample's noise and label come from a generator seeded
+by (--seed, its index), so any number of ranks gives the same samples, and `--npz` writes fixed-size
+shards from which an interrupted run resumes.
 """
 
 import argparse
-import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import Logger, autocast, cleanup_distributed, setup_distributed, use_bf16
+from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, autocast, check_writable,
+                    cleanup_distributed, load_json, save_json, script_main, setup_distributed, use_bf16)
 from data import save_grid, to_uint8
 from dit import load_dit
 from tokenizer import load_tokenizer
@@ -54,39 +38,32 @@ from tokenizer import load_tokenizer
 
 
 def shift_timesteps(t, shift: float):
-    """t' = s t / (1 + (s - 1) t): keeps 0 and 1, monotone for s > 0; s < 1 moves points towards 0.
-
-    Written as s t / (s t + (1 - t)), the same value, so that t = 1 maps to exactly 1 in floating point."""
-    if shift <= 0:
-        raise ValueError(f"--shift must be > 0 (1.0 = no shift), got {shift}")
+    """t' = s t / (1 + (s - 1) t): keeps 0 and 1, monotone; s < 1 moves the points towards t = 0.
+    Written s t / (s t + 1 - t), the same value, so that t = 1 maps to exactly 1 in floating point."""
     return shift * t / (shift * t + (1 - t))
 
 
-def time_grid(steps: int, shift: float, device=None) -> torch.Tensor:
-    """`steps` time points from 0 (noise) to 1 (data), shifted: (steps,) float32 on `device`."""
-    if steps < 2:
-        raise ValueError(f"--steps must be at least 2 (N time points from 0 to 1 = N-1 model evaluations), "
-                         f"got {steps}")
-    t = shift_timesteps(torch.linspace(0, 1, steps, dtype=torch.float64), shift)
-    return t.float().to(device)
+def time_grid(steps: int, shift: float) -> torch.Tensor:
+    """`steps` time points from 0 (noise) to 1 (data), shifted: (steps,) float64 on the CPU."""
+    return shift_timesteps(torch.linspace(0, 1, steps, dtype=torch.float64), shift)
 
 
 def euler(velocity_fn, x, ts):
-    """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i): len(ts) - 1 evaluations. `ts` lives on x's device,
-    so indexing it and the step sizes stay on the device (no host sync per step)."""
-    for i in range(len(ts) - 1):
-        x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, ts[i]).to(x.dtype)
+    """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i): len(ts) - 1 evaluations. The times are host
+    numbers, so the loop never waits for the GPU."""
+    ts = [float(t) for t in ts]
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        x = x + (t1 - t0) * velocity_fn(x, t0)
     return x
 
 
 def heun(velocity_fn, x, ts):
-    """Heun's method (explicit trapezoid): an Euler predictor, then the average of the velocities at
-    both ends. Second order, 2 (len(ts) - 1) evaluations."""
-    for i in range(len(ts) - 1):
-        dt = ts[i + 1] - ts[i]
-        v0 = velocity_fn(x, ts[i]).to(x.dtype)
-        v1 = velocity_fn(x + dt * v0, ts[i + 1]).to(x.dtype)
-        x = x + dt * 0.5 * (v0 + v1)
+    """Heun's method (explicit trapezoid): an Euler predictor, then the mean of the velocities at both
+    ends. Second order, 2 (len(ts) - 1) evaluations."""
+    ts = [float(t) for t in ts]
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        v0 = velocity_fn(x, t0)
+        x = x + (t1 - t0) * 0.5 * (v0 + velocity_fn(x + (t1 - t0) * v0, t1))
     return x
 
 
@@ -96,43 +73,32 @@ SOLVERS = {"euler": euler, "heun": heun}
 # Classifier-free guidance
 
 
-def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_start: float = 0.0,
-                    null_class=None):
-    """velocity_fn(x, t) for labels y (B,): v_u + w (v_c - v_u), from one forward over 2B rows.
+def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_start: float = 0.0):
+    """velocity_fn(x, t) for labels y (B,): v_u + w (v_c - v_u), w = cfg_scale, from one forward over
+    2B rows [y; null] (null = the label table's extra row, model.num_classes). cfg_channels=K guides
+    channels [:K] only and keeps the conditional velocity on the rest; below cfg_interval_start, and
+    everywhere when w = 1, the velocity is the conditional one, and the unconditional rows are not
+    computed at all."""
+    y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
 
-    cfg_channels=K guides channels [:K] only and keeps the conditional velocity on the rest (the
-    reference's first-3-channels protocol); for t < cfg_interval_start the velocity is v_c. The
-    interval is applied with torch.where, not an `if`, so that t never has to be read on the host.
-    cfg_scale == 1 is the conditional model alone: no unconditional pass at all.
-    """
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y).to(x.dtype)
-    null = model.num_classes if null_class is None else null_class  # the label table's extra row
-    y2 = torch.cat([y, torch.full_like(y, null)])  # (2B,): [y; null]
-
-    def velocity_fn(x, t):  # x: (B, C, H, W)
-        v_c, v_u = model(torch.cat([x, x]), t, y2).to(x.dtype).chunk(2)  # each (B, C, H, W)
-        k = x.shape[1] if cfg_channels is None else cfg_channels
-        if not 1 <= k <= x.shape[1]:  # a host-side int check, no sync
-            raise ValueError(f"--cfg_channels must be between 1 and {x.shape[1]} (the latent channels), got {k}")
-        v = torch.cat([v_u[:, :k] + cfg_scale * (v_c[:, :k] - v_u[:, :k]), v_c[:, k:]], dim=1)
-        if cfg_interval_start > 0:
-            v = torch.where(torch.as_tensor(t, device=x.device) < cfg_interval_start, v_c, v)
-        return v
+    def velocity_fn(x, t):  # x: (B, C, H, W); t: a host number
+        t_dev = torch.full((), float(t), device=x.device)  # a fill kernel: no host-to-device copy, no sync
+        if cfg_scale == 1.0 or t < cfg_interval_start:
+            return model(x, t_dev, y).to(x.dtype)
+        v_c, v_u = model(torch.cat([x, x]), t_dev, y2).to(x.dtype).chunk(2)  # each (B, C, H, W)
+        k = cfg_channels or x.shape[1]
+        return torch.cat([v_u[:, :k] + cfg_scale * (v_c[:, :k] - v_u[:, :k]), v_c[:, k:]], dim=1)
 
     return velocity_fn
 
 
 def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, shift: float = 0.3,
                    solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0):
-    """Normalised latents (B, C, H, W) from noise (B, C, H, W) and labels y (B,), both on the model's
-    device. No autocast in here: callers choose the precision around this call."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    ts = time_grid(steps, shift, device=noise.device)
+    """Normalised latents (B, C, H, W) from noise (B, C, H, W) and labels y (B,), on the model's device.
+    No autocast in here: the caller chooses the precision."""
     velocity_fn = guided_velocity(model, y, cfg_scale, cfg_channels, cfg_interval_start)
     with torch.no_grad():
-        return SOLVERS[solver](velocity_fn, noise, ts)
+        return SOLVERS[solver](velocity_fn, noise, time_grid(steps, shift))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,8 +108,6 @@ def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, sh
 def _generator(seed: int, index: int, stream: int) -> torch.Generator:
     """A CPU generator for one sample: SeedSequence mixes (seed, index, stream) into a 63-bit seed, so
     neighbouring seeds and indices give unrelated streams (stream 0: noise, 1: label)."""
-    if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
     state = np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2 ** 63 - 1))
 
@@ -167,9 +131,11 @@ def denormalize(z, latent_stats):
     return z * std + mean
 
 
+@torch.no_grad()
 def decode_to_uint8(tokenizer, z_norm, latent_stats) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w), rounded to nearest (data.to_uint8)."""
-    with torch.no_grad():
+    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w). The decoder runs in float32:
+    a small share of the time, and it sets the final pixels."""
+    with torch.autocast(z_norm.device.type, enabled=False):
         return to_uint8(tokenizer.decode(denormalize(z_norm.float(), latent_stats)))
 
 
@@ -185,44 +151,33 @@ def dit_latent_shape(model) -> tuple[int, int, int]:
 def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
     """(LightningDiT, tokenizer, checkpoint metadata) on the CPU, checked against each other."""
     if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"no LightningDiT checkpoint at {ckpt}: train one first (python train_dit.py) "
-                                "or pass --ckpt PATH")
-    try:
-        model, meta = load_dit(ckpt, ema=ema)
-    except KeyError as e:
-        hint = " (pass --raw_weights to sample with the raw weights)" if e.args == ("ema",) else ""
-        raise ValueError(f"{ckpt} has no {e} entry{hint}: is it a complete checkpoint written by train_dit.py?") from e
-    stats = meta.get("latent_stats")
-    C = model.in_channels
+        raise UserError(f"no LightningDiT checkpoint at {ckpt}: train one first (python train_dit.py) or pass --ckpt")
+    model, meta = load_dit(ckpt, ema=ema)
+    stats, C = meta.get("latent_stats"), model.in_channels
     if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
-        raise ValueError(f"{ckpt} has no latent statistics ('latent_stats' with per-channel 'mean' and 'std' of "
-                         "the training latents), so its samples cannot be mapped back to the tokenizer's latent "
-                         "space. Use a checkpoint written by train_dit.py, or add the statistics of the latents "
-                         "it was trained on.")
+        raise UserError(f"{ckpt} has no latent statistics ('latent_stats': per-channel 'mean' and 'std' of the "
+                        "training latents), so its samples cannot be mapped back to the tokenizer's latent space: "
+                        "use a checkpoint written by train_dit.py")
     stats = {k: torch.as_tensor(stats[k], dtype=torch.float32).flatten() for k in ("mean", "std")}
     if any(v.numel() != C for v in stats.values()):
-        raise ValueError(f"{ckpt}: latent_stats have {stats['mean'].numel()} channels but the model has {C}")
+        raise UserError(f"{ckpt}: latent_stats have {stats['mean'].numel()} channels but the model has {C}")
     meta["latent_stats"] = stats
-
     tokenizer_path = tokenizer_path or meta.get("tokenizer")
-    if not tokenizer_path:
-        raise ValueError(f"{ckpt} does not name its tokenizer: pass --tokenizer PATH (the tokenizer.pt its "
-                         "latents were extracted with)")
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found (named by {ckpt} or --tokenizer): pass "
-                                "--tokenizer PATH to the tokenizer.pt the DiT's latents came from")
+    if not tokenizer_path or not os.path.isfile(tokenizer_path):
+        raise UserError(f"tokenizer {tokenizer_path} not found (named by {ckpt} or --tokenizer): pass --tokenizer "
+                        "PATH to the tokenizer.pt whose latents the LightningDiT was trained on")
     tokenizer = load_tokenizer(tokenizer_path)
     if tuple(tokenizer.latent_shape) != dit_latent_shape(model):
-        raise ValueError(f"tokenizer {tokenizer_path} makes latents of shape {tuple(tokenizer.latent_shape)} but "
-                         f"the LightningDiT in {ckpt} generates {dit_latent_shape(model)}: pass the tokenizer "
-                         "it was trained with (--tokenizer)")
+        raise UserError(f"tokenizer {tokenizer_path} makes latents of shape {tuple(tokenizer.latent_shape)} but the "
+                        f"LightningDiT in {ckpt} generates {dit_latent_shape(model)}: pass the tokenizer it was "
+                        "trained with (--tokenizer)")
     # A stage-3 tokenizer (new decoder, same encoder) is a legitimate swap; another encoder is not.
     stored = meta.get("tokenizer_config") or {}
     differ = [k for k in ("encoder", "latent_channels", "adapter_hidden", "image_size")
               if k in stored and stored[k] != tokenizer.config.get(k)]
     if differ:
-        print(f"WARNING: tokenizer {tokenizer_path} differs from the one the DiT was trained on in {differ}: "
-              "the latents may not match", file=sys.stderr)
+        print(f"WARNING: tokenizer {tokenizer_path} differs from the one the LightningDiT was trained on in "
+              f"{differ}: the latents may not match")
     meta["tokenizer"] = tokenizer_path
     return model, tokenizer, meta
 
@@ -237,11 +192,9 @@ def generate(model, tokenizer, latent_stats, indices, labels, args, device, bf16
     for s in range(0, len(indices), args.batch_size):
         idx = indices[s: s + args.batch_size]
         noise = sample_noise(args.seed, idx, dit_latent_shape(model)).to(device)  # (b, C, h, w)
-        y = labels[s: s + args.batch_size].to(device)
         with autocast(device, bf16):
-            z = sample_latents(model, y, noise, args.steps, args.cfg, args.shift, args.solver,
-                               args.cfg_channels, args.cfg_interval_start)
-        # The decoder runs in float32: it is a small share of the time and sets the final pixels.
+            z = sample_latents(model, labels[s: s + args.batch_size].to(device), noise, args.steps, args.cfg,
+                               args.shift, args.solver, args.cfg_channels, args.cfg_interval_start)
         out.append(decode_to_uint8(tokenizer, z, latent_stats).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
         if bar is not None:
             bar.update(len(idx))
@@ -256,24 +209,19 @@ def labels_for(indices, classes, seed, num_classes) -> torch.Tensor:
 
 
 def save_npz(path: str, **arrays):
-    """np.savez (uncompressed: fid.py memory-maps arr_0) to a temporary file, then renamed: a crash
-    never leaves a half-written file under `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    """Uncompressed (fid.py memory-maps arr_0), written atomically."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: np.savez would append ".npz" to a name
 
 
 def wait_for(paths, poll_s: float = 1.0):
-    """Wait until all `paths` exist. Used instead of a barrier at the end of a long run: ranks can
-    finish minutes apart, longer than a collective's timeout (10 minutes with NCCL)."""
+    """Wait until all `paths` exist: ranks can finish minutes apart, longer than a collective's timeout."""
     while not all(os.path.exists(p) for p in paths):
         time.sleep(poll_s)
 
 
 def run_npz(args, env, model, tokenizer, meta, bf16, log):
-    """The 50K-style run: shards of `--shard_size` samples by global index, the missing ones split over
-    ranks, then concatenated by rank 0 into `<out>/samples.npz`. Returns its path."""
+    """Shards of `--shard_size` samples by global index, the missing ones split over the ranks, then
+    concatenated by rank 0 into `<out>/samples.npz`. Returns its path."""
     N, S = args.num_samples, args.shard_size
     final, settings_path = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "settings.json")
     shard_dir = os.path.join(args.out, "shards")
@@ -282,25 +230,20 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
         return os.path.join(shard_dir, f"shard_{k:06d}.npz")
 
     # Everything that changes the images; a resumed run must match it, or shards would mix settings.
-    settings = dict(ckpt=os.path.abspath(args.ckpt), step=meta.get("step"),
-                    weights="raw" if args.raw_weights else "ema",
+    settings = dict(ckpt=os.path.abspath(args.ckpt), step=meta.get("step"), weights="raw" if args.raw_weights else "ema",
                     tokenizer=os.path.abspath(meta["tokenizer"]), cfg=args.cfg, cfg_channels=args.cfg_channels,
                     cfg_interval_start=args.cfg_interval_start, steps=args.steps, shift=args.shift,
                     solver=args.solver, seed=args.seed, classes=args.classes, num_samples=N, shard_size=S,
                     precision="bf16" if bf16 else "fp32")
-    settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if env.is_main:
-        os.makedirs(shard_dir, exist_ok=True)
         if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                old = json.load(f)
+            old = load_json(settings_path, "sample settings")
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             if diff:
-                raise ValueError(f"{args.out} holds samples made with other settings (was, now: {diff}); "
-                                 "choose another --out or delete that folder")
+                raise UserError(f"{args.out} holds samples made with other settings (was, now: {diff}); choose "
+                                "another --out or delete that folder")
         else:
-            with open(settings_path, "w") as f:
-                json.dump(settings, f, indent=2)
+            save_json(settings, settings_path)
     env.barrier()
     if os.path.exists(final):
         log(f"{final} already holds these {N} samples")
@@ -319,7 +262,6 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
         images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, env.device, bf16, bar)
         save_npz(shard_path(k), arr_0=images, arr_1=labels.numpy())
     bar.close()
-
     if not env.is_main:
         wait_for([final])
         return final
@@ -340,15 +282,20 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
     return final
 
 
+def grid_path(args) -> str:
+    solver = "" if args.solver == "euler" else f"_{args.solver}"
+    return os.path.join(args.out, f"grid_cfg{args.cfg:g}_steps{args.steps}{solver}.png")
+
+
 def run_grid(args, model, tokenizer, meta, device, bf16):
     """A PNG grid of `--num_samples` samples (default: one per `--classes` entry, or 16 random)."""
     indices = list(range(args.num_samples))
-    labels = labels_for(indices, args.classes, args.seed, model.num_classes)
-    images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, device, bf16)
-    solver = "" if args.solver == "euler" else f"_{args.solver}"
-    path = os.path.join(args.out, f"grid_cfg{args.cfg:g}_steps{args.steps}{solver}.png")
-    save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), path)
-    return path
+    bar = tqdm(total=len(indices), unit="img", desc="sampling", dynamic_ncols=True)
+    images = generate(model, tokenizer, meta["latent_stats"], indices,
+                      labels_for(indices, args.classes, args.seed, model.num_classes), args, device, bf16, bar)
+    bar.close()
+    save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), grid_path(args))
+    return grid_path(args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,46 +303,38 @@ def run_grid(args, model, tokenizer, meta, device, bf16):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="runs/dit/ckpt.pt", help="LightningDiT checkpoint from train_dit.py")
     p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the one named in the checkpoint)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w; 1 = no guidance")
-    p.add_argument("--steps", type=int, default=250, help="time points from 0 to 1 (N-1 Euler evaluations)")
+    p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1 (N-1 Euler evaluations)")
     p.add_argument("--shift", type=float, default=0.3, help="time shift s; 1 = uniform grid")
-    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
-    p.add_argument("--cfg_channels", type=int, default=None,
-                   help="guide only the first K latent channels (LightningDiT: 3; default: all)")
+    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS), help="ODE solver")
+    p.add_argument("--cfg_channels", type=at_least(1), help="guide only the first K latent channels "
+                   "(LightningDiT: 3; default: all)")
     p.add_argument("--cfg_interval_start", type=float, default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
-    p.add_argument("--classes", default=None,
-                   help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random per sample")
-    p.add_argument("--num_samples", type=int, default=None,
-                   help="default: len(--classes) or 16 for a grid, 50000 with --npz")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass per rank")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded from (seed, i)")
-    p.add_argument("--out", default=None, help="output folder (default: samples/ beside the checkpoint)")
+    p.add_argument("--classes", help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
+    p.add_argument("--num_samples", type=at_least(1), help="default: len(--classes) or 16 for a grid, 50000 with --npz")
+    p.add_argument("--batch_size", type=at_least(1), default=64, help="samples per forward pass per rank")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sample i uses a generator seeded from (seed, i)")
+    p.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
     p.add_argument("--npz", action="store_true", help="write an ADM .npz for FID (the 50K mode)")
-    p.add_argument("--shard_size", type=int, default=1000, help="--npz: samples per resumable shard")
+    p.add_argument("--shard_size", type=at_least(1), default=1000, help="--npz: samples per resumable shard")
     p.add_argument("--keep_shards", action="store_true", help="--npz: keep the shards after concatenation")
     p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="DiT precision (auto: bf16 autocast on CUDA, fp32 on CPU); decoding is fp32")
+                   help="DiT precision (auto: bf16 autocast on CUDA, fp32 on CPU); decoding is float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     args = p.parse_args(argv)
-
-    # Checks that need no model come first, so a typo fails at once.
-    time_grid(args.steps, args.shift)
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    for name in ("batch_size", "shard_size", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.shift <= 0:
+        p.error(f"argument --shift: must be > 0 (1 = no shift), got {args.shift}")
     if args.classes is not None:
         try:
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
         except ValueError:
-            raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+            p.error(f"argument --classes: comma-separated integers expected, got {args.classes!r}")
     if args.num_samples is None:
         args.num_samples = 50_000 if args.npz else (len(args.classes) if args.classes else 16)
     if args.out is None:
@@ -416,10 +355,12 @@ def main(argv=None):
     model, tokenizer, meta = load_models(args.ckpt, args.tokenizer, ema=not args.raw_weights)
     bad = [c for c in args.classes or [] if not 0 <= c < model.num_classes]
     if bad:
-        raise ValueError(f"unknown class id(s) {bad}: this model has {model.num_classes} classes "
-                         f"(0..{model.num_classes - 1})")
-    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= model.in_channels:
-        raise ValueError(f"--cfg_channels must be between 1 and {model.in_channels}, got {args.cfg_channels}")
+        raise UserError(f"unknown class id(s) {bad}: this model has {model.num_classes} classes "
+                        f"(0..{model.num_classes - 1})")
+    if args.cfg_channels is not None and args.cfg_channels > model.in_channels:
+        raise UserError(f"--cfg_channels must be between 1 and {model.in_channels}, got {args.cfg_channels}")
+    if env.is_main:  # before the work, not after it
+        check_writable(os.path.join(args.out, "samples.npz") if args.npz else grid_path(args), "output")
     bf16 = use_bf16(args.precision, env.device)
     model.to(env.device)
     tokenizer.decoder.to(env.device)  # decoding needs only the decoder; the encoder stays on the CPU
@@ -429,17 +370,15 @@ def main(argv=None):
         f"weights), tokenizer {meta['tokenizer']}; cfg {args.cfg:g} (channels {args.cfg_channels or 'all'}, "
         f"from t={args.cfg_interval_start:g}), {args.solver} {args.steps} steps, shift {args.shift:g}, "
         f"{'bf16' if bf16 else 'fp32'} on {env.device}")
-
     if args.npz:
         path = run_npz(args, env, model, tokenizer, meta, bf16, log)
         log(f"{args.num_samples} samples in {path} (arr_0: images NHWC uint8, arr_1: labels)")
     else:
         path = run_grid(args, model, tokenizer, meta, env.device, bf16) if env.is_main else None
-        if path:
-            print(path)
+        log(f"sample grid -> {path}")
     cleanup_distributed()
     return path
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    script_main(main)

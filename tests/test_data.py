@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from common import DistEnv
+from common import DistEnv, UserError
 from conftest import run_torchrun
 from data import Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, count_skipped, to_rgb
 
@@ -119,13 +119,13 @@ def test_empty_class_folder_keeps_the_labels(tmp_path):
 
 
 def test_empty_and_missing_folders_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(UserError, match="no images found"):
         ImageFolder(str(tmp_path), 32)
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "readme.txt").write_text("x")
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(UserError, match="no images found"):
         ImageFolder(str(tmp_path), 32)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         ImageFolder(str(tmp_path / "nope"), 32)
 
 
@@ -195,7 +195,7 @@ def test_batches_resume_on_fewer_ranks_after_a_padded_epoch():
 
 
 def test_batches_too_small_dataset_is_clear():
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(UserError, match="fewer than one global batch"):
         Batches(DemoShapes(3, 8), 4, CPU1)
 
 

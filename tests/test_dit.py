@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import UserError
 from conftest import randomize_
 from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, build_dit,
                  flow_matching_loss, forward_flops_per_image, get_2d_sincos_pos_embed,
@@ -72,7 +73,7 @@ def test_registry():
             m = build_dit(name, input_size=16, in_channels=32)
         assert (m.depth, m.hidden_size, m.num_heads, m.patch_size) == (*expected[size], int(p))
         assert m.num_patches == (16 // int(p)) ** 2
-    with pytest.raises(ValueError, match="XL/1"):
+    with pytest.raises(UserError, match="XL/1"):
         build_dit("XXL/1")
 
 

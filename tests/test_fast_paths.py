@@ -12,10 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import bench
 import dit
 import sample
-import train_tokenizer
 from common import autocast
 from conftest import randomize_
-from tokenizer import AlignedTokenizer, PatchGAN, build_lpips
+from tokenizer import AlignedTokenizer, PatchGAN, build_lpips, tokenizer_loss
 
 CPU = torch.device("cpu")
 TINY_DIT = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=64, depth=2, num_heads=4, num_classes=5)
@@ -89,10 +88,9 @@ def test_batched_cfg_equals_two_forwards():
     torch.testing.assert_close(batched, two_pass, rtol=1e-5, atol=1e-5)
 
 
-def tokenizer_loss(model, disc, lpips, x, bf16=False):
-    args = train_tokenizer.parse_args(["--stage", "2"])
+def tokenizer_parts(model, disc, lpips, x, bf16=False):
     with autocast(CPU, bf16):
-        loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips, disc, None)
+        loss, _, parts = tokenizer_loss(model, x, lpips, disc, None)
     return {k: v.detach().float() for k, v in parts.items()}
 
 
@@ -102,13 +100,13 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     disc = PatchGAN(8).eval()  # eval: BatchNorm uses fixed statistics, so repeated calls are comparable
     lpips = build_lpips(random_backbone=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    ref = tokenizer_loss(model, disc, lpips, x)
+    ref = tokenizer_parts(model, disc, lpips, x)
     cl_model, cl_disc = copy.deepcopy(model), copy.deepcopy(disc)
     cl_model.decoder.to(memory_format=torch.channels_last)
     cl_disc.to(memory_format=torch.channels_last)
-    cl = tokenizer_loss(cl_model, cl_disc, lpips, x.contiguous(memory_format=torch.channels_last))
+    cl = tokenizer_parts(cl_model, cl_disc, lpips, x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
-    bf16 = tokenizer_loss(model, disc, lpips, x, bf16=True)
+    bf16 = tokenizer_parts(model, disc, lpips, x, bf16=True)
     for k in ("l1", "lpips", "g_loss"):
         assert abs(bf16[k] - ref[k]) / ref[k].abs() < 2e-2, k
     # The adaptive GAN weight is a ratio of two gradient norms taken in bf16, so it moves by a few per
@@ -116,7 +114,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
-@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer"])
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", part, "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",

@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fid
-from common import MissingWeightsError
+from common import MissingWeightsError, UserError
 from conftest import run_torchrun
 from data import DemoShapes
 
@@ -104,7 +104,7 @@ def test_load_inception_from_file_and_errors(inception, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), inception.state_dict().values()))
     bad = {k: v for k, v in inception.state_dict().items() if k != "fc.bias"}
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="is not pytorch-fid"):
+    with pytest.raises(UserError, match="is not pytorch-fid"):
         fid.load_inception(ckpt=str(tmp_path / "bad.pth"))
     # Offline, no cached file: the error names the file and the flag (no real download attempted).
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -185,9 +185,9 @@ def test_frechet_rejects_bad_statistics():
     mu, sigma = gaussian_stats(100, 16, 6)
     bad = sigma.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(UserError, match="NaN"):
         fid.frechet_distance(mu, bad, mu, sigma)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(UserError, match="do not match"):
         fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8])
 
 
@@ -198,10 +198,10 @@ def test_statistics_from_features():
     np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64), rowvar=False), atol=1e-10)
     with pytest.warns(UserWarning, match="rank-deficient"):
         fid.FIDStatistics.from_features(feats[:20])
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(UserError, match="at least 2"):
         fid.FIDStatistics.from_features(feats[:1])
     feats[3, 3] = np.inf
-    with pytest.raises(ValueError, match="NaN/inf"):
+    with pytest.raises(UserError, match="NaN/inf"):
         fid.FIDStatistics.from_features(feats)
 
 
@@ -230,7 +230,7 @@ def test_inception_score():
     assert mean == pytest.approx(8.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
     logits = np.random.default_rng(8).normal(size=(200, 1008)) * 3
     assert fid.inception_score(logits, splits=10)[0] == pytest.approx(adm_inception_score(logits, 20), rel=1e-9)
-    with pytest.raises(ValueError, match="splits"):
+    with pytest.raises(UserError, match="splits"):
         fid.inception_score(logits[:5])
 
 
@@ -254,7 +254,7 @@ def test_precision_recall():
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert fid.precision_recall(real, real, device="cpu") == (1.0, 1.0)
     assert fid.precision_recall(real, real + 100, device="cpu") == (0.0, 0.0)
-    with pytest.raises(ValueError, match="more than 3"):
+    with pytest.raises(UserError, match="more than k=3 points"):
         fid.precision_recall(real[:3], fake, device="cpu")
 
 
@@ -298,14 +298,14 @@ def ragged_images():
 def test_bad_npz_inputs(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         fid.load_source(str(path))
 
 
 def test_missing_path_and_float_batches(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         fid.load_source(str(tmp_path / "nope.npz"))
-    with pytest.raises(ValueError, match="to_uint8"):
+    with pytest.raises(UserError, match="to_uint8"):
         fid.compute_activations([torch.rand(2, 3, 8, 8)], StubInception(), progress=False)
 
 
@@ -391,7 +391,7 @@ def test_evaluate_with_saved_reference_statistics(tmp_path):
     # Without --prc the statistics file has no features, and asking for precision/recall says what to do.
     stats = fid.load_source(str(tmp_path / "ref.npz"))
     fid.FIDStatistics(stats.mu, stats.sigma, stats.num_images).save(str(tmp_path / "ref_nofeat.npz"))
-    with pytest.raises(ValueError, match="--prc --save_stats"):
+    with pytest.raises(UserError, match="--prc --save_stats"):
         fid.evaluate(samples, str(tmp_path / "ref_nofeat.npz"), model=model, prc=True, progress=False)
 
 
@@ -415,7 +415,7 @@ def test_cli_statistics_only_and_usage_errors(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path)])  # one path without --save_stats
     np.savez(tmp_path / "wrong.npz", images=random_uint8_images(2))
-    with pytest.raises(ValueError, match="expected 'arr_0'"):
+    with pytest.raises(UserError, match="expected 'arr_0'"):
         fid.main([str(tmp_path / "wrong.npz"), str(tmp_path / "wrong.npz"), "--device", "cpu"])
 
 

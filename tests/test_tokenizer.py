@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import train_tokenizer
-from common import MissingWeightsError, load_checkpoint
+from common import EXIT_STOPPED, MissingWeightsError, UserError, load_checkpoint
 from conftest import ROOT, run_torchrun
-from tokenizer import (DINOV2_VARIANTS, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2, build_lpips,
-                       default_config, load_tokenizer)
+from tokenizer import (DINOV2_VARIANTS, TRAINABLE, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2,
+                       build_lpips, default_config, load_tokenizer, set_trainable, tokenizer_loss)
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 TINY_CFG = dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1)
@@ -41,10 +42,11 @@ def read_reference_keys(name):
 
 def read_log(run_dir, stage):
     """The per-step records of log.jsonl (the first record holds the run's flags)."""
-    with open(os.path.join(run_dir, f"stage{stage}", "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    assert records[0]["event"] == "start" and records[0]["args"]["stage"] == stage
-    return [r for r in records if "step" in r]
+    path = os.path.join(run_dir, f"stage{stage}", "log.jsonl")
+    with open(path) as f:
+        first = json.loads(f.readline())
+    assert first["event"] == "start" and first["args"]["stage"] == stage
+    return common.read_log(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ def test_strict_load_roundtrip_and_wrong_variant(tmp_path):
     loaded = build_dinov2("dinov2_vits14", ckpt=str(path))
     x = torch.randn(1, 3, 56, 70)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="does not hold dinov2_vitb14 weights"):
+    with pytest.raises(UserError, match="does not hold dinov2_vitb14 weights"):
         build_dinov2("dinov2_vitb14", ckpt=str(path))
 
 
@@ -85,7 +87,7 @@ def test_missing_dinov2_weights_name_the_file(tmp_path, monkeypatch):
     assert "--encoder_ckpt" in msg and "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" in msg
     with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
         build_lpips()
-    with pytest.raises(ValueError, match="unknown encoder"):
+    with pytest.raises(UserError, match="unknown encoder"):
         build_dinov2("dinov3_vitl16")
 
 
@@ -177,9 +179,9 @@ def test_tokenizer_shapes_and_default_sizes():
     assert z.shape == (2, 32, 2, 2) and x_hat.shape == x.shape
     torch.testing.assert_close(tok.decode(tok.encode(x)), x_hat)
     assert PatchGAN(8)(x).shape[:2] == (2, 1)
-    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\)"):
+    with pytest.raises(UserError, match=r"shape \(B, 3, 32, 32\)"):
         tok.encode(torch.rand(2, 3, 64, 64))  # another size would silently give a 2x2 latent
-    with pytest.raises(ValueError, match="to_model_range"):
+    with pytest.raises(UserError, match="to_model_range"):
         tok.encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
@@ -195,21 +197,20 @@ def test_preprocess_is_imagenet_normalised_224():
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_each_stage_trains_exactly_its_parts(stage):
     torch.manual_seed(0)
-    args = train_tokenizer.parse_args(["--stage", str(stage)])
     model = AlignedTokenizer(TINY_CFG)
     ref = None
     if stage == 2:
         ref = AlignedTokenizer(TINY_CFG).requires_grad_(False)
         ref.load_state_dict(model.state_dict())
-    train_tokenizer.set_trainable(model, stage)
+    set_trainable(model, stage)
     lpips = build_lpips(random_backbone=True)
     disc = PatchGAN(8)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips, disc, ref)
+    loss, _, parts = tokenizer_loss(model, x, lpips, disc, ref)
     loss.backward()
     trained = {name.split(".")[0] for name, p in model.named_parameters()
                if p.grad is not None and p.grad.abs().sum() > 0}
-    assert trained == set(train_tokenizer.TRAINABLE[stage])
+    assert trained == set(TRAINABLE[stage])
     for name, p in model.named_parameters():  # every trainable parameter gets a gradient (DDP needs it)
         assert (p.grad is not None) == p.requires_grad, name
         assert p.requires_grad == (name.split(".")[0] in trained and name != "encoder.mask_token"), name
@@ -222,9 +223,8 @@ def test_each_stage_trains_exactly_its_parts(stage):
 
 def test_tiny_tokenizer_overfits_one_batch():
     torch.manual_seed(0)
-    args = train_tokenizer.parse_args(["--stage", "1"])
     model = AlignedTokenizer(TINY_CFG)
-    train_tokenizer.set_trainable(model, 1)
+    set_trainable(model, 1)
     lpips = build_lpips(random_backbone=True)
     from data import DemoShapes, to_model_range
     ds = DemoShapes(2, 32)
@@ -232,7 +232,7 @@ def test_tiny_tokenizer_overfits_one_batch():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3, betas=(0.5, 0.9))
     losses = []
     for _ in range(80):
-        loss, _, parts = train_tokenizer.tokenizer_loss(model, x, args, lpips)
+        loss, _, parts = tokenizer_loss(model, x, lpips)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -267,10 +267,10 @@ def test_three_stages_chain_and_freeze(tmp_path, capsys):
     assert log2[0]["sp"] == 0.0 and log2[1]["sp"] > 0.0  # L_sp starts at exactly zero
     assert "d_loss" in log2[0] and "g_loss" in read_log(run, 1)[1] and "g_loss" not in read_log(run, 1)[0]
     assert os.path.exists(os.path.join(run, "stage3", "recon_0000002.png"))
-    assert load_checkpoint(os.path.join(run, "stage3", "tokenizer.pt"))["args"]["random_encoder"]
+    assert load_checkpoint(os.path.join(run, "stage3", "tokenizer.pt"))["random_encoder"]
     with open(os.path.join(run, "stage3", "log.jsonl")) as f:
-        assert json.loads(f.readline())["args"]["random_encoder"]  # the start record
-    assert "grew from a RANDOM encoder" in capsys.readouterr().out
+        assert json.loads(f.readline())["random_encoder"]  # the start record
+    assert "encoder grew from RANDOM weights" in capsys.readouterr().out
     tok = load_tokenizer(os.path.join(run, "stage3", "tokenizer.pt"))
     assert tok.latent_shape == (32, 2, 2)
     # --eval: reconstruction metrics of the final tokenizer on a few demo images.
@@ -302,27 +302,27 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_bad_inputs_have_clear_messages(tmp_path):
     run = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="run --stage 1 first"):
+    with pytest.raises(UserError, match="run --stage 1 first"):
         train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS])
-    with pytest.raises(FileNotFoundError, match="training checkpoint to resume not found"):
+    with pytest.raises(UserError, match="training checkpoint to resume not found"):
         train_tokenizer.main(["--stage", "1", "--resume", "--run_dir", run, *TINY_ARGS])
     with pytest.raises(MissingWeightsError, match="--encoder_ckpt /nonexistent.pth does not exist"):
         train_tokenizer.main(["--stage", "1", "--run_dir", run, "--encoder", "dinov2_vits14",
                               "--encoder_ckpt", "/nonexistent.pth"])
     train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(UserError, match="pass --resume"):
         train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
-    with pytest.raises(ValueError, match="--latent_channels 64 .checkpoint: 32."):
+    with pytest.raises(UserError, match="--latent_channels 64 .checkpoint: 32."):
         train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS, "--latent_channels", "64"])
-    with pytest.raises(ValueError, match="comes from stage 1: pass --init with a stage-2 tokenizer"):
+    with pytest.raises(UserError, match="comes from stage 1: pass --init with a stage-2 tokenizer"):
         train_tokenizer.main(["--stage", "3", "--init", os.path.join(run, "stage1", "tokenizer.pt"),
                               "--run_dir", run, *TINY_ARGS])
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(1)}, bogus)
-    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+    with pytest.raises(UserError, match="not a tokenizer checkpoint"):
         train_tokenizer.main(["--stage", "2", "--init", str(bogus), "--run_dir", run, *TINY_ARGS])
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="could not read tokenizer checkpoint"):
+    with pytest.raises(UserError, match="could not read tokenizer checkpoint"):
         load_tokenizer(str(tmp_path / "garbage.pt"))
     with pytest.raises(SystemExit):
         train_tokenizer.parse_args(["--stage", "4"])
@@ -338,7 +338,7 @@ def test_nan_discriminator_loss_stops_before_a_save(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_tokenizer, "hinge_d_loss", d_loss_with_a_nan)
     run = str(tmp_path)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 4"):
+    with pytest.raises(UserError, match="non-finite loss at step 4"):
         train_tokenizer.main(["--stage", "1", "--steps", "8", "--disc_start", "0", "--ckpt_every", "2",
                               "--run_dir", run, *TINY_ARGS])
     ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
@@ -356,7 +356,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 0, out[-2000:]
+    assert proc.returncode == EXIT_STOPPED, out[-2000:]
     ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
     assert 1 <= ckpt["step"] < 100000 and "continue with --resume" in out
     assert not os.path.exists(os.path.join(run, "stage1", "tokenizer.pt"))  # not finished: nothing exported

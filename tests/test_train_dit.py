@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import dit
 import train_dit
-from common import DistEnv, load_checkpoint, set_rng_states
+from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint, set_rng_states
 from conftest import ROOT, run_torchrun
 from data import DemoShapes, to_model_range
 from tokenizer import AlignedTokenizer, load_tokenizer
@@ -39,10 +40,11 @@ def latents(tmp_path_factory):
 
 def read_log(run_dir):
     """The per-step records of log.jsonl (the first record holds the run's flags)."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    assert records[0]["event"] == "start" and "model" in records[0]["args"]
-    return [r for r in records if "step" in r]
+    path = os.path.join(run_dir, "log.jsonl")
+    with open(path) as f:
+        first = json.loads(f.readline())
+    assert first["event"] == "start" and "model" in first["args"]
+    return common.read_log(path)
 
 
 def test_extraction_stores_image_and_flip_and_stats(latents):
@@ -137,7 +139,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monke
         return (loss * float("nan"), parts) if calls[0] == 7 else (loss, parts)
 
     monkeypatch.setattr(dit, "flow_matching_loss", loss_with_a_nan)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 7"):
+    with pytest.raises(UserError, match="non-finite loss at step 7"):
         train_dit.main(["--latents", folder, "--run_dir", str(tmp_path), "--steps", "20", *TINY_DIT,
                         "--log_every", "4", "--ckpt_every", "5"])
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -147,17 +149,17 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monke
 
 def test_bad_inputs_have_clear_messages(latents, tmp_path):
     tok_path, folder = latents
-    with pytest.raises(FileNotFoundError, match="run `train_dit.py --extract"):
+    with pytest.raises(UserError, match="run `train_dit.py --extract"):
         train_dit.main(["--latents", str(tmp_path / "empty"), "--run_dir", str(tmp_path / "r"), *TINY_DIT])
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "latents.npy").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    with pytest.raises(UserError, match="did not finish"):
         train_dit.main(["--latents", str(tmp_path / "half"), *TINY_DIT])
     run = str(tmp_path / "run")
     train_dit.main(["--latents", folder, "--run_dir", run, "--steps", "1", *TINY_DIT])
-    with pytest.raises(ValueError, match="holds LightningDiT-B/1 .* asks for LightningDiT-B/1 .*'depth': 2"):
+    with pytest.raises(UserError, match="different run: model_args is .*'depth': 1.* there but .*'depth': 2"):
         train_dit.main(["--latents", folder, "--run_dir", run, "--resume", *TINY_DIT, "--depth", "2"])
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(UserError, match="pass --resume"):
         train_dit.main(["--latents", folder, "--run_dir", run, *TINY_DIT])
     # Latents of another tokenizer (64 channels) do not fit the checkpoint's model.
     other = tmp_path / "other"
@@ -167,16 +169,16 @@ def test_bad_inputs_have_clear_messages(latents, tmp_path):
     (other / "meta.json").write_text(json.dumps(meta))
     np.save(other / "latents.npy", np.zeros((48, 64, 2, 2), np.float16))
     np.save(other / "labels.npy", np.zeros(48, np.int64))
-    with pytest.raises(ValueError, match="latents from another tokenizer"):
+    with pytest.raises(UserError, match="in_channels.: 32.* there but .*in_channels.: 64.*other latents"):
         train_dit.main(["--latents", str(other), "--run_dir", run, "--resume", *TINY_DIT])
     flat = tmp_path / "flat"  # images without class subfolders
     flat.mkdir()
     for i in range(2):
         Image.fromarray(DemoShapes(2, 32).render(i)).save(flat / f"{i}.png")
-    with pytest.raises(ValueError, match="no class subfolders"):
+    with pytest.raises(UserError, match="no class subfolders"):
         train_dit.main(["--extract", "--tokenizer", tok_path, "--data", str(flat), "--latents", str(tmp_path / "l2"),
                         "--device", "cpu", "--num_workers", "0"])
-    with pytest.raises(ValueError, match="is not a LightningDiT checkpoint"):
+    with pytest.raises(UserError, match="is not a LightningDiT checkpoint"):
         dit.load_dit(tok_path)
 
 
@@ -192,7 +194,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 0 and "continue with --resume" in out, out[-2000:]
+    assert proc.returncode == EXIT_STOPPED and "continue with --resume" in out, out[-2000:]
     step = load_checkpoint(os.path.join(run, "ckpt.pt"))["step"]
     assert 1 <= step < 1000000
     train_dit.main([*args[1:], "--steps", str(step + 2), "--resume"])
