@@ -4,9 +4,8 @@ reconstructions, computed as the ImageNet 256x256 numbers we compare against wer
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --prc --json fid.json
     torchrun --nproc_per_node=8 fid.py samples.npz ref_stats.npz       # features split over the ranks
 
-- `FIDInception`: the FID variant of Inception-v3 (the 2015 TensorFlow graph, ported by pytorch-fid);
-  it loads pytorch-fid's weight file strictly and gives its 2048-d pool features, plus the 1008 logits
-  of the Inception Score. Features are always computed in true float32 (no bf16, no TF32).
+- The network is inception.py's FID Inception-v3 (pytorch-fid's weights, the same 2048-d features),
+  always run in true float32 (no bf16, no TF32).
 - A source is a folder of images, an ADM `.npz` (`arr_0`, uint8 NHWC, as sample.py writes), or a
   statistics `.npz` (`mu`, `sigma`) that `--save_stats` writes for reuse.
 - The ADM evaluator runs the same weights in TensorFlow, whose resize and kernels round differently:
@@ -19,7 +18,6 @@ import argparse
 import contextlib
 import math
 import os
-import struct
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -27,266 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_write, check_writable,
-                    cleanup_distributed, load_checkpoint, pretrained_file, save_json, script_main, setup_distributed)
+                    cleanup_distributed, save_json, script_main, setup_distributed)
 from data import ImageFolder, count_skipped, eval_loader, is_image_file
-
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-FEATURE_DIM = 2048  # Inception pool_3 features: what FID and precision/recall are computed on
-NUM_LOGITS = 1008   # the 2015 graph's classifier: 1000 ImageNet classes + 8 unused ones
-
-# ----------------------------------------------------------------------------------------------------
-# The FID Inception-v3
-#
-# The layout (and therefore every parameter name) is torchvision's Inception3, so pytorch-fid's weight
-# file loads strictly. Four details make it the *FID* Inception rather than torchvision's:
-#   - the average pools in the A, C and E blocks do not count the zero padding (TensorFlow's
-#     behaviour), so border pixels are averaged over fewer values;
-#   - the last block (Mixed_7c) max-pools in its pool branch (a quirk of the TF graph);
-#   - 1008 output classes;
-#   - inputs are resized to 299x299 and scaled to [-1, 1] inside the network.
-
-
-class BasicConv2d(nn.Module):
-    """Convolution (no bias: the BatchNorm's shift replaces it) -> BatchNorm (eps 0.001, TF's) -> ReLU."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                              bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)
-
-
-def _avg_pool_no_pad(x):
-    # TensorFlow averages only over the real pixels of a window that hangs over the border;
-    # PyTorch's default would count the zero padding and darken the borders.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """Mixed_5b/c/d (35x35): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avg-pool->1x1, concatenated."""
-
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_avg_pool_no_pad(x))
-        return torch.cat([b1, b5, b3, bp], 1)  # (B, 224 + pool_features, 35, 35)
-
-
-class InceptionB(nn.Module):
-    """Mixed_6a: grid reduction 35x35 -> 17x17 (strided convs next to a strided max-pool)."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b3d, bp], 1)  # (B, 768, 17, 17)
-
-
-class InceptionC(nn.Module):
-    """Mixed_6b..e (17x17): 7x7 convolutions factorised into 1x7 and 7x1."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7d = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7d = conv(b7d)
-        bp = self.branch_pool(_avg_pool_no_pad(x))
-        return torch.cat([b1, b7, b7d, bp], 1)  # (B, 768, 17, 17)
-
-
-class InceptionD(nn.Module):
-    """Mixed_7a: grid reduction 17x17 -> 8x8."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], 1)  # (B, 1280, 8, 8)
-
-
-class InceptionE(nn.Module):
-    """Mixed_7b/c (8x8): branches that split into parallel 1x3 and 3x1 convolutions.
-
-    `pool` is "avg" for Mixed_7b and "max" for Mixed_7c: the TF graph max-pools in its last block
-    (pytorch-fid's FIDInceptionE_2), and the pretrained weights expect that.
-    """
-
-    def __init__(self, in_channels, pool: str):
-        super().__init__()
-        assert pool in ("avg", "max")
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, 1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-        if self.pool == "avg":
-            pooled = _avg_pool_no_pad(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, b3d, bp], 1)  # (B, 320 + 768 + 768 + 192 = 2048, 8, 8)
-
-
-class FIDInception(nn.Module):
-    """Inception-v3 as used for FID. forward(x): x (B, 3, H, W) float in [0, 1], any H and W
-    -> pool features (B, 2048) and logits (B, 1008).
-
-    The logits are `pool @ fc.weight.T` *without* `fc.bias`: the Inception Score has always been
-    computed from the classifier's MatMul output before the bias (the original IS code, ADM's
-    evaluator and torch-fidelity's `logits_unbiased` all do this), so we do too. `fc.bias` is still
-    a parameter so that the weight file loads strictly.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-        self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
-        self.weights_name = "uninitialised"  # says where the weights came from; set by load_inception
-
-    def forward(self, x):
-        # Resize exactly as pytorch-fid does (bilinear, half-pixel centres, no antialiasing), then
-        # [0, 1] -> [-1, 1], the range the TF graph was trained on.
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1                                   # (B, 3, 299, 299)
-        x = self.Conv2d_1a_3x3(x)                       # (B, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)                       # (B, 32, 147, 147)
-        x = self.Conv2d_2b_3x3(x)                       # (B, 64, 147, 147)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 64, 73, 73)
-        x = self.Conv2d_3b_1x1(x)                       # (B, 80, 73, 73)
-        x = self.Conv2d_4a_3x3(x)                       # (B, 192, 71, 71)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
-        x = self.Mixed_6a(x)                            # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
-        x = self.Mixed_7a(x)                            # (B, 1280, 8, 8)
-        x = self.Mixed_7c(self.Mixed_7b(x))             # (B, 2048, 8, 8)
-        # The same pooling op as pytorch-fid (not .mean), so the features match to the last bit.
-        pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # (B, 2048)
-        logits = pool @ self.fc.weight.t()              # (B, 1008), no bias (see the class docstring)
-        return pool, logits
-
-    @torch.no_grad()
-    def randomize_(self, seed: int = 0):
-        """Random weights whose activations stay O(1) through the 94 layers (He-initialised convs,
-        BatchNorm statistics and affine parameters drawn near identity). For tests and the demo
-        only: nothing computed with them is a meaningful FID."""
-        g = torch.Generator().manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
-            elif isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            elif isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        return self
-
-
-
-def load_inception(ckpt: str | None = None, random_weights: bool = False, device="cpu",
-                   seed: int = 0) -> FIDInception:
-    """The FID Inception in eval mode, float32, frozen, on `device`: weights from `ckpt`, else the
-    torch.hub cache, else downloaded. random_weights=True is for tests and the offline demo only."""
-    model = FIDInception()
-    if random_weights:
-        warnings.warn(f"FID Inception with RANDOM weights (seed {seed}): for tests/demo only; FID/IS/precision/"
-                      "recall computed with it are meaningless", stacklevel=2)
-        model.randomize_(seed)
-        model.weights_name = f"RANDOM (seed {seed}, test only)"
-    else:
-        path = pretrained_file(FID_WEIGHTS_URL, ckpt, "FID Inception weights", "--inception_ckpt",
-                               "--random_inception")
-        try:
-            model.load_state_dict(load_checkpoint(path, "FID Inception weights"), strict=True)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{path} is not pytorch-fid's {os.path.basename(FID_WEIGHTS_URL)} (an Inception3 state "
-                            f"dict with 1008 classes): {str(e)[:300]}") from None
-        model.weights_name = os.path.basename(path)
-    return model.to(device).float().eval().requires_grad_(False)
+from inception import FEATURE_DIM, FID_WEIGHTS_URL, FIDInception, load_inception
 
 
 @contextlib.contextmanager
@@ -349,52 +95,45 @@ class ArrayImages(Dataset):
         return as_nchw_uint8(self.images[i: i + 1])[0]
 
 
-class NpzImages(ArrayImages):
-    """The `arr_0` images of an ADM .npz, memory-mapped: 50K samples at 256 px are 9.8 GB, once per rank
-    under torchrun. np.savez stores arrays uncompressed inside the zip, so `arr_0.npy` can be mapped
-    straight out of the file; a compressed file is read whole instead."""
+class NpzImages:
+    """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous share a
+    batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory, on any rank."""
 
     def __init__(self, path: str):
-        self.path, self._array = path, None  # mapped lazily, so DataLoader workers each map their own
+        self.path = path
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            self._shape, fortran, self._dtype = read_header(f)
-            header_len, info = f.tell(), zf.getinfo("arr_0.npy")
-        self._offset = None
-        if info.compress_type == zipfile.ZIP_STORED and not fortran:
-            with open(path, "rb") as raw:  # the member's data follows its local header, name and extra field
-                raw.seek(info.header_offset + 26)
-                name_len, extra_len = struct.unpack("<HH", raw.read(4))
-            self._offset = info.header_offset + 30 + name_len + extra_len + header_len
-        if self._dtype.hasobject:
+            self.shape, self.dtype = _npy_header(f)
+        if self.dtype.hasobject:
             raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes of images of "
                             "different sizes: crop them to one size first, or put them in a folder")
-        if len(self._shape) == 0 or self._shape[0] == 0:
-            raise UserError(f"{path}: 'arr_0' has shape {self._shape}, no images")
-        as_nchw_uint8(np.zeros((1, *self._shape[1:]), dtype=self._dtype))  # layout and dtype, without reading
-
-    @property
-    def images(self):
-        if self._array is None:
-            self._array = (np.load(self.path)["arr_0"] if self._offset is None else
-                           np.memmap(self.path, self._dtype, "r", offset=self._offset, shape=self._shape))
-        return self._array
-
-    @images.setter
-    def images(self, value):
-        self._array = value
-
-    @property
-    def image_hw(self):
-        return tuple(self._shape[1:3])
+        if len(self.shape) == 0 or self.shape[0] == 0:
+            raise UserError(f"{path}: 'arr_0' has shape {self.shape}, no images")
+        as_nchw_uint8(np.zeros((1, *self.shape[1:]), dtype=self.dtype))  # layout and dtype, without reading
+        self.image_hw = tuple(self.shape[1:3])
 
     def __len__(self):
-        return self._shape[0]
+        return self.shape[0]
 
-    def __getstate__(self):  # DataLoader workers under spawn: send the location, not the pages
-        return {**self.__dict__, "_array": None}
+    def batches(self, batch_size: int, dist_env: DistEnv):
+        """This rank's images [N r / W, N (r + 1) / W) in batches of (b, H, W, 3)."""
+        n, item = len(self), int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        start, stop = n * dist_env.rank // dist_env.world_size, n * (dist_env.rank + 1) // dist_env.world_size
+        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+            _npy_header(f)
+            f.seek(start * item, os.SEEK_CUR)
+            for i in range(start, stop, batch_size):
+                b = min(batch_size, stop - i)
+                yield np.frombuffer(f.read(b * item), self.dtype).reshape(b, *self.shape[1:])
+
+
+def _npy_header(f):
+    """(shape, dtype) from the header of a .npy stream, which is left at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(f)
+    if fortran_order:
+        raise UserError("arr_0 is stored in Fortran order; save the images with np.savez(path, arr_0=images)")
+    return shape, dtype
 
 
 def _first_image_size(root: str) -> int:
@@ -482,6 +221,8 @@ def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = 
             raise UserError("this input is a statistics file; features need images (a folder or an ADM .npz)")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         images = ArrayImages(images)
+    if isinstance(images, NpzImages):  # streamed in contiguous shares, concatenated in rank order
+        images = images.batches(batch_size, dist_env)
     whole_set = isinstance(images, Dataset)
     if whole_set:  # decoding files wants worker processes; arrays and memory maps are only sliced
         workers = min(num_workers, len(os.sched_getaffinity(0))) if isinstance(images, ImageFolder) else 0
