@@ -1,16 +1,16 @@
 """LightningDiT, the latent diffusion transformer, and its flow-matching objective.
 
-This is the second half of the method: once the aligned DINOv2 tokenizer (tokenizer.py) maps a 256x256
-image to a 32x16x16 latent, a class-conditional LightningDiT (Yao et al., 2025; DiT/SiT with modern
-blocks) learns to generate those latents by flow matching. The paper uses XL/1: patch 1, so the 16x16
-latent becomes 256 tokens.
+The second half of the method: once the aligned tokenizer (tokenizer.py) maps a 256x256 image to a
+32x16x16 latent, a class-conditional LightningDiT (Yao et al., 2025: DiT/SiT with modern blocks)
+learns to generate such latents by flow matching. The paper uses XL/1: patch 1, 256 tokens.
 
-A block is a pre-norm transformer block: RMSNorm, multi-head attention (qkv bias, optional QK-norm,
-2D rotary position embedding), SwiGLU MLP, and AdaLN-Zero conditioning on `c = t_emb + y_emb`. A
-fixed 2D sin-cos position embedding is also added to the tokens once at the input.
+    flow matching: t = 0 is noise, t = 1 is data; x_t = t x1 + (1 - t) eps; the model predicts the
+    velocity v = x1 - eps; loss = MSE + (1 - cosine similarity); t ~ logit-normal(0, 1)
+    a block: RMSNorm -> attention (qkv bias, optional QK-norm, 2D RoPE) -> RMSNorm -> SwiGLU, each
+    branch modulated and gated by AdaLN-Zero from c = t_emb + y_emb
 
 Parameter names and conventions follow the public LightningDiT code (hustvl/LightningDiT), so that
-its checkpoints load with strict=True. Flow matching: t = 0 is noise, t = 1 is data, x_t = t x1 + (1 - t) eps, target velocity v = x1 - eps.
+its checkpoints load with strict=True.
 """
 
 import math
@@ -24,34 +24,172 @@ from torch.utils.checkpoint import checkpoint
 from common import UserError, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
-# Fixed position tables
+# Flow matching
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE-style 2D sin-cos table, (grid_size**2, embed_dim) float32, tokens in row-major order.
+def flow_matching_loss(model, x1, y, generator=None):
+    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,).
 
-    The first half of the channels encodes the column index, the second half the row index; each half
-    is [sin(p w_k), cos(p w_k)] with w_k = 1e4^(-k / (D/4)). Computed in float64, stored as float32.
-    """
-    assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))  # (D/4,)
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
-
-    def emb_1d(p):  # (N,) -> (N, D/2)
-        angles = p.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([emb_1d(cols), emb_1d(rows)], dim=1).float()  # (N, D)
+    t ~ sigmoid(N(0, 1)), most samples near t = 0.5 where the velocity is hardest to predict;
+    eps ~ N(0, I); x_t = t x1 + (1 - t) eps; target v = x1 - eps; loss = MSE(v_pred, v) + mean over
+    positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast. `generator`
+    makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached: no host sync)."""
+    B = x1.shape[0]
+    t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
+    eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+    t_ = t.view(B, *([1] * (x1.dim() - 1))).to(x1.dtype)
+    x_t = t_ * x1 + (1 - t_) * eps
+    v = (x1 - eps).float()
+    v_pred = model(x_t, t, y).float()
+    mse = (v_pred - v).pow(2).mean()
+    cos = (1 - F.cosine_similarity(v_pred, v, dim=1)).mean()
+    return mse + cos, {"mse": mse.detach(), "cos": cos.detach()}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Building blocks
+# The model
+
+
+class LightningDiT(nn.Module):
+    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W); the defaults are XL/1 on
+    the paper's 32x16x16 latent. `grad_checkpointing` recomputes each block in the backward pass (less
+    activation memory, about a third more compute)."""
+
+    def __init__(self, input_size: int = 16, patch_size: int = 1, in_channels: int = 32,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 class_dropout_prob: float = 0.1, num_classes: int = 1000, use_qknorm: bool = False,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.in_channels = self.out_channels = in_channels  # no learned sigma
+        self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
+        self.num_classes, self.grad_checkpointing = num_classes, grad_checkpointing
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.grid_size, self.num_patches = self.x_embedder.grid_size, self.x_embedder.num_patches
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # The fixed sin-cos table: a frozen Parameter, not a buffer, so that the state dict is the reference's.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
+        self.feat_rope = VisionRoPE(hidden_size // num_heads, self.grid_size)
+        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
+        w = self.x_embedder.proj.weight  # a linear map of each flattened patch: initialised like one
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero output
+        # layer, so the initial model predicts v = 0 exactly.
+        for m in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1],
+                  self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x_t (B, C, H, W); t (B,) or scalar in [0, 1]; labels y (B,), y == num_classes for the null
+        class. Returns the velocity (B, C, H, W)."""
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def unpatchify(self, x):  # (B, N, p*p*C), each token laid out (p, q, c) -> (B, C, H, W)
+        B, p, g, c = x.shape[0], self.patch_size, self.grid_size, self.out_channels
+        x = x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
+        return x.reshape(B, c, g * p, g * p)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class LightningDiTBlock(nn.Module):
+    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates start
+    at zero, so a deep network starts shallow and stable and learns how much each block contributes."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(hidden_size), RMSNorm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads, use_qknorm)
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, rope):  # x: (B, N, D), c: (B, D)
+        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)  # six (B, 1, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, modulation by (shift, scale) from c, and a linear map to p*p*C values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = RMSNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias, optional QK-norm (it bounds the attention logits, which
+    prevents the loss spikes of very long runs), 2D RoPE, and fused SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))  # each (B, heads, N, head_dim); QK-norm before RoPE
+        # Under autocast the float32 norm and RoPE tables promote q and k to float32: back to v's dtype,
+        # so that SDPA takes its fast (flash) kernel.
+        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 * dim) keeps a 4x MLP's parameter count."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight. Normalised in float32 (a mean of squares in bf16 loses precision) and
-    cast back to the input dtype before the weight, as in the reference."""
+    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision) and cast
+    back to the input dtype before the weight, as in the reference."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -63,13 +201,28 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class TimestepEmbedder(nn.Module):
-    """Scalar t -> 256 sinusoidal features [cos(t f), sin(t f)] -> Linear -> SiLU -> Linear.
+# ----------------------------------------------------------------------------------------------------
+# Embeddings of the inputs: patches, time, class, positions
 
-    t is the raw flow time in [0, 1], *not* multiplied by 1000 as in DDPM-style DiT: the reference
-    (SiT/LightningDiT) trains this way, so its checkpoints only make sense with raw t. With
-    f_i = exp(-ln(1e4) i / 128) in (1e-4, 1] the features vary smoothly over [0, 1].
-    """
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D): a conv with kernel = stride = patch, one linear map per patch."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        assert input_size % patch_size == 0, f"input_size {input_size} is not a multiple of patch {patch_size}"
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> 256 sinusoidal features [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / 128) -> Linear, SiLU,
+    Linear. t is the raw flow time in [0, 1], not x1000 as in DDPM-style DiT: the reference (SiT,
+    LightningDiT) trains this way, so its checkpoints only make sense with raw t."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -89,56 +242,51 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. The table has num_classes + 1 rows: row `num_classes` is the null
-    (unconditional) class used for classifier-free guidance. In training, each label is replaced by
-    the null class with probability `dropout_prob`, so one model learns both p(x|y) and p(x).
-    To get unconditional outputs, pass y == num_classes (or force_drop_ids == 1 for those rows)."""
+    """Class label -> vector. Row `num_classes` of the table is the null class of classifier-free
+    guidance: in training each label becomes null with probability `dropout_prob`, so that one model
+    learns both p(x|y) and p(x). force_drop_ids == 1 makes those rows null (instead of random drops)."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, force_drop_ids=None):  # (B,) long -> (B, D)
-        if force_drop_ids is not None:  # explicit choice (as in the reference, it replaces random drop)
+        if force_drop_ids is not None:
             labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
         elif self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
+            labels = torch.where(torch.rand(labels.shape, device=labels.device) < self.dropout_prob,
+                                 self.num_classes, labels)
         return self.embedding_table(labels)
 
 
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, N, D): a conv with kernel = stride = patch, i.e. one linear map per patch."""
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens in row-major order: the first
+    half of the channels encodes the column, the second half the row, each half [sin(p w_k), cos(p w_k)]
+    with w_k = 1e4^(-k / (D/4)); computed in float64, returned in float32."""
+    assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))  # (D/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
 
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        assert input_size % patch_size == 0, f"input_size {input_size} is not a multiple of patch {patch_size}"
-        self.patch_size = patch_size
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+    def emb_1d(p):  # (N,) -> (N, D/2)
+        angles = p.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major
+    return torch.cat([emb_1d(cols), emb_1d(rows)], dim=1).float()  # (N, D)
 
 
 class VisionRoPE(nn.Module):
-    """2D axial rotary position embedding, applied to q and k of every head.
-
-    The first head_dim/2 channels rotate with the token's row index, the last head_dim/2 with its
-    column index, at frequencies f_j = 1e4^(-2j / (head_dim/2)), j < head_dim/4, each used by one pair
-    of adjacent channels (2i, 2i+1). The cos/sin tables are precomputed, (N, head_dim), and broadcast
-    over batch and heads. They are persistent buffers because the reference checkpoints hold them.
-    """
+    """2D axial rotary position embedding of q and k: the first head_dim/2 channels rotate with the
+    token's row, the last head_dim/2 with its column, at f_j = 1e4^(-2j / (head_dim/2)), j < head_dim/4,
+    one frequency per pair of adjacent channels (2i, 2i+1). The (N, head_dim) cos/sin tables are
+    persistent buffers because the reference checkpoints hold them."""
 
     def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
         super().__init__()
         assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
         half = head_dim // 2
-        freqs = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)  # (head_dim/4,)
-        freqs = freqs.repeat_interleave(2)  # (half,): f0, f0, f1, f1, ... one frequency per pair
+        freqs = (1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
         pos = torch.arange(grid_size, dtype=torch.float64)
         rows, cols = torch.meshgrid(pos, pos, indexing="ij")
         angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
@@ -146,169 +294,15 @@ class VisionRoPE(nn.Module):
         self.register_buffer("freqs_sin", angles.sin().float())
 
     def forward(self, x):  # (B, heads, N, head_dim)
-        # Rotating pair (a, b) by angle w: (a cos w - b sin w, b cos w + a sin w) = x cos + rot(x) sin,
-        # with rot(a, b) = (-b, a).
+        # Pair (a, b) rotated by w: (a cos w - b sin w, b cos w + a sin w) = x cos + rot(x) sin, rot(a, b) = (-b, a).
         a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-        rot = torch.stack((-b, a), dim=-1).flatten(-2)
-        return x * self.freqs_cos + rot * self.freqs_sin
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, optional QK-norm, RoPE, and fused SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
-        super().__init__()
-        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        # QK-norm bounds the attention logits; it prevents the loss spikes of very long runs.
-        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, rope):
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))  # QK-norm before RoPE, as in the reference
-        # Under autocast the float32 norm/RoPE tables promote q, k to float32: match v's dtype again
-        # so SDPA runs on the fast (flash) path.
-        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * mlp_ratio * dim) keeps the parameter
-    count of a plain 4x MLP."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class LightningDiTBlock(nn.Module):
-    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch.
-
-    The gates are zero at init (adaLN_modulation zero-initialised), so every block starts as the
-    identity: a deep network starts shallow and stable, and learns how much each block contributes.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False):
-        super().__init__()
-        self.norm1 = RMSNorm(hidden_size)
-        self.norm2 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads, use_qknorm)
-        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x, c, rope):  # x: (B, N, D), c: (B, D)
-        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)  # six (B, 1, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """RMSNorm, modulation by (shift, scale) from c, and a linear map to patch*patch*C values per token."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = RMSNorm(hidden_size)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
+        return x * self.freqs_cos + torch.stack((-b, a), dim=-1).flatten(-2) * self.freqs_sin
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model
+# Configurations, checkpoints, FLOPs
 
-
-class LightningDiT(nn.Module):
-    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W).
-
-    Defaults are XL/1 on the 32x16x16 latent of the paper. `grad_checkpointing=True` recomputes each
-    block in the backward pass (less activation memory for the largest configs, ~1/3 more compute).
-    """
-
-    def __init__(self, input_size: int = 16, patch_size: int = 1, in_channels: int = 32,
-                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.1, num_classes: int = 1000, use_qknorm: bool = False,
-                 grad_checkpointing: bool = False):
-        super().__init__()
-        self.in_channels = self.out_channels = in_channels  # no learned sigma
-        self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
-        self.num_classes = num_classes
-        self.grad_checkpointing = grad_checkpointing
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.grid_size, self.num_patches = self.x_embedder.grid_size, self.x_embedder.num_patches
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos table; a frozen Parameter (not a buffer) so the state dict matches the reference.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
-        self.feat_rope = VisionRoPE(hidden_size // num_heads, self.grid_size)
-        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-                                     for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
-        # The patch conv is a linear map on each flattened patch: initialise it like one.
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # AdaLN-Zero: zero modulation (gates 0: blocks are identities) and a zero output layer, so
-        # the initial model predicts v = 0 exactly.
-        for m in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1],
-                  self.final_layer.linear]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def unpatchify(self, x):  # (B, N, p*p*C), each token laid out (p, q, c) -> (B, C, H, W)
-        B, p, g, c = x.shape[0], self.patch_size, self.grid_size, self.out_channels
-        x = x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
-        return x.reshape(B, c, g * p, g * p)
-
-    def forward(self, x, t, y, force_drop_ids=None):
-        """x: (B, C, H, W) noisy latents x_t; t: (B,) or scalar flow time in [0, 1]; y: (B,) labels,
-        where y == num_classes means unconditional. Returns the velocity, (B, C, H, W)."""
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
-            else:
-                x = block(x, c, self.feat_rope)
-        return self.unpatchify(self.final_layer(x, c))
-
-
-# Named configurations: (depth, width, heads). Patch 1 on a 16x16 latent = 256 tokens, patch 2 = 64.
-_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
               for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
 
@@ -321,11 +315,8 @@ def build_dit(name: str, **kwargs) -> LightningDiT:
 
 
 def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
-    """A LightningDiT from a checkpoint written by train_dit.py, with its EMA weights by default.
-
-    Returns (model in eval mode, checkpoint without the weight/optimiser entries); the latter holds
-    `latent_stats` ({"mean", "std"}: per-channel tensors to undo the latent normalisation),
-    `tokenizer` (path of the tokenizer the latents came from) and `tokenizer_config`."""
+    """(LightningDiT in eval mode with its EMA or raw weights, the rest of the checkpoint): the latter
+    holds `latent_stats` (per-channel mean and std, to undo the latent normalisation) and `tokenizer`."""
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "dit":
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -335,21 +326,14 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
         raise UserError(f"{path} has no '{weights}' weights" + (" (--raw_weights uses the raw ones)" if ema else ""))
     model = build_dit(ckpt["model_name"], **ckpt["model_args"])
     model.load_state_dict(ckpt[weights])
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
-    return model.eval(), meta
+    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
 
 
 def forward_flops_per_image(model: LightningDiT) -> int:
-    """Model FLOPs of one forward pass for one image (multiply-add = 2 FLOPs; no recomputation).
-
-        2 * P_token * N  +  2 * P_cond  +  depth * 4 * N^2 * D
-
-    P_token: weights of the matmuls applied to every token (patch conv, qkv, proj, SwiGLU, final
-    linear); P_cond: weights applied once per image to the conditioning (t-MLP, adaLN); the last term
-    is attention (q k^T and attn @ v, 2 N^2 D each per layer). Norms, RoPE, softmax and other
-    elementwise work are ignored. One training step costs ~3x this (backward = 2x forward).
-    Pass the plain module (common.unwrap strips DDP / torch.compile wrappers).
-    """
+    """Model FLOPs of one forward pass of one image (a multiply-add is 2 FLOPs):
+    2 P_token N + 2 P_cond + depth 4 N^2 D, with P_token the matmul weights applied to every token,
+    P_cond those applied once to the conditioning (t-MLP, adaLN), and attention's q k^T and attn v.
+    Norms, RoPE, softmax and other elementwise work are not counted. Pass the unwrapped module."""
     per_token = per_image = 0
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -362,30 +346,5 @@ def forward_flops_per_image(model: LightningDiT) -> int:
 
 
 def training_flops_per_image(model: LightningDiT) -> int:
-    """FLOPs of one training step per image (forward + backward), for MFU."""
+    """FLOPs of one training step per image, for MFU: the backward pass costs twice the forward."""
     return 3 * forward_flops_per_image(model)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Flow-matching objective
-
-
-def flow_matching_loss(model, x1, y, generator=None):
-    """Loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,).
-
-    t ~ logit-normal(0, 1) (sigmoid of a standard normal: most samples near t = 0.5, where the
-    velocity is hardest to predict), eps ~ N(0, I), x_t = t x1 + (1 - t) eps, target v = x1 - eps.
-    loss = MSE(v_pred, v) + mean over positions of (1 - cos(v_pred, v)) over channels; computed in
-    float32 even if the model ran under bf16 autocast. `generator` (on x1's device) makes t and eps
-    reproducible. Returns (loss, {"mse": ..., "cos": ...}) with detached tensors (no host sync).
-    """
-    B = x1.shape[0]
-    t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
-    eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
-    t_ = t.view(B, *([1] * (x1.dim() - 1))).to(x1.dtype)
-    x_t = t_ * x1 + (1 - t_) * eps
-    v = (x1 - eps).float()
-    v_pred = model(x_t, t, y).float()
-    mse = (v_pred - v).pow(2).mean()
-    cos = (1 - F.cosine_similarity(v_pred, v, dim=1)).mean()
-    return mse + cos, {"mse": mse.detach(), "cos": cos.detach()}
