@@ -412,26 +412,6 @@ class StopSignal:
               "and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
 
-def training_state(parts: dict, env: DistEnv) -> dict:
-    """The state dict of every stateful part plus every rank's RNG (a collective: call it on all ranks)."""
-    return {**{name: part.state_dict() for name, part in parts.items()}, "rng": rng_states(env)}
-
-
-def load_training_state(ckpt: dict, parts: dict, env: DistEnv) -> int:
-    """Restore what `training_state` saved; returns the step to continue from. Optimisers keep this
-    run's hyper-parameters, so that `--resume --lr 1e-5` after a loss spike does lower the lr."""
-    for name, part in parts.items():
-        if isinstance(part, torch.optim.Optimizer):
-            hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in part.param_groups]
-            part.load_state_dict(ckpt[name])
-            for group, h in zip(part.param_groups, hyper):
-                group.update(h)
-        else:
-            part.load_state_dict(ckpt[name])
-    set_rng_states(ckpt["rng"], env)
-    return ckpt["step"]
-
-
 class Run:
     """One training run: `for step in run.steps(): ...; run.record(loss=..., **parts)`.
 
@@ -444,10 +424,11 @@ class Run:
     """
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict | None = None,
-                 steps: int = 1, batch_size: int = 1, dataset=None, nan_advice: str = "", show=("loss",)):
+                 steps: int = 1, batch_size: int = 1, skipped=None, nan_advice: str = "", show=("loss",)):
         self.env, self.args, self.dir, self.total = env, args, run_dir, steps
         self.identity, self.state, self.meta, self.batch_size = identity, state, meta or {}, batch_size
-        self.dataset, self.nan_advice, self.show = dataset, nan_advice, show
+        self.skipped = skipped or (lambda: 0)  # unreadable files so far (data.count_skipped: a collective)
+        self.nan_advice, self.show = nan_advice, show
         self.ckpt_path = os.path.join(run_dir, "ckpt.pt")
         if not args.resume and os.path.exists(self.ckpt_path):
             raise UserError(f"{self.ckpt_path} exists: pass --resume to continue that run, or use another "
@@ -459,6 +440,7 @@ class Run:
         self.hooks, self.extras, self.stopped = [], None, False
         self.guard = NonFiniteGuard(env.device)
         self.start = self._resume() if args.resume else 0
+        self.stop = StopSignal()  # from here on, SIGTERM/Ctrl-C mean "save and stop"
         # A resumed run re-runs the steps after its checkpoint: records after this one replace earlier
         # records of the same steps (`read_log` keeps the last).
         self.log.log({"event": "resume" if args.resume else "start", "step": self.start, "args": vars(args),
@@ -471,9 +453,17 @@ class Run:
             raise UserError(f"{self.ckpt_path} comes from a different run: "
                             + "; ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
                             + " (other architecture flags, or other latents/tokenizer?)")
-        step = load_training_state(ckpt, self.state, self.env)
-        self.log.info(f"resumed at step {step} from {self.ckpt_path}")
-        return step
+        for name, part in self.state.items():
+            if isinstance(part, torch.optim.Optimizer):  # moments and step counts, but this run's lr etc.,
+                hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in part.param_groups]
+                part.load_state_dict(ckpt[name])  # so that `--resume --lr 1e-5` after a spike does lower it
+                for group, h in zip(part.param_groups, hyper):
+                    group.update(h)
+            else:
+                part.load_state_dict(ckpt[name])
+        set_rng_states(ckpt["rng"], self.env)
+        self.log.info(f"resumed at step {ckpt['step']} from {self.ckpt_path}")
+        return ckpt["step"]
 
     def every(self, interval: int, fn):
         """Call fn(step) on rank 0 after every `interval` steps and after the last (0: never)."""
@@ -489,14 +479,16 @@ class Run:
             self._sums[k] = (s + v.detach().float(), n + 1)
 
     def save(self, step: int, path: str | None = None):
-        state = training_state(self.state, self.env)  # a collective: every rank takes part
+        """Every state dict and every rank's RNG: all a resume needs. A collective: all ranks call it."""
+        rng = rng_states(self.env)
         if self.env.is_main:
-            save_checkpoint({**self.identity, "step": step, **self.meta, **state, "args": vars(self.args)},
-                            path or self.ckpt_path)
+            state = {name: part.state_dict() for name, part in self.state.items()}
+            save_checkpoint({**self.identity, "step": step, **self.meta, **state, "rng": rng,
+                             "args": vars(self.args)}, path or self.ckpt_path)
 
     def steps(self):
         """Yield the steps still to run; after each, the bookkeeping between steps."""
-        stop, keep = StopSignal(), getattr(self.args, "keep_every", 0)
+        keep = getattr(self.args, "keep_every", 0)
         pbar = tqdm(total=self.total, initial=self.start, disable=not self.env.is_main, dynamic_ncols=True)
         self._sums, t0, n = {}, time.time(), 0
         try:
@@ -507,7 +499,7 @@ class Run:
                 due = lambda every: every and (done % every == 0 or done == self.total)  # noqa: E731
                 is_log, is_ckpt = due(self.args.log_every), due(self.args.ckpt_every)
                 is_keep = keep and done % keep == 0
-                self.stopped = stop.should_stop(self.env, done)
+                self.stopped = self.stop.should_stop(self.env, done)
                 if is_log or is_ckpt or is_keep or self.stopped:  # never log or save past a NaN
                     self.guard.check(self.env, self.ckpt_path, self.nan_advice)
                 if is_log:
@@ -526,24 +518,20 @@ class Run:
                     break
         finally:
             pbar.close()
-            stop.restore()
-        self._report_skipped(final=True)
+            self.stop.restore()
+        skipped = self.skipped()
+        if skipped:
+            self.log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
         self.env.barrier()
 
     def _log_record(self, step: int, img_per_s: float) -> dict:
         keys = sorted(self._sums)
         means = torch.stack([self._sums[k][0] / self._sums[k][1] for k in keys])
         record = {"step": step, **dict(zip(keys, self.env.all_reduce_mean(means).tolist())), "img_per_s": img_per_s,
-                  **(self.extras(step, img_per_s) if self.extras else {}), **self._report_skipped()}
-        self.log.log(record)
+                  **(self.extras(step, img_per_s) if self.extras else {})}
+        skipped = self.skipped()
+        self.log.log({**record, "skipped_files": skipped} if skipped else record)
         return record
-
-    def _report_skipped(self, final: bool = False) -> dict:
-        from data import count_skipped  # a collective under DDP: every rank calls it at the same steps
-        skipped = count_skipped(self.dataset, self.env) if self.dataset is not None else 0
-        if final and skipped:
-            self.log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
-        return {"skipped_files": skipped} if skipped else {}
 
 
 def read_log(path: str) -> list[dict]:

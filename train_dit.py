@@ -191,7 +191,7 @@ def train(args, env):
     meta = {k: dataset.meta[k] for k in ("tokenizer", "tokenizer_config", "classes")}
     run = Run(env, args, args.run_dir, identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
               state={"model": model, "ema": ema, "opt": opt, "data": batches}, meta={"latent_stats": stats, **meta},
-              steps=args.steps, batch_size=args.batch_size, dataset=dataset, show=("loss", "img_per_s"),
+              steps=args.steps, batch_size=args.batch_size, show=("loss", "img_per_s"),
               nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should use --qknorm "
                          "(LightningDiT without QK-norm is known to spike to NaN).")
     flops, peak = dit.training_flops_per_image(model), peak_bf16_flops(device) if bf16 else None

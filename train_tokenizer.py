@@ -141,7 +141,7 @@ def train(args, env):
     run = Run(env, args, run_dir, identity={"kind": "tokenizer", "stage": args.stage, "config": model.config},
               state={"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches},
               meta={"init": init, "random_encoder": random_encoder}, steps=args.steps, batch_size=args.batch_size,
-              dataset=dataset, show=("loss", "l1", "lpips", "sp"),
+              skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
               nan_advice="Resume with --resume and a lower --lr, or --precision fp32.")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.log.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "

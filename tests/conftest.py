@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -28,6 +29,16 @@ def run_script(script_args, timeout=300, env=None):
                 **(env or {})}
     return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def wait_for_log(log_path, text, timeout=120):
+    """Wait until a line of a run's log.jsonl contains `text` (e.g. '"step": 1,': a step is done)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log_path) and any(text in line for line in open(log_path)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {log_path} after {timeout} s")
 
 
 def randomize_(model, scale=0.2, seed=0):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 import common
 import train_tokenizer
 from common import EXIT_STOPPED, MissingWeightsError, UserError, load_checkpoint
-from conftest import ROOT, run_torchrun
+from conftest import ROOT, run_torchrun, wait_for_log
 from tokenizer import (DINOV2_VARIANTS, TRAINABLE, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2,
                        build_lpips, default_config, load_tokenizer, set_trainable, tokenizer_loss)
 
@@ -351,9 +350,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
                              "--run_dir", run, *TINY_ARGS], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     log = os.path.join(run, "stage1", "log.jsonl")
-    deadline = time.time() + 120
-    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_log(log, '"step": 1,')
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == EXIT_STOPPED, out[-2000:]

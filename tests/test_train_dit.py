@@ -16,7 +16,7 @@ import common
 import dit
 import train_dit
 from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint, set_rng_states
-from conftest import ROOT, run_torchrun
+from conftest import ROOT, run_torchrun, wait_for_log
 from data import DemoShapes, to_model_range
 from tokenizer import AlignedTokenizer, load_tokenizer
 
@@ -189,9 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
     proc = subprocess.Popen([sys.executable, *args, "--steps", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     log = os.path.join(run, "log.jsonl")
-    deadline = time.time() + 120
-    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_log(log, '"step": 1,')
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == EXIT_STOPPED and "continue with --resume" in out, out[-2000:]
@@ -211,9 +209,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     log = os.path.join(run, "log.jsonl")
-    deadline = time.time() + 120
-    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_log(log, '"event": "start"')
     time.sleep(2)  # some training steps
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()  # torchrun itself exits 1 after a SIGTERM
