@@ -253,12 +253,13 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of foreign objects
-        lines = str(e).splitlines()
-        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
-        if "weights_only" in why:
-            why = "it holds objects other than tensors and plain containers"
-        raise UserError(f"could not read {what} {path}: {type(e).__name__}: {why}. Is it a complete file "
-                        "written by this project (or the official weights)?") from None
+        text = str(e)
+        if "Unsupported global" in text:  # name the object, without PyTorch's advice to allow it
+            why = "it holds a " + text.split("Unsupported global: GLOBAL ")[1].split(" ")[0] + " object, not only tensors"
+        else:
+            why = f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0] if text else ''}"
+        raise UserError(f"could not read {what} {path} ({why}). Is it a complete file written by this project "
+                        "(or the official weights)?") from None
 
 
 def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:

@@ -63,7 +63,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from data import DemoShapes
-    from fid import FID_WEIGHTS_URL
+    from inception import FID_WEIGHTS_URL
     from tokenizer import VGG16_URL, dinov2_url
 
     cfg = PRESETS["tiny" if args.tiny else "demo"]
