@@ -72,7 +72,7 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         loss = loss + sp_weight * parts["sp"]
     if disc is not None:
         disc.requires_grad_(False)  # D judges here but does not learn from this loss
-        parts["g_loss"] = -disc(x_hat).mean()
+        parts["g_loss"] = -disc(x_hat).float().mean()
         disc.requires_grad_(True)
         parts["w_g"] = adaptive_gan_weight(nll, parts["g_loss"], unwrap(model).decoder.last_layer, disc_weight)
         loss = loss + parts["w_g"] * parts["g_loss"]
@@ -92,16 +92,16 @@ def semantic_preservation_loss(z, z_ref, kind: str = "mse"):
 
 def hinge_d_loss(logits_real, logits_fake):
     """The discriminator's hinge loss: push real logits above +1 and fake ones below -1."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
-    """w_g = scale * ||dL_nll/dW|| / (||dL_G/dW|| + 1e-4) at W = the decoder's last layer, clamped to
-    [0, 1e4], detached: the GAN gradient is kept in proportion to the reconstruction gradient where
-    the two meet, so the GAN neither dominates nor vanishes as their scales drift."""
+    """w_g = scale * clamp(||dL_nll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4) at W = the decoder's last layer,
+    a constant for backward: the GAN gradient is kept in proportion to the reconstruction gradient
+    where the two meet, so the GAN neither dominates nor vanishes as their scales drift."""
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return scale * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return scale * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4)
 
 
 # ----------------------------------------------------------------------------------------------------
