@@ -237,15 +237,17 @@ def bench_fid(args, cfg, device, bf16):
 
     B = args.batch_size or cfg["fid_batch"]
     ours = fid.load_inception(random_weights=True, device=device)
-    with tempfile.TemporaryDirectory() as hub:  # pytorch-fid reads its weight file from the torch.hub cache
-        old_hub = torch.hub.get_dir()
-        torch.hub.set_dir(hub)
-        os.makedirs(os.path.join(hub, "checkpoints"))
-        torch.save(ours.state_dict(), os.path.join(hub, "checkpoints", os.path.basename(fid.FID_WEIGHTS_URL)))
+    with tempfile.TemporaryDirectory() as home:  # pytorch-fid reads its weight file from the torch.hub cache
+        os.makedirs(os.path.join(home, "hub", "checkpoints"))
+        torch.save(ours.state_dict(), os.path.join(home, "hub", "checkpoints", os.path.basename(fid.FID_WEIGHTS_URL)))
+        old_home, os.environ["TORCH_HOME"] = os.environ.get("TORCH_HOME"), home
         try:
             theirs = pytorch_fid.inception.InceptionV3([3]).to(device).eval()  # block 3: the 2048-d pool
         finally:
-            torch.hub.set_dir(old_hub)
+            if old_home is None:
+                del os.environ["TORCH_HOME"]
+            else:
+                os.environ["TORCH_HOME"] = old_home
     images = torch.rand(B * args.iters, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
     batches = images.split(B)
     extract = {"ours": lambda b: ours(b)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
