@@ -6,6 +6,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 # One thread: oneDNN with 2 threads on 2 shared cores slows down badly when anything else runs.
 torch.set_num_threads(1)
@@ -50,3 +51,21 @@ def randomize_(model, scale=0.2, seed=0):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
     return model
+
+
+class StubInception(nn.Module):
+    """Same interface as FIDInception at a tiny cost: 64-d "pool features" (a fixed random projection of
+    an 8x8 thumbnail) and 10 logits. For testing the plumbing around the network; small features also
+    keep the Frechet distance cheap."""
+
+    weights_name = "stub"
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(3 * 8 * 8, 64, generator=g) / 8, requires_grad=False)
+        self.fc = nn.Parameter(torch.randn(64, 10, generator=g) / 8, requires_grad=False)
+
+    def forward(self, x):
+        pool = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.proj
+        return pool, pool @ self.fc

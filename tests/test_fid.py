@@ -15,7 +15,7 @@ from PIL import Image
 
 import fid
 from common import DistEnv, MissingWeightsError, UserError
-from conftest import run_torchrun
+from conftest import StubInception, run_torchrun
 from data import DemoShapes
 
 
@@ -38,24 +38,6 @@ def pytorch_fid_inception(inception):
     finally:
         mp.undo()
     return full, wrapper
-
-
-class StubInception(nn.Module):
-    """Same interface as FIDInception at a tiny cost: 64-d "pool features" (a fixed random projection of
-    an 8x8 thumbnail) and 10 logits. For testing the plumbing around the network; small features also
-    keep the Frechet distance cheap."""
-
-    weights_name = "stub"
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = nn.Parameter(torch.randn(3 * 8 * 8, 64, generator=g) / 8, requires_grad=False)
-        self.fc = nn.Parameter(torch.randn(64, 10, generator=g) / 8, requires_grad=False)
-
-    def forward(self, x):
-        pool = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.proj
-        return pool, pool @ self.fc
 
 
 def random_uint8_images(n, h=64, w=64, seed=0):

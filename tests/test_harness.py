@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import common
 import fid
@@ -35,7 +34,7 @@ import sample
 import train_dit
 import train_tokenizer
 from common import EXIT_STOPPED, UserError, atomic_write, load_checkpoint, save_checkpoint
-from conftest import ROOT, randomize_, run_script
+from conftest import ROOT, StubInception, randomize_, run_script
 from dit import build_dit
 from tokenizer import AlignedTokenizer
 
@@ -82,22 +81,6 @@ def dit_ckpt(tmp_path_factory):
 
 def sample_cli(ckpt, out, *args):
     return ["--ckpt", ckpt, "--device", "cpu", "--steps", "3", "--out", str(out), *map(str, args)]
-
-
-class StubInception(nn.Module):
-    """FIDInception's interface at a tiny cost (copied from test_fid.py): 64 "pool features", 10 logits."""
-
-    weights_name = "stub"
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = nn.Parameter(torch.randn(3 * 8 * 8, 64, generator=g) / 8, requires_grad=False)
-        self.fc = nn.Parameter(torch.randn(64, 10, generator=g) / 8, requires_grad=False)
-
-    def forward(self, x):
-        pool = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.proj
-        return pool, pool @ self.fc
 
 
 def save_pngs(folder, names, h=20, w=28, seed=0):
