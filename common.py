@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import urllib.error
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class MissingWeightsError(UserError):
 def script_main(main):
     """Run a script's `main()`: a UserError becomes one line on stderr and exit status 2; a training run
     stopped by a signal exits with EXIT_STOPPED, so that `train && sample` does not go on."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # no source line
     try:
         result = main()
     except UserError as e:
@@ -324,11 +326,18 @@ class EMA:
 
 class Logger:
     """Prints on rank 0 (through tqdm, so progress bars stay intact) and appends one JSON object per
-    `log()` call to `<run_dir>/log.jsonl`."""
+    `log()` call to `<run_dir>/log.jsonl`; step records also go to TensorBoard when it is installed."""
 
     def __init__(self, env: DistEnv, run_dir: str | None = None):
         self.enabled = env.is_main
         self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
+        self.tensorboard = None
+        if self.path:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(run_dir)
+            except ImportError:  # the tensorboard package is optional
+                pass
 
     def info(self, msg: str):
         if self.enabled:
@@ -339,6 +348,11 @@ class Logger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.tensorboard and "step" in record and "event" not in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(k, v, record["step"])
+            self.tensorboard.flush()
 
 
 def rng_states(env: DistEnv) -> list[dict]:
@@ -438,7 +452,7 @@ class Run:
             check_writable(self.ckpt_path, "checkpoint")
         env.barrier()
         self.log = Logger(env, run_dir)
-        self.hooks, self.extras, self.stopped = [], None, False
+        self.hooks, self.extras, self.stopped, self._drawn = [], None, False, 0.0
         self.guard = NonFiniteGuard(env.device)
         self.start = self._resume() if args.resume else 0
         self.stop = StopSignal()  # from here on, SIGTERM/Ctrl-C mean "save and stop"
@@ -523,6 +537,8 @@ class Run:
         skipped = self.skipped()
         if skipped:
             self.log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
+        if self.log.path:
+            self._draw_curves()
         self.env.barrier()
 
     def _log_record(self, step: int, img_per_s: float) -> dict:
@@ -532,7 +548,39 @@ class Run:
                   **(self.extras(step, img_per_s) if self.extras else {})}
         skipped = self.skipped()
         self.log.log({**record, "skipped_files": skipped} if skipped else record)
+        if self.log.path and time.time() - self._drawn > 60:  # the curves, redrawn at most once a minute
+            self._draw_curves()
         return record
+
+    def _draw_curves(self):
+        self._drawn = time.time()
+        plot_curves(read_log(self.log.path), os.path.join(self.dir, "curves.png"))
+
+
+def plot_curves(records: list[dict], path: str, width: int = 300, height: int = 170):
+    """A PNG of every logged number over the steps, one small panel each (losses, lr, images/s)."""
+    from PIL import Image, ImageDraw
+
+    keys = list(dict.fromkeys(k for r in records for k, v in r.items()
+                              if k not in ("time", "step", "epoch") and isinstance(v, (int, float))))
+    cols = min(3, max(1, len(keys)))
+    canvas = Image.new("RGB", (cols * width, max(1, -(-len(keys) // cols)) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, key in enumerate(keys):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        x0, y0 = (i % cols) * width + 45, (i // cols) * height + 20  # the panel's plot area: (x0, y0) + w x h
+        w, h = width - 60, height - 45
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        s_lo, s_hi = points[0][0], max(points[-1][0], points[0][0] + 1)
+        xy = [(x0 + w * (s - s_lo) / (s_hi - s_lo), y0 + h * (1 - (v - lo) / ((hi - lo) or 1))) for s, v in points]
+        draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(180, 180, 180))
+        draw.line(xy if len(xy) > 1 else xy * 2, fill=(30, 90, 200), width=2)
+        draw.text((x0, y0 - 15), key, fill="black")
+        draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=(90, 90, 90))
+        draw.text((x0 - 42, y0 + h - 8), f"{lo:.3g}", fill=(90, 90, 90))
+        draw.text((x0, y0 + h + 3), f"step {s_lo}", fill=(90, 90, 90))
+        draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=(90, 90, 90))
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def read_log(path: str) -> list[dict]:

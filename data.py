@@ -197,19 +197,21 @@ class ImageFolder(_FlipMixin, Dataset):
 
 
 class DemoShapes(_FlipMixin, Dataset):
-    """A deterministic, procedurally drawn, class-labelled image set (no download needed).
+    """A built-in, procedurally drawn image set with labels and captions, so that the whole method runs
+    on a laptop with no download. Class k is a shape (disc, square, triangle, ring, ...), drawn in one of
+    four named colours, left, centre or right, on a light or dark background, with a little random
+    size and position: easy to tell apart, every image different, and each one described exactly by
+    its caption ("a red disc on the left, dark background"). Image i is a pure function of (seed, i)."""
 
-    Class k is a shape type (disc, square, triangle, ring, cross, stripes, ...) drawn in a random
-    colour, size and position on a random two-colour background, so the classes are easy to tell
-    apart but each image differs. Image i is a pure function of (seed, i).
-    """
-
-    CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes", "checker", "diamond")
+    CLASSES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star")
+    COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+    BACKGROUNDS = {"light": (232, 232, 224), "dark": (45, 45, 55)}
+    POSITIONS = {"left": 0.32, "centre": 0.5, "right": 0.68}
 
     def __init__(self, num_images: int = 512, image_size: int = 64, num_classes: int = 4,
                  hflip: bool = False, seed: int = 0):
         if not 1 <= num_classes <= len(self.CLASSES):
-            raise ValueError(f"DemoShapes has 1..{len(self.CLASSES)} classes, not {num_classes}")
+            raise UserError(f"the demo set has 1..{len(self.CLASSES)} classes, not {num_classes}")
         self.num_images, self.image_size, self.hflip, self.seed = num_images, image_size, hflip, seed
         self.classes = list(self.CLASSES[:num_classes])
 
@@ -220,56 +222,58 @@ class DemoShapes(_FlipMixin, Dataset):
     def __len__(self):
         return self.num_images
 
-    def render(self, index: int) -> np.ndarray:
-        """Draw image `index` as HxWx3 uint8 (4x supersampled, then downsampled: smooth edges)."""
+    def params(self, index: int) -> dict:
+        """What image `index` shows: its class, colour, background and position, by name and in numbers."""
         rng = np.random.default_rng([self.seed, 12345, index])
-        label = index % self.num_classes
-        s = 4 * self.image_size
-        colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))  # noqa: E731
-        img = Image.new("RGB", (s, s), colour(0, 256))
-        draw = ImageDraw.Draw(img)
-        # A soft second background colour on one half, so backgrounds are not flat.
-        draw.rectangle([0, 0, s, int(s * rng.uniform(0.2, 0.8))], fill=colour(0, 256))
-        fg = colour(0, 256)
-        r = s * rng.uniform(0.18, 0.32)
-        cx, cy = s * rng.uniform(0.35, 0.65, size=2)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        name = self.CLASSES[label]
-        if name == "disc":
-            draw.ellipse(box, fill=fg)
-        elif name == "square":
-            draw.rectangle(box, fill=fg)
-        elif name == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-        elif name == "ring":
-            draw.ellipse(box, outline=fg, width=max(1, int(r * 0.35)))
-        elif name == "cross":
-            w = r * 0.35
+        pick = lambda table: list(table)[rng.integers(len(table))]  # noqa: E731
+        colour, background, position = pick(self.COLOURS), pick(self.BACKGROUNDS), pick(self.POSITIONS)
+        return dict(label=index % self.num_classes, shape=self.classes[index % self.num_classes], colour=colour,
+                    background=background, position=position, radius=rng.uniform(0.24, 0.3),
+                    cx=self.POSITIONS[position] + rng.uniform(-0.03, 0.03), cy=rng.uniform(0.45, 0.55))
+
+    def caption(self, index: int) -> str:
+        p = self.params(index)
+        return f"a {p['colour']} {p['shape']} on the {p['position']}, {p['background']} background"
+
+    def render(self, index: int) -> np.ndarray:
+        """Image `index` as HxWx3 uint8, drawn 4x larger and downsampled, for smooth edges."""
+        p, s = self.params(index), 4 * self.image_size
+        img = Image.new("RGB", (s, s), self.BACKGROUNDS[p["background"]])
+        draw, fg = ImageDraw.Draw(img), self.COLOURS[p["colour"]]
+        r, cx, cy = s * p["radius"], s * p["cx"], s * p["cy"]
+        corners = [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]  # a diamond's
+        if p["shape"] == "disc":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        elif p["shape"] == "square":
+            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fg)
+        elif p["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fg)
+        elif p["shape"] == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(1, int(0.4 * r)))
+        elif p["shape"] in ("cross", "bar"):
+            w = 0.35 * r
             draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
-            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
-        elif name == "stripes":
-            period = max(2, int(s * rng.uniform(0.08, 0.16)))
-            for x0 in range(0, s, 2 * period):
-                draw.rectangle([x0, 0, x0 + period - 1, s], fill=fg)
-        elif name == "checker":
-            period = max(2, int(s * rng.uniform(0.1, 0.2)))
-            for y0 in range(0, s, period):
-                for x0 in range((y0 // period) % 2 * period, s, 2 * period):
-                    draw.rectangle([x0, y0, x0 + period - 1, y0 + period - 1], fill=fg)
-        elif name == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
-        img = img.resize((self.image_size, self.image_size), resample=Image.LANCZOS)
-        return np.asarray(img)
+            if p["shape"] == "cross":
+                draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        elif p["shape"] == "diamond":
+            draw.polygon(corners, fill=fg)
+        else:  # star: a diamond's corners joined by a smaller one's, turned 45 degrees
+            inner = [(cx + 0.4 * r * dx, cy + 0.4 * r * dy) for dx, dy in ((0.7, -0.7), (0.7, 0.7), (-0.7, 0.7), (-0.7, -0.7))]
+            draw.polygon([pt for pair in zip(corners, inner) for pt in pair], fill=fg)
+        return np.asarray(img.resize((self.image_size, self.image_size), resample=Image.LANCZOS))
 
     def __getitem__(self, index: int):
         return _to_tensor(self._maybe_flip(self.render(index), index)), index % self.num_classes
 
     def save(self, folder: str):
-        """Write the set as PNGs in one subfolder per class (an ImageFolder that FID can read)."""
+        """Write the set as PNGs in one subfolder per class, each with its caption in a .txt file of the
+        same name: an ImageFolder that the training scripts and FID read."""
         for i in range(len(self)):
-            sub = os.path.join(folder, self.classes[i % self.num_classes])
-            os.makedirs(sub, exist_ok=True)
-            Image.fromarray(self.render(i)).save(os.path.join(sub, f"{i:06d}.png"))
+            stem = os.path.join(folder, self.classes[i % self.num_classes], f"{i:06d}")
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            Image.fromarray(self.render(i)).save(stem + ".png")
+            with open(stem + ".txt", "w") as f:
+                f.write(self.caption(i) + "\n")
 
 
 def count_skipped(dataset, dist_env) -> int:
@@ -378,7 +382,10 @@ def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4) -> Dat
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
-    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` images per row, 2-px white gaps."""
+    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` images per row, 2-px white gaps; images
+    smaller than 64 px are enlarged (nearest neighbour) so that the grid can be looked at."""
+    scale = max(1, 64 // images.shape[-2])
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, _, h, w = images.shape
     ncol = min(nrow, n)
     rows = (n + ncol - 1) // ncol

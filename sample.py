@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, autocast, check_writable,
-                    cleanup_distributed, load_json, save_json, script_main, setup_distributed, use_bf16)
+                    cleanup_distributed, load_checkpoint, load_json, save_json, script_main, setup_distributed,
+                    use_bf16)
 from data import save_grid, to_uint8
 from dit import load_dit
 from tokenizer import load_tokenizer
@@ -93,10 +94,13 @@ def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_
 
 
 def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, shift: float = 0.3,
-                   solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0):
+                   solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0, bar=None):
     """Normalised latents (B, C, H, W) from noise (B, C, H, W) and labels y (B,), on the model's device.
-    No autocast in here: the caller chooses the precision."""
+    No autocast in here: the caller chooses the precision. `bar` (tqdm) counts the model evaluations."""
     velocity_fn = guided_velocity(model, y, cfg_scale, cfg_channels, cfg_interval_start)
+    if bar is not None:
+        guided = velocity_fn
+        velocity_fn = lambda x, t: (bar.update(1), guided(x, t))[1]  # noqa: E731
     with torch.no_grad():
         return SOLVERS[solver](velocity_fn, noise, time_grid(steps, shift))
 
@@ -162,7 +166,7 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
     if any(v.numel() != C for v in stats.values()):
         raise UserError(f"{ckpt}: latent_stats have {stats['mean'].numel()} channels but the model has {C}")
     meta["latent_stats"] = stats
-    tokenizer_path = tokenizer_path or meta.get("tokenizer")
+    tokenizer_path = tokenizer_path or refined_tokenizer(meta.get("tokenizer"))
     if not tokenizer_path or not os.path.isfile(tokenizer_path):
         raise UserError(f"tokenizer {tokenizer_path} not found (named by {ckpt} or --tokenizer): pass --tokenizer "
                         "PATH to the tokenizer.pt whose latents the LightningDiT was trained on")
@@ -182,23 +186,41 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
     return model, tokenizer, meta
 
 
+def refined_tokenizer(path: str | None) -> str | None:
+    """The tokenizer to decode with: the stage-3 refinement of `path` (<run>/stage3/tokenizer.pt, started
+    from `path`) when there is one, since it decodes the same latents better; else `path` itself."""
+    stage3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path or "."))), "stage3", "tokenizer.pt")
+    if path and os.path.isfile(stage3) and os.path.isfile(path):
+        init = load_checkpoint(stage3, "stage-3 tokenizer").get("init")
+        if init and os.path.exists(init) and os.path.samefile(init, path):
+            return stage3
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------
 # Generation
 
 
 def generate(model, tokenizer, latent_stats, indices, labels, args, device, bf16, bar=None):
-    """Images for the global `indices` with `labels`: (n, H, W, 3) uint8 numpy, in batches."""
+    """Images for the global `indices` with `labels`: (n, H, W, 3) uint8 numpy, in batches. `bar`
+    counts model evaluations."""
     out = []
     for s in range(0, len(indices), args.batch_size):
         idx = indices[s: s + args.batch_size]
         noise = sample_noise(args.seed, idx, dit_latent_shape(model)).to(device)  # (b, C, h, w)
         with autocast(device, bf16):
             z = sample_latents(model, labels[s: s + args.batch_size].to(device), noise, args.steps, args.cfg,
-                               args.shift, args.solver, args.cfg_channels, args.cfg_interval_start)
+                               args.shift, args.solver, args.cfg_channels, args.cfg_interval_start, bar)
         out.append(decode_to_uint8(tokenizer, z, latent_stats).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
-        if bar is not None:
-            bar.update(len(idx))
     return torch.cat(out).numpy()
+
+
+def progress(counts, args, env=None) -> tqdm:
+    """A bar over the model evaluations that generating groups of `counts` images takes (rank 0 only)."""
+    per_batch = (args.steps - 1) * (2 if args.solver == "heun" else 1)
+    total = sum(math.ceil(n / args.batch_size) for n in counts) * per_batch
+    return tqdm(total=total, unit="eval", desc=f"sampling {sum(counts)} images", dynamic_ncols=True,
+                disable=env is not None and not env.is_main)
 
 
 def labels_for(indices, classes, seed, num_classes) -> torch.Tensor:
@@ -254,8 +276,7 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
     mine = missing[env.rank::env.world_size]
     if len(missing) < num_shards:
         log(f"resuming: {num_shards - len(missing)} of {num_shards} shards already on disk")
-    bar = tqdm(total=sum(min(S, N - k * S) for k in mine), unit="img", disable=not env.is_main,
-               desc=f"sampling (rank 0 of {env.world_size})", dynamic_ncols=True)
+    bar = progress([min(S, N - k * S) for k in mine], args, env)
     for k in mine:
         indices = list(range(k * S, min(N, (k + 1) * S)))
         labels = labels_for(indices, args.classes, args.seed, model.num_classes)
@@ -290,7 +311,7 @@ def grid_path(args) -> str:
 def run_grid(args, model, tokenizer, meta, device, bf16):
     """A PNG grid of `--num_samples` samples (default: one per `--classes` entry, or 16 random)."""
     indices = list(range(args.num_samples))
-    bar = tqdm(total=len(indices), unit="img", desc="sampling", dynamic_ncols=True)
+    bar = progress([len(indices)], args)
     images = generate(model, tokenizer, meta["latent_stats"], indices,
                       labels_for(indices, args.classes, args.seed, model.num_classes), args, device, bf16, bar)
     bar.close()
@@ -305,7 +326,8 @@ def run_grid(args, model, tokenizer, meta, device, bf16):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="runs/dit/ckpt.pt", help="LightningDiT checkpoint from train_dit.py")
-    p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the one named in the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the one named in the checkpoint, "
+                   "or its stage-3 refinement beside it if there is one)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w; 1 = no guidance")
     p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1 (N-1 Euler evaluations)")
     p.add_argument("--shift", type=float, default=0.3, help="time shift s; 1 = uniform grid")

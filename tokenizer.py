@@ -62,8 +62,11 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
     Returns (loss, x_hat, {name: value} of every part, device tensors)."""
     x_hat, z = model(x)
     x_hat = x_hat.float()
-    parts = {"l1": (x_hat - x).abs().mean(), "lpips": lpips(x_hat, x).mean()}
-    nll = parts["l1"] + lpips_weight * parts["lpips"]
+    parts = {"l1": (x_hat - x).abs().mean()}
+    nll = parts["l1"]
+    if lpips_weight:  # 0 skips the VGG network altogether
+        parts["lpips"] = lpips(x_hat, x).mean()
+        nll = nll + lpips_weight * parts["lpips"]
     loss = nll
     if ref is not None:
         with torch.no_grad():
@@ -199,7 +202,7 @@ _REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offse
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
                    for s, (d, n, h) in _SIZES.items() for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
-TINY_ENCODER = dict(embed_dim=64, depth=2, num_heads=2, **_PLAIN)  # random weights only: demo and tests
+TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)  # random weights only: demo and tests
 
 
 def dinov2_url(name: str) -> str:

@@ -3,8 +3,7 @@
 Two steps, both under `torchrun` or plain `python`:
 
     # 1. encode the training set once (each image and its horizontal flip) with a trained tokenizer
-    torchrun --nproc_per_node=8 train_dit.py --extract --tokenizer runs/tokenizer/stage2/tokenizer.pt \
-        --data /imagenet/train --latents runs/latents
+    torchrun --nproc_per_node=8 train_dit.py --extract --data /imagenet/train --latents runs/latents
     # 2. train on those latents (XL/1, global batch 1024, AdamW 2e-4, EMA 0.9999, bf16)
     torchrun --nproc_per_node=8 train_dit.py --latents runs/latents --run_dir runs/dit --steps 80000
 
@@ -196,8 +195,8 @@ def train(args, env):
                          "(LightningDiT without QK-norm is known to spike to NaN).")
     flops, peak = dit.training_flops_per_image(model), peak_bf16_flops(device) if bf16 else None
     run.extras = lambda step, img_s: {  # an epoch is len(dataset) / 2 samples: each image has two latents
-        "epoch": step * args.batch_size / (len(dataset) / 2), **({"mfu": img_s * flops / (peak * env.world_size)}
-                                                                 if peak else {})}
+        "lr": opt.param_groups[0]["lr"], "epoch": step * args.batch_size / (len(dataset) / 2),
+        **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
     run.log.info(f"LightningDiT-{args.model} {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
                  f"parameters, {flops / 3e9:.1f} GFLOPs/image forward; {len(dataset)} latents; global batch "
                  f"{args.batch_size} = {env.world_size} ranks x {accum} x {micro}")

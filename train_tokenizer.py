@@ -58,7 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (VA-VAE recipe)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), help="Adam betas (VA-VAE recipe)")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of the weights, which is exported")
-    g.add_argument("--lpips_weight", type=float, default=1.0, help="weight of LPIPS next to L1")
+    g.add_argument("--lpips_weight", type=float, default=1.0, help="weight of LPIPS next to L1 (0: no LPIPS)")
     g.add_argument("--disc_weight", type=float, default=0.5, help="scale of the adaptive GAN weight")
     g.add_argument("--disc_start", type=at_least(0), help="step the GAN starts at (default: 20%% of --steps)")
     g.add_argument("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
@@ -95,7 +95,7 @@ def build_tokenizer(args, log):
         random_encoder = args.random_encoder
         init, model = None, AlignedTokenizer(cfg, encoder)
     else:
-        init = args.init or os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt")
+        init = os.path.abspath(args.init or os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt"))
         if not os.path.isfile(init):
             raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} does not "
                             f"exist: run --stage {args.stage - 1} first (same --run_dir) or pass --init PATH")
@@ -125,7 +125,7 @@ def train(args, env):
     model, init, random_encoder = build_tokenizer(args, Logger(env).info)
     set_trainable(model, args.stage)
     ref = semantic_reference(model).to(device) if args.stage == 2 else None  # frozen stage-1 encoder + adapter
-    lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device)
+    lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device) if args.lpips_weight else None
     disc = PatchGAN(args.disc_ch).to(device)
     model.to(device).encoder.grad_checkpointing = args.grad_checkpointing
     if args.channels_last:
@@ -149,6 +149,7 @@ def train(args, env):
                  f"{disc_start}; data: {args.data or f'the built-in demo set ({len(dataset)} images)'}")
     grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])  # across the classes
     run.every(args.grid_every, lambda step: save_recon_grid(ema.model, grid_images, run_dir, step, run.log, bf16))
+    run.extras = lambda step, img_per_s: {"lr": opt.param_groups[0]["lr"]}
     if args.compile:  # in place: the state-dict names do not change
         for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
             net.compile()

@@ -288,6 +288,41 @@ def test_resume_marks_the_log_and_read_log_keeps_the_latest_records(latents, tmp
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
+def test_curves_png_and_tensorboard(latents, tmp_path, monkeypatch):
+    """Every run draws its logged numbers (losses, lr, images/s) into curves.png, and logs them to
+    TensorBoard when that is installed (a stand-in SummaryWriter here: tensorboard is not a dependency)."""
+    import types
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    run = tmp_path / "run"
+    train_dit.main(["--latents", latents, "--run_dir", str(run), *TINY_DIT, "--steps", "3"])
+    curves = Image.open(run / "curves.png")
+    assert curves.size[0] >= 600 and len(np.unique(np.asarray(curves))) > 2  # panels were drawn
+    assert {("loss", 1), ("lr", 3), ("img_per_s", 2)} <= set(scalars)
+    records = common.read_log(str(run / "log.jsonl"))
+    assert all(r["lr"] == 1e-3 for r in records)
+
+
+def test_plot_curves_draws_values_that_start_late(tmp_path):
+    """The GAN terms only exist from the discriminator's start: they get a panel too."""
+    records = [{"step": s, "loss": 1.0 / s, **({"d_loss": 0.5} if s > 2 else {})} for s in range(1, 6)]
+    common.plot_curves(records, str(tmp_path / "c.png"))
+    width, height = Image.open(tmp_path / "c.png").size
+    assert (width, height) == (2 * 300, 170)  # two panels in one row
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. A user error is one line on stderr and exit status 2
 

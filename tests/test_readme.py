@@ -47,6 +47,21 @@ def test_readme_command_parses(script, argv):
     importlib.import_module(script).parse_args(argv)  # exits (SystemExit) on an unknown flag
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_stands_on_its_own(script, capsys):
+    """--help cites nothing outside the repository, shows every default, and its usage examples are intact."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "SPEC" not in text and "shared/" not in text
+    for flag in ("--steps", "--batch_size", "--lr", "--model", "--num_workers"):
+        if f"  {flag} " in text:  # the flag's own help entry
+            entry = text.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0]
+            assert "default" in entry, (flag, entry)
+    for line in text.splitlines():  # a `\` continuation in a docstring would join two commands on one line
+        assert line.count("torchrun") <= 1 and line.count("python ") <= 1, line
+
+
 def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)```", readme(), flags=re.S)
     quickstart = blocks[0].splitlines()
@@ -63,9 +78,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
                       env={"TORCH_HOME": str(tmp_path / "torch_home")})  # no pretrained files: random stand-ins
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "a small RANDOM ViT" in proc.stdout and "Done in" in proc.stdout
+    # Each step shows its progress on the console and ends with a one-line result.
+    assert "it/s" in proc.stdout and "==> done in" in proc.stdout
+    assert ": PSNR " in proc.stdout and ": FID " in proc.stdout and ": loss " in proc.stdout
     for path in ("tokenizer/stage1/tokenizer.pt", "tokenizer/stage2/tokenizer.pt", "tokenizer/stage3/tokenizer.pt",
-                 "tokenizer/stage3/recon_0000002.png", "latents/meta.json", "dit/ckpt.pt", "dit/samples_0000020.png",
-                 "samples/grid_cfg1.5_steps4.png", "samples/samples.npz"):
+                 "tokenizer/stage3/recon_0000002.png", "tokenizer/stage3/curves.png", "latents/meta.json",
+                 "dit/ckpt.pt", "dit/samples_0000020.png", "dit/curves.png", "dit/samples/grid_cfg1.5_steps4.png",
+                 "dit/samples/fid/samples.npz"):
         assert (out / path).exists(), path
     recon = json.load(open(out / "tokenizer" / "eval.json"))
     fid = json.load(open(out / "fid.json"))

@@ -178,10 +178,10 @@ def test_grid(tiny_files, tmp_path, capsys):
     path = sample.main(cli(tiny_files, "--cfg", 1.5, "--classes", "0,1,3", "--out", tmp_path))
     assert path == str(tmp_path / "grid_cfg1.5_steps3.png") and path in capsys.readouterr().out
     from PIL import Image
-    assert Image.open(path).size == (3 * 34 - 2, 32)  # three 32-px images, 2-px gaps
+    assert Image.open(path).size == (3 * 66 - 2, 64)  # three 32-px images shown at 64 px, 2-px gaps
     # bf16 autocast path (CUDA's default) and raw weights run on the CPU too.
     path = sample.main(cli(tiny_files, "--precision", "bf16", "--raw_weights", "--solver", "heun", "--out", tmp_path))
-    assert Image.open(path).size == (8 * 34 - 2, 2 * 34 - 2)  # 16 random classes, 8 per row
+    assert Image.open(path).size == (8 * 66 - 2, 2 * 66 - 2)  # 16 random classes, 8 per row
 
 
 def read_like_adm_evaluator(path):
@@ -236,6 +236,28 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
     assert generated == [[4, 5]]
     with pytest.raises(UserError, match="other settings.*'cfg'"):
         sample.main(cli(tiny_files, *[a if a != 2.0 else 3.0 for a in common], "--out", tmp_path / "one"))
+
+
+def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
+    """A checkpoint names the tokenizer its latents came from (stage 2); when that run also has a stage-3
+    tokenizer refined from it, sample.py decodes with that one, as the README and the demo do."""
+    ckpt = torch.load(tiny_files["dit"], weights_only=True)
+    stage2, stage3 = tmp_path / "tok" / "stage2" / "tokenizer.pt", tmp_path / "tok" / "stage3" / "tokenizer.pt"
+    stage2.parent.mkdir(parents=True)
+    save_tokenizer(str(stage2))
+    torch.save({**ckpt, "tokenizer": str(stage2)}, tmp_path / "dit.pt")
+    assert sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)[2]["tokenizer"] == str(stage2)
+    stage3.parent.mkdir()
+    refined = save_tokenizer(str(stage3))
+    state = torch.load(stage3, weights_only=True)
+    torch.save({**state, "init": str(stage2)}, stage3)
+    model, tokenizer, meta = sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)
+    assert meta["tokenizer"] == str(stage3)
+    assert all(torch.equal(a, b) for a, b in zip(tokenizer.state_dict().values(), refined.state_dict().values()))
+    torch.save({**state, "init": str(tmp_path / "elsewhere.pt")}, stage3)  # refined from another tokenizer
+    assert sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)[2]["tokenizer"] == str(stage2)
+    explicit = sample.load_models(str(tmp_path / "dit.pt"), tiny_files["tok"], ema=True)[2]["tokenizer"]
+    assert explicit == tiny_files["tok"]  # --tokenizer always wins
 
 
 def test_bad_inputs(tiny_files, tmp_path, monkeypatch):

@@ -84,10 +84,31 @@ def test_missing_dinov2_weights_name_the_file(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "dinov2_vitl14_reg4_pretrain.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
     assert "--encoder_ckpt" in msg and "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" in msg
-    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+    assert "--random_encoder" in msg  # the offline way out, for tests and demos
+    with pytest.raises(MissingWeightsError, match="(?s)vgg16-397923af.pth.*--random_lpips"):
         build_lpips()
     with pytest.raises(UserError, match="unknown encoder"):
         build_dinov2("dinov3_vitl16")
+
+
+def test_random_lpips_is_seeded_and_quiet():
+    """The random LPIPS stand-in is the same network in every run (so --eval is repeatable), building it
+    leaves the global RNG alone, and torchvision's deprecation warning is not shown."""
+    import warnings
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = build_lpips(random_backbone=True)
+    assert torch.equal(torch.rand(3), before)
+    assert not [w for w in caught if "pretrained" in str(w.message) or "weights" in str(w.message)]
+    b, c = build_lpips(random_backbone=True), build_lpips(random_backbone=True, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(a(x, y), b(x, y))
 
 
 def _cubic_resize_matrix(n_in, n_out, scale):
