@@ -2,8 +2,9 @@
 tokenizer and of the LightningDiT, sampling, and FID feature extraction next to pytorch-fid's.
 
     python bench.py                                  # all parts; CUDA if present, else small CPU configs
-    python bench.py --part dit --compile             # one part, with torch.compile
-    python bench.py --part dit --precision fp32 --no_fused --attention math   # the plain baseline
+    python bench.py --part dit --vs_official ~/LightningDiT    # ours next to the official code, same step
+    python bench.py --part dit --batch_size 64 128 256         # a batch-size sweep
+    python bench.py --part dit --compile off --precision fp32 --no_fused --attention math   # the plain path
 
 For each part: images/s, peak memory, and on CUDA the model FLOPs utilisation (MFU) = achieved model
 FLOP/s / the GPU's dense bf16 peak (common.PEAK_BF16_FLOPS). Timing: --warmup steps not timed, CUDA
@@ -16,10 +17,16 @@ FLOP counts (what "model FLOPs" means here):
   and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
 - sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
 
-Each fast path can be switched off to measure what it brings: --precision fp32 (bf16 autocast),
---no_fused (fused Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --compile,
---channels_last (tokenizer conv nets), --no_tf32, --cfg_two_pass (CFG as two forwards instead of one
-batched forward), --grad_checkpointing (DiT: less memory, more compute).
+Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
+default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
+Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer conv nets),
+--no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward), --grad_checkpointing
+(DiT: less memory, more compute). Default batches fit an 80 GB GPU.
+
+--vs_official PATH times a checkout of hustvl/LightningDiT (github.com/hustvl/LightningDiT; it needs
+timm and einops) in the same process and protocol: its XL/1 as its config trains it (SwiGLU, RoPE,
+RMSNorm, its own @torch.compile pieces), the same flow-matching loss and batch, foreach AdamW and its
+per-parameter EMA loop, as its train.py does; then the ratio of images/s and of peak memory.
 """
 
 import argparse
@@ -33,12 +40,12 @@ import time
 import torch
 
 import dit
-from common import EMA, autocast, peak_bf16_flops, use_bf16
+from common import EMA, add_compile_arg, at_least, autocast, peak_bf16_flops, unwrap, use_bf16, use_compile
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
-    "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=256, latent=(32, 16, 16),
-                 tok={}, tok_batch=32, image_size=256, sample_batch=256, fid_batch=250),
+    "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=128, latent=(32, 16, 16),
+                 tok={}, tok_batch=32, image_size=256, sample_batch=128, fid_batch=250),
     "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8), dit_batch=8,
                 latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
                 tok_batch=2, image_size=64, sample_batch=8, fid_batch=4),
@@ -96,46 +103,96 @@ def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
 # Parts
 
 
-def bench_dit(args, cfg, device, bf16):
-    """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update."""
+def bench_dit(args, cfg, device, bf16, B):
+    """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update; with
+    --vs_official, the official model's step next to it."""
     model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], grad_checkpointing=args.grad_checkpointing,
                           **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device)
     flops = dit.training_flops_per_image(model)
     ema = EMA(model, 0.9999)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
-    train_model = torch.compile(model) if args.compile else model
-    B = args.batch_size or cfg["dit_batch"]
+    train_model = torch.compile(model) if use_compile(args.compile, device) else model
+    rows = [report(f"dit {cfg['dit']} train", args, device, B, dit_step_seconds(train_model, ema.update, opt, args,
+                   cfg, device, bf16, B), flops, gflops_per_image=flops / 1e9)]
+    if args.vs_official:
+        del model, ema, opt, train_model
+        official = official_lightningdit(args.vs_official, cfg).to(device)
+        ema_params = {n: p.detach().clone() for n, p in official.named_parameters()}
+
+        def official_ema(model, decay=0.9999):  # the loop of its train.py: per parameter, mul_ then add_
+            for name, p in model.named_parameters():
+                ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
+
+        opt = torch.optim.AdamW(official.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0)  # foreach
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append(report("official LightningDiT train", args, device, B,
+                           dit_step_seconds(official, official_ema, opt, args, cfg, device, bf16, B), flops))
+        ours, theirs = rows
+        print(f"ours / official: {ours['img_per_s'] / theirs['img_per_s']:.2f}x images/s, "
+              f"{ours['peak_mem_gib'] / theirs['peak_mem_gib']:.2f}x peak memory", flush=True)
+        ours["speedup_vs_official"] = ours["img_per_s"] / theirs["img_per_s"]
+    return rows
+
+
+def dit_step_seconds(model, ema_update, opt, args, cfg, device, bf16, B) -> float:
     x1 = torch.randn(B, *cfg["latent"], device=device)
-    y = torch.randint(0, model.num_classes, (B,), device=device)
+    y = torch.randint(0, 1000, (B,), device=device)
 
     def step():
         with autocast(device, bf16), attention_backend(args.attention):
-            loss, _ = dit.flow_matching_loss(train_model, x1, y)
+            loss, _ = dit.flow_matching_loss(model, x1, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema_update(unwrap(model))
 
-    seconds = timed(step, device, args.warmup, args.iters, args.repeats)
-    return [report(f"dit {cfg['dit']} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)]
+    return timed(step, device, args.warmup, args.iters, args.repeats)
 
 
-def bench_tokenizer(args, cfg, device, bf16):
+def official_lightningdit(path: str, cfg: dict):
+    """The official LightningDiT of the same size from a checkout at `path`, configured as its released
+    XL config trains it. Its models/rmsnorm.py imports fairscale without using it: empty modules stand in."""
+    import sys
+    import types
+
+    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel", "fairscale.nn.model_parallel.initialize",
+                 "fairscale.nn.model_parallel.layers"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    for name in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
+        setattr(sys.modules["fairscale.nn.model_parallel.layers"], name, None)
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from models.lightningdit import LightningDiT_models
+    except ImportError as e:
+        raise SystemExit(f"--vs_official {path}: cannot import its models/lightningdit.py ({e}); it needs a "
+                         "checkout of github.com/hustvl/LightningDiT and the timm and einops packages")
+    finally:
+        sys.path.remove(os.path.abspath(path))
+    kw = dict(input_size=cfg["latent"][1], in_channels=cfg["latent"][0], use_swiglu=True, use_rope=True,
+              use_rmsnorm=True, use_qknorm=False, **{k: v for k, v in cfg["dit_kw"].items() if k != "input_size"})
+    name = f"LightningDiT-{cfg['dit']}"
+    if "hidden_size" in kw:  # the small CPU configuration: the class itself, not a named size
+        return sys.modules["models.lightningdit"].LightningDiT(patch_size=int(cfg["dit"][-1]), **kw)
+    return LightningDiT_models[name](**kw)
+
+
+def bench_tokenizer(args, cfg, device, bf16, B):
     """One tokenizer training step of each stage, with LPIPS and the GAN on (the costliest phase)."""
     from tokenizer import build_lpips
 
     lpips = build_lpips(random_backbone=True).to(device)  # the backbone's weights do not change its speed
-    return [bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16) for stage in (1, 2, 3)]
+    return [bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B) for stage in (1, 2, 3)]
 
 
-def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
+def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
     """The step of train_tokenizer.py: tokenizer loss and update, EMA, discriminator update."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from tokenizer import AlignedTokenizer, PatchGAN, hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss
 
     torch.manual_seed(0)
-    B = args.batch_size or cfg["tok_batch"]
     model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
     set_trainable(model, stage)
     ref = semantic_reference(model) if stage == 2 else None
@@ -143,7 +200,7 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
-    if args.compile:
+    if use_compile(args.compile, device):
         for net in (model.encoder, model.decoder, disc):
             net.compile()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.9), fused=not args.no_fused)
@@ -176,7 +233,7 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16):
     return report(f"tokenizer stage {stage} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)
 
 
-def bench_sampling(args, cfg, device, bf16):
+def bench_sampling(args, cfg, device, bf16, B):
     """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding.
 
     The 30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
@@ -186,10 +243,9 @@ def bench_sampling(args, cfg, device, bf16):
     model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
                           **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model) if use_compile(args.compile, device) else model
     if args.cfg_two_pass:  # CFG as two separate forwards of B rows (what batching saves)
         net = TwoPass(net)
-    B = args.batch_size or cfg["sample_batch"]
     noise = torch.randn(B, *cfg["latent"], device=device)
     y = torch.randint(0, model.num_classes, (B,), device=device)
     stats = {"mean": torch.zeros(cfg["latent"][0]), "std": torch.ones(cfg["latent"][0])}
@@ -227,7 +283,7 @@ class TwoPass(torch.nn.Module):
         return torch.cat([self.model(x[:h], t, y[:h]), self.model(x[h:], t, y[h:])])
 
 
-def bench_fid(args, cfg, device, bf16):
+def bench_fid(args, cfg, device, bf16, B):
     """Inception features (always float32) of 256 px images: ours and pytorch-fid's, same weights, same
     images, alternating, best of --repeats passes each."""
     import tempfile
@@ -235,7 +291,6 @@ def bench_fid(args, cfg, device, bf16):
     import fid
     import pytorch_fid.inception
 
-    B = args.batch_size or cfg["fid_batch"]
     ours = fid.load_inception(random_weights=True, device=device)
     with tempfile.TemporaryDirectory() as home:  # pytorch-fid reads its weight file from the torch.hub cache
         os.makedirs(os.path.join(home, "hub", "checkpoints"))
@@ -269,15 +324,18 @@ def bench_fid(args, cfg, device, bf16):
 
 
 PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid}
+BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch", "fid": "fid_batch"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=sorted(PARTS), action="append", help="what to measure (repeatable; default all)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--batch_size", type=int, default=None, help="override the part's default batch")
+    p.add_argument("--batch_size", type=at_least(1), nargs="+", help="batch(es) to measure (several: a sweep; "
+                   "default: each part's own, fitting an 80 GB GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
-    p.add_argument("--compile", action="store_true")
+    add_compile_arg(p)
+    p.add_argument("--vs_official", metavar="PATH", help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
     p.add_argument("--channels_last", action="store_true")
@@ -303,10 +361,15 @@ def main(argv=None):
     print(f"device {device}, {'bf16' if bf16 else 'fp32'}; switches {switches}")
     rows = []
     for part in args.part or PARTS:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        rows += PARTS[part](args, cfg, device, bf16)
+        for batch in args.batch_size or [cfg[BATCH[part]]]:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                rows += PARTS[part](args, cfg, device, bf16, batch)
+            except torch.OutOfMemoryError:  # a sweep goes on past a batch that does not fit
+                print(f"{part}: batch {batch} does not fit in memory", flush=True)
+                rows.append({"part": part, "batch": batch, "out_of_memory": True})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"switches": switches, "rows": rows}, f, indent=1)

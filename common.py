@@ -77,12 +77,21 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int):
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on CUDA, float32 on the CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    add_compile_arg(g)
     g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, noise and data order")
     g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
     g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
     return g
+
+
+def add_compile_arg(p):
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the networks (auto: on CUDA, where it pays; the CPU stays eager)")
+
+
+def use_compile(flag: str, device: torch.device) -> bool:
+    return flag == "on" or (flag == "auto" and device.type == "cuda")
 
 
 def check_writable(path: str, what: str):
@@ -511,6 +520,11 @@ class Run:
                 yield self.step
                 done, n = self.step + 1, n + 1
                 pbar.update(1)
+                if done == self.start + 1:  # one host sync, once: the first step includes torch.compile's work
+                    if self.env.device.type == "cuda":
+                        torch.cuda.synchronize(self.env.device)
+                    compiled = use_compile(getattr(self.args, "compile", "off"), self.env.device)
+                    self.log.info(f"first step: {time.time() - t0:.1f} s" + (" (compiling included)" if compiled else ""))
                 due = lambda every: every and (done % every == 0 or done == self.total)  # noqa: E731
                 is_log, is_ckpt = due(self.args.log_every), due(self.args.ckpt_every)
                 is_keep = keep and done % keep == 0

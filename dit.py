@@ -168,9 +168,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))  # each (B, heads, N, head_dim); QK-norm before RoPE
-        # Under autocast the float32 norm and RoPE tables promote q and k to float32: back to v's dtype,
-        # so that SDPA takes its fast (flash) kernel.
-        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -188,8 +186,9 @@ class SwiGLU(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision) and cast
-    back to the input dtype before the weight, as in the reference."""
+    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then cast
+    to the compute dtype: the input's, as in the reference, or under autocast bf16, so that what follows
+    (modulation, the next matmul) runs in bf16 instead of being promoted to float32 by the weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -198,7 +197,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype) * self.weight.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,8 +296,9 @@ class VisionRoPE(nn.Module):
 
     def forward(self, x):  # (B, heads, N, head_dim)
         # Pair (a, b) rotated by w: (a cos w - b sin w, b cos w + a sin w) = x cos + rot(x) sin, rot(a, b) = (-b, a).
+        # The tables in x's dtype: under autocast q and k stay bf16 instead of being promoted to float32.
         a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-        return x * self.freqs_cos + torch.stack((-b, a), dim=-1).flatten(-2) * self.freqs_sin
+        return x * self.freqs_cos.to(x.dtype) + torch.stack((-b, a), dim=-1).flatten(-2) * self.freqs_sin.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, autocast, check_writable,
-                    cleanup_distributed, load_checkpoint, load_json, save_json, script_main, setup_distributed,
-                    use_bf16)
+from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least, atomic_write, autocast,
+                    check_writable, cleanup_distributed, load_checkpoint, load_json, save_json, script_main,
+                    setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import load_dit
 from tokenizer import load_tokenizer
@@ -348,7 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="DiT precision (auto: bf16 autocast on CUDA, fp32 on CPU); decoding is float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
+    add_compile_arg(p)
     args = p.parse_args(argv)
     if args.shift <= 0:
         p.error(f"argument --shift: must be > 0 (1 = no shift), got {args.shift}")
@@ -386,8 +386,8 @@ def main(argv=None):
     bf16 = use_bf16(args.precision, env.device)
     model.to(env.device)
     tokenizer.decoder.to(env.device)  # decoding needs only the decoder; the encoder stays on the CPU
-    if args.compile:
-        model.compile()  # in place; on the CPU too (slow to compile, but the same code path)
+    if use_compile(args.compile, env.device):
+        model.compile()  # in place (the first batch includes the compilation)
     log(f"LightningDiT {meta.get('model_name')} step {meta.get('step')} ({'raw' if args.raw_weights else 'EMA'} "
         f"weights), tokenizer {meta['tokenizer']}; cfg {args.cfg:g} (channels {args.cfg_channels or 'all'}, "
         f"from t={args.cfg_interval_start:g}), {args.solver} {args.steps} steps, shift {args.shift:g}, "

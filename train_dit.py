@@ -24,7 +24,7 @@ from tqdm import tqdm
 import dit
 from common import (EMA, HelpFormatter, Logger, Run, UserError, add_runtime_args, at_least, autocast,
                     cleanup_distributed, load_json, peak_bf16_flops, save_json, script_main, seed_everything,
-                    setup_distributed, use_bf16, wrap_ddp)
+                    setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from tokenizer import load_tokenizer
@@ -203,7 +203,7 @@ def train(args, env):
     if grid is not None:
         run.every(args.grid_every, lambda step: grid.save(ema.model, step, args.run_dir, run.log))
     train_model = wrap_ddp(model, env)
-    if args.compile:  # compile the DDP module, so that gradient all-reduces still overlap the backward
+    if use_compile(args.compile, device):  # the DDP module: gradient all-reduces still overlap the backward
         train_model = torch.compile(train_model)
     data = iter(batches)
     for step in run.steps():

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import fid
 from common import (EMA, HelpFormatter, Logger, Run, UserError, add_runtime_args, at_least, autocast,
                     check_writable, cleanup_distributed, save_checkpoint, save_json, script_main, seed_everything,
-                    setup_distributed, use_bf16, wrap_ddp)
+                    setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, load_tokenizer, semantic_reference, set_trainable, tokenizer_loss)
@@ -150,7 +150,7 @@ def train(args, env):
     grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])  # across the classes
     run.every(args.grid_every, lambda step: save_recon_grid(ema.model, grid_images, run_dir, step, run.log, bf16))
     run.extras = lambda step, img_per_s: {"lr": opt.param_groups[0]["lr"]}
-    if args.compile:  # in place: the state-dict names do not change
+    if use_compile(args.compile, device):  # in place: the state-dict names do not change
         for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
             net.compile()
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)

@@ -124,3 +124,33 @@ def test_benchmark_command_runs_on_cpu(part, tmp_path):
     if part == "tokenizer":
         assert [r["part"] for r in rows] == [f"tokenizer stage {s} train" for s in (1, 2, 3)]
         assert all(r["gflops_per_image"] > 0 for r in rows)
+
+
+FAKE_OFFICIAL = """
+import fairscale.nn.model_parallel.initialize as fs_init  # the official models/rmsnorm.py imports these
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+import dit
+
+
+class LightningDiT(dit.LightningDiT):  # the official constructor's flags, checked as bench.py must set them
+    def __init__(self, use_swiglu, use_rope, use_rmsnorm, use_qknorm, **kwargs):
+        assert use_swiglu and use_rope and use_rmsnorm and not use_qknorm
+        super().__init__(**kwargs)
+
+
+LightningDiT_models = {}
+"""
+
+
+def test_benchmark_against_an_official_checkout(tmp_path):
+    """--vs_official imports a checkout's models/lightningdit.py (with fairscale stood in) and times its
+    step next to ours. A stand-in checkout here: the real one needs timm and einops, not dependencies."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    (tmp_path / "models" / "lightningdit.py").write_text(FAKE_OFFICIAL)
+    rows = bench.main(["--part", "dit", "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",
+                       "--batch_size", "2", "3", "--vs_official", str(tmp_path)])
+    assert [(r["part"], r["batch"]) for r in rows] == [("dit B/1 train", 2), ("official LightningDiT train", 2),
+                                                        ("dit B/1 train", 3), ("official LightningDiT train", 3)]
+    assert all(r["speedup_vs_official"] > 0 for r in rows[::2])
