@@ -32,7 +32,7 @@ from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least,
                     setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import load_dit
-from tokenizer import load_tokenizer
+from tokenizer import latent_fingerprint, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # Time grid and ODE solvers
@@ -167,21 +167,19 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
         raise UserError(f"{ckpt}: latent_stats have {stats['mean'].numel()} channels but the model has {C}")
     meta["latent_stats"] = stats
     tokenizer_path = tokenizer_path or refined_tokenizer(meta.get("tokenizer"))
-    if not tokenizer_path or not os.path.isfile(tokenizer_path):
+    if not tokenizer_path or (tokenizer_path.endswith((".pt", ".pth", ".ckpt")) and not os.path.isfile(tokenizer_path)):
         raise UserError(f"tokenizer {tokenizer_path} not found (named by {ckpt} or --tokenizer): pass --tokenizer "
-                        "PATH to the tokenizer.pt whose latents the LightningDiT was trained on")
-    tokenizer = load_tokenizer(tokenizer_path)
+                        "PATH to the tokenizer whose latents the LightningDiT was trained on")
+    tokenizer = load_tokenizer(tokenizer_path, (meta.get("tokenizer_config") or {}).get("image_size"))
     if tuple(tokenizer.latent_shape) != dit_latent_shape(model):
         raise UserError(f"tokenizer {tokenizer_path} makes latents of shape {tuple(tokenizer.latent_shape)} but the "
                         f"LightningDiT in {ckpt} generates {dit_latent_shape(model)}: pass the tokenizer it was "
                         "trained with (--tokenizer)")
-    # A stage-3 tokenizer (new decoder, same encoder) is a legitimate swap; another encoder is not.
-    stored = meta.get("tokenizer_config") or {}
-    differ = [k for k in ("encoder", "latent_channels", "adapter_hidden", "image_size")
-              if k in stored and stored[k] != tokenizer.config.get(k)]
-    if differ:
-        print(f"WARNING: tokenizer {tokenizer_path} differs from the one the LightningDiT was trained on in "
-              f"{differ}: the latents may not match")
+    # A stage-3 tokenizer (new decoder, same encoder and adapter) is a legitimate swap; any other is not.
+    if meta.get("tokenizer_fingerprint") not in (None, latent_fingerprint(tokenizer)):
+        raise UserError(f"the LightningDiT in {ckpt} was trained on latents of {meta.get('tokenizer')}, but "
+                        f"{tokenizer_path} makes other latents (other encoder weights): decode with that tokenizer "
+                        "or its stage-3 refinement (--tokenizer)")
     meta["tokenizer"] = tokenizer_path
     return model, tokenizer, meta
 
@@ -189,8 +187,10 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
 def refined_tokenizer(path: str | None) -> str | None:
     """The tokenizer to decode with: the stage-3 refinement of `path` (<run>/stage3/tokenizer.pt, started
     from `path`) when there is one, since it decodes the same latents better; else `path` itself."""
-    stage3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path or "."))), "stage3", "tokenizer.pt")
-    if path and os.path.isfile(stage3) and os.path.isfile(path):
+    if not (path and os.path.isfile(path)):  # a baseline named by folder or hub name: no stage 3
+        return path
+    stage3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "stage3", "tokenizer.pt")
+    if os.path.isfile(stage3):
         init = load_checkpoint(stage3, "stage-3 tokenizer").get("init")
         if init and os.path.exists(init) and os.path.samefile(init, path):
             return stage3
@@ -385,7 +385,8 @@ def main(argv=None):
         check_writable(os.path.join(args.out, "samples.npz") if args.npz else grid_path(args), "output")
     bf16 = use_bf16(args.precision, env.device)
     model.to(env.device)
-    tokenizer.decoder.to(env.device)  # decoding needs only the decoder; the encoder stays on the CPU
+    for module in tokenizer.decoding_modules():  # decoding needs only these; the encoder stays on the CPU
+        module.to(env.device)
     if use_compile(args.compile, env.device):
         model.compile()  # in place (the first batch includes the compilation)
     log(f"LightningDiT {meta.get('model_name')} step {meta.get('step')} ({'raw' if args.raw_weights else 'EMA'} "

@@ -19,7 +19,9 @@ The encoder keeps the official DINOv2 parameter names, so the published checkpoi
 """
 
 import copy
+import hashlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -174,22 +176,47 @@ class AlignedTokenizer(nn.Module):
         """Latents (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (clamp before saving)."""
         return self.decoder(z)
 
+    def decoding_modules(self):
+        """What decoding needs (sampling moves only these to the GPU)."""
+        return [self.decoder]
+
     def forward(self, x):
         z = self.encode(x)
         return self.decode(z), z
 
 
-def load_tokenizer(path: str) -> AlignedTokenizer:
-    """A tokenizer written by train_tokenizer.py (`tokenizer.pt`, or a `ckpt.pt`, whose EMA is used)."""
+def load_tokenizer(path: str, image_size: int | None = None):
+    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval: ours (a
+    `tokenizer.pt` of train_tokenizer.py, or its `ckpt.pt`, whose EMA is used), or a baseline
+    (baselines.py): a diffusers AutoencoderKL (a folder or a hub name) or a VA-VAE checkpoint, at
+    `image_size` (default 256). All offer encode, decode, latent_shape, config and decoding_modules."""
+    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".pt", ".pth", ".ckpt"))):
+        from baselines import load_diffusers_vae
+        return load_diffusers_vae(path, image_size or 256)
     ckpt = load_checkpoint(path, "tokenizer checkpoint")
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
-        raise UserError(f"{path} is not a tokenizer checkpoint of this project (no 'config'/'model' entries)")
-    if ckpt.get("kind", "tokenizer") != "tokenizer":
+    if isinstance(ckpt, dict) and "encoder.conv_in.weight" in ckpt.get("state_dict", ckpt):
+        from baselines import load_vavae
+        return load_vavae(path, ckpt, image_size or 256)
+    if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
+        raise UserError(f"{path} is not a tokenizer checkpoint of this project (no 'config'/'model' entries), nor a "
+                        "VA-VAE checkpoint")
     model = AlignedTokenizer(ckpt["config"])
     model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     model.stage, model.random_encoder = ckpt.get("stage"), bool(ckpt.get("random_encoder", False))
     return model.eval()
+
+
+def latent_fingerprint(tokenizer) -> str:
+    """A short hash of the weights that make the latents (all but the decoding side): latents must be
+    decoded by the tokenizer that made them, or by a refinement of its decoder (stage 3)."""
+    decoding = {id(p) for m in tokenizer.decoding_modules() for p in m.parameters()}
+    digest = hashlib.sha1()
+    for name, p in tokenizer.named_parameters():
+        if id(p) not in decoding:  # a strided sample of every tensor: enough to tell weights apart, fast
+            digest.update(name.encode() + p.detach().float().flatten()[:: max(1, p.numel() // 4096)].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------

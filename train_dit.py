@@ -27,7 +27,7 @@ from common import (EMA, HelpFormatter, Logger, Run, UserError, add_runtime_args
                     setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
-from tokenizer import load_tokenizer
+from tokenizer import latent_fingerprint, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
@@ -67,7 +67,9 @@ class LatentDataset(torch.utils.data.Dataset):
 def extract_latents(args, env):
     """Encode every training image and its mirror image; then per-channel statistics."""
     log = Logger(env)
-    tok = load_tokenizer(args.tokenizer).to(env.device)
+    tok = load_tokenizer(args.tokenizer, args.image_size)
+    fingerprint = latent_fingerprint(tok)
+    tok.to(env.device)
     if tok.random_encoder:
         log.info(f"WARNING: {args.tokenizer} grew from a RANDOM encoder (demo/tests only)")
     bf16 = use_bf16(args.precision, env.device)
@@ -110,8 +112,9 @@ def extract_latents(args, env):
         pick = np.sort(np.random.default_rng(0).permutation(2 * n)[: args.stats_samples])
         sample = torch.from_numpy(all_latents[pick].astype(np.float64))  # (K, C, h, w)
         meta = {"num_latents": 2 * n, "latent_shape": list(shape), "num_classes": dataset.num_classes,
-                "classes": dataset.classes, "tokenizer": os.path.abspath(args.tokenizer),
-                "tokenizer_config": tok.config, "data": args.data or "demo",
+                "classes": dataset.classes, "tokenizer_config": tok.config, "tokenizer_fingerprint": fingerprint,
+                "tokenizer": os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer,
+                "data": args.data or "demo",
                 "mean": sample.mean(dim=(0, 2, 3)).tolist(), "std": sample.std(dim=(0, 2, 3)).tolist()}
         save_json(meta, meta_path)
         log.info(f"{2 * n} latents of shape {tuple(shape)} ({n} images and their flips) -> {args.latents}")
@@ -131,7 +134,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
     g = p.add_argument_group("latent extraction (--extract)")
     g.add_argument("--extract", action="store_true", help="encode --data with --tokenizer into --latents, then stop")
-    g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="tokenizer.pt to encode with")
+    g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="tokenizer to encode with: "
+                   "our tokenizer.pt, a diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint")
+    g.add_argument("--image_size", type=at_least(8), help="image size for a baseline tokenizer (default 256; ours: "
+                   "its own)")
     g.add_argument("--data", help="image folder with class subfolders (default: the built-in demo set)")
     g.add_argument("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
     g.add_argument("--stats_samples", type=at_least(2), default=10_000, help="latents used for the mean/std")
@@ -187,7 +193,7 @@ def train(args, env):
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
     # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
     grid = SampleGrid(dataset, device, bf16, args.grid_cfg) if env.is_main and args.grid_every else None
-    meta = {k: dataset.meta[k] for k in ("tokenizer", "tokenizer_config", "classes")}
+    meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config", "tokenizer_fingerprint", "classes")}
     run = Run(env, args, args.run_dir, identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
               state={"model": model, "ema": ema, "opt": opt, "data": batches}, meta={"latent_stats": stats, **meta},
               steps=args.steps, batch_size=args.batch_size, show=("loss", "img_per_s"),
@@ -233,8 +239,9 @@ class SampleGrid:
     def __init__(self, dataset, device, bf16, cfg_scale):
         self.device, self.bf16, self.cfg_scale, self.stats = device, bf16, cfg_scale, dataset.latent_stats()
         try:
-            self.tokenizer = load_tokenizer(dataset.meta["tokenizer"])
-            self.tokenizer.decoder.to(device)  # decoding needs only the decoder
+            self.tokenizer = load_tokenizer(dataset.meta["tokenizer"], dataset.meta["tokenizer_config"]["image_size"])
+            for module in self.tokenizer.decoding_modules():
+                module.to(device)
         except UserError as e:
             print(f"no sample grids: {e}")
             self.tokenizer = None

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     g = add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000)
     g.add_argument("--grid_every", type=at_least(0), default=1000, help="steps between reconstruction grids (0: never)")
     g = p.add_argument_group("evaluation (--eval)")
-    g.add_argument("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt)")
+    g.add_argument("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt); also a diffusers "
+                   "AutoencoderKL (folder or hub name) or a VA-VAE checkpoint, at --image_size (default 256)")
     g.add_argument("--eval_images", type=at_least(1), help="evaluate on the first N images only")
     g.add_argument("--eval_batch_size", type=at_least(1), default=32, help="images per forward pass per rank")
     g.add_argument("--rfid", action="store_true", help="also compute rFID (needs the Inception weights)")
@@ -202,7 +203,7 @@ def evaluate(args, env):
     path = args.tokenizer or os.path.join(args.run_dir, "stage3", "tokenizer.pt")
     if args.json and env.is_main:
         check_writable(args.json, "metrics file")
-    model = load_tokenizer(path).to(env.device)
+    model = load_tokenizer(path, args.image_size).to(env.device)
     bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, model.config["image_size"], demo_images=args.demo_images)
     if args.eval_images:
@@ -228,7 +229,8 @@ def evaluate(args, env):
     psnr, ssim, lp = (totals[i].item() / n for i in range(3))
     metrics = {"tokenizer": path, "images": int(n), "psnr": psnr, "ssim": ssim, "lpips": lp,
                "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
-               "encoder": model.config["encoder"] + (" (grown from RANDOM weights)" if model.random_encoder else ""),
+               "encoder": model.config.get("encoder", f"{model.config.get('kind')} {model.config.get('source')}")
+               + (" (grown from RANDOM weights)" if model.random_encoder else ""),
                "skipped_files": count_skipped(dataset, env)}
     if inception is not None:  # eval_loader gave rank r the images r, r + W, ...: restore the dataset order
         real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))
