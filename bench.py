@@ -1,5 +1,6 @@
 """Speed benchmarks of every part of the method on the device present: the training steps of the
-tokenizer and of the LightningDiT, sampling, and FID feature extraction next to pytorch-fid's.
+tokenizer, of the LightningDiT and of the text-to-image model, sampling, and FID feature extraction
+next to pytorch-fid's.
 
     python bench.py                                  # all parts; CUDA if present, else small CPU configs
     python bench.py --part dit --vs_official ~/LightningDiT    # ours next to the official code, same step
@@ -16,6 +17,7 @@ FLOP counts (what "model FLOPs" means here):
 - tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
   and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
 - sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
+- text-to-image: 3 x dit.t2i_forward_flops (each stream's weights on its own tokens, the joint attention).
 
 Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
@@ -45,10 +47,12 @@ from common import EMA, add_compile_arg, at_least, autocast, peak_bf16_flops, un
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
     "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=128, latent=(32, 16, 16),
-                 tok={}, tok_batch=32, image_size=256, sample_batch=128, fid_batch=250),
+                 tok={}, tok_batch=32, image_size=256, sample_batch=128, fid_batch=250,
+                 t2i="T2I-2B/1", t2i_text=(128, 4096), t2i_batch=32),
     "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8), dit_batch=8,
                 latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
-                tok_batch=2, image_size=64, sample_batch=8, fid_batch=4),
+                tok_batch=2, image_size=64, sample_batch=8, fid_batch=4, t2i="T2I-tiny/1", t2i_text=(16, 64),
+                t2i_batch=4),
 }
 
 
@@ -323,8 +327,38 @@ def bench_fid(args, cfg, device, bf16, B):
                    max_feature_diff=(feats["ours"] - feats["pytorch_fid"]).abs().max().item())]
 
 
-PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid}
-BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch", "fid": "fid_batch"}
+def bench_t2i(args, cfg, device, bf16, B):
+    """One training step of the text-to-image model (2B on CUDA) on the square bucket: flow-matching loss,
+    backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are not timed (as for
+    the LightningDiT, whose latents are precomputed): their outputs are random tensors of the right shape."""
+    (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
+    model = dit.build_dit(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
+    model.to(device)
+    flops = 3 * dit.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
+    ema = EMA(model, 0.9999)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
+    train_model = torch.compile(model) if use_compile(args.compile, device) else model
+    x1 = torch.randn(B, C, H, W, device=device)
+    text = (torch.randn(B, L, text_dim, device=device), torch.arange(L, device=device).expand(B, L) < L // 2)
+
+    def step():
+        with autocast(device, bf16), attention_backend(args.attention):
+            loss, _ = dit.flow_matching_loss(train_model, x1, text)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+
+    params = sum(p.numel() for p in model.parameters())
+    return [report(f"t2i {cfg['t2i']} train", args, device, B, timed(step, device, args.warmup, args.iters,
+                   args.repeats), flops, gflops_per_image=flops / 1e9, params=params)]
+
+
+PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid,
+         "t2i": bench_t2i}
+BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch", "fid": "fid_batch",
+         "t2i": "t2i_batch"}
 
 
 def parse_args(argv=None):

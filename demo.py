@@ -5,6 +5,12 @@
 
     python demo.py           # about 10 minutes on 2 CPU cores; everything under runs/
     python demo.py --tiny    # the same pipeline, tiny and meaningless (about a minute; what the tests run)
+    python demo.py --t2i     # the tokenizer, then a text-to-image model on the demo captions instead
+
+With --t2i the tokenizer's latents train a tiny text-to-image model (train_t2i.py) on the captions that
+describe every demo image ("a red disc on the left, dark background"), about 4 more minutes, and
+sample.py draws new prompts. Its text encoder is a small RANDOM byte-level T5 (text.py): the captions
+come from a closed vocabulary, and random features of different captions still differ.
 
 Each step is the real command-line script, printed before it runs, with its progress bar and a
 one-line result; everything also goes to runs/demo.log. Any step can be re-run by hand or scaled up
@@ -31,10 +37,13 @@ from common import MissingWeightsError, pretrained_file, read_log
 # Sizes and schedules: images, their size, tokenizer steps per stage, DiT width/depth/steps, FID samples.
 PRESETS = {
     "demo": dict(images=256, image_size=32, tok_steps=(1200, 600, 300), tok_batch=16, dit_hidden=128, dit_depth=4,
-                 dit_steps=3000, dit_batch=64, samples=128, sample_steps=250),
+                 dit_steps=3000, dit_batch=64, samples=128, sample_steps=250, t2i_steps=1500, t2i_batch=32),
     "tiny": dict(images=32, image_size=32, tok_steps=(4, 2, 2), tok_batch=4, dit_hidden=32, dit_depth=1,
-                 dit_steps=20, dit_batch=8, samples=8, sample_steps=4),
+                 dit_steps=20, dit_batch=8, samples=8, sample_steps=4, t2i_steps=4, t2i_batch=8),
 }
+# Prompts for the text-to-image demo: combinations that may or may not be in the 256 training images.
+PROMPTS = ["a red disc in the centre, light background", "a blue ring on the left, dark background",
+           "a green square on the right, light background", "a yellow triangle in the centre, dark background"]
 
 
 def available(url: str, what: str) -> bool:
@@ -71,6 +80,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs", help="output folder (default runs/, where sample.py looks)")
     p.add_argument("--tiny", action="store_true", help="a tiny, fast and meaningless pipeline (for tests)")
+    p.add_argument("--t2i", action="store_true", help="after the tokenizer, a text-to-image model on the captions")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     return p.parse_args(argv)
 
@@ -120,6 +130,9 @@ def main(argv=None):
          *common], log_path, lambda: "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, LPIPS {lpips:.3f} ({lpips_backbone} "
          "backbone)".format(**json.load(open(recon_json))))
 
+    if args.t2i:
+        return text_to_image(args, cfg, tok_dir, log_path, common, t_start)
+
     # 2. Latents of the stage-2 tokenizer (stage 3 does not change them), then the LightningDiT.
     latents, dit_dir = os.path.join(out, "latents"), os.path.join(out, "dit")
     run([py, "train_dit.py", "--extract", "--tokenizer", os.path.join(tok_dir, "stage2", "tokenizer.pt"),
@@ -150,6 +163,33 @@ def main(argv=None):
     print(f"  loss curves: {tok_dir}/stage*/curves.png, {dit_dir}/curves.png")
     print(f"  metrics: {recon_json}, {fid_json}; every step's output: {log_path}")
     print("Then, for more samples: python sample.py --cfg 1.5" + ("" if out == "runs" else f" --ckpt {ckpt}"))
+
+
+def text_to_image(args, cfg, tok_dir, log_path, common, t_start):
+    """2'. A tiny text-to-image model on the stage-2 tokenizer's latents of the captioned demo images, then
+    samples of PROMPTS with guidance against the empty caption, decoded by the stage-3 tokenizer."""
+    from text import save_random_text_encoder
+
+    out, py = args.out, sys.executable
+    encoder, run_dir = os.path.join(out, "text_encoder"), os.path.join(out, "t2i")
+    if not os.path.isdir(encoder):
+        save_random_text_encoder(encoder)
+    print(f"text encoder: a small RANDOM byte-level T5 in {encoder}")
+    resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+    run([py, "train_t2i.py", "--captions", os.path.join(out, "demo_data"), "--tokenizer",
+         os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--text_encoder", encoder, "--max_length", "48",
+         "--model", "T2I-tiny/1", "--steps", str(cfg["t2i_steps"]), "--batch_size", str(cfg["t2i_batch"]),
+         "--lr", "1e-3", "--ema_decay", "0.995", "--stats_samples", str(cfg["images"]), "--log_every", "100",
+         "--grid_every", str(cfg["t2i_steps"]), "--run_dir", run_dir, *common, *resume], log_path,
+        lambda: last_losses(run_dir))
+    prompts = os.path.join(out, "demo_prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("\n".join(PROMPTS) + "\n")
+    run([py, "sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts, "--num_samples", "16",
+         "--cfg", "4", "--steps", "50", "--device", args.device], log_path)
+    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:")
+    print(f"  samples of the prompts in {prompts}, in turn: {run_dir}/samples/grid_cfg4_steps50.png")
+    print(f"  loss curves: {run_dir}/curves.png; every step's output: {log_path}")
 
 
 if __name__ == "__main__":

@@ -165,11 +165,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope):
+        q, k, v = self.heads(x)
+        x = F.scaled_dot_product_attention(rope(q), rope(k), v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+    def heads(self, x):
+        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim); QK-norm comes before RoPE, as in the reference."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))  # each (B, heads, N, head_dim); QK-norm before RoPE
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.q_norm(q), self.k_norm(k), v
 
 
 class SwiGLU(nn.Module):
@@ -285,20 +289,159 @@ class VisionRoPE(nn.Module):
 
     def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
         super().__init__()
-        assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
-        half = head_dim // 2
-        freqs = (1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
-        pos = torch.arange(grid_size, dtype=torch.float64)
-        rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
-        self.register_buffer("freqs_cos", angles.cos().float())
-        self.register_buffer("freqs_sin", angles.sin().float())
+        cos, sin = rope_tables(head_dim, grid_size, grid_size, theta)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
 
     def forward(self, x):  # (B, heads, N, head_dim)
-        # Pair (a, b) rotated by w: (a cos w - b sin w, b cos w + a sin w) = x cos + rot(x) sin, rot(a, b) = (-b, a).
-        # The tables in x's dtype: under autocast q and k stay bf16 instead of being promoted to float32.
-        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-        return x * self.freqs_cos.to(x.dtype) + torch.stack((-b, a), dim=-1).flatten(-2) * self.freqs_sin.to(x.dtype)
+        return apply_rope(x, self.freqs_cos, self.freqs_sin)
+
+
+def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
+    """cos and sin (rows*cols, head_dim), float32, of the 2D RoPE angles of a rows x cols grid, row-major."""
+    assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
+    half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
+    freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)
+    r, c = torch.meshgrid(torch.arange(rows, **f64), torch.arange(cols, **f64), indexing="ij")
+    angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (a, b) of x (..., N, head_dim) by their angles: (a cos - b sin, b cos + a sin).
+    The tables in x's dtype: under autocast q and k stay bf16 instead of being promoted to float32."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos.to(x.dtype) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The text-to-image model
+
+
+class TextToImageDiT(nn.Module):
+    """Velocity model v(x_t, t, text) for text-to-image: (B, C, H, W) latents of any grid (the aspect-ratio
+    buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder.
+
+    The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout is
+    FLUX's: `depth_double` double-stream blocks, in which text and image tokens keep their own weights
+    but attend jointly, then `depth_single` single-stream blocks over the joined sequence, each with
+    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE on
+    the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the conditioning
+    vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled embedding), text
+    tokens get no rotation, there is no absolute position embedding, and QK-norm is on.
+    """
+
+    def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1792, depth_double: int = 10,
+                 depth_single: int = 20, num_heads: int = 28, text_dim: int = 4096, mlp_ratio: float = 4.0,
+                 use_qknorm: bool = True, grad_checkpointing: bool = False):
+        super().__init__()
+        self.in_channels = self.out_channels = in_channels
+        self.patch_size, self.hidden_size, self.num_heads = patch_size, hidden_size, num_heads
+        self.depth, self.grad_checkpointing = depth_double + depth_single, grad_checkpointing
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.context_embedder = nn.Linear(text_dim, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+                                           for _ in range(depth_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+                                           for _ in range(depth_single))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        with torch.no_grad():  # as LightningDiT: xavier linears, and AdaLN-Zero: the initial model predicts 0
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+            for m in self.modules():
+                if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer)):
+                    nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                    nn.init.zeros_(m.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x, t, text):
+        states, mask = text
+        B, _, H, W = x.shape
+        p, L = self.patch_size, states.shape[1]
+        h, w = H // p, W // p
+        t = t.expand(B) if t.dim() == 0 else t
+        img = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        txt = self.context_embedder(states)  # (B, L, D)
+        weight = mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weight).sum(1) / weight.sum(1).clamp_min(1)  # (B, text_dim): the caption's mean state
+        c = self.t_embedder(t) + self.text_pool(pooled)  # (B, D)
+        cos, sin = rope_tables(self.hidden_size // self.num_heads, h, w, device=x.device)  # made there: no copy
+        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]),  # text tokens: no rotation
+                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]))  # (L + h*w, head_dim)
+        attend = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)[:, None, None, :]  # padding is never attended
+        for block in self.double_blocks:
+            txt, img = self._run(block, txt, img, c, rope, attend)
+        x = torch.cat([txt, img], dim=1)  # (B, L + h*w, D)
+        for block in self.single_blocks:
+            x = self._run(block, x, c, rope, attend)
+        out = self.final_layer(x[:, L:], c)  # (B, h*w, p*p*C), each token laid out (p, q, c)
+        out = out.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, self.out_channels, H, W)
+
+    def _run(self, block, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def joint_attention(q, k, v, rope, attend):
+    """Attention over the joined text and image tokens (B, heads, L + N, head_dim), RoPE on q and k."""
+    cos, sin = rope
+    return F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=attend)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image tokens, each with the weights of a LightningDiT block of their own (norms, qkv,
+    QK-norm, projection, SwiGLU, modulation), attending jointly: FLUX's double-stream block."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
+        super().__init__()
+        self.txt = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+        self.img = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+
+    def forward(self, txt, img, c, rope, attend):
+        streams, L = (self.txt, self.img), txt.shape[1]
+        mods = [s.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1) for s in streams]  # per stream, six (B, 1, D)
+        heads = [s.attn.heads(modulate(s.norm1(x), m[0], m[1])) for s, x, m in zip(streams, (txt, img), mods)]
+        q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))  # (B, heads, L + N, head_dim)
+        out = joint_attention(q, k, v, rope, attend).transpose(1, 2).flatten(2)  # (B, L + N, D)
+        results = []
+        for s, x, o, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp) in zip(streams, (txt, img),
+                                                                              (out[:, :L], out[:, L:]), mods):
+            x = x + gate_msa * s.attn.proj(o)
+            results.append(x + gate_mlp * s.mlp(modulate(s.norm2(x), shift_mlp, scale_mlp)))
+        return results
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over the joined tokens, attention and SwiGLU MLP side by side from one input projection
+    and into one output projection (FLUX's single-stream block), modulated by (shift, scale, gate)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.mlp_hidden = int(2 / 3 * int(hidden_size * mlp_ratio))
+        self.norm = RMSNorm(hidden_size)
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * self.mlp_hidden)  # qkv and SwiGLU's two halves
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
+        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
+
+    def forward(self, x, c, rope, attend):  # x: (B, S, D)
+        B, S, D = x.shape
+        shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(3, dim=-1)
+        qkv, a, b = self.linear1(modulate(self.norm(x), shift, scale)).split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
+        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = joint_attention(self.q_norm(q), self.k_norm(k), v, rope, attend).transpose(1, 2).flatten(2)
+        return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,12 +450,19 @@ class VisionRoPE(nn.Module):
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
               for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
+# Text-to-image sizes: double-stream blocks, single-stream blocks, width, heads (2B: 2.15B parameters with
+# T5-XXL's 4096-d states). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
+_T2I_SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12), "L": (8, 16, 1152, 18),
+              "2B": (10, 20, 1792, 28)}
+DiT_models.update({f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds, hidden_size=w,
+                                              num_heads=h, patch_size=p)
+                   for size, (dd, ds, w, h) in _T2I_SIZES.items() for p in (1, 2)})
 
 
-def build_dit(name: str, **kwargs) -> LightningDiT:
-    """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True)."""
+def build_dit(name: str, **kwargs):
+    """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True), build_dit("T2I-2B/1", text_dim=4096)."""
     if name not in DiT_models:
-        raise UserError(f"unknown LightningDiT configuration {name!r}; choose one of {sorted(DiT_models)}")
+        raise UserError(f"unknown model configuration {name!r}; choose one of {sorted(DiT_models)}")
     return DiT_models[name](**kwargs)
 
 
@@ -320,7 +470,7 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
     """(LightningDiT in eval mode with its EMA or raw weights, the rest of the checkpoint): the latter
     holds `latent_stats` (per-channel mean and std, to undo the latent normalisation) and `tokenizer`."""
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "dit":
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("dit", "t2i"):
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
     weights = "ema" if ema else "model"
@@ -350,3 +500,17 @@ def forward_flops_per_image(model: LightningDiT) -> int:
 def training_flops_per_image(model: LightningDiT) -> int:
     """FLOPs of one training step per image, for MFU: the backward pass costs twice the forward."""
     return 3 * forward_flops_per_image(model)
+
+
+def t2i_forward_flops(model: TextToImageDiT, image_tokens: int, text_tokens: int) -> int:
+    """forward_flops_per_image for the text-to-image model: each matmul weight times the tokens it sees
+    (a stream's weights its own tokens, the single-stream blocks all), plus joint attention."""
+    flops = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            tokens = (1 if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")) else
+                      text_tokens if name.startswith("context_embedder") or ".txt." in name else
+                      image_tokens if name.startswith(("x_embedder", "final_layer")) or ".img." in name else
+                      image_tokens + text_tokens)
+            flops += 2 * m.weight.numel() * tokens
+    return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size

@@ -3,6 +3,7 @@ reconstructions, computed as the ImageNet 256x256 numbers we compare against wer
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --prc --json fid.json
     torchrun --nproc_per_node=8 fid.py samples.npz ref_stats.npz       # features split over the ranks
+    python fid.py t2i.npz coco_val/ --clip_model openai/clip-vit-large-patch14 --prompts coco.txt  # + CLIP score
 
 - The network is inception.py's FID Inception-v3 (pytorch-fid's weights, the same 2048-d features),
   always run in true float32 (no bf16, no TF32).
@@ -33,6 +34,7 @@ from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_
                     cleanup_distributed, save_json, script_main, setup_distributed)
 from data import ImageFolder, count_skipped, eval_loader, is_image_file
 from inception import FEATURE_DIM, FID_WEIGHTS_URL, FIDInception, load_inception
+from text import clip_score_npz
 
 
 @contextlib.contextmanager
@@ -530,9 +532,15 @@ def parse_args(argv=None):
                    "cache, else download)")
     p.add_argument("--random_inception", action="store_true", help="random Inception weights: tests/demo only")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
+    p.add_argument("--clip_model", help="also the CLIP score of SAMPLES (a text-to-image .npz) with this transformers "
+                   "CLIP (hub name or folder), e.g. openai/clip-vit-large-patch14")
+    p.add_argument("--prompts", metavar="FILE", help="with --clip_model: the prompt file the samples were drawn from")
     args = p.parse_args(argv)
-    if not (len(args.paths) == 2 or (len(args.paths) == 1 and args.save_stats)):
-        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its statistics)")
+    if not (len(args.paths) == 2 or (len(args.paths) == 1 and (args.save_stats or args.clip_model))):
+        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its statistics, or with "
+                "--clip_model for the CLIP score only)")
+    if bool(args.clip_model) != bool(args.prompts):
+        p.error("--clip_model and --prompts go together")
     return args
 
 
@@ -543,8 +551,11 @@ def main(argv=None):
     for path, what in ((args.json, "results file"), (args.save_stats, "statistics file")):
         if path and dist_env.is_main:
             check_writable(path, what)  # now, not after the work
-    model = load_inception(args.inception_ckpt, args.random_inception, dist_env.device)
-    if len(args.paths) == 1:  # statistics only
+    clip_only = len(args.paths) == 1 and not args.save_stats
+    model = None if clip_only else load_inception(args.inception_ckpt, args.random_inception, dist_env.device)
+    if clip_only:
+        result = {"samples": args.paths[0]}
+    elif len(args.paths) == 1:  # statistics only
         source = load_source(args.paths[0], args.image_size, log=log)
         if isinstance(source, FIDStatistics):
             raise UserError(f"{args.paths[0]} is already a statistics file")
@@ -567,6 +578,9 @@ def main(argv=None):
         if "precision" in result:
             line += f"  precision {result['precision']:.4f}  recall {result['recall']:.4f}"
         log(line + f"  ({result['num_samples']} samples vs {result['num_reference']} reference images)")
+    if args.clip_model and dist_env.is_main:
+        result.update(clip_score_npz(args.paths[0], args.prompts, args.clip_model, dist_env.device))
+        log(f"CLIP score {result['clip_score']:.3f} ({args.clip_model})")
     if dist_env.is_main and args.json:
         save_json(result, args.json)
         log(f"results written to {args.json}")

@@ -32,6 +32,8 @@ from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least,
                     setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import load_dit
+from captions import parse_size
+from text import TextEncoder, read_prompts
 from tokenizer import latent_fingerprint, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,13 +76,15 @@ SOLVERS = {"euler": euler, "heun": heun}
 # Classifier-free guidance
 
 
-def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_start: float = 0.0):
-    """velocity_fn(x, t) for labels y (B,): v_u + w (v_c - v_u), w = cfg_scale, from one forward over
-    2B rows [y; null] (null = the label table's extra row, model.num_classes). cfg_channels=K guides
+def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_start: float = 0.0, null=None):
+    """velocity_fn(x, t) for conditions y: v_u + w (v_c - v_u), w = cfg_scale, from one forward over 2B
+    rows [y; null]. y: labels (B,), and null the label table's extra row (model.num_classes) by default;
+    or a text model's (states, mask), and null those of the empty caption. cfg_channels=K guides
     channels [:K] only and keeps the conditional velocity on the rest; below cfg_interval_start, and
     everywhere when w = 1, the velocity is the conditional one, and the unconditional rows are not
     computed at all."""
-    y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
+    null = torch.full_like(y, model.num_classes) if null is None else null
+    y2 = tuple(map(torch.cat, zip(y, null))) if isinstance(y, tuple) else torch.cat([y, null])
 
     def velocity_fn(x, t):  # x: (B, C, H, W); t: a host number
         t_dev = torch.full((), float(t), device=x.device)  # a fill kernel: no host-to-device copy, no sync
@@ -94,10 +98,11 @@ def guided_velocity(model, y, cfg_scale: float, cfg_channels=None, cfg_interval_
 
 
 def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, shift: float = 0.3,
-                   solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0, bar=None):
-    """Normalised latents (B, C, H, W) from noise (B, C, H, W) and labels y (B,), on the model's device.
-    No autocast in here: the caller chooses the precision. `bar` (tqdm) counts the model evaluations."""
-    velocity_fn = guided_velocity(model, y, cfg_scale, cfg_channels, cfg_interval_start)
+                   solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0, bar=None, null=None):
+    """Normalised latents (B, C, H, W) from noise (B, C, H, W) and conditions y (labels (B,), or a text
+    model's (states, mask)), on the model's device. No autocast in here: the caller chooses the
+    precision. `bar` (tqdm) counts the model evaluations."""
+    velocity_fn = guided_velocity(model, y, cfg_scale, cfg_channels, cfg_interval_start, null)
     if bar is not None:
         guided = velocity_fn
         velocity_fn = lambda x, t: (bar.update(1), guided(x, t))[1]  # noqa: E731
@@ -147,7 +152,10 @@ def decode_to_uint8(tokenizer, z_norm, latent_stats) -> torch.Tensor:
 # Loading, with the checks that turn a wrong file into a clear message
 
 
-def dit_latent_shape(model) -> tuple[int, int, int]:
+def dit_latent_shape(model) -> tuple[int, ...]:
+    """(C, H, W) for a class-conditional LightningDiT; (C,) for a text-to-image model, which takes any size."""
+    if not hasattr(model, "grid_size"):
+        return (model.in_channels,)
     side = model.grid_size * model.patch_size
     return (model.in_channels, side, side)
 
@@ -171,9 +179,10 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
         raise UserError(f"tokenizer {tokenizer_path} not found (named by {ckpt} or --tokenizer): pass --tokenizer "
                         "PATH to the tokenizer whose latents the LightningDiT was trained on")
     tokenizer = load_tokenizer(tokenizer_path, (meta.get("tokenizer_config") or {}).get("image_size"))
-    if tuple(tokenizer.latent_shape) != dit_latent_shape(model):
+    expected = dit_latent_shape(model)
+    if tuple(tokenizer.latent_shape)[:len(expected)] != expected:
         raise UserError(f"tokenizer {tokenizer_path} makes latents of shape {tuple(tokenizer.latent_shape)} but the "
-                        f"LightningDiT in {ckpt} generates {dit_latent_shape(model)}: pass the tokenizer it was "
+                        f"LightningDiT in {ckpt} generates {expected}: pass the tokenizer it was "
                         "trained with (--tokenizer)")
     # A stage-3 tokenizer (new decoder, same encoder and adapter) is a legitimate swap; any other is not.
     if meta.get("tokenizer_fingerprint") not in (None, latent_fingerprint(tokenizer)):
@@ -201,16 +210,42 @@ def refined_tokenizer(path: str | None) -> str | None:
 # Generation
 
 
-def generate(model, tokenizer, latent_stats, indices, labels, args, device, bf16, bar=None):
-    """Images for the global `indices` with `labels`: (n, H, W, 3) uint8 numpy, in batches. `bar`
-    counts model evaluations."""
+class Task:
+    """What to sample: the latent shape, and for sample i its label (a class, or a prompt's index) and the
+    model's conditions (labels, or a text model's states) with their unconditional counterpart."""
+
+    def __init__(self, model, args, meta, device, text=None):
+        self.args, self.device, self.text, self.prompts = args, device, text, args.prompts
+        if text is None:
+            self.shape, self.num_classes = dit_latent_shape(model), model.num_classes
+        else:
+            factor = meta["latent_factor"]
+            self.shape = (model.in_channels, args.size[0] // factor, args.size[1] // factor)
+
+    def labels(self, indices) -> torch.Tensor:
+        """`--classes` or the prompts cycled over the indices, else a random class per index."""
+        if self.text is not None:
+            return torch.tensor([i % len(self.prompts) for i in indices], dtype=torch.long)
+        if self.args.classes:
+            return torch.tensor([self.args.classes[i % len(self.args.classes)] for i in indices], dtype=torch.long)
+        return sample_labels(self.args.seed, indices, self.num_classes)
+
+    def conditions(self, labels):
+        if self.text is None:
+            return labels.to(self.device), None
+        return self.text([self.prompts[i] for i in labels], warn=True), self.text([""] * len(labels))
+
+
+def generate(model, tokenizer, latent_stats, indices, task, args, device, bf16, bar=None):
+    """Images for the global `indices`: (n, H, W, 3) uint8 numpy, in batches. `bar` counts model evaluations."""
     out = []
     for s in range(0, len(indices), args.batch_size):
         idx = indices[s: s + args.batch_size]
-        noise = sample_noise(args.seed, idx, dit_latent_shape(model)).to(device)  # (b, C, h, w)
+        noise = sample_noise(args.seed, idx, task.shape).to(device)  # (b, C, h, w)
+        y, null = task.conditions(task.labels(idx))
         with autocast(device, bf16):
-            z = sample_latents(model, labels[s: s + args.batch_size].to(device), noise, args.steps, args.cfg,
-                               args.shift, args.solver, args.cfg_channels, args.cfg_interval_start, bar)
+            z = sample_latents(model, y, noise, args.steps, args.cfg, args.shift, args.solver, args.cfg_channels,
+                               args.cfg_interval_start, bar, null)
         out.append(decode_to_uint8(tokenizer, z, latent_stats).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
     return torch.cat(out).numpy()
 
@@ -221,13 +256,6 @@ def progress(counts, args, env=None) -> tqdm:
     total = sum(math.ceil(n / args.batch_size) for n in counts) * per_batch
     return tqdm(total=total, unit="eval", desc=f"sampling {sum(counts)} images", dynamic_ncols=True,
                 disable=env is not None and not env.is_main)
-
-
-def labels_for(indices, classes, seed, num_classes) -> torch.Tensor:
-    """`classes` cycled over the indices, else a random class per index."""
-    if classes:
-        return torch.tensor([classes[i % len(classes)] for i in indices], dtype=torch.long)
-    return sample_labels(seed, indices, num_classes)
 
 
 def save_npz(path: str, **arrays):
@@ -241,7 +269,7 @@ def wait_for(paths, poll_s: float = 1.0):
         time.sleep(poll_s)
 
 
-def run_npz(args, env, model, tokenizer, meta, bf16, log):
+def run_npz(args, env, model, tokenizer, meta, task, bf16, log):
     """Shards of `--shard_size` samples by global index, the missing ones split over the ranks, then
     concatenated by rank 0 into `<out>/samples.npz`. Returns its path."""
     N, S = args.num_samples, args.shard_size
@@ -255,7 +283,8 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=meta.get("step"), weights="raw" if args.raw_weights else "ema",
                     tokenizer=os.path.abspath(meta["tokenizer"]), cfg=args.cfg, cfg_channels=args.cfg_channels,
                     cfg_interval_start=args.cfg_interval_start, steps=args.steps, shift=args.shift,
-                    solver=args.solver, seed=args.seed, classes=args.classes, num_samples=N, shard_size=S,
+                    solver=args.solver, seed=args.seed, classes=args.classes, prompts=args.prompts, size=list(args.size or []),
+                    num_samples=N, shard_size=S,
                     precision="bf16" if bf16 else "fp32")
     if env.is_main:
         if os.path.exists(settings_path):
@@ -279,9 +308,8 @@ def run_npz(args, env, model, tokenizer, meta, bf16, log):
     bar = progress([min(S, N - k * S) for k in mine], args, env)
     for k in mine:
         indices = list(range(k * S, min(N, (k + 1) * S)))
-        labels = labels_for(indices, args.classes, args.seed, model.num_classes)
-        images = generate(model, tokenizer, meta["latent_stats"], indices, labels, args, env.device, bf16, bar)
-        save_npz(shard_path(k), arr_0=images, arr_1=labels.numpy())
+        images = generate(model, tokenizer, meta["latent_stats"], indices, task, args, env.device, bf16, bar)
+        save_npz(shard_path(k), arr_0=images, arr_1=task.labels(indices).numpy())
     bar.close()
     if not env.is_main:
         wait_for([final])
@@ -308,12 +336,11 @@ def grid_path(args) -> str:
     return os.path.join(args.out, f"grid_cfg{args.cfg:g}_steps{args.steps}{solver}.png")
 
 
-def run_grid(args, model, tokenizer, meta, device, bf16):
+def run_grid(args, model, tokenizer, meta, task, device, bf16):
     """A PNG grid of `--num_samples` samples (default: one per `--classes` entry, or 16 random)."""
     indices = list(range(args.num_samples))
     bar = progress([len(indices)], args)
-    images = generate(model, tokenizer, meta["latent_stats"], indices,
-                      labels_for(indices, args.classes, args.seed, model.num_classes), args, device, bf16, bar)
+    images = generate(model, tokenizer, meta["latent_stats"], indices, task, args, device, bf16, bar)
     bar.close()
     save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), grid_path(args))
     return grid_path(args)
@@ -337,7 +364,14 @@ def parse_args(argv=None):
     p.add_argument("--cfg_interval_start", type=float, default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
     p.add_argument("--classes", help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
-    p.add_argument("--num_samples", type=at_least(1), help="default: len(--classes) or 16 for a grid, 50000 with --npz")
+    g = p.add_argument_group("text-to-image models (train_t2i.py)")
+    g.add_argument("--prompt", help="the caption to draw (--num_samples times)")
+    g.add_argument("--prompts", metavar="FILE", help="captions, one per line, cycled over the samples (for FID: "
+                   "arr_1 holds each sample's line number)")
+    g.add_argument("--size", help="HxW, one of the model's buckets, e.g. 224x288 (default: the square one)")
+    g.add_argument("--text_encoder", help="a local copy of the checkpoint's text encoder (default: the name it gives)")
+    p.add_argument("--num_samples", type=at_least(1), help="default: the number of --classes or --prompts, or 16 for "
+                   "a grid; 50000 with --npz")
     p.add_argument("--batch_size", type=at_least(1), default=64, help="samples per forward pass per rank")
     p.add_argument("--seed", type=at_least(0), default=0, help="sample i uses a generator seeded from (seed, i)")
     p.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
@@ -357,8 +391,17 @@ def parse_args(argv=None):
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
         except ValueError:
             p.error(f"argument --classes: comma-separated integers expected, got {args.classes!r}")
+    if args.prompt is not None and args.prompts is not None:
+        p.error("give --prompt or --prompts, not both")
+    return args
+
+
+def complete_args(args):
+    """The defaults that depend on files: the prompts, then the number of samples and the output folder."""
+    args.prompts = read_prompts(args.prompts) if args.prompts else [args.prompt] if args.prompt is not None else None
     if args.num_samples is None:
-        args.num_samples = 50_000 if args.npz else (len(args.classes) if args.classes else 16)
+        given = args.classes or (args.prompts if args.prompt is None else None)
+        args.num_samples = len(given) if given else (50_000 if args.npz else 16)
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
         if args.npz:  # one folder per setting, so that runs with other settings never meet
@@ -371,11 +414,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = complete_args(parse_args(argv))
     env = setup_distributed(args.device)
     log = Logger(env).info
     model, tokenizer, meta = load_models(args.ckpt, args.tokenizer, ema=not args.raw_weights)
-    bad = [c for c in args.classes or [] if not 0 <= c < model.num_classes]
+    text = None
+    if meta["kind"] == "t2i":
+        if not args.prompts or args.classes:
+            raise UserError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT or --prompts FILE "
+                            "(not --classes)")
+        sizes = [tuple(s) for s in meta["buckets"]]
+        args.size = parse_size(args.size, sizes) if args.size else sizes[len(sizes) // 2]
+        text = TextEncoder(args.text_encoder or meta["text_encoder"], meta["max_length"], env.device,
+                           torch.bfloat16 if use_bf16(args.precision, env.device) else torch.float32)
+    elif args.prompts or args.size:
+        raise UserError(f"{args.ckpt} is a class-conditional model: --prompt, --prompts and --size are for "
+                        "text-to-image models (train_t2i.py); use --classes")
+    bad = [c for c in args.classes or [] if not 0 <= c < getattr(model, "num_classes", 0)]
     if bad:
         raise UserError(f"unknown class id(s) {bad}: this model has {model.num_classes} classes "
                         f"(0..{model.num_classes - 1})")
@@ -393,11 +448,12 @@ def main(argv=None):
         f"weights), tokenizer {meta['tokenizer']}; cfg {args.cfg:g} (channels {args.cfg_channels or 'all'}, "
         f"from t={args.cfg_interval_start:g}), {args.solver} {args.steps} steps, shift {args.shift:g}, "
         f"{'bf16' if bf16 else 'fp32'} on {env.device}")
+    task = Task(model, args, meta, env.device, text)
     if args.npz:
-        path = run_npz(args, env, model, tokenizer, meta, bf16, log)
+        path = run_npz(args, env, model, tokenizer, meta, task, bf16, log)
         log(f"{args.num_samples} samples in {path} (arr_0: images NHWC uint8, arr_1: labels)")
     else:
-        path = run_grid(args, model, tokenizer, meta, env.device, bf16) if env.is_main else None
+        path = run_grid(args, model, tokenizer, meta, task, env.device, bf16) if env.is_main else None
         log(f"sample grid -> {path}")
     cleanup_distributed()
     return path

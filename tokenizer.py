@@ -159,18 +159,20 @@ class AlignedTokenizer(nn.Module):
         return (self.config["latent_channels"], self.latent_size, self.latent_size)
 
     def preprocess(self, x):
-        """[-1, 1] images (B, 3, 256, 256) -> DINOv2 input (B, 3, 224, 224), ImageNet-normalised."""
-        x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic", antialias=True)
+        """[-1, 1] images (B, 3, H, W) -> DINOv2 input (B, 3, 14H/16, 14W/16), ImageNet-normalised
+        (256 x 256 -> 224 x 224: 16 x 16 patches of 14 px)."""
+        size = (x.shape[-2] // 16 * self.encoder.patch_size, x.shape[-1] // 16 * self.encoder.patch_size)
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, S, S) in [-1, 1], S = image_size -> latents z (B, C, S/16, S/16)."""
-        S = self.config["image_size"]
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, S, S) or not x.is_floating_point():
-            raise UserError(f"this tokenizer encodes float images of shape (B, 3, {S}, {S}) in [-1, 1], got "
-                            f"{tuple(x.shape)} {x.dtype} (centre-crop with data.py, map with data.to_model_range)")
+        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (image_size: the training size; other
+        sizes and aspect ratios too, for text-to-image buckets) -> latents z (B, C, H/16, W/16)."""
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16 or not x.is_floating_point():
+            raise UserError(f"this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H and W multiples of 16, "
+                            f"got {tuple(x.shape)} {x.dtype} (crop with data.py, map with data.to_model_range)")
         z = self.adapter(self.encoder(self.preprocess(x)))  # (B, h*w, D) -> (B, h*w, C)
-        return z.transpose(1, 2).reshape(z.shape[0], -1, self.latent_size, self.latent_size)
+        return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
 
     def decode(self, z):
         """Latents (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (clamp before saving)."""

@@ -42,6 +42,15 @@ def wait_for_log(log_path, text, timeout=120):
     raise TimeoutError(f"{text!r} not in {log_path} after {timeout} s")
 
 
+def save_tokenizer(path, **config):
+    """A random tiny tokenizer (32 px -> 32x2x2 latents) saved as train_tokenizer.py's stage 3 would."""
+    from tokenizer import AlignedTokenizer
+
+    tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1, **config))
+    torch.save({"kind": "tokenizer", "stage": 3, "config": tok.config, "model": tok.state_dict()}, path)
+    return tok
+
+
 def randomize_(model, scale=0.2, seed=0):
     """Random non-zero values for every trainable weight, norm weights near 1: the AdaLN-Zero init
     would make a LightningDiT predict exactly 0 and hide most of the model from a test."""

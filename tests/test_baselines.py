@@ -15,7 +15,6 @@ import sample
 import train_dit
 import train_tokenizer
 from common import UserError, load_checkpoint
-from conftest import randomize_
 from tokenizer import latent_fingerprint, load_tokenizer
 
 REF = os.path.join(os.path.dirname(__file__), "reference")

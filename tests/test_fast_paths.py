@@ -114,7 +114,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
-@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid"])
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", part, "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",

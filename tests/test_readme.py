@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
-SCRIPTS = ("train_tokenizer", "train_dit", "sample", "fid", "bench", "demo")
+SCRIPTS = ("train_tokenizer", "train_dit", "train_t2i", "sample", "fid", "bench", "demo")
 
 
 def readme():
@@ -95,3 +95,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
     again = run_script(["demo.py", "--tiny", "--out", str(out), "--device", "cpu"], timeout=600,
                        env={"TORCH_HOME": str(tmp_path / "torch_home")})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # The text-to-image demo on the same tokenizer: a random byte-level T5, the captions, prompt samples.
+    t2i = run_script(["demo.py", "--tiny", "--t2i", "--out", str(out), "--device", "cpu"], timeout=600,
+                     env={"TORCH_HOME": str(tmp_path / "torch_home")})
+    assert t2i.returncode == 0, t2i.stdout[-3000:] + t2i.stderr[-3000:]
+    assert "a small RANDOM byte-level T5" in t2i.stdout and "train_t2i.py" in t2i.stdout
+    for path in ("text_encoder/config.json", "t2i/ckpt.pt", "t2i/samples_0000004.png", "t2i/samples/grid_cfg4_steps50.png"):
+        assert (out / path).exists(), path

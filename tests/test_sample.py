@@ -12,11 +12,10 @@ import torch
 
 import sample
 from common import UserError
-from conftest import randomize_, run_torchrun
+from conftest import randomize_, run_torchrun, save_tokenizer
 from dit import build_dit
 from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels, sample_latents,
                     sample_noise, shift_timesteps, time_grid)
-from tokenizer import AlignedTokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # Time grid and solvers
@@ -145,12 +144,6 @@ def test_denormalize_and_decode(tiny_files):
 
 # ----------------------------------------------------------------------------------------------------
 # The CLI on a tiny checkpoint
-
-
-def save_tokenizer(path, **config):
-    tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1, **config))
-    torch.save({"kind": "tokenizer", "stage": 3, "config": tok.config, "model": tok.state_dict()}, path)
-    return tok
 
 
 @pytest.fixture(scope="module")

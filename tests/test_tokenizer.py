@@ -199,8 +199,9 @@ def test_tokenizer_shapes_and_default_sizes():
     assert z.shape == (2, 32, 2, 2) and x_hat.shape == x.shape
     torch.testing.assert_close(tok.decode(tok.encode(x)), x_hat)
     assert PatchGAN(8)(x).shape[:2] == (2, 1)
-    with pytest.raises(UserError, match=r"shape \(B, 3, 32, 32\)"):
-        tok.encode(torch.rand(2, 3, 64, 64))  # another size would silently give a 2x2 latent
+    assert tok.encode(torch.rand(2, 3, 48, 80) * 2 - 1).shape == (2, 32, 3, 5)  # any size and aspect ratio
+    with pytest.raises(UserError, match="multiples of 16"):
+        tok.encode(torch.rand(2, 3, 40, 40))
     with pytest.raises(UserError, match="to_model_range"):
         tok.encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 

@@ -1,0 +1,229 @@
+"""Image-caption data for the text-to-image model (the paper's LAION experiment), streamed in batches of
+one aspect-ratio bucket each.
+
+Sources (`--captions PATH`):
+- a folder in which every image has a caption file of the same name (`x.jpg` + `x.txt`, subfolders too);
+- WebDataset shards as img2dataset writes them for LAION: a folder of `.tar` files (or one file) holding
+  `key.jpg`, `key.txt` and an optional `key.json` per sample, read as a stream, never unpacked.
+An image whose caption is missing or empty, or that cannot be decoded, is skipped and counted; a shard
+cut short is read up to the damage, counted, and left.
+
+Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
+... up to 2:1); each image goes to the bucket nearest its aspect ratio and is resized to cover it
+and centre-cropped, so nothing is padded. Shards are shuffled every epoch and dealt to ranks, then to
+loader workers; each worker fills one buffer per bucket and yields a batch when one is full. A batch
+says which worker made it and where in that worker's stream it was, so that a checkpoint records each
+worker's position, and a resumed run continues exactly: each worker replays its stream to that
+position, reading image headers only.
+"""
+
+import glob
+import io
+import math
+import os
+import tarfile
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import UserError
+from data import IMAGE_EXTENSIONS, is_image_file, to_rgb
+
+FOLDER_SHARD = 256  # images per pseudo-shard of a caption folder
+
+
+def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(H, W) sizes of image_size^2 pixels within 10%, whole multiples of `cell` (a latent cell times the
+    DiT's patch), aspect ratios up to max_ratio, from tall to wide."""
+    base, sizes = image_size // cell, set()
+    for h in range(1, base + 1):
+        w = round(base * base / h)
+        if abs(h * w - base * base) <= 0.1 * base * base and w / h <= max_ratio:
+            sizes |= {(h * cell, w * cell), (w * cell, h * cell)}
+    return sorted(sizes, key=lambda s: s[0] / s[1])
+
+
+def nearest_bucket(height: int, width: int, sizes) -> tuple[int, int]:
+    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(height / width)))
+
+
+def parse_size(text: str, sizes) -> tuple[int, int]:
+    """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if size not in sizes:
+        raise UserError(f"--size {text} is not one of the buckets: " + ", ".join(f"{h}x{w}" for h, w in sizes))
+    return size
+
+
+def cover_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """ADM's centre crop for any size: halve with a box filter while at least twice the target, bicubic
+    to cover (height, width), crop the centre. HxWx3 uint8."""
+    while img.size[0] >= 2 * width and img.size[1] >= 2 * height:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+    scale = max(height / img.size[1], width / img.size[0])
+    img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
+                     resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
+    return arr[top: top + height, left: left + width]
+
+
+def list_shards(path: str, readers: int = 1) -> list:
+    """The shards of a source: .tar files, or for a caption folder its images, shuffled once and dealt into
+    at least `readers` lists (a folder sorted by subfolder would otherwise give batches of one kind)."""
+    if os.path.isfile(path) and path.endswith(".tar"):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"caption data {path!r} does not exist: expected WebDataset .tar shards or a folder of images "
+                        "with .txt captions (--captions)")
+    tars = sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+    if tars:
+        return tars
+    images = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True) for f in names
+                    if is_image_file(f))
+    if not images:
+        raise UserError(f"no .tar shards and no images in {path!r} (images: {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+                        "each with a .txt caption of the same name)")
+    images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
+    count = min(len(images), max(readers, math.ceil(len(images) / FOLDER_SHARD)))
+    return [images[i::count] for i in range(count)]
+
+
+def read_shard(shard):
+    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image or a
+    caption is given with None for it. A damaged tar ends its shard with a warning and (key, None, None)."""
+    if isinstance(shard, list):  # a caption folder's files
+        for image in shard:
+            txt = os.path.splitext(image)[0] + ".txt"
+            caption = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else None
+            yield image, image, caption
+        return
+    key, parts = None, {}
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, ext = os.path.splitext(member.name)
+                if stem != key and key is not None:
+                    yield _sample(key, parts)
+                    parts = {}
+                key = stem
+                parts[ext.lower()] = tar.extractfile(member).read()
+            # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive marker then.
+            if os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker: cut short")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        damage = e
+    else:
+        damage = None
+    if key is not None:
+        yield _sample(key, parts)
+    if damage is not None:
+        warnings.warn(f"{shard} is damaged ({damage}); its remaining samples are skipped")
+        yield (f"{shard}:damaged", None, None)
+
+
+def _sample(key, parts):
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    caption = parts[".txt"].decode("utf-8", errors="replace").strip() if ".txt" in parts else None
+    return key, image, caption
+
+
+class CaptionStream(torch.utils.data.IterableDataset):
+    """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch", "index",
+    "skipped"} of this rank's shards, each batch from one bucket (see the module docstring)."""
+
+    def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1, seed: int = 0,
+                 num_workers: int = 0):
+        self.rank, self.world, self.seed, self.readers = rank, world, seed, max(1, num_workers) * world
+        self.shards, self.batch_size, self.sizes = list_shards(path, self.readers), batch_size, sizes
+        if len(self.shards) < self.readers:
+            raise UserError(f"{path} has {len(self.shards)} shard(s) for {world} rank(s) x {max(1, num_workers)} "
+                            "loader worker(s): every reader needs one; lower --num_workers or split the data")
+        self.start = {}  # worker -> (epoch, batches of that epoch already consumed)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, skip = self.start.get(worker, (0, 0))
+        skipped = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            mine = order[self.rank * workers + worker:: self.world * workers]
+            buffers, index = {}, 0
+            for shard in mine:
+                for key, image, caption in read_shard(self.shards[shard]):
+                    if image is None or not caption:  # no image, or a missing or empty caption
+                        skipped += 1
+                        continue
+                    try:
+                        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+                            size = nearest_bucket(img.size[1], img.size[0], self.sizes)  # the header only
+                            pixels = None if index < skip else cover_crop(to_rgb(img), *size)
+                    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                        skipped += 1
+                        continue
+                    buffer = buffers.setdefault(size, [])
+                    buffer.append((pixels, caption))
+                    if len(buffer) == self.batch_size:
+                        del buffers[size]
+                        if index >= skip:  # replayed batches (before a resume point) are not decoded nor yielded
+                            yield {"images": torch.from_numpy(np.stack([p for p, _ in buffer])).permute(0, 3, 1, 2),
+                                   "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
+                                   "index": index, "skipped": skipped}
+                        index += 1
+            epoch, skip = epoch + 1, 0
+
+
+class CaptionBatches:
+    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() is every
+    worker's position, so that `--resume` continues exactly (with the same ranks and --num_workers)."""
+
+    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False, seed: int = 0):
+        self.stream, self.num_workers, self.pin_memory, self.seed = stream, num_workers, pin_memory, seed
+        self.position, self.skipped = {}, {}  # worker -> (epoch, batches consumed), skipped count
+        self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
+
+    def state_dict(self):
+        return {"position": {str(w): p for w, p in self.position.items()}, "next_worker": self.next_worker,
+                "readers": self.stream.readers, "rank": self.stream.rank}
+
+    def load_state_dict(self, state):
+        if state["readers"] != self.stream.readers:
+            warnings.warn(f"resuming with {self.stream.readers} data readers instead of {state['readers']}: the data "
+                          "stream starts again from the latest saved epoch's beginning")
+            epoch = max((p[0] for p in state["position"].values()), default=0)
+            self.position, self.next_worker = {w: (epoch, 0) for w in range(max(1, self.num_workers))}, 0
+        else:
+            self.position = {int(w): tuple(p) for w, p in state["position"].items()}
+            self.next_worker = state["next_worker"]
+
+    def __iter__(self):
+        self.stream.start = dict(self.position)
+        # A generator of its own: a loader drawn from the global one would shift the training noise on resume.
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None,
+                                             generator=torch.Generator().manual_seed(self.seed))
+        held = {}  # a resumed loader starts with worker 0, the interrupted one maybe with another: keep the turns
+        for batch in loader:
+            held[batch["worker"]] = batch
+            while self.next_worker in held:
+                batch = held.pop(self.next_worker)
+                self.next_worker = (self.next_worker + 1) % max(1, self.num_workers)
+                self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
+                self.skipped[batch["worker"]] = batch["skipped"]
+                yield batch["images"], batch["captions"]
+
+    def count_skipped(self, env) -> int:
+        """Samples skipped so far on all ranks (a collective under DDP). Replayed parts are counted again."""
+        total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
+        if env.distributed:
+            torch.distributed.all_reduce(total)
+        return int(total.item())
+

@@ -1,0 +1,387 @@
+"""Text-to-image: caption data (folders, WebDataset shards, damage, buckets, exact resume), the model
+(shapes on non-square grids, AdaLN-Zero, padding, parameter count, FLOPs), the text encoder and CLIP
+score on tiny random models, train_t2i.py (resume, 2 gloo ranks), sample.py's prompts, and a short
+training run whose samples follow the colour named in the prompt."""
+
+import io
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import dit
+import fid
+import sample
+import train_t2i
+from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, parse_size, read_shard
+from common import UserError, load_checkpoint, read_log
+from conftest import randomize_, run_script, run_torchrun, save_tokenizer
+from data import DemoShapes
+from text import TextEncoder, clip_score, save_random_clip, save_random_text_encoder
+
+# ----------------------------------------------------------------------------------------------------
+# Buckets
+
+
+def test_buckets_have_the_area_whole_cells_and_both_orientations():
+    sizes = buckets(256, 16)
+    assert {(256, 256), (224, 288), (288, 224)} <= set(sizes)
+    for h, w in sizes:
+        assert h % 16 == 0 and w % 16 == 0 and abs(h * w / 256 ** 2 - 1) <= 0.1 and max(h / w, w / h) <= 2
+        assert (w, h) in sizes
+    assert [h / w for h, w in sizes] == sorted(h / w for h, w in sizes)  # tall to wide
+    assert all(s[0] % 32 == 0 and s[1] % 32 == 0 for s in buckets(256, 32))  # patch 2: whole patches
+    assert nearest_bucket(500, 400, sizes) == (288, 224)  # 5:4 portrait -> 9:7
+    assert nearest_bucket(300, 300, sizes) == (256, 256)
+    assert parse_size("224x288", sizes) == (224, 288)
+    with pytest.raises(UserError, match="--size 250x250 is not one of the buckets: .*224x288"):
+        parse_size("250x250", sizes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caption data
+
+
+def jpeg(h, w, colour=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: (key, {ext: bytes}) as img2dataset writes them, in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_webdataset_shards_buckets_and_skipped_samples(tmp_path):
+    sizes = buckets(64, 16)  # 48x80, 64x64, 80x48
+    write_tar(tmp_path / "00000.tar", [
+        ("a", {".jpg": jpeg(64, 64), ".txt": b"a square", ".json": b"{}"}),
+        ("b", {".jpg": jpeg(60, 100), ".txt": b"a wide one"}),
+        ("c", {".jpg": jpeg(64, 64)}),  # no caption: skipped
+        ("d", {".jpg": jpeg(64, 64), ".txt": b"  \n"}),  # empty caption: skipped
+        ("e", {".jpg": b"not a jpeg", ".txt": b"corrupt"}),  # undecodable: skipped
+        ("f", {".png": jpeg(100, 62), ".txt": "a tall one, caf\u00e9".encode()}),
+        ("g", {".jpg": jpeg(70, 70), ".txt": b"another square"}),
+    ])
+    batches = take(CaptionStream(str(tmp_path), 1, sizes), 4)
+    got = [(b["captions"][0], tuple(b["images"].shape)) for b in batches]
+    assert got == [("a square", (1, 3, 64, 64)), ("a wide one", (1, 3, 48, 80)), ("a tall one, caf\u00e9", (1, 3, 80, 48)),
+                   ("another square", (1, 3, 64, 64))]
+    assert batches[-1]["skipped"] == 3 and batches[0]["images"].dtype == torch.uint8
+    assert batches[0]["images"][0, :, 32, 32].tolist() == pytest.approx([200, 30, 30], abs=8)
+    # Batches of two: each from one bucket, so the two squares travel together.
+    pairs = take(CaptionStream(str(tmp_path / "00000.tar"), 2, sizes), 1)
+    assert pairs[0]["captions"] == ["a square", "another square"]
+
+
+@pytest.mark.parametrize("cut", [0, 300, 700])  # at a header, in a header, in an image
+def test_a_shard_cut_short_is_read_up_to_the_damage(tmp_path, cut):
+    path = tmp_path / "cut.tar"
+    write_tar(path, [(f"{i:03d}", {".jpg": jpeg(32, 32), ".txt": f"image {i}".encode()}) for i in range(6)])
+    whole = list(read_shard(str(path)))
+    assert [s[2] for s in whole] == [f"image {i}" for i in range(6)]
+    path.write_bytes(path.read_bytes()[: 4 * 2560 + cut])  # 4 samples of 2560 bytes (4 tar blocks + 2 headers)
+    with pytest.warns(UserWarning, match="cut.tar is damaged"):
+        samples = list(read_shard(str(path)))
+    good = [s for s in samples if s[1] is not None and s[2]]
+    assert [s[2] for s in good] == [f"image {i}" for i in range(4)] and len(samples) - len(good) >= 1
+    stream = CaptionStream(str(path), 1, buckets(32, 16))
+    assert take(stream, 4)[-1]["skipped"] == 0  # the damage is counted when the stream reaches it
+    with pytest.warns(UserWarning, match="cut.tar is damaged"):
+        assert take(stream, 5)[-1]["skipped"] >= 1
+
+
+@pytest.fixture(scope="module")
+def demo_captions(tmp_path_factory):
+    """The demo set with its captions, 32 px: 48 images in class subfolders, x.png + x.txt."""
+    folder = str(tmp_path_factory.mktemp("t2i") / "demo")
+    DemoShapes(48, 32, num_classes=4).save(folder)
+    return folder
+
+
+def test_caption_folder_and_missing_caption(demo_captions, tmp_path):
+    folder = tmp_path / "folder"
+    DemoShapes(6, 32, num_classes=2).save(str(folder))
+    txts = sorted(folder.rglob("*.txt"))
+    assert len(txts) == 6 and "background" in txts[0].read_text()
+    txts[0].unlink()
+    batches = take(CaptionStream(str(folder), 5, buckets(32, 16)), 1)
+    assert len(batches[0]["captions"]) == 5 and batches[0]["skipped"] == 1
+    assert all(c.startswith("a ") for c in batches[0]["captions"])
+    write_tar(tmp_path / "one.tar", [("a", {".jpg": jpeg(32, 32), ".txt": b"x"})])
+    with pytest.raises(UserError, match="1 shard.* for 1 rank.* x 2 loader worker"):
+        CaptionStream(str(tmp_path / "one.tar"), 5, buckets(32, 16), num_workers=2)
+    with pytest.raises(UserError, match="does not exist"):
+        CaptionStream(str(tmp_path / "nothing"), 5, buckets(32, 16))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_caption_batches_resume_exactly(demo_captions, workers):
+    def stream():
+        return CaptionStream(demo_captions, 4, buckets(32, 16), seed=3, num_workers=workers)
+
+    def batches(state=None):
+        b = CaptionBatches(stream(), workers, seed=3)
+        if state is not None:
+            b.load_state_dict(state)
+        return b
+
+    first = batches()
+    it = iter(first)
+    for _ in range(9):  # past the end of an epoch (12 batches of 4 over the workers): epochs roll over
+        next(it)
+    state = first.state_dict()
+    expected = [next(it) for _ in range(8)]
+    again = iter(batches(state))
+    for (img_a, cap_a), (img_b, cap_b) in zip(expected, (next(again) for _ in range(8))):
+        assert cap_a == cap_b and torch.equal(img_a, img_b)
+    # Every image of an epoch comes once per epoch.
+    seen = [c for _, caps in take(batches(), 12) for c in caps]
+    assert len(seen) == 48
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+def tiny_t2i(patch=1, **kw):
+    return dit.build_dit(f"T2I-tiny/{patch}", in_channels=4, text_dim=16, **kw)
+
+
+def text_batch(B=2, L=6, valid=(4, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(B, L, 16, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor(valid)[:, None]
+    return states, mask
+
+
+@pytest.mark.parametrize("patch,H,W", [(1, 3, 5), (2, 6, 10), (1, 4, 4)])
+def test_shapes_on_non_square_grids_and_zero_init(patch, H, W):
+    model = tiny_t2i(patch)
+    x, t = torch.randn(2, 4, H, W), torch.rand(2)
+    assert torch.equal(model(x, t, text_batch()), torch.zeros(2, 4, H, W))  # AdaLN-Zero: the initial model says 0
+    out = randomize_(model)(x, t, text_batch())
+    assert out.shape == (2, 4, H, W) and out.abs().mean() > 0.01
+
+
+def test_padding_is_ignored_and_the_caption_matters():
+    model = randomize_(tiny_t2i()).eval()
+    x, t = torch.randn(2, 4, 3, 5), torch.rand(2)
+    states, mask = text_batch()
+    out = model(x, t, (states, mask))
+    longer = torch.cat([states, torch.randn(2, 3, 16)], 1), torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(model(x, t, longer), out, atol=1e-5)  # more padding: the same
+    noise = states.clone()
+    noise[0, 5] += 3.0  # a padded position of caption 0 (4 valid tokens)
+    assert torch.allclose(model(x, t, (noise, mask)), out, atol=1e-5)
+    noise[0, 1] += 3.0  # a real token
+    changed = model(x, t, (noise, mask))
+    assert not torch.allclose(changed[0], out[0], atol=1e-3) and torch.allclose(changed[1], out[1], atol=1e-5)
+
+
+def test_image_tokens_know_their_2d_position():
+    """RoPE on a non-square grid: transposing the input must not simply transpose the output."""
+    model = randomize_(tiny_t2i()).eval()
+    x = torch.randn(1, 4, 4, 4)
+    text = text_batch(B=1, valid=(6,))
+    assert not torch.allclose(model(x.transpose(2, 3), torch.rand(1), text),
+                              model(x, torch.rand(1), text).transpose(2, 3), atol=1e-3)
+
+
+def test_2b_config_size_and_flops():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        big = dit.build_dit("T2I-2B/1", in_channels=32, text_dim=4096)
+    assert 1.9e9 < sum(p.numel() for p in big.parameters()) < 2.3e9
+    model, B, (h, w), L = randomize_(tiny_t2i(2)), 3, (6, 10), 6
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(B, 4, h, w), torch.rand(B), text_batch(B, L, (2, 4, 6)))
+    assert counter.get_total_flops() == B * dit.t2i_forward_flops(model, h * w // 4, L)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoder and CLIP score
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    return save_random_text_encoder(str(tmp_path_factory.mktemp("t5") / "t5"), dim=32, layers=1)
+
+
+def test_text_encoder_pads_masks_and_warns_when_it_cuts(t5):
+    enc = TextEncoder(t5, max_length=16)
+    states, mask = enc(["a red disc", "", "blue"])
+    assert states.shape == (3, 16, 32) and enc.dim == 32
+    assert mask.sum(1).tolist() == [11, 1, 5]  # ByT5: one token per byte, + </s>
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc(["x" * 40])  # training: cut silently
+    with pytest.warns(UserWarning, match="longer than the text encoder's 16 tokens"):
+        long_states, long_mask = enc(["x" * 40], warn=True)
+    assert long_mask.all()
+    a, _ = enc(["a red disc"])
+    assert torch.allclose(a, states[:1], atol=1e-5)  # padding does not change the real tokens' states
+
+
+def test_unknown_text_encoder_offline_names_the_folder_option():
+    proc = run_script(["-c", "import text; text.TextEncoder('nobody/no-such-encoder')"],
+                      env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode != 0 and "could not load the text encoder 'nobody/no-such-encoder'" in proc.stderr
+    assert "save_pretrained(folder)" in proc.stderr and "pass that folder" in proc.stderr
+
+
+def test_clip_score_is_the_clamped_cosine_of_clips_embeddings(tmp_path):
+    import transformers
+
+    name = save_random_clip(str(tmp_path / "clip"), image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    prompts = ["a red disc", "a ring", "blue", "yellow square on the left", "a"]
+    model, tok = transformers.CLIPModel.from_pretrained(name), transformers.AutoTokenizer.from_pretrained(name)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():  # at CLIP's own size: no resize; features through the other entry points
+        img = model.get_image_features(pixel_values=(torch.from_numpy(images).permute(0, 3, 1, 2) / 255 - mean) / std)
+        txt = model.get_text_features(**tok(prompts, padding=True, return_tensors="pt"))
+    img, txt = (getattr(v, "pooler_output", v) for v in (img, txt))
+    expected = 100 * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1).clamp(min=0).mean()
+    assert clip_score(images, prompts, name, batch_size=2) == pytest.approx(expected.item(), abs=1e-4)
+    # fid.py: the CLIP score of a sample.py .npz, whose arr_1 holds each sample's prompt line.
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[::-1]) + "\n")
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5)[::-1])
+    result = fid.main([str(tmp_path / "s.npz"), "--clip_model", name, "--prompts", str(tmp_path / "prompts.txt"),
+                       "--device", "cpu"])
+    assert result["clip_score"] == pytest.approx(expected.item(), abs=1e-4)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5) + 3)
+    with pytest.raises(UserError, match="refers to prompt line 7, but .* has 5"):
+        fid.main([str(tmp_path / "s.npz"), "--clip_model", name, "--prompts", str(tmp_path / "prompts.txt")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and sampling
+
+
+def t2i_args(data, t5, run_dir, *extra):
+    return ["--captions", data, "--text_encoder", t5, "--max_length", "48", "--model", "T2I-tiny/1",
+            "--batch_size", "8", "--lr", "1e-3", "--stats_samples", "16", "--num_workers", "0", "--device", "cpu",
+            "--log_every", "1", "--run_dir", str(run_dir), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def t2i_run(demo_captions, t5, tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i_run")
+    tok = str(root / "tokenizer.pt")
+    save_tokenizer(tok)
+    run = root / "run"
+    train_t2i.main(t2i_args(demo_captions, t5, run, "--tokenizer", tok, "--steps", 6, "--grid_every", 3))
+    return tok, run
+
+
+def test_train_t2i_writes_a_complete_run(t2i_run):
+    tok, run = t2i_run
+    assert [r["step"] for r in read_log(str(run / "log.jsonl"))] == list(range(1, 7))
+    assert (run / "samples_0000003.png").exists() and (run / "samples_0000006.png").exists()
+    ckpt = load_checkpoint(str(run / "ckpt.pt"))
+    assert ckpt["kind"] == "t2i" and ckpt["step"] == 6 and ckpt["latent_factor"] == 16 and ckpt["max_length"] == 48
+    assert [tuple(b) for b in ckpt["buckets"]] == [(32, 32)]
+    assert ckpt["latent_stats"]["mean"].shape == (32,) and len(ckpt["latent_stats"]["prompts"]) == 8
+    model, meta = dit.load_dit(str(run / "ckpt.pt"))
+    assert isinstance(model, dit.TextToImageDiT) and meta["model_args"]["text_dim"] == 32
+
+
+def test_train_t2i_resume_equals_uninterrupted_run(t2i_run, demo_captions, t5, tmp_path):
+    tok, a = t2i_run
+    b = tmp_path / "b"
+    train_t2i.main(t2i_args(demo_captions, t5, b, "--tokenizer", tok, "--steps", 4, "--grid_every", 3))
+    train_t2i.main(t2i_args(demo_captions, t5, b, "--tokenizer", tok, "--steps", 6, "--grid_every", 3, "--resume"))
+    assert [r["loss"] for r in read_log(str(a / "log.jsonl"))] == [r["loss"] for r in read_log(str(b / "log.jsonl"))]
+    ca, cb = (load_checkpoint(str(d / "ckpt.pt")) for d in (a, b))
+    for part in ("model", "ema"):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part])
+
+
+def test_two_process_gloo_t2i_training(t2i_run, demo_captions, t5, tmp_path):
+    tok, _ = t2i_run
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, tmp_path, "--tokenizer", tok, "--steps", 2,
+                                            "--grid_every", 0)])
+    assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1, 2]
+
+
+def test_sample_prompts_sizes_npz_and_bad_input(t2i_run, tmp_path, capsys):
+    tok, run = t2i_run
+    ckpt = str(run / "ckpt.pt")
+    base = ["--ckpt", ckpt, "--device", "cpu", "--steps", "3", "--cfg", "4"]
+    grid = sample.main([*base, "--prompt", "a red disc in the centre", "--num_samples", "3", "--out", str(tmp_path)])
+    assert Image.open(grid).size == (3 * 66 - 2, 64)
+    (tmp_path / "prompts.txt").write_text("a red disc\n\na blue ring on the left\n")
+    npz = sample.main([*base, "--prompts", str(tmp_path / "prompts.txt"), "--npz", "--num_samples", "5",
+                       "--out", str(tmp_path / "npz")])
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (5, 32, 32, 3) and data["arr_1"].tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(UserError, match="--size 64x64 is not one of the buckets: 32x32"):
+        sample.main([*base, "--prompt", "x", "--size", "64x64"])
+    with pytest.raises(UserError, match="text-to-image model: give --prompt"):
+        sample.main([*base, "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="holds no prompts"):
+        (tmp_path / "empty.txt").write_text("\n \n")
+        sample.main([*base, "--prompts", str(tmp_path / "empty.txt")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompt conditions the samples
+
+
+class PoolTokenizer(nn.Module):
+    """A stand-in tokenizer that keeps colour and layout where the tests can see them: 8x8 average
+    pooling (32 px -> 3x4x4 latents), decoded by repeating each cell."""
+
+    config = {"image_size": 32}
+    latent_shape = (3, 4, 4)
+
+    def encode(self, x):
+        return F.avg_pool2d(x, 8)
+
+    def decode(self, z):
+        return F.interpolate(z, scale_factor=8, mode="nearest")
+
+    def decoding_modules(self):
+        return []
+
+
+def test_prompts_that_differ_in_colour_give_samples_of_that_colour(t5, tmp_path, monkeypatch):
+    data = str(tmp_path / "demo")
+    DemoShapes(256, 32, num_classes=4).save(data)
+    for module in (train_t2i, sample):
+        monkeypatch.setattr(module, "load_tokenizer", lambda path, size=None: PoolTokenizer())
+    train_t2i.main(t2i_args(data, t5, tmp_path / "run", "--tokenizer", "pool", "--steps", 300, "--batch_size", 32,
+                            "--ema_decay", 0.99, "--log_every", 50, "--grid_every", 0, "--stats_samples", 256))
+    mean = {}
+    for colour in ("red", "green", "blue", "yellow"):
+        (tmp_path / "p.txt").write_text(f"a {colour} disc in the centre, light background\n")
+        npz = sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--prompts", str(tmp_path / "p.txt"), "--npz",
+                           "--num_samples", "8", "--steps", "20", "--cfg", "4", "--device", "cpu",
+                           "--out", str(tmp_path / colour)])
+        with np.load(npz) as d:
+            mean[colour] = d["arr_0"].reshape(-1, 3).astype(float).mean(0)  # (R, G, B)
+    r, g, b = 0, 1, 2
+    assert mean["red"][r] - mean["red"][b] > 10 and mean["blue"][b] - mean["blue"][r] > 10, mean
+    assert mean["red"][r] > mean["blue"][r] + 10 and mean["blue"][b] > mean["red"][b] + 10, mean
+    assert mean["green"][g] > max(mean["green"][r], mean["green"][b]) + 10, mean
+    assert min(mean["yellow"][r], mean["yellow"][g]) > mean["yellow"][b] + 20, mean

@@ -1,0 +1,181 @@
+r"""Train the text-to-image model (dit.TextToImageDiT) on image-caption data: the paper's LAION experiment,
+with the aligned tokenizer (or a baseline such as the FLUX VAE, for the comparison) and a frozen text
+encoder (text.py).
+
+    torchrun --nproc_per_node=8 train_t2i.py --captions /data/laion/shards \
+        --tokenizer runs/tokenizer_laion/stage2/tokenizer.pt --model T2I-2B/1 --run_dir runs/t2i
+
+Images stream from a caption folder or WebDataset shards in aspect-ratio buckets (captions.py); each
+step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of the
+captions replaced by the empty caption (which guidance compares against), then one flow-matching step
+(dit.flow_matching_loss), on the harness of the other trainers (common.Run). Latents are normalised per
+channel with statistics of the first --stats_samples images, kept in every checkpoint.
+"""
+
+import argparse
+import os
+
+import torch
+
+import dit
+from captions import CaptionBatches, CaptionStream, buckets
+from common import (EMA, HelpFormatter, Run, UserError, add_runtime_args, at_least, autocast,
+                    cleanup_distributed, peak_bf16_flops, script_main, seed_everything, setup_distributed, use_bf16,
+                    use_compile, wrap_ddp)
+from data import save_grid, to_model_range
+from sample import decode_to_uint8, sample_latents
+from text import DEFAULT_TEXT_ENCODER, TextEncoder
+from tokenizer import latent_fingerprint, load_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--captions", required=True, help="WebDataset .tar shards, or a folder of images with .txt captions")
+    p.add_argument("--run_dir", default="runs/t2i", help="where ckpt.pt, log.jsonl and sample grids go")
+    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
+    p.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="our tokenizer.pt, or a diffusers "
+                   "AutoencoderKL (folder or hub name, e.g. black-forest-labs/FLUX.1-dev) or a VA-VAE checkpoint")
+    p.add_argument("--image_size", type=at_least(16), help="the square bucket's side; the buckets have about its area "
+                   "(default: the tokenizer's training size; 256 for a baseline)")
+    p.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="transformers hub name or local folder")
+    p.add_argument("--max_length", type=at_least(1), default=128, help="text tokens per caption (longer ones are cut)")
+    p.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by the empty one")
+    p.add_argument("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", default="T2I-2B/1", choices=sorted(n for n in dit.DiT_models if n.startswith("T2I")),
+                   help="size/patch: patch 1 for our f16 latent, 2 for an f8 VAE's")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    g.add_argument("--steps", type=at_least(1), default=100_000, help="training steps (the paper compares at 100K)")
+    g.add_argument("--batch_size", type=at_least(1), default=256, help="global batch size")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000)
+    g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
+    g.add_argument("--grid_every", type=at_least(0), default=5000, help="steps between sample grids (0: never)")
+    g.add_argument("--grid_cfg", type=float, default=4.0, help="guidance scale of the sample grids")
+    return p.parse_args(argv)
+
+
+class LatentStats:
+    """Per-channel mean and std (C,) of the latents, measured once at the start of a run (with the
+    captions that the sample grids draw, so that they stay the same over resumes) and kept in its
+    checkpoints, where sample.py finds them to undo the normalisation."""
+
+    def __init__(self, mean=None, std=None, prompts=()):
+        self.mean, self.std, self.prompts = mean, std, list(prompts)
+
+    def state_dict(self):
+        return {"mean": self.mean, "std": self.std, "prompts": self.prompts}
+
+    def load_state_dict(self, state):
+        self.mean, self.std, self.prompts = state["mean"], state["std"], state["prompts"]
+
+
+@torch.no_grad()
+def measure_latents(args, env, tok, sizes, bf16):
+    """LatentStats of the first --stats_samples images (each rank its share), with rank 0's first 8
+    captions for the sample grids."""
+    stream = CaptionStream(args.captions, 16, sizes, env.rank, env.world_size, seed=args.seed + 1)
+    total, prompts = torch.zeros(3, tok.latent_shape[0], dtype=torch.float64, device=env.device), []
+    for batch in stream:
+        with autocast(env.device, bf16):
+            z = tok.encode(to_model_range(batch["images"], env.device)).double()  # (B, C, h, w)
+        total += torch.stack([z.sum((0, 2, 3)), z.pow(2).sum((0, 2, 3)),
+                              torch.full_like(z[0, :, 0, 0], z[:, 0].numel())])
+        prompts = (prompts + batch["captions"])[:8]
+        if total[2, 0] >= args.stats_samples / env.world_size * z.shape[2] * z.shape[3]:
+            break
+    if env.distributed:
+        torch.distributed.all_reduce(total)
+    mean = total[0] / total[2]
+    std = (total[1] / total[2] - mean ** 2).clamp_min(1e-12).sqrt()
+    return LatentStats(mean.float().cpu(), std.float().cpu(), prompts)
+
+
+def train(args, env):
+    seed_everything(args.seed, env.rank)
+    device, bf16 = env.device, use_bf16(args.precision, env.device)
+    if args.batch_size % env.world_size:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} ranks")
+    tok = load_tokenizer(args.tokenizer, args.image_size)
+    fingerprint = latent_fingerprint(tok)
+    tok.to(device).eval().requires_grad_(False)
+    text = TextEncoder(args.text_encoder, args.max_length, device, torch.bfloat16 if bf16 else torch.float32)
+    factor = tok.config["image_size"] // tok.latent_shape[1]  # pixels per latent cell: 16 for ours, 8 for SD/FLUX
+    sizes = buckets(args.image_size or tok.config["image_size"], factor * int(args.model.split("/")[1]))
+    kwargs = dict(in_channels=tok.latent_shape[0], text_dim=text.dim)
+    model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
+    ema = EMA(model, args.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                            fused=True)
+    stream = CaptionStream(args.captions, args.batch_size // env.world_size, sizes, env.rank, env.world_size,
+                           args.seed, args.num_workers)
+    batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda", seed=args.seed)
+    stats = LatentStats() if args.resume else measure_latents(args, env, tok, sizes, bf16)  # resume: from the ckpt
+    run = Run(env, args, args.run_dir, identity={"kind": "t2i", "model_name": args.model, "model_args": kwargs},
+              state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
+              meta={"tokenizer": os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer,
+                    "tokenizer_config": tok.config, "tokenizer_fingerprint": fingerprint, "latent_factor": factor,
+                    "text_encoder": args.text_encoder, "max_length": args.max_length, "buckets": sizes},
+              steps=args.steps, batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
+              show=("loss", "img_per_s"), nan_advice="Resume with --resume and a lower --lr.")
+    base_tokens, peak = (sizes[len(sizes) // 2][0] // factor) ** 2, peak_bf16_flops(device) if bf16 else None
+    flops = 3 * dit.t2i_forward_flops(model, base_tokens // int(args.model.split("/")[1]) ** 2, args.max_length)
+    run.extras = lambda step, img_s: {"lr": opt.param_groups[0]["lr"],
+                                      **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
+    run.log.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; text encoder "
+                 f"{args.text_encoder} ({text.dim}-d, {args.max_length} tokens); buckets "
+                 + " ".join(f"{h}x{w}" for h, w in sizes))
+    if env.is_main and args.grid_every:
+        run.every(args.grid_every, lambda step: save_prompt_grid(
+            ema.model, tok, text, stats, sizes, factor, args, step, run.log, bf16))
+    mean, std = (stats.mean.to(device).view(1, -1, 1, 1), stats.std.to(device).view(1, -1, 1, 1))
+    train_model = wrap_ddp(model, env)
+    if use_compile(args.compile, device):
+        train_model = torch.compile(train_model)
+    data = iter(batches)
+    for step in run.steps():
+        images, captions = next(data)  # one bucket: (B, 3, H, W) uint8 and B captions
+        drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()  # the CPU generator: no host sync
+        with torch.no_grad(), autocast(device, bf16):
+            z = tok.encode(to_model_range(images, device))
+            cond = text(["" if d else c for c, d in zip(captions, drop)])  # (states, mask)
+        with autocast(device, bf16):
+            loss, parts = dit.flow_matching_loss(train_model, (z.float() - mean) / std, cond)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        run.record(loss=loss.detach(), **parts)
+    return run
+
+
+@torch.no_grad()
+def save_prompt_grid(model, tok, text, stats, sizes, factor, args, step, log, bf16):
+    """EMA samples of fixed prompts and noise at the square bucket, 30 steps, decoded by the tokenizer."""
+    device, prompts = next(model.parameters()).device, stats.prompts
+    h, w = sizes[len(sizes) // 2]
+    noise = torch.randn(len(prompts), tok.latent_shape[0], h // factor, w // factor,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    with autocast(device, bf16):
+        z = sample_latents(model, text(prompts), noise, steps=30, cfg_scale=args.grid_cfg, null=text([""] * len(prompts)))
+    path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
+    save_grid(decode_to_uint8(tok, z, stats.state_dict()), path, nrow=8)
+    log.info(f"EMA samples of {len(prompts)} captions (30 steps, cfg {args.grid_cfg}) -> {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = setup_distributed(args.device)
+    result = train(args, env)  # every DDP module lives and dies inside
+    cleanup_distributed()
+    return result
+
+
+if __name__ == "__main__":
+    script_main(main)
