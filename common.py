@@ -1,8 +1,8 @@
 """The plumbing every script shares, written once so that the other files can be about the method.
 
 - torchrun/DDP set-up and shutdown, per-rank seeding, bf16 autocast;
-- `Run`: the training-run harness of both trainers (train_tokenizer.py, train_dit.py): refuse to
-  overwrite a run, exact resume, log and checkpoint cadence, graceful stop on SIGTERM/Ctrl-C,
+- `Run`: the training-run harness of every trainer (train_tokenizer.py, train_dit.py, train_t2i.py):
+  refuse to overwrite a run, exact resume, log and checkpoint cadence, graceful stop on SIGTERM/Ctrl-C,
   a guard against non-finite losses, rank-0 logging to the console and to `log.jsonl`;
 - atomic writes (temporary file, then rename), safe checkpoint loading, pretrained weight files;
 - the EMA of the weights; `UserError` and `script_main`: bad input is one clear line, not a traceback.
@@ -33,7 +33,7 @@ class UserError(Exception):
 
 
 class MissingWeightsError(UserError):
-    pass
+    """A pretrained weight file that is neither given, cached nor downloadable."""
 
 
 def script_main(main):
@@ -71,8 +71,24 @@ def at_least(minimum, kind=int):
     return parse
 
 
-def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int):
-    """The flags both trainers share: device and precision, data loading, seed, log/checkpoint cadence."""
+def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: float, betas, ema_decay: float,
+                          optimiser: str = "AdamW", grad_clip: float | None = None):
+    """The optimisation flags every trainer has, with its defaults (constant lr; AdamW: weight decay too)."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
+    g.add_argument("--batch_size", type=at_least(1), default=batch_size, help="global batch size (split over ranks)")
+    g.add_argument("--lr", type=float, default=lr, help=f"{optimiser} learning rate (constant)")
+    g.add_argument("--betas", type=float, nargs=2, default=betas, help=f"{optimiser} betas")
+    if optimiser == "AdamW":
+        g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA of the weights (exported, or sampled)")
+    if grad_clip is not None:
+        g.add_argument("--grad_clip", type=float, default=grad_clip, help="max gradient norm (0: no clipping)")
+    return g
+
+
+def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_every: int, grids: str):
+    """The flags every trainer shares: device and precision, data loading, seed, log/checkpoint/grid cadence."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -82,6 +98,8 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int):
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, noise and data order")
     g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
     g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
+    g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
+    g.add_argument("--grid_every", type=at_least(0), default=grid_every, help=f"steps between {grids} (0: never)")
     return g
 
 
@@ -222,9 +240,8 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 
 
 def atomic_write(path: str, write):
-    """Call `write(f)` on a binary temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash or a full disk never leaves a half-written file there. Temporary files that an
-    earlier, killed writer of the same path left behind are removed first."""
+    """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full disk never
+    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed first."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
@@ -377,9 +394,8 @@ def rng_states(env: DistEnv) -> list[dict]:
 
 
 def set_rng_states(states: list[dict], env: DistEnv):
-    """Restore this rank's RNG state. A rank the checkpoint did not have (a run resumed on more ranks)
-    gets a fresh seed drawn from a saved state and its rank: a copy of another rank's state would
-    draw the same noise, timesteps and label drops as that rank."""
+    """Restore this rank's RNG state. A rank the checkpoint did not have (resumed on more ranks) gets a seed
+    drawn from a saved state and its rank: a copy of another rank's would repeat that rank's noise."""
     if env.rank < len(states):
         torch.set_rng_state(states[env.rank]["torch"])
         if "cuda" in states[env.rank] and env.device.type == "cuda":
@@ -439,13 +455,12 @@ class StopSignal:
 class Run:
     """One training run: `for step in run.steps(): ...; run.record(loss=..., **parts)`.
 
-    `identity` (e.g. kind, stage, architecture) goes into every checkpoint and must match on
-    `--resume`; `state` maps names to the parts with a state dict (models, EMA, optimisers, data
-    position), which a checkpoint saves with every rank's RNG and a resume restores exactly. Between
-    steps the harness logs means of the recorded values every `log_every` steps, calls the hooks,
-    saves `ckpt.pt` every `ckpt_every` steps and at the end, stops cleanly on SIGTERM/Ctrl-C
-    (`stopped` is then True), and refuses to log or save past a non-finite value.
-    """
+    `identity` (e.g. kind, stage, architecture) goes into every checkpoint and must match on `--resume`;
+    `state` maps names to the parts with a state dict (models, EMA, optimisers, data position), which a
+    checkpoint saves with every rank's RNG and a resume restores exactly. Between steps the harness logs
+    means of the recorded values every `log_every` steps, calls the hooks, saves `ckpt.pt` every
+    `ckpt_every` steps and at the end, stops cleanly on SIGTERM/Ctrl-C (`stopped` is then True), and
+    refuses to log or save past a non-finite value."""
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict | None = None,
                  steps: int = 1, batch_size: int = 1, skipped=None, nan_advice: str = "", show=("loss",)):
@@ -512,7 +527,7 @@ class Run:
 
     def steps(self):
         """Yield the steps still to run; after each, the bookkeeping between steps."""
-        keep = getattr(self.args, "keep_every", 0)
+        keep = self.args.keep_every
         pbar = tqdm(total=self.total, initial=self.start, disable=not self.env.is_main, dynamic_ncols=True)
         self._sums, t0, n = {}, time.time(), 0
         try:
@@ -568,33 +583,8 @@ class Run:
 
     def _draw_curves(self):
         self._drawn = time.time()
+        from data import plot_curves  # data.py imports this module
         plot_curves(read_log(self.log.path), os.path.join(self.dir, "curves.png"))
-
-
-def plot_curves(records: list[dict], path: str, width: int = 300, height: int = 170):
-    """A PNG of every logged number over the steps, one small panel each (losses, lr, images/s)."""
-    from PIL import Image, ImageDraw
-
-    keys = list(dict.fromkeys(k for r in records for k, v in r.items()
-                              if k not in ("time", "step", "epoch") and isinstance(v, (int, float))))
-    cols = min(3, max(1, len(keys)))
-    canvas = Image.new("RGB", (cols * width, max(1, -(-len(keys) // cols)) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        x0, y0 = (i % cols) * width + 45, (i // cols) * height + 20  # the panel's plot area: (x0, y0) + w x h
-        w, h = width - 60, height - 45
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        s_lo, s_hi = points[0][0], max(points[-1][0], points[0][0] + 1)
-        xy = [(x0 + w * (s - s_lo) / (s_hi - s_lo), y0 + h * (1 - (v - lo) / ((hi - lo) or 1))) for s, v in points]
-        draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(180, 180, 180))
-        draw.line(xy if len(xy) > 1 else xy * 2, fill=(30, 90, 200), width=2)
-        draw.text((x0, y0 - 15), key, fill="black")
-        draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=(90, 90, 90))
-        draw.text((x0 - 42, y0 + h - 8), f"{lo:.3g}", fill=(90, 90, 90))
-        draw.text((x0, y0 + h + 3), f"step {s_lo}", fill=(90, 90, 90))
-        draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=(90, 90, 90))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def read_log(path: str) -> list[dict]:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError, load_checkpoint
@@ -331,8 +332,8 @@ class TextToImageDiT(nn.Module):
     tokens get no rotation, there is no absolute position embedding, and QK-norm is on.
     """
 
-    def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1792, depth_double: int = 10,
-                 depth_single: int = 20, num_heads: int = 28, text_dim: int = 4096, mlp_ratio: float = 4.0,
+    def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728, depth_double: int = 10,
+                 depth_single: int = 20, num_heads: int = 27, text_dim: int = 4096, mlp_ratio: float = 4.0,
                  use_qknorm: bool = True, grad_checkpointing: bool = False):
         super().__init__()
         self.in_channels = self.out_channels = in_channels
@@ -391,10 +392,18 @@ class TextToImageDiT(nn.Module):
         return block(*args)
 
 
+# cuDNN's fused attention fails in backward with a padding mask (H200, torch 2.11): the others take masks.
+MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
 def joint_attention(q, k, v, rope, attend):
     """Attention over the joined text and image tokens (B, heads, L + N, head_dim), RoPE on q and k."""
     cos, sin = rope
-    return F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=attend)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    with sdpa_kernel(MASKED_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -427,7 +436,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
-        self.mlp_hidden = int(2 / 3 * int(hidden_size * mlp_ratio))
+        self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 7) // 8 * 8  # aligned: v is a slice of linear1
         self.norm = RMSNorm(hidden_size)
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * self.mlp_hidden)  # qkv and SwiGLU's two halves
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
@@ -450,10 +459,11 @@ class SingleStreamBlock(nn.Module):
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
               for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
-# Text-to-image sizes: double-stream blocks, single-stream blocks, width, heads (2B: 2.15B parameters with
-# T5-XXL's 4096-d states). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
+# Text-to-image sizes: double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with
+# T5-XXL's 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for the GPU's
+# matrix units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
 _T2I_SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12), "L": (8, 16, 1152, 18),
-              "2B": (10, 20, 1792, 28)}
+              "2B": (10, 20, 1728, 27)}
 DiT_models.update({f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds, hidden_size=w,
                                               num_heads=h, patch_size=p)
                    for size, (dd, ds, w, h) in _T2I_SIZES.items() for p in (1, 2)})

@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 import dit
-from common import (EMA, HelpFormatter, Logger, Run, UserError, add_runtime_args, at_least, autocast,
-                    cleanup_distributed, load_json, peak_bf16_flops, save_json, script_main, seed_everything,
-                    setup_distributed, use_bf16, use_compile, wrap_ddp)
+from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
+                    autocast, cleanup_distributed, load_json, peak_bf16_flops, save_json, script_main,
+                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from tokenizer import latent_fingerprint, load_tokenizer
@@ -148,19 +148,11 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=at_least(1), help="override the named size's depth")
     g.add_argument("--num_heads", type=at_least(1), help="override the named size's head count")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=at_least(1), default=80_000, help="80K steps at batch 1024 = 64 ImageNet epochs")
-    g.add_argument("--batch_size", type=at_least(1), default=1024, help="global batch size")
+    g = add_optimisation_args(p, steps=80_000, steps_help="80K steps at batch 1024 = 64 ImageNet epochs",
+                              batch_size=1024, lr=2e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=0.0)
     g.add_argument("--micro_batch", type=at_least(1), help="per-rank batch per forward; smaller than "
                    "batch_size / ranks means gradient accumulation (default: no accumulation)")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling")
-    g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
-    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000)
-    g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
-    g.add_argument("--grid_every", type=at_least(0), default=5000, help="steps between sample grids (0: never)")
+    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
     g.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale of the sample grids")
     return p.parse_args(argv)
 

@@ -19,7 +19,7 @@ import torch
 
 import dit
 from captions import CaptionBatches, CaptionStream, buckets
-from common import (EMA, HelpFormatter, Run, UserError, add_runtime_args, at_least, autocast,
+from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args, at_least, autocast,
                     cleanup_distributed, peak_bf16_flops, script_main, seed_everything, setup_distributed, use_bf16,
                     use_compile, wrap_ddp)
 from data import save_grid, to_model_range
@@ -45,16 +45,9 @@ def parse_args(argv=None):
     g.add_argument("--model", default="T2I-2B/1", choices=sorted(n for n in dit.DiT_models if n.startswith("T2I")),
                    help="size/patch: patch 1 for our f16 latent, 2 for an f8 VAE's")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    g.add_argument("--steps", type=at_least(1), default=100_000, help="training steps (the paper compares at 100K)")
-    g.add_argument("--batch_size", type=at_least(1), default=256, help="global batch size")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights, used for sampling")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000)
-    g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
-    g.add_argument("--grid_every", type=at_least(0), default=5000, help="steps between sample grids (0: never)")
+    add_optimisation_args(p, steps=100_000, steps_help="training steps (the paper compares at 100K)", batch_size=256,
+                          lr=1e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=1.0)
+    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
     g.add_argument("--grid_cfg", type=float, default=4.0, help="guidance scale of the sample grids")
     return p.parse_args(argv)
 

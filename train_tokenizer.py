@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 import fid
-from common import (EMA, HelpFormatter, Logger, Run, UserError, add_runtime_args, at_least, autocast,
-                    check_writable, cleanup_distributed, save_checkpoint, save_json, script_main, seed_everything,
-                    setup_distributed, use_bf16, use_compile, wrap_ddp)
+from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
+                    autocast, check_writable, cleanup_distributed, save_checkpoint, save_json, script_main,
+                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, load_tokenizer, semantic_reference, set_trainable, tokenizer_loss)
@@ -52,12 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: torch.hub cache, else download)")
     g.add_argument("--random_encoder", action="store_true", help="random DINOv2 weights (demo and tests only)")
     g.add_argument("--random_lpips", action="store_true", help="random LPIPS VGG backbone (demo and tests only)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=at_least(1), default=50_000, help="training steps of this stage")
-    g.add_argument("--batch_size", type=at_least(1), default=256, help="global batch size (split over ranks)")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (VA-VAE recipe)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), help="Adam betas (VA-VAE recipe)")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of the weights, which is exported")
+    g = add_optimisation_args(p, steps=50_000, steps_help="training steps of this stage", batch_size=256, lr=1e-4,
+                              betas=(0.5, 0.9), ema_decay=0.999, optimiser="Adam")  # VA-VAE's recipe
     g.add_argument("--lpips_weight", type=float, default=1.0, help="weight of LPIPS next to L1 (0: no LPIPS)")
     g.add_argument("--disc_weight", type=float, default=0.5, help="scale of the adaptive GAN weight")
     g.add_argument("--disc_start", type=at_least(0), help="step the GAN starts at (default: 20%% of --steps)")
@@ -69,8 +65,7 @@ def parse_args(argv=None):
                    help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% more compute)")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format for the conv nets")
     g.add_argument("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
-    g = add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000)
-    g.add_argument("--grid_every", type=at_least(0), default=1000, help="steps between reconstruction grids (0: never)")
+    add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000, grid_every=1000, grids="reconstruction grids")
     g = p.add_argument_group("evaluation (--eval)")
     g.add_argument("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt); also a diffusers "
                    "AutoencoderKL (folder or hub name) or a VA-VAE checkpoint, at --image_size (default 256)")

@@ -211,6 +211,11 @@ def test_2b_config_size_and_flops():
     with torch.device("meta"):
         big = dit.build_dit("T2I-2B/1", in_channels=32, text_dim=4096)
     assert 1.9e9 < sum(p.numel() for p in big.parameters()) < 2.3e9
+    for name in ("T2I-S/1", "T2I-B/1", "T2I-L/1", "T2I-2B/1"):  # GPU kernels want aligned rows (efficient SDPA
+        with torch.device("meta"):                                # fails on a misaligned v slice of linear1)
+            m = dit.build_dit(name, in_channels=32, text_dim=4096)
+        assert m.hidden_size // m.num_heads == 64 and m.single_blocks[0].linear1.out_features % 64 == 0, name
+        assert m.double_blocks[0].img.mlp.w3.in_features % 64 == 0, name
     model, B, (h, w), L = randomize_(tiny_t2i(2)), 3, (6, 10), 6
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, h, w), torch.rand(B), text_batch(B, L, (2, 4, 6)))
