@@ -8,7 +8,7 @@
     python demo.py --t2i     # the tokenizer, then a text-to-image model on the demo captions instead
 
 With --t2i the tokenizer's latents train a tiny text-to-image model (train_t2i.py) on the captions that
-describe every demo image ("a red disc on the left, dark background"), about 4 more minutes, and
+describe every demo image ("a red disc on the left, dark background"), about 2 more minutes, and
 sample.py draws new prompts. Its text encoder is a small RANDOM byte-level T5 (text.py): the captions
 come from a closed vocabulary, and random features of different captions still differ.
 
@@ -177,7 +177,7 @@ def text_to_image(args, cfg, tok_dir, log_path, common, t_start):
     print(f"text encoder: a small RANDOM byte-level T5 in {encoder}")
     resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
     run([py, "train_t2i.py", "--captions", os.path.join(out, "demo_data"), "--tokenizer",
-         os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--text_encoder", encoder, "--max_length", "48",
+         os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--text_encoder", encoder, "--max_length", "64",
          "--model", "T2I-tiny/1", "--steps", str(cfg["t2i_steps"]), "--batch_size", str(cfg["t2i_batch"]),
          "--lr", "1e-3", "--ema_decay", "0.995", "--stats_samples", str(cfg["images"]), "--log_every", "100",
          "--grid_every", str(cfg["t2i_steps"]), "--run_dir", run_dir, *common, *resume], log_path,

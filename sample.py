@@ -7,6 +7,7 @@
 
     python sample.py --cfg 1.5                                 # a PNG grid of 16 random classes
     torchrun --nproc_per_node=8 sample.py --npz --cfg 1.5      # 50K samples as ADM's .npz, for fid.py
+    python sample.py --ckpt runs/t2i/ckpt.pt --prompt "a red disc on the left" --size 224x288 --cfg 4
 
 Conventions of the LightningDiT code: `--steps N` is N time points from 0 to 1, so N - 1 model
 evaluations (the paper's "250 steps"); the time shift t' = s t / (1 + (s - 1) t), s = 0.3, puts more
@@ -15,7 +16,8 @@ with labels [y; null]. LightningDiT's published protocol guides only the first 3
 only for t >= 0.10 (`--cfg_channels 3 --cfg_interval_start 0.10`; its best w is about 10); plain
 guidance on every channel is the default. Each sample's noise and label come from a generator seeded
 by (--seed, its index), so any number of ranks gives the same samples, and `--npz` writes fixed-size
-shards from which an interrupted run resumes.
+shards from which an interrupted run resumes. A text-to-image model (train_t2i.py) takes prompts instead
+of labels, and guidance compares each with the empty caption.
 """
 
 import argparse
@@ -27,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from captions import parse_size
 from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least, atomic_write, autocast,
                     check_writable, cleanup_distributed, load_checkpoint, load_json, save_json, script_main,
                     setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import load_dit
-from captions import parse_size
 from text import TextEncoder, read_prompts
 from tokenizer import latent_fingerprint, load_tokenizer
 
