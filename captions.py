@@ -13,8 +13,8 @@ Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x25
 and centre-cropped, so nothing is padded. Shards are shuffled every epoch and dealt to ranks, then to
 loader workers; each worker fills one buffer per bucket and yields a batch when one is full. A batch
 says which worker made it and where in that worker's stream it was, so that a checkpoint records each
-worker's position, and a resumed run continues exactly: each worker replays its stream to that
-position, reading image headers only.
+worker's position, and a resumed run continues exactly: each worker makes its batches again up to that
+position without yielding them (decoding the images: a truncated one is found only so).
 """
 
 import glob
@@ -152,38 +152,48 @@ class CaptionStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, skip = self.start.get(worker, (0, 0))
-        skipped = 0
+        self.skipped = 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            mine = order[self.rank * workers + worker:: self.world * workers]
+            mine = [self.shards[i] for i in order[self.rank * workers + worker:: self.world * workers]]
             buffers, index = {}, 0
-            for shard in mine:
-                for key, image, caption in read_shard(self.shards[shard]):
-                    if image is None or not caption:  # no image, or a missing or empty caption
-                        skipped += 1
-                        continue
-                    try:
-                        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
-                            size = nearest_bucket(img.size[1], img.size[0], self.sizes)  # the header only
-                            pixels = None if index < skip else cover_crop(to_rgb(img), *size)
-                    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                        skipped += 1
-                        continue
-                    buffer = buffers.setdefault(size, [])
-                    buffer.append((pixels, caption))
-                    if len(buffer) == self.batch_size:
-                        del buffers[size]
-                        if index >= skip:  # replayed batches (before a resume point) are not decoded nor yielded
-                            yield {"images": torch.from_numpy(np.stack([p for p, _ in buffer])).permute(0, 3, 1, 2),
-                                   "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
-                                   "index": index, "skipped": skipped}
-                        index += 1
+            for size, pixels, caption in self._samples(mine):
+                buffer = buffers.setdefault(size, [])
+                buffer.append((pixels, caption))
+                if len(buffer) == self.batch_size:
+                    del buffers[size]
+                    if index >= skip:  # the batches before a resume point are made again, not yielded
+                        yield {"images": torch.from_numpy(np.stack([p for p, _ in buffer])).permute(0, 3, 1, 2),
+                               "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
+                               "index": index, "skipped": self.skipped}
+                    index += 1
+            if index == 0:  # an endless loop otherwise, and under DDP the other ranks would wait forever
+                raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of {self.batch_size} from "
+                                f"a whole epoch of its {len(mine)} shard(s): use a smaller --batch_size, fewer "
+                                "--num_workers or more data")
             epoch, skip = epoch + 1, 0
+
+    def _samples(self, shards):
+        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order; the others
+        are counted in self.skipped."""
+        for shard in shards:
+            for key, image, caption in read_shard(shard):
+                if image is None or not caption:  # no image, or a missing or empty caption
+                    self.skipped += 1
+                    continue
+                try:
+                    with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+                        size = nearest_bucket(img.size[1], img.size[0], self.sizes)
+                        pixels = cover_crop(to_rgb(img), *size)  # decoding finds a truncated file
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                    self.skipped += 1
+                    continue
+                yield size, pixels, caption
 
 
 class CaptionBatches:
-    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() is every
-    worker's position, so that `--resume` continues exactly (with the same ranks and --num_workers)."""
+    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() holds every
+    rank's worker positions, so that `--resume` continues exactly (with the same ranks and --num_workers)."""
 
     def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False, seed: int = 0):
         self.stream, self.num_workers, self.pin_memory, self.seed = stream, num_workers, pin_memory, seed
@@ -191,18 +201,24 @@ class CaptionBatches:
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
     def state_dict(self):
-        return {"position": {str(w): p for w, p in self.position.items()}, "next_worker": self.next_worker,
-                "readers": self.stream.readers, "rank": self.stream.rank}
+        """A collective under DDP (the ranks' positions differ, and rank 0 writes the checkpoint)."""
+        mine = {"position": dict(self.position), "next_worker": self.next_worker}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * self.stream.world
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"ranks": ranks, "num_workers": self.num_workers}
 
     def load_state_dict(self, state):
-        if state["readers"] != self.stream.readers:
-            warnings.warn(f"resuming with {self.stream.readers} data readers instead of {state['readers']}: the data "
-                          "stream starts again from the latest saved epoch's beginning")
-            epoch = max((p[0] for p in state["position"].values()), default=0)
+        if (len(state["ranks"]), state["num_workers"]) != (self.stream.world, self.num_workers):
+            warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader worker(s) instead of "
+                          f"{len(state['ranks'])} x {state['num_workers']}: the data stream starts again from the "
+                          "beginning of the latest saved epoch")
+            epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
             self.position, self.next_worker = {w: (epoch, 0) for w in range(max(1, self.num_workers))}, 0
         else:
-            self.position = {int(w): tuple(p) for w, p in state["position"].items()}
-            self.next_worker = state["next_worker"]
+            mine = state["ranks"][self.stream.rank]
+            self.position, self.next_worker = {int(w): tuple(p) for w, p in mine["position"].items()}, mine["next_worker"]
 
     def __iter__(self):
         self.stream.start = dict(self.position)
@@ -221,7 +237,7 @@ class CaptionBatches:
                 yield batch["images"], batch["captions"]
 
     def count_skipped(self, env) -> int:
-        """Samples skipped so far on all ranks (a collective under DDP). Replayed parts are counted again."""
+        """Samples skipped so far on all ranks (a collective under DDP), counted since the run (re)started."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
         if env.distributed:
             torch.distributed.all_reduce(total)

@@ -520,8 +520,8 @@ class Run:
     def save(self, step: int, path: str | None = None):
         """Every state dict and every rank's RNG: all a resume needs. A collective: all ranks call it."""
         rng = rng_states(self.env)
+        state = {name: part.state_dict() for name, part in self.state.items()}  # on every rank: some gather
         if self.env.is_main:
-            state = {name: part.state_dict() for name, part in self.state.items()}
             save_checkpoint({**self.identity, "step": step, **self.meta, **state, "rng": rng,
                              "args": vars(self.args)}, path or self.ckpt_path)
 

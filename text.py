@@ -77,7 +77,8 @@ class TextEncoder:
 def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-patch14", device="cpu",
                batch_size: int = 64) -> float:
     """100 * mean over images of max(cos(image embedding, prompt embedding), 0), as torchmetrics' CLIPScore,
-    with a CLIP model from transformers. `images`: uint8 (N, H, W, 3) numpy; prompts: N strings."""
+    with a CLIP model from transformers and CLIP's preprocessing (short side resized, centre crop).
+    `images`: uint8 (N, H, W, 3) numpy; prompts: N strings."""
     import transformers
 
     model = from_pretrained(transformers.CLIPModel, name, "CLIP model").to(device).eval()
@@ -87,12 +88,21 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
     scores = []
     for i in range(0, len(prompts), batch_size):
         x = torch.from_numpy(images[i: i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
-        x = (F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1) - mean) / std
+        scale = size / min(x.shape[2:])
+        x = F.interpolate(x, size=(round(x.shape[2] * scale), round(x.shape[3] * scale)), mode="bicubic", antialias=True)
+        x = center_crop(x, size)
+        x = (x.clamp(0, 1) - mean) / std
         text = tokenizer(prompts[i: i + batch_size], padding=True, truncation=True,
                          max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=x)
         scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).clamp(min=0))
     return torch.cat(scores).mean().item()
+
+
+def center_crop(x, size: int):
+    """The central size x size window of (B, C, H, W) images whose short side is (about) `size`."""
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    return x[:, :, top: top + size, left: left + size]
 
 
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:

@@ -131,29 +131,68 @@ def test_caption_folder_and_missing_caption(demo_captions, tmp_path):
         CaptionStream(str(tmp_path / "nothing"), 5, buckets(32, 16))
 
 
+@pytest.fixture(scope="module")
+def mixed_captions(tmp_path_factory):
+    """30 captioned images of three aspect ratios (so three buckets at 64 px: 48x80, 64x64, 80x48), one
+    of them a JPEG cut short whose header still reads (it must be skipped on resume as the first time)."""
+    folder = tmp_path_factory.mktemp("mixed")
+    shapes = [(64, 64), (40, 70), (70, 40)]
+    for i in range(30):
+        h, w = shapes[i % 3]
+        data = jpeg(h, w, colour=(8 * i, 100, 255 - 8 * i))
+        (folder / f"{i:02d}.jpg").write_bytes(data[: len(data) // 2] if i == 7 else data)
+        (folder / f"{i:02d}.txt").write_text(f"image {i}")
+    return str(folder)
+
+
+def batches_of(path, workers, rank=0, world=1, state=None, batch_size=2):
+    b = CaptionBatches(CaptionStream(path, batch_size, buckets(64, 16), rank, world, seed=3, num_workers=workers),
+                       workers, seed=3)
+    if state is not None:
+        b.load_state_dict(state)
+    return b
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_caption_batches_resume_exactly(demo_captions, workers):
-    def stream():
-        return CaptionStream(demo_captions, 4, buckets(32, 16), seed=3, num_workers=workers)
+def test_caption_batches_resume_exactly(mixed_captions, workers):
+    """From several points: with part-filled buckets, before and after the truncated image, past an epoch."""
+    for stop in (1, 2, 3, 5, 8, 9, 16):
+        first = batches_of(mixed_captions, workers)
+        it = iter(first)
+        got = [next(it) for _ in range(stop)]
+        state = first.state_dict()
+        expected = [next(it) for _ in range(6)]
+        again = iter(batches_of(mixed_captions, workers, state=state))
+        for (img_a, cap_a), (img_b, cap_b) in zip(expected, (next(again) for _ in range(6))):
+            assert cap_a == cap_b and torch.equal(img_a, img_b), stop
+    assert {tuple(images.shape[2:]) for images, _ in got + expected} == {(48, 80), (64, 64), (80, 48)}
+    # Every usable image comes once per epoch (29: one is truncated), each bucket's leftovers dropped.
+    seen = [c for _, caps in take(batches_of(mixed_captions, 0), 14) for c in caps]
+    assert len(set(seen)) == len(seen) == 28 and "image 7" not in seen
 
-    def batches(state=None):
-        b = CaptionBatches(stream(), workers, seed=3)
-        if state is not None:
-            b.load_state_dict(state)
-        return b
 
-    first = batches()
-    it = iter(first)
-    for _ in range(9):  # past the end of an epoch (12 batches of 4 over the workers): epochs roll over
-        next(it)
-    state = first.state_dict()
-    expected = [next(it) for _ in range(8)]
-    again = iter(batches(state))
-    for (img_a, cap_a), (img_b, cap_b) in zip(expected, (next(again) for _ in range(8))):
-        assert cap_a == cap_b and torch.equal(img_a, img_b)
-    # Every image of an epoch comes once per epoch.
-    seen = [c for _, caps in take(batches(), 12) for c in caps]
-    assert len(seen) == 48
+def test_every_rank_resumes_from_its_own_position(tmp_path):
+    """Ranks' epochs differ in length (uneven shards), so their positions differ: each resumes from its own."""
+    for n, shard in zip((6, 14, 30), "abc"):
+        write_tar(tmp_path / f"{shard}.tar", [(f"{shard}{i:02d}", {".jpg": jpeg(64, 64), ".txt": f"{shard} {i}".encode()})
+                                              for i in range(n)])
+    ranks = [batches_of(str(tmp_path), 0, rank, 2) for rank in (0, 1)]
+    its = [iter(b) for b in ranks]
+    for _ in range(12):  # past the end of an epoch on one rank, not on the other
+        for it in its:
+            next(it)
+    mine = [b.state_dict()["ranks"][0] for b in ranks]  # what all_gather_object collects under DDP
+    assert mine[0]["position"] != mine[1]["position"]
+    state = {"ranks": mine, "num_workers": 0}
+    for rank, it in enumerate(its):
+        expected = [next(it)[1] for _ in range(5)]
+        again = iter(batches_of(str(tmp_path), 0, rank, 2, state=state))
+        assert [next(again)[1] for _ in range(5)] == expected
+
+
+def test_a_worker_that_can_never_fill_a_batch_is_an_error(mixed_captions):
+    with pytest.raises(UserError, match="made no batch of 64 from a whole epoch"):
+        take(CaptionStream(mixed_captions, 64, buckets(64, 16)), 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,6 +307,9 @@ def test_clip_score_is_the_clamped_cosine_of_clips_embeddings(tmp_path):
     img, txt = (getattr(v, "pooler_output", v) for v in (img, txt))
     expected = 100 * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1).clamp(min=0).mean()
     assert clip_score(images, prompts, name, batch_size=2) == pytest.approx(expected.item(), abs=1e-4)
+    # CLIP's preprocessing: a non-square image is scored by its centre (short side resized, then cropped).
+    wide = np.random.default_rng(1).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    assert clip_score(wide, prompts[:2], name) == pytest.approx(clip_score(wide[:, :, 8:40], prompts[:2], name), abs=1e-4)
     # fid.py: the CLIP score of a sample.py .npz, whose arr_1 holds each sample's prompt line.
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[::-1]) + "\n")
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5)[::-1])
@@ -322,11 +364,16 @@ def test_train_t2i_resume_equals_uninterrupted_run(t2i_run, demo_captions, t5, t
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part])
 
 
-def test_two_process_gloo_t2i_training(t2i_run, demo_captions, t5, tmp_path):
+def test_two_process_gloo_t2i_training_and_resume(t2i_run, demo_captions, t5, tmp_path):
     tok, _ = t2i_run
-    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, tmp_path, "--tokenizer", tok, "--steps", 2,
-                                            "--grid_every", 0)])
-    assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1, 2]
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--tokenizer", tok, "--grid_every", 0]
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, a, *args, "--steps", 4)])
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, b, *args, "--steps", 2)])
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, b, *args, "--steps", 4, "--resume")])
+    assert [r["step"] for r in read_log(str(a / "log.jsonl"))] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_log(str(a / "log.jsonl"))] == [r["loss"] for r in read_log(str(b / "log.jsonl"))]
+    assert len(load_checkpoint(str(b / "ckpt.pt"))["data"]["ranks"]) == 2
 
 
 def test_sample_prompts_sizes_npz_and_bad_input(t2i_run, tmp_path, capsys):
