@@ -10,7 +10,7 @@ cut short is read up to the damage, counted, and left.
 
 Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
 ... up to 2:1); each image goes to the bucket nearest its aspect ratio and is resized to cover it
-and centre-cropped, so nothing is padded. Shards are shuffled every epoch and dealt to ranks, then to
+and centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled every epoch and dealt to ranks, then to
 loader workers; each worker fills one buffer per bucket and yields a batch when one is full. A batch
 says which worker made it and where in that worker's stream it was, so that a checkpoint records each
 worker's position, and a resumed run continues exactly: each worker makes its batches again up to that
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from common import UserError
-from data import IMAGE_EXTENSIONS, is_image_file, to_rgb
+from data import IMAGE_EXTENSIONS, center_crop_arr, is_image_file, to_rgb
 
 FOLDER_SHARD = 256  # images per pseudo-shard of a caption folder
 
@@ -58,19 +58,6 @@ def parse_size(text: str, sizes) -> tuple[int, int]:
     if size not in sizes:
         raise UserError(f"--size {text} is not one of the buckets: " + ", ".join(f"{h}x{w}" for h, w in sizes))
     return size
-
-
-def cover_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
-    """ADM's centre crop for any size: halve with a box filter while at least twice the target, bicubic
-    to cover (height, width), crop the centre. HxWx3 uint8."""
-    while img.size[0] >= 2 * width and img.size[1] >= 2 * height:
-        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
-    scale = max(height / img.size[1], width / img.size[0])
-    img = img.resize((max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))),
-                     resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
-    return arr[top: top + height, left: left + width]
 
 
 def list_shards(path: str, readers: int = 1) -> list:
@@ -184,7 +171,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
                 try:
                     with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
                         size = nearest_bucket(img.size[1], img.size[0], self.sizes)
-                        pixels = cover_crop(to_rgb(img), *size)  # decoding finds a truncated file
+                        pixels = center_crop_arr(to_rgb(img), *size)  # decoding finds a truncated file
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                     self.skipped += 1
                     continue

@@ -59,19 +59,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+def center_crop_arr(pil_image: Image.Image, height: int, width: int | None = None) -> np.ndarray:
     """ADM's centre crop (guided-diffusion, used for all ImageNet 256 numbers): halve the image with
-    a box filter while its short side is at least twice the target (cheap anti-aliasing), resize
-    with bicubic so the short side equals the target (this also upsamples small images), then crop
-    the centre. Returns an HxWx3 uint8 array."""
-    while min(*pil_image.size) >= 2 * image_size:
+    a box filter while it is at least twice the target (cheap anti-aliasing), resize with bicubic so
+    that it just covers the target (this also upsamples small images), then crop the centre. The
+    target is square (height x height) unless a width is given (the text-to-image buckets).
+    Returns an HxWx3 uint8 array."""
+    width = width or height
+    while pil_image.size[0] >= 2 * width and pil_image.size[1] >= 2 * height:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
+    scale = max(height / pil_image.size[1], width / pil_image.size[0])
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
+    top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
+    return arr[top: top + height, left: left + width]
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:

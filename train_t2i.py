@@ -68,8 +68,8 @@ class LatentStats:
 
 
 @torch.no_grad()
-def measure_latents(args, env, tok, sizes, bf16):
-    """LatentStats of the first --stats_samples images (each rank its share), with rank 0's first 8
+def measure_latents(stats, args, env, tok, sizes, bf16):
+    """Fill `stats` from the first --stats_samples images (each rank its share), with rank 0's first 8
     captions for the sample grids."""
     stream = CaptionStream(args.captions, 16, sizes, env.rank, env.world_size, seed=args.seed + 1)
     total, prompts = torch.zeros(3, tok.latent_shape[0], dtype=torch.float64, device=env.device), []
@@ -85,7 +85,7 @@ def measure_latents(args, env, tok, sizes, bf16):
         torch.distributed.all_reduce(total)
     mean = total[0] / total[2]
     std = (total[1] / total[2] - mean ** 2).clamp_min(1e-12).sqrt()
-    return LatentStats(mean.float().cpu(), std.float().cpu(), prompts)
+    stats.mean, stats.std, stats.prompts = mean.float().cpu(), std.float().cpu(), prompts
 
 
 def train(args, env):
@@ -107,7 +107,7 @@ def train(args, env):
     stream = CaptionStream(args.captions, args.batch_size // env.world_size, sizes, env.rank, env.world_size,
                            args.seed, args.num_workers)
     batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda", seed=args.seed)
-    stats = LatentStats() if args.resume else measure_latents(args, env, tok, sizes, bf16)  # resume: from the ckpt
+    stats = LatentStats()  # a resumed run's come from its checkpoint; a new run measures them below
     run = Run(env, args, args.run_dir, identity={"kind": "t2i", "model_name": args.model, "model_args": kwargs},
               state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
               meta={"tokenizer": os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer,
@@ -115,6 +115,8 @@ def train(args, env):
                     "text_encoder": args.text_encoder, "max_length": args.max_length, "buckets": sizes},
               steps=args.steps, batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
               show=("loss", "img_per_s"), nan_advice="Resume with --resume and a lower --lr.")
+    if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
+        measure_latents(stats, args, env, tok, sizes, bf16)
     base_tokens, peak = (sizes[len(sizes) // 2][0] // factor) ** 2, peak_bf16_flops(device) if bf16 else None
     flops = 3 * dit.t2i_forward_flops(model, base_tokens // int(args.model.split("/")[1]) ** 2, args.max_length)
     run.extras = lambda step, img_s: {"lr": opt.param_groups[0]["lr"],
