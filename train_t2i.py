@@ -98,9 +98,9 @@ def train(args, env):
     tok.to(device).eval().requires_grad_(False)
     text = TextEncoder(args.text_encoder, args.max_length, device, torch.bfloat16 if bf16 else torch.float32)
     factor = tok.config["image_size"] // tok.latent_shape[1]  # pixels per latent cell: 16 for ours, 8 for SD/FLUX
-    sizes = buckets(args.image_size or tok.config["image_size"], factor * int(args.model.split("/")[1]))
     kwargs = dict(in_channels=tok.latent_shape[0], text_dim=text.dim)
     model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
+    sizes = buckets(args.image_size or tok.config["image_size"], factor * model.patch_size)  # whole patches
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=True)
@@ -117,8 +117,9 @@ def train(args, env):
               show=("loss", "img_per_s"), nan_advice="Resume with --resume and a lower --lr.")
     if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
         measure_latents(stats, args, env, tok, sizes, bf16)
-    base_tokens, peak = (sizes[len(sizes) // 2][0] // factor) ** 2, peak_bf16_flops(device) if bf16 else None
-    flops = 3 * dit.t2i_forward_flops(model, base_tokens // int(args.model.split("/")[1]) ** 2, args.max_length)
+    tokens = (sizes[len(sizes) // 2][0] // (factor * model.patch_size)) ** 2  # image tokens of the square bucket
+    peak = peak_bf16_flops(device) if bf16 else None
+    flops = 3 * dit.t2i_forward_flops(model, tokens, args.max_length)
     run.extras = lambda step, img_s: {"lr": opt.param_groups[0]["lr"],
                                       **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
     run.log.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; text encoder "
@@ -158,7 +159,8 @@ def save_prompt_grid(model, tok, text, stats, sizes, factor, args, step, log, bf
     noise = torch.randn(len(prompts), tok.latent_shape[0], h // factor, w // factor,
                         generator=torch.Generator().manual_seed(0)).to(device)
     with autocast(device, bf16):
-        z = sample_latents(model, text(prompts), noise, steps=30, cfg_scale=args.grid_cfg, null=text([""] * len(prompts)))
+        z = sample_latents(model, text(prompts), noise, steps=30, cfg_scale=args.grid_cfg,
+                           null=text([""] * len(prompts)))
     path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
     save_grid(decode_to_uint8(tok, z, stats.state_dict()), path, nrow=8)
     log.info(f"EMA samples of {len(prompts)} captions (30 steps, cfg {args.grid_cfg}) -> {path}")
