@@ -4,7 +4,7 @@ their latents: the paper's comparisons are against VA-VAE (ImageNet) and the FLU
     DiffusersVAE: any `diffusers.AutoencoderKL` (SD-VAE f8c4, FLUX VAE f8c16, ...), a hub name or a folder
     VAVAE:        hustvl's VA-VAE f16d32 (the LDM autoencoder architecture), from its checkpoint file
 
-Both offer what the pipeline uses of a tokenizer (tokenizer.load_tokenizer picks the kind once):
+Both offer what the pipeline uses of a tokenizer (`load_tokenizer`, at the end, picks the kind once):
 `encode(x) -> z` for images in [-1, 1], `decode(z) -> x`, `latent_shape`, `config` (recorded with the
 latents), `decoding_modules()` (what sampling moves to the GPU). Encoding takes the posterior's mean,
 so that latents are deterministic like the aligned tokenizer's; the diffusion pipeline normalises
@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from tokenizer import AttnBlock, Decoder, ResnetBlock, _group_norm
+from common import UserError, load_checkpoint
+from tokenizer import AttnBlock, Decoder, ResnetBlock, _group_norm, load_aligned_tokenizer
 
 
 class DiffusersVAE(nn.Module):
@@ -216,3 +216,20 @@ def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
     except RuntimeError as e:
         raise UserError(f"{path} does not fit the VA-VAE f16d32 architecture: {str(e)[:300]}") from None
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any tokenizer, ours or a baseline
+
+
+def load_tokenizer(path: str, image_size: int | None = None):
+    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval: ours
+    (tokenizer.py), or a baseline: a diffusers AutoencoderKL (a folder or a hub name) or a VA-VAE
+    checkpoint, at `image_size` (default 256). All offer encode, decode, latent_shape, config and
+    decoding_modules."""
+    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".pt", ".pth", ".ckpt"))):
+        return load_diffusers_vae(path, image_size or 256)
+    ckpt = load_checkpoint(path, "tokenizer checkpoint")
+    if isinstance(ckpt, dict) and "encoder.conv_in.weight" in ckpt.get("state_dict", ckpt):
+        return load_vavae(path, ckpt, image_size or 256)
+    return load_aligned_tokenizer(path, ckpt)

@@ -8,16 +8,16 @@ next to pytorch-fid's.
     python bench.py --part dit --compile off --precision fp32 --no_fused --attention math   # the plain path
 
 For each part: images/s, peak memory, and on CUDA the model FLOPs utilisation (MFU) = achieved model
-FLOP/s / the GPU's dense bf16 peak (common.PEAK_BF16_FLOPS). Timing: --warmup steps not timed, CUDA
+FLOP/s / the GPU's dense bf16 peak (flops.py). Timing: --warmup steps not timed, CUDA
 synchronised before and after each timed repeat of --iters steps, the median of --repeats repeats.
 
 FLOP counts (what "model FLOPs" means here):
-- LightningDiT: dit.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied to
+- LightningDiT: flops.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied to
   every token) x tokens + 2 x (conditioning weights) + depth x 4 x tokens^2 x width (attention).
 - tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
   and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
 - sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
-- text-to-image: 3 x dit.t2i_forward_flops (each stream's weights on its own tokens, the joint attention).
+- text-to-image: 3 x flops.t2i_forward_flops (each stream's weights on its own tokens, the joint attention).
 
 Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
@@ -42,7 +42,9 @@ import time
 import torch
 
 import dit
-from common import EMA, add_compile_arg, at_least, autocast, peak_bf16_flops, unwrap, use_bf16, use_compile
+import flops as model_flops
+import t2i
+from common import EMA, add_compile_arg, at_least, autocast, unwrap, use_bf16, use_compile
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
@@ -93,10 +95,10 @@ def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
     row = {"part": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak_memory_gib(device),
            **extra}
-    peak = peak_bf16_flops(device)
-    if flops_per_image and peak:
-        row["mfu"] = img_s * flops_per_image / peak
-    mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
+    mfu = model_flops.mfu(img_s, flops_per_image, device) if flops_per_image else None
+    if mfu:
+        row["mfu"] = mfu
+    mfu = f"  MFU {mfu:.1%}" if mfu else ""
     memory = "peak" if device.type == "cuda" else "process peak RSS"  # on the CPU it never goes down
     print(f"{name:28s} {img_s:10.1f} img/s  {row['ms_per_step']:9.1f} ms/step  "
           f"{memory} {row['peak_mem_gib']:.2f} GiB{mfu}", flush=True)
@@ -112,7 +114,7 @@ def bench_dit(args, cfg, device, bf16, B):
     --vs_official, the official model's step next to it."""
     model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], grad_checkpointing=args.grad_checkpointing,
                           **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device)
-    flops = dit.training_flops_per_image(model)
+    flops = model_flops.training_flops_per_image(model)
     ema = EMA(model, 0.9999)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
     train_model = torch.compile(model) if use_compile(args.compile, device) else model
@@ -266,7 +268,7 @@ def bench_sampling(args, cfg, device, bf16, B):
     t30 = timed(lambda: run(30), device, 1, 1, args.repeats)
     t_decode = timed(decode, device, 1, 1, args.repeats)
     per_step = t30 / 29
-    flops = 2 * dit.forward_flops_per_image(model)  # per step and image: conditional + unconditional rows
+    flops = 2 * model_flops.forward_flops_per_image(model)  # per step and image: conditional + unconditional rows
     rows = []
     for steps in (250, 30):
         seconds = per_step * (steps - 1) + t_decode
@@ -332,9 +334,9 @@ def bench_t2i(args, cfg, device, bf16, B):
     backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are not timed (as for
     the LightningDiT, whose latents are precomputed): their outputs are random tensors of the right shape."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
-    model = dit.build_dit(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
+    model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
     model.to(device)
-    flops = 3 * dit.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
+    flops = 3 * model_flops.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
     train_model = torch.compile(model) if use_compile(args.compile, device) else model

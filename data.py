@@ -8,7 +8,7 @@
 - `DemoShapes`: a built-in, procedurally drawn, class-labelled and captioned image set, so the whole
   pipeline runs on a laptop with no download.
 - `Batches`: an endless, resumable stream of batches over epochs, sharded over `torchrun` ranks.
-- `save_grid` and `plot_curves`: the pictures a run leaves (sample grids, loss curves).
+- `save_grid`: a PNG grid of images (samples, reconstructions).
 
 Images leave the dataset as uint8 CHW tensors (4x less to copy than float32); `to_model_range`
 turns them into floats in [-1, 1] on the device.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import UserError, atomic_write
+from common import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
@@ -397,27 +397,3 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
         canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img.transpose(1, 2, 0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(canvas).save(path)
-
-
-def plot_curves(records: list[dict], path: str, width: int = 300, height: int = 170):
-    """A PNG of every logged number over the steps, one small panel each (losses, lr, images/s)."""
-    keys = list(dict.fromkeys(k for r in records for k, v in r.items()
-                              if k not in ("time", "step", "epoch") and isinstance(v, (int, float))))
-    cols = min(3, max(1, len(keys)))
-    canvas = Image.new("RGB", (cols * width, max(1, -(-len(keys) // cols)) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        x0, y0 = (i % cols) * width + 45, (i // cols) * height + 20  # the panel's plot area: (x0, y0) + w x h
-        w, h = width - 60, height - 45
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        s_lo, s_hi = points[0][0], max(points[-1][0], points[0][0] + 1)
-        xy = [(x0 + w * (s - s_lo) / (s_hi - s_lo), y0 + h * (1 - (v - lo) / ((hi - lo) or 1))) for s, v in points]
-        draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(180, 180, 180))
-        draw.line(xy if len(xy) > 1 else xy * 2, fill=(30, 90, 200), width=2)
-        draw.text((x0, y0 - 15), key, fill="black")
-        draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=(90, 90, 90))
-        draw.text((x0 - 42, y0 + h - 8), f"{lo:.3g}", fill=(90, 90, 90))
-        draw.text((x0, y0 + h + 3), f"step {s_lo}", fill=(90, 90, 90))
-        draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=(90, 90, 90))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))

@@ -19,10 +19,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError, load_checkpoint
+from common import UserError
 
 # ----------------------------------------------------------------------------------------------------
 # Flow matching
@@ -31,7 +30,7 @@ from common import UserError, load_checkpoint
 def flow_matching_loss(model, x1, y, generator=None):
     """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,).
 
-    t ~ sigmoid(N(0, 1)), most samples near t = 0.5 where the velocity is hardest to predict;
+    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains: most samples near t = 0.5);
     eps ~ N(0, I); x_t = t x1 + (1 - t) eps; target v = x1 - eps; loss = MSE(v_pred, v) + mean over
     positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast. `generator`
     makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached: no host sync)."""
@@ -132,9 +131,25 @@ class LightningDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, rope):  # x: (B, N, D), c: (B, D)
-        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)  # six (B, 1, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        mods = self.modulation(c)
+        q, k, v = self.attention_input(x, mods)  # (B, heads, N, head_dim) each
+        attn = F.scaled_dot_product_attention(rope(q), rope(k), v)  # (B, heads, N, head_dim)
+        return self.residuals(x, attn.transpose(1, 2).flatten(2), mods)
+
+    # The three parts of a block, also used by t2i.py's double-stream block (joint attention between).
+
+    def modulation(self, c):
+        """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, 1, D)."""
+        return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+
+    def attention_input(self, x, mods):
+        """q, k, v of the normalised, modulated tokens (before RoPE)."""
+        return self.attn.heads(modulate(self.norm1(x), mods[0], mods[1]))
+
+    def residuals(self, x, attn, mods):
+        """x + gated attention output (B, N, D, heads joined), then + the gated MLP branch."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn.proj(attn)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -153,8 +168,9 @@ class FinalLayer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, optional QK-norm (it bounds the attention logits, which
-    prevents the loss spikes of very long runs), 2D RoPE, and fused SDPA."""
+    """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the attention
+    logits, which prevents the loss spikes of very long runs), the output projection. The block applies
+    2D RoPE and fused SDPA between them."""
 
     def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
         super().__init__()
@@ -164,11 +180,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, rope):
-        q, k, v = self.heads(x)
-        x = F.scaled_dot_product_attention(rope(q), rope(k), v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).flatten(2))
 
     def heads(self, x):
         """(B, N, C) -> q, k, v, each (B, heads, N, head_dim); QK-norm comes before RoPE, as in the reference."""
@@ -316,211 +327,15 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The text-to-image model
-
-
-class TextToImageDiT(nn.Module):
-    """Velocity model v(x_t, t, text) for text-to-image: (B, C, H, W) latents of any grid (the aspect-ratio
-    buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder.
-
-    The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout is
-    FLUX's: `depth_double` double-stream blocks, in which text and image tokens keep their own weights
-    but attend jointly, then `depth_single` single-stream blocks over the joined sequence, each with
-    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE on
-    the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the conditioning
-    vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled embedding), text
-    tokens get no rotation, there is no absolute position embedding, and QK-norm is on.
-    """
-
-    def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728, depth_double: int = 10,
-                 depth_single: int = 20, num_heads: int = 27, text_dim: int = 4096, mlp_ratio: float = 4.0,
-                 use_qknorm: bool = True, grad_checkpointing: bool = False):
-        super().__init__()
-        self.in_channels = self.out_channels = in_channels
-        self.patch_size, self.hidden_size, self.num_heads = patch_size, hidden_size, num_heads
-        self.depth, self.grad_checkpointing = depth_double + depth_single, grad_checkpointing
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.context_embedder = nn.Linear(text_dim, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-                                           for _ in range(depth_double))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-                                           for _ in range(depth_single))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        with torch.no_grad():  # as LightningDiT: xavier linears, and AdaLN-Zero: the initial model predicts 0
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
-            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-            for m in self.modules():
-                if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer)):
-                    nn.init.zeros_(m.adaLN_modulation[-1].weight)
-                    nn.init.zeros_(m.adaLN_modulation[-1].bias)
-            nn.init.zeros_(self.final_layer.linear.weight)
-            nn.init.zeros_(self.final_layer.linear.bias)
-
-    def forward(self, x, t, text):
-        states, mask = text
-        B, _, H, W = x.shape
-        p, L = self.patch_size, states.shape[1]
-        h, w = H // p, W // p
-        t = t.expand(B) if t.dim() == 0 else t
-        img = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        txt = self.context_embedder(states)  # (B, L, D)
-        weight = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weight).sum(1) / weight.sum(1).clamp_min(1)  # (B, text_dim): the caption's mean state
-        c = self.t_embedder(t) + self.text_pool(pooled)  # (B, D)
-        cos, sin = rope_tables(self.hidden_size // self.num_heads, h, w, device=x.device)  # made there: no copy
-        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]),  # text tokens: no rotation
-                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]))  # (L + h*w, head_dim)
-        attend = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)[:, None, None, :]  # padding is never attended
-        for block in self.double_blocks:
-            txt, img = self._run(block, txt, img, c, rope, attend)
-        x = torch.cat([txt, img], dim=1)  # (B, L + h*w, D)
-        for block in self.single_blocks:
-            x = self._run(block, x, c, rope, attend)
-        out = self.final_layer(x[:, L:], c)  # (B, h*w, p*p*C), each token laid out (p, q, c)
-        out = out.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(B, self.out_channels, H, W)
-
-    def _run(self, block, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-
-# cuDNN's fused attention fails in backward with a padding mask (H200, torch 2.11): the others take masks.
-MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
-def joint_attention(q, k, v, rope, attend):
-    """Attention over the joined text and image tokens (B, heads, L + N, head_dim), RoPE on q and k."""
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-    with sdpa_kernel(MASKED_SDPA_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-
-
-class DoubleStreamBlock(nn.Module):
-    """Text and image tokens, each with the weights of a LightningDiT block of their own (norms, qkv,
-    QK-norm, projection, SwiGLU, modulation), attending jointly: FLUX's double-stream block."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
-        super().__init__()
-        self.txt = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-        self.img = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-
-    def forward(self, txt, img, c, rope, attend):
-        streams, L = (self.txt, self.img), txt.shape[1]
-        mods = [s.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1) for s in streams]  # per stream, six (B, 1, D)
-        heads = [s.attn.heads(modulate(s.norm1(x), m[0], m[1])) for s, x, m in zip(streams, (txt, img), mods)]
-        q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))  # (B, heads, L + N, head_dim)
-        out = joint_attention(q, k, v, rope, attend).transpose(1, 2).flatten(2)  # (B, L + N, D)
-        results = []
-        for s, x, o, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp) in zip(streams, (txt, img),
-                                                                              (out[:, :L], out[:, L:]), mods):
-            x = x + gate_msa * s.attn.proj(o)
-            results.append(x + gate_mlp * s.mlp(modulate(s.norm2(x), shift_mlp, scale_mlp)))
-        return results
-
-
-class SingleStreamBlock(nn.Module):
-    """One stream over the joined tokens, attention and SwiGLU MLP side by side from one input projection
-    and into one output projection (FLUX's single-stream block), modulated by (shift, scale, gate)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
-        self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 7) // 8 * 8  # aligned: v is a slice of linear1
-        self.norm = RMSNorm(hidden_size)
-        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * self.mlp_hidden)  # qkv and SwiGLU's two halves
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
-        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
-
-    def forward(self, x, c, rope, attend):  # x: (B, S, D)
-        B, S, D = x.shape
-        shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(3, dim=-1)
-        qkv, a, b = self.linear1(modulate(self.norm(x), shift, scale)).split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
-        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = joint_attention(self.q_norm(q), self.k_norm(k), v, rope, attend).transpose(1, 2).flatten(2)
-        return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configurations, checkpoints, FLOPs
+# Configurations
 
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
               for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
-# Text-to-image sizes: double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with
-# T5-XXL's 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for the GPU's
-# matrix units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
-_T2I_SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12), "L": (8, 16, 1152, 18),
-              "2B": (10, 20, 1728, 27)}
-DiT_models.update({f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds, hidden_size=w,
-                                              num_heads=h, patch_size=p)
-                   for size, (dd, ds, w, h) in _T2I_SIZES.items() for p in (1, 2)})
 
 
 def build_dit(name: str, **kwargs):
-    """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True), build_dit("T2I-2B/1", text_dim=4096)."""
+    """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True)."""
     if name not in DiT_models:
         raise UserError(f"unknown model configuration {name!r}; choose one of {sorted(DiT_models)}")
     return DiT_models[name](**kwargs)
-
-
-def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict]:
-    """(LightningDiT in eval mode with its EMA or raw weights, the rest of the checkpoint): the latter
-    holds `latent_stats` (per-channel mean and std, to undo the latent normalisation) and `tokenizer`."""
-    ckpt = load_checkpoint(path, "LightningDiT checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("dit", "t2i"):
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
-    weights = "ema" if ema else "model"
-    if weights not in ckpt:
-        raise UserError(f"{path} has no '{weights}' weights" + (" (--raw_weights uses the raw ones)" if ema else ""))
-    model = build_dit(ckpt["model_name"], **ckpt["model_args"])
-    model.load_state_dict(ckpt[weights])
-    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
-
-
-def forward_flops_per_image(model: LightningDiT) -> int:
-    """Model FLOPs of one forward pass of one image (a multiply-add is 2 FLOPs):
-    2 P_token N + 2 P_cond + depth 4 N^2 D, with P_token the matmul weights applied to every token,
-    P_cond those applied once to the conditioning (t-MLP, adaLN), and attention's q k^T and attn v.
-    Norms, RoPE, softmax and other elementwise work are not counted. Pass the unwrapped module."""
-    per_token = per_image = 0
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if "adaLN_modulation" in name or "t_embedder" in name:
-                per_image += m.weight.numel()
-            else:
-                per_token += m.weight.numel()
-    N, D = model.num_patches, model.hidden_size
-    return 2 * per_token * N + 2 * per_image + model.depth * 4 * N * N * D
-
-
-def training_flops_per_image(model: LightningDiT) -> int:
-    """FLOPs of one training step per image, for MFU: the backward pass costs twice the forward."""
-    return 3 * forward_flops_per_image(model)
-
-
-def t2i_forward_flops(model: TextToImageDiT, image_tokens: int, text_tokens: int) -> int:
-    """forward_flops_per_image for the text-to-image model: each matmul weight times the tokens it sees
-    (a stream's weights its own tokens, the single-stream blocks all), plus joint attention."""
-    flops = 0
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            tokens = (1 if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")) else
-                      text_tokens if name.startswith("context_embedder") or ".txt." in name else
-                      image_tokens if name.startswith(("x_embedder", "final_layer")) or ".img." in name else
-                      image_tokens + text_tokens)
-            flops += 2 * m.weight.numel() * tokens
-    return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size

@@ -34,9 +34,11 @@ from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least,
                     check_writable, cleanup_distributed, load_checkpoint, load_json, save_json, script_main,
                     setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
-from dit import load_dit
+from dit import build_dit
+from t2i import build_t2i
 from text import TextEncoder, read_prompts
-from tokenizer import latent_fingerprint, load_tokenizer
+from baselines import load_tokenizer
+from tokenizer import latent_fingerprint
 
 # ----------------------------------------------------------------------------------------------------
 # Time grid and ODE solvers
@@ -193,6 +195,24 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
                         "or its stage-3 refinement (--tokenizer)")
     meta["tokenizer"] = tokenizer_path
     return model, tokenizer, meta
+
+
+def load_dit(path: str, ema: bool = True):
+    """(the LightningDiT or text-to-image model of a train_dit.py/train_t2i.py checkpoint, in eval mode
+    with its EMA or raw weights; the rest of the checkpoint): the latter holds `latent_stats` (per-channel mean and std, to undo the latent normalisation) and `tokenizer`."""
+    ckpt = load_checkpoint(path, "LightningDiT checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("dit", "t2i"):
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
+    weights = "ema" if ema else "model"
+    if weights not in ckpt:
+        raise UserError(f"{path} has no '{weights}' weights" + (" (--raw_weights uses the raw ones)" if ema else ""))
+    build = build_t2i if ckpt["kind"] == "t2i" else build_dit
+    model = build(ckpt["model_name"], **ckpt["model_args"])
+    model.load_state_dict(ckpt[weights])
+    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt", "rng", "data")}
+
+
 
 
 def refined_tokenizer(path: str | None) -> str | None:

@@ -21,7 +21,6 @@ The encoder keeps the official DINOv2 parameter names, so the published checkpoi
 import copy
 import hashlib
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -187,23 +186,15 @@ class AlignedTokenizer(nn.Module):
         return self.decode(z), z
 
 
-def load_tokenizer(path: str, image_size: int | None = None):
-    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval: ours (a
-    `tokenizer.pt` of train_tokenizer.py, or its `ckpt.pt`, whose EMA is used), or a baseline
-    (baselines.py): a diffusers AutoencoderKL (a folder or a hub name) or a VA-VAE checkpoint, at
-    `image_size` (default 256). All offer encode, decode, latent_shape, config and decoding_modules."""
-    if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".pt", ".pth", ".ckpt"))):
-        from baselines import load_diffusers_vae
-        return load_diffusers_vae(path, image_size or 256)
-    ckpt = load_checkpoint(path, "tokenizer checkpoint")
-    if isinstance(ckpt, dict) and "encoder.conv_in.weight" in ckpt.get("state_dict", ckpt):
-        from baselines import load_vavae
-        return load_vavae(path, ckpt, image_size or 256)
+def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
+    """Our tokenizer from `ckpt`, the loaded `path`: a `tokenizer.pt` of train_tokenizer.py or its
+    `ckpt.pt` (the EMA weights either way; "model" in tokenizer.pt files written before the export
+    named them "ema"). baselines.load_tokenizer calls it for files that are ours."""
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
-        raise UserError(f"{path} is not a tokenizer checkpoint of this project (no 'config'/'model' entries), nor a "
-                        "VA-VAE checkpoint")
+        raise UserError(f"{path} is not a tokenizer checkpoint of this project (no 'config'/'ema' "
+                        "entries), nor a VA-VAE checkpoint")
     model = AlignedTokenizer(ckpt["config"])
     model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     model.stage, model.random_encoder = ckpt.get("stage"), bool(ckpt.get("random_encoder", False))

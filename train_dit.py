@@ -22,12 +22,14 @@ import torch
 from tqdm import tqdm
 
 import dit
-from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
-                    autocast, cleanup_distributed, load_json, peak_bf16_flops, save_json, script_main,
-                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+import flops
+from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args,
+                    add_runtime_args, at_least, autocast, cleanup_distributed, load_json, save_json,
+                    script_main, seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
-from tokenizer import latent_fingerprint, load_tokenizer
+from baselines import load_tokenizer
+from tokenizer import latent_fingerprint
 
 # ----------------------------------------------------------------------------------------------------
 # Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
@@ -185,42 +187,51 @@ def train(args, env):
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
     # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
     grid = SampleGrid(dataset, device, bf16, args.grid_cfg) if env.is_main and args.grid_every else None
-    meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config", "tokenizer_fingerprint", "classes")}
-    run = Run(env, args, args.run_dir, identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
-              state={"model": model, "ema": ema, "opt": opt, "data": batches}, meta={"latent_stats": stats, **meta},
-              steps=args.steps, batch_size=args.batch_size, show=("loss", "img_per_s"),
-              nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should use --qknorm "
-                         "(LightningDiT without QK-norm is known to spike to NaN).")
-    flops, peak = dit.training_flops_per_image(model), peak_bf16_flops(device) if bf16 else None
-    run.extras = lambda step, img_s: {  # an epoch is len(dataset) / 2 samples: each image has two latents
-        "lr": opt.param_groups[0]["lr"], "epoch": step * args.batch_size / (len(dataset) / 2),
-        **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
-    run.log.info(f"LightningDiT-{args.model} {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-                 f"parameters, {flops / 3e9:.1f} GFLOPs/image forward; {len(dataset)} latents; global batch "
-                 f"{args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
-    if grid is not None:
-        run.every(args.grid_every, lambda step: grid.save(ema.model, step, args.run_dir, run.log))
+    meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config", "tokenizer_fingerprint",
+                                             "classes")}
     train_model = wrap_ddp(model, env)
-    if use_compile(args.compile, device):  # the DDP module: gradient all-reduces still overlap the backward
+    if use_compile(args.compile, device):  # the DDP module: gradient all-reduces still overlap
         train_model = torch.compile(train_model)
-    data = iter(batches)
-    for step in run.steps():
-        losses = 0
-        for i in range(accum):  # micro-batches; DDP all-reduces the gradients after the last one only
-            z, y = next(data)
-            x1 = (z.to(device, non_blocking=True).float() - mean) / std  # normalised latents (B, C, h, w)
-            last = not env.distributed or i == accum - 1
-            with contextlib.nullcontext() if last else train_model.no_sync():
-                with autocast(device, bf16):
-                    loss, parts = dit.flow_matching_loss(train_model, x1, y.to(device, non_blocking=True))
-                (loss / accum).backward()  # outside autocast, as PyTorch recommends
-            losses = losses + torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        run.record(**dict(zip(("loss", "mse", "cos"), losses)))
+    epoch = len(dataset) / 2  # samples per epoch: each image has two latents (and its flip)
+    with Run(env, args, args.run_dir, meta={"latent_stats": stats, **meta},
+             identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
+             state={"model": model, "ema": ema, "opt": opt, "data": batches},
+             batch_size=args.batch_size, show=("loss", "img_per_s"),
+             flops_per_image=flops.training_flops_per_image(model),
+             nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should "
+                        "use --qknorm (LightningDiT without QK-norm is known to spike to NaN).") as run:
+        millions = sum(p.numel() for p in model.parameters()) / 1e6
+        run.info(f"LightningDiT-{args.model} {kwargs}: {millions:.1f}M parameters; {len(dataset)} "
+                 f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
+        start = run.resume() if args.resume else 0
+        data = iter(batches)
+        for step in range(start, args.steps):
+            losses = 0
+            for i in range(accum):  # micro-batches; DDP all-reduces the gradients after the last only
+                z, y = next(data)
+                x1 = (z.to(device, non_blocking=True).float() - mean) / std  # normalised (B, C, h, w)
+                last = not env.distributed or i == accum - 1
+                with contextlib.nullcontext() if last else train_model.no_sync():
+                    with autocast(device, bf16):
+                        loss, parts = dit.flow_matching_loss(train_model, x1, y.to(device, non_blocking=True))
+                    (loss / accum).backward()  # outside autocast, as PyTorch recommends
+                losses = losses + torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            run.record(**dict(zip(("loss", "mse", "cos"), losses)))
+            done = step + 1
+            if run.due(args.log_every, done):
+                run.log(done, lr=opt.param_groups[0]["lr"], epoch=done * args.batch_size / epoch)
+            if grid and run.due(args.grid_every, done):
+                grid.save(ema.model, done, args.run_dir, run)
+            stop = run.stop_requested(done)
+            if run.due(args.ckpt_every, done) or stop:
+                run.save(done)
+            if stop:
+                break
     return run
 
 
@@ -241,7 +252,7 @@ class SampleGrid:
         self.noise = torch.randn(16, *dataset.meta["latent_shape"], generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
-    def save(self, model, step, run_dir, log):
+    def save(self, model, step, run_dir, run):
         if self.tokenizer is None:
             return
         with autocast(self.device, self.bf16):
@@ -249,7 +260,7 @@ class SampleGrid:
                                cfg_scale=self.cfg_scale)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")
         save_grid(decode_to_uint8(self.tokenizer, z, self.stats), path, nrow=8)  # decoded in float32
-        log.info(f"EMA samples (30 steps, cfg {self.cfg_scale}) -> {path}")
+        run.info(f"EMA samples (30 steps, cfg {self.cfg_scale}) -> {path}")
 
 
 def main(argv=None):

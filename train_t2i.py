@@ -1,4 +1,4 @@
-r"""Train the text-to-image model (dit.TextToImageDiT) on image-caption data: the paper's LAION experiment,
+r"""Train the text-to-image model (t2i.TextToImageDiT) on image-caption data: the paper's LAION experiment,
 with the aligned tokenizer (or a baseline such as the FLUX VAE, for the comparison) and a frozen text
 encoder (text.py).
 
@@ -8,7 +8,7 @@ encoder (text.py).
 Images stream from a caption folder or WebDataset shards in aspect-ratio buckets (captions.py); each
 step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of the
 captions replaced by the empty caption (which guidance compares against), then one flow-matching step
-(dit.flow_matching_loss), on the harness of the other trainers (common.Run). Latents are normalised per
+(dit.flow_matching_loss), with the bookkeeping of the other trainers (common.Run). Latents are normalised per
 channel with statistics of the first --stats_samples images, kept in every checkpoint.
 """
 
@@ -18,14 +18,17 @@ import os
 import torch
 
 import dit
+import flops
 from captions import CaptionBatches, CaptionStream, buckets
-from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args, at_least, autocast,
-                    cleanup_distributed, peak_bf16_flops, script_main, seed_everything, setup_distributed, use_bf16,
-                    use_compile, wrap_ddp)
+from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args,
+                    at_least, autocast, cleanup_distributed, script_main, seed_everything,
+                    setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
+from t2i import T2I_models, build_t2i
 from text import DEFAULT_TEXT_ENCODER, TextEncoder
-from tokenizer import latent_fingerprint, load_tokenizer
+from baselines import load_tokenizer
+from tokenizer import latent_fingerprint
 
 
 def parse_args(argv=None):
@@ -42,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by the empty one")
     p.add_argument("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default="T2I-2B/1", choices=sorted(n for n in dit.DiT_models if n.startswith("T2I")),
+    g.add_argument("--model", default="T2I-2B/1", choices=sorted(T2I_models),
                    help="size/patch: patch 1 for our f16 latent, 2 for an f8 VAE's")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     add_optimisation_args(p, steps=100_000, steps_help="training steps (the paper compares at 100K)", batch_size=256,
@@ -99,7 +102,7 @@ def train(args, env):
     text = TextEncoder(args.text_encoder, args.max_length, device, torch.bfloat16 if bf16 else torch.float32)
     factor = tok.config["image_size"] // tok.latent_shape[1]  # pixels per latent cell: 16 for ours, 8 for SD/FLUX
     kwargs = dict(in_channels=tok.latent_shape[0], text_dim=text.dim)
-    model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
+    model = build_t2i(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
     sizes = buckets(args.image_size or tok.config["image_size"], factor * model.patch_size)  # whole patches
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
@@ -108,51 +111,58 @@ def train(args, env):
                            args.seed, args.num_workers)
     batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda", seed=args.seed)
     stats = LatentStats()  # a resumed run's come from its checkpoint; a new run measures them below
-    run = Run(env, args, args.run_dir, identity={"kind": "t2i", "model_name": args.model, "model_args": kwargs},
-              state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
-              meta={"tokenizer": os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer,
-                    "tokenizer_config": tok.config, "tokenizer_fingerprint": fingerprint, "latent_factor": factor,
-                    "text_encoder": args.text_encoder, "max_length": args.max_length, "buckets": sizes},
-              steps=args.steps, batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
-              show=("loss", "img_per_s"), nan_advice="Resume with --resume and a lower --lr.")
-    if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
-        measure_latents(stats, args, env, tok, sizes, bf16)
-    tokens = (sizes[len(sizes) // 2][0] // (factor * model.patch_size)) ** 2  # image tokens of the square bucket
-    peak = peak_bf16_flops(device) if bf16 else None
-    flops = 3 * dit.t2i_forward_flops(model, tokens, args.max_length)
-    run.extras = lambda step, img_s: {"lr": opt.param_groups[0]["lr"],
-                                      **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
-    run.log.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; text encoder "
-                 f"{args.text_encoder} ({text.dim}-d, {args.max_length} tokens); buckets "
-                 + " ".join(f"{h}x{w}" for h, w in sizes))
-    if env.is_main and args.grid_every:
-        run.every(args.grid_every, lambda step: save_prompt_grid(
-            ema.model, tok, text, stats, sizes, factor, args, step, run.log, bf16))
-    mean, std = (stats.mean.to(device).view(1, -1, 1, 1), stats.std.to(device).view(1, -1, 1, 1))
+    tokens = (sizes[len(sizes) // 2][0] // (factor * model.patch_size)) ** 2  # of the square bucket
     train_model = wrap_ddp(model, env)
     if use_compile(args.compile, device):
         train_model = torch.compile(train_model)
-    data = iter(batches)
-    for step in run.steps():
-        images, captions = next(data)  # one bucket: (B, 3, H, W) uint8 and B captions
-        drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()  # the CPU generator: no host sync
-        with torch.no_grad(), autocast(device, bf16):
-            z = tok.encode(to_model_range(images, device))
-            cond = text(["" if d else c for c, d in zip(captions, drop)])  # (states, mask)
-        with autocast(device, bf16):
-            loss, parts = dit.flow_matching_loss(train_model, (z.float() - mean) / std, cond)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        run.record(loss=loss.detach(), **parts)
+    tokenizer = os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer
+    with Run(env, args, args.run_dir,
+             identity={"kind": "t2i", "model_name": args.model, "model_args": kwargs},
+             state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
+             meta={"tokenizer": tokenizer, "tokenizer_config": tok.config,
+                   "tokenizer_fingerprint": fingerprint, "latent_factor": factor,
+                   "text_encoder": args.text_encoder, "max_length": args.max_length, "buckets": sizes},
+             batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
+             flops_per_image=3 * flops.t2i_forward_flops(model, tokens, args.max_length),
+             show=("loss", "img_per_s"), nan_advice="Resume with --resume and a lower --lr.") as run:
+        run.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+                 f"text encoder {args.text_encoder} ({text.dim}-d, {args.max_length} tokens); "
+                 "buckets " + " ".join(f"{h}x{w}" for h, w in sizes))
+        start = run.resume() if args.resume else 0
+        if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
+            measure_latents(stats, args, env, tok, sizes, bf16)
+        mean, std = (stats.mean.to(device).view(1, -1, 1, 1), stats.std.to(device).view(1, -1, 1, 1))
+        data = iter(batches)
+        for step in range(start, args.steps):
+            images, captions = next(data)  # one bucket: (B, 3, H, W) uint8 and B captions
+            drop = (torch.rand(len(captions)) < args.caption_dropout).tolist()  # CPU: no host sync
+            with torch.no_grad(), autocast(device, bf16):
+                z = tok.encode(to_model_range(images, device))
+                cond = text(["" if d else c for c, d in zip(captions, drop)])  # (states, mask)
+            with autocast(device, bf16):
+                loss, parts = dit.flow_matching_loss(train_model, (z.float() - mean) / std, cond)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            run.record(loss=loss.detach(), **parts)
+            done = step + 1
+            if run.due(args.log_every, done):
+                run.log(done, lr=opt.param_groups[0]["lr"])
+            if env.is_main and run.due(args.grid_every, done):
+                save_prompt_grid(ema.model, tok, text, stats, sizes, factor, args, done, run, bf16)
+            stop = run.stop_requested(done)
+            if run.due(args.ckpt_every, done) or stop:
+                run.save(done)
+            if stop:
+                break
     return run
 
 
 @torch.no_grad()
-def save_prompt_grid(model, tok, text, stats, sizes, factor, args, step, log, bf16):
+def save_prompt_grid(model, tok, text, stats, sizes, factor, args, step, run, bf16):
     """EMA samples of fixed prompts and noise at the square bucket, 30 steps, decoded by the tokenizer."""
     device, prompts = next(model.parameters()).device, stats.prompts
     h, w = sizes[len(sizes) // 2]
@@ -163,7 +173,7 @@ def save_prompt_grid(model, tok, text, stats, sizes, factor, args, step, log, bf
                            null=text([""] * len(prompts)))
     path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
     save_grid(decode_to_uint8(tok, z, stats.state_dict()), path, nrow=8)
-    log.info(f"EMA samples of {len(prompts)} captions (30 steps, cfg {args.grid_cfg}) -> {path}")
+    run.info(f"EMA samples of {len(prompts)} captions (30 steps, cfg {args.grid_cfg}) -> {path}")
 
 
 def main(argv=None):

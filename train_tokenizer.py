@@ -18,12 +18,13 @@ import torch
 from tqdm import tqdm
 
 import fid
+from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
                     autocast, check_writable, cleanup_distributed, save_checkpoint, save_json, script_main,
                     seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
-                       hinge_d_loss, load_tokenizer, semantic_reference, set_trainable, tokenizer_loss)
+                       hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss)
 
 ARCH_FLAGS = ("encoder", "latent_channels", "adapter_hidden", "image_size", "decoder_ch", "decoder_ch_mult",
               "decoder_res_blocks")
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     g.add_argument("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
     g.add_argument("--decoder_ch_mult", type=lambda s: tuple(int(c) for c in s.split(",")),
                    help="decoder width multipliers (default 1,1,2,2,4)")
-    g.add_argument("--decoder_res_blocks", type=at_least(1), help="residual blocks per level (default 2)")
+    g.add_argument("--decoder_res_blocks", type=at_least(1), help="residual blocks per level, LDM's convention: the decoder builds this + 1 per level "
+                   "on its way up (default 2, so 3)")
     g = p.add_argument_group("pretrained weights")
     g.add_argument("--encoder_ckpt", help="local DINOv2 .pth (default: torch.hub cache, else download)")
     g.add_argument("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: torch.hub cache, else download)")
@@ -134,61 +136,73 @@ def train(args, env):
                             demo_images=args.demo_images)
     batches = Batches(dataset, args.batch_size // env.world_size, env, seed=args.seed, num_workers=args.num_workers)
     run_dir = os.path.join(args.run_dir, f"stage{args.stage}")
-    run = Run(env, args, run_dir, identity={"kind": "tokenizer", "stage": args.stage, "config": model.config},
-              state={"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches},
-              meta={"init": init, "random_encoder": random_encoder}, steps=args.steps, batch_size=args.batch_size,
-              skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
-              nan_advice="Resume with --resume and a lower --lr, or --precision fp32.")
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.log.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-                 f"parameters train ({', '.join(TRAINABLE[args.stage])}); latent {model.latent_shape}; GAN from step "
-                 f"{disc_start}; data: {args.data or f'the built-in demo set ({len(dataset)} images)'}")
-    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])  # across the classes
-    run.every(args.grid_every, lambda step: save_recon_grid(ema.model, grid_images, run_dir, step, run.log, bf16))
-    run.extras = lambda step, img_per_s: {"lr": opt.param_groups[0]["lr"]}
+    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])  # 8 classes
     if use_compile(args.compile, device):  # in place: the state-dict names do not change
         for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
             net.compile()
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
-    weights = dict(lpips_weight=args.lpips_weight, disc_weight=args.disc_weight, sp_weight=args.sp_weight,
-                   sp_loss=args.sp_loss)
-    data = iter(batches)
-    model.train()  # nothing in the tokenizer behaves differently in eval mode; the discriminator's BatchNorm does
-    for step in run.steps():
-        x = to_model_range(next(data)[0], device)  # (B, 3, H, W) in [-1, 1]
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        gan_on = step >= disc_start
-        with autocast(device, bf16):
-            loss, x_hat, parts = tokenizer_loss(ddp_model, x, lpips, disc if gan_on else None, ref, **weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(model)
-        if gan_on:  # the discriminator learns to tell x from the (detached) reconstruction: hinge loss
+    weights = dict(lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
+                   sp_weight=args.sp_weight, sp_loss=args.sp_loss)
+    model.train()  # nothing in the tokenizer behaves differently in eval mode; the PatchGAN's BatchNorm does
+    with Run(env, args, run_dir, identity={"kind": "tokenizer", "stage": args.stage, "config": model.config},
+             state={"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches},
+             meta={"init": init, "random_encoder": random_encoder}, batch_size=args.batch_size,
+             skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
+             nan_advice="Resume with --resume and a lower --lr, or --precision fp32.") as run:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        run.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters train "
+                 f"({', '.join(TRAINABLE[args.stage])}); latent {model.latent_shape}; GAN from step "
+                 f"{disc_start}; data: {args.data or f'the built-in demo set ({len(dataset)} images)'}")
+        start = run.resume() if args.resume else 0
+        data = iter(batches)
+        for step in range(start, args.steps):
+            x = to_model_range(next(data)[0], device)  # (B, 3, H, W) in [-1, 1]
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            gan_on = step >= disc_start
             with autocast(device, bf16):
-                parts["d_loss"] = hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            parts["d_loss"].backward()
-            opt_d.step()
-        run.record(**parts)
+                loss, x_hat, parts = tokenizer_loss(ddp_model, x, lpips, disc if gan_on else None, ref,
+                                                    **weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(model)
+            if gan_on:  # the discriminator learns to tell x from the (detached) reconstruction: hinge loss
+                with autocast(device, bf16):
+                    parts["d_loss"] = hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
+                opt_d.zero_grad(set_to_none=True)
+                parts["d_loss"].backward()
+                opt_d.step()
+            run.record(**parts)
+            done = step + 1
+            if run.due(args.log_every, done):
+                run.log(done, lr=opt.param_groups[0]["lr"])
+            if env.is_main and run.due(args.grid_every, done):
+                save_recon_grid(ema.model, grid_images, run_dir, done, run, bf16)
+            stop = run.stop_requested(done)
+            if run.due(args.ckpt_every, done) or stop:
+                run.save(done)
+            if stop:
+                break
     if env.is_main and not run.stopped:  # the stage's result: the EMA weights, read by the next stage
         path = os.path.join(run_dir, "tokenizer.pt")
-        save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": model.config, "model": ema.state_dict(),
-                         "init": init, "random_encoder": random_encoder, "args": vars(args)}, path)
-        run.log.info(f"exported the EMA tokenizer to {path}")
+        save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": model.config,
+                         "ema": ema.state_dict(), "init": init, "random_encoder": random_encoder,
+                         "args": vars(args)}, path)
+        run.info(f"exported the EMA tokenizer to {path}")
     return run
 
 
 @torch.no_grad()
-def save_recon_grid(model, images, run_dir, step, log, bf16):
+def save_recon_grid(model, images, run_dir, step, run, bf16):
     """Top row: the images; bottom row: their reconstructions by the EMA tokenizer."""
     device = next(model.parameters()).device
     with autocast(device, bf16):
         x_hat, _ = model(to_model_range(images, device))
     path = os.path.join(run_dir, f"recon_{step:07d}.png")
     save_grid(torch.cat([images, to_uint8(x_hat).cpu()]), path, nrow=len(images))
-    log.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
+    run.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
 
 
 @torch.no_grad()

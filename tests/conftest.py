@@ -43,7 +43,8 @@ def wait_for_log(log_path, text, timeout=120):
 
 
 def save_tokenizer(path, **config):
-    """A random tiny tokenizer (32 px -> 32x2x2 latents) saved as train_tokenizer.py's stage 3 would."""
+    """A random tiny tokenizer (32 px -> 32x2x2 latents) saved as train_tokenizer.py's stage 3 did
+    before its export named the weights "ema": such older files must still load."""
     from tokenizer import AlignedTokenizer
 
     tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1, **config))

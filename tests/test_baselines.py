@@ -15,7 +15,8 @@ import sample
 import train_dit
 import train_tokenizer
 from common import UserError, load_checkpoint
-from tokenizer import latent_fingerprint, load_tokenizer
+from baselines import load_tokenizer
+from tokenizer import latent_fingerprint
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,

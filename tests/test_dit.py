@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from common import UserError
 from conftest import randomize_
 from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, build_dit,
-                 flow_matching_loss, forward_flops_per_image, get_2d_sincos_pos_embed,
-                 training_flops_per_image)
+                 flow_matching_loss, get_2d_sincos_pos_embed)
+from flops import forward_flops_per_image, training_flops_per_image
 
 # Key lists dumped from the reference implementation (copied from the project's shared/reference).
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")

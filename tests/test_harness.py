@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 
 import common
-import data
 import fid
 import sample
 import train_dit
@@ -319,7 +318,7 @@ def test_curves_png_and_tensorboard(latents, tmp_path, monkeypatch):
 def test_plot_curves_draws_values_that_start_late(tmp_path):
     """The GAN terms only exist from the discriminator's start: they get a panel too."""
     records = [{"step": s, "loss": 1.0 / s, **({"d_loss": 0.5} if s > 2 else {})} for s in range(1, 6)]
-    data.plot_curves(records, str(tmp_path / "c.png"))
+    common.plot_curves(records, str(tmp_path / "c.png"))
     width, height = Image.open(tmp_path / "c.png").size
     assert (width, height) == (2 * 300, 170)  # two panels in one row
 

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import dit
 import fid
+import flops
 import sample
+import t2i
 import train_t2i
 from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, parse_size, read_shard
 from common import UserError, load_checkpoint, read_log
@@ -200,7 +201,7 @@ def test_a_worker_that_can_never_fill_a_batch_is_an_error(mixed_captions):
 
 
 def tiny_t2i(patch=1, **kw):
-    return dit.build_dit(f"T2I-tiny/{patch}", in_channels=4, text_dim=16, **kw)
+    return t2i.build_t2i(f"T2I-tiny/{patch}", in_channels=4, text_dim=16, **kw)
 
 
 def text_batch(B=2, L=6, valid=(4, 6), seed=0):
@@ -248,17 +249,17 @@ def test_2b_config_size_and_flops():
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        big = dit.build_dit("T2I-2B/1", in_channels=32, text_dim=4096)
+        big = t2i.build_t2i("T2I-2B/1", in_channels=32, text_dim=4096)
     assert 1.9e9 < sum(p.numel() for p in big.parameters()) < 2.3e9
     for name in ("T2I-S/1", "T2I-B/1", "T2I-L/1", "T2I-2B/1"):  # GPU kernels want aligned rows (efficient SDPA
         with torch.device("meta"):                                # fails on a misaligned v slice of linear1)
-            m = dit.build_dit(name, in_channels=32, text_dim=4096)
+            m = t2i.build_t2i(name, in_channels=32, text_dim=4096)
         assert m.hidden_size // m.num_heads == 64 and m.single_blocks[0].linear1.out_features % 64 == 0, name
         assert m.double_blocks[0].img.mlp.w3.in_features % 64 == 0, name
     model, B, (h, w), L = randomize_(tiny_t2i(2)), 3, (6, 10), 6
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, h, w), torch.rand(B), text_batch(B, L, (2, 4, 6)))
-    assert counter.get_total_flops() == B * dit.t2i_forward_flops(model, h * w // 4, L)
+    assert counter.get_total_flops() == B * flops.t2i_forward_flops(model, h * w // 4, L)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,8 +350,8 @@ def test_train_t2i_writes_a_complete_run(t2i_run):
     assert ckpt["kind"] == "t2i" and ckpt["step"] == 6 and ckpt["latent_factor"] == 16 and ckpt["max_length"] == 48
     assert [tuple(b) for b in ckpt["buckets"]] == [(32, 32)]
     assert ckpt["latent_stats"]["mean"].shape == (32,) and len(ckpt["latent_stats"]["prompts"]) == 8
-    model, meta = dit.load_dit(str(run / "ckpt.pt"))
-    assert isinstance(model, dit.TextToImageDiT) and meta["model_args"]["text_dim"] == 32
+    model, meta = sample.load_dit(str(run / "ckpt.pt"))
+    assert isinstance(model, t2i.TextToImageDiT) and meta["model_args"]["text_dim"] == 32
 
 
 def test_train_t2i_resume_equals_uninterrupted_run(t2i_run, demo_captions, t5, tmp_path):

@@ -15,10 +15,11 @@ from PIL import Image
 
 import common
 import train_tokenizer
+from baselines import load_tokenizer
 from common import EXIT_STOPPED, MissingWeightsError, UserError, load_checkpoint
 from conftest import ROOT, run_torchrun, wait_for_log
 from tokenizer import (DINOV2_VARIANTS, TRAINABLE, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2,
-                       build_lpips, default_config, load_tokenizer, set_trainable, tokenizer_loss)
+                       build_lpips, default_config, set_trainable, tokenizer_loss)
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 TINY_CFG = dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1)
@@ -272,7 +273,7 @@ def test_three_stages_chain_and_freeze(tmp_path, capsys):
     later = [a for a in TINY_ARGS if a != "--random_encoder"]
     train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
     train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
-    exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["model"] for s in (1, 2, 3)}
+    exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["ema"] for s in (1, 2, 3)}
     ckpt1 = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
 
     def same(a, b, part):

@@ -14,11 +14,13 @@ from PIL import Image
 
 import common
 import dit
+import sample
 import train_dit
 from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint, set_rng_states
 from conftest import ROOT, run_torchrun, wait_for_log
 from data import DemoShapes, to_model_range
-from tokenizer import AlignedTokenizer, load_tokenizer
+from baselines import load_tokenizer
+from tokenizer import AlignedTokenizer
 
 TINY_DIT = ["--model", "B/1", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--batch_size", "8",
             "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--grid_every", "0", "--lr", "1e-3"]
@@ -81,7 +83,7 @@ def test_loss_decreases_and_checkpoint_is_complete(latents, tmp_path):
     train_dit.main(["--latents", folder, "--run_dir", run, "--steps", "600", *TINY_DIT, "--log_every", "50"])
     log = read_log(run)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
-    model, meta = dit.load_dit(os.path.join(run, "ckpt.pt"))
+    model, meta = sample.load_dit(os.path.join(run, "ckpt.pt"))
     assert meta["step"] == 600 and meta["model_args"]["in_channels"] == 32
     assert set(meta["latent_stats"]) == {"mean", "std"} and meta["latent_stats"]["mean"].shape == (32,)
     assert meta["tokenizer"].endswith("tokenizer.pt") and meta["classes"] == ["disc", "square", "triangle", "ring"]
@@ -179,7 +181,7 @@ def test_bad_inputs_have_clear_messages(latents, tmp_path):
         train_dit.main(["--extract", "--tokenizer", tok_path, "--data", str(flat), "--latents", str(tmp_path / "l2"),
                         "--device", "cpu", "--num_workers", "0"])
     with pytest.raises(UserError, match="is not a LightningDiT checkpoint"):
-        dit.load_dit(tok_path)
+        sample.load_dit(tok_path)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):

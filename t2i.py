@@ -1,0 +1,188 @@
+"""The text-to-image model of the paper's LAION experiment: a FLUX-style transformer built from
+LightningDiT's blocks (dit.py), trained with the same flow-matching loss (train_t2i.py).
+
+    text (B, L, text_dim) ---context_embedder--> txt tokens (B, L, D)
+    latent (B, C, H, W) -----x_embedder--------> img tokens (B, h*w, D)
+    double-stream blocks: txt and img keep their own weights, attend jointly
+    single-stream blocks: one sequence [txt; img], attention and MLP side by side
+    final layer on the img tokens -> velocity (B, C, H, W)
+
+The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout is
+FLUX's. Our choices where the paper and FLUX differ or are silent are listed in TextToImageDiT.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from common import UserError
+from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, apply_rope, modulate,
+                 rope_tables)
+
+
+class TextToImageDiT(nn.Module):
+    """Velocity model v(x_t, t, text) for text-to-image: (B, C, H, W) latents of any grid (the
+    aspect-ratio buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder.
+
+    `depth_double` double-stream blocks, in which text and image tokens keep their own weights but
+    attend jointly, then `depth_single` single-stream blocks over the joined sequence, each with
+    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE on
+    the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the conditioning
+    vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled embedding), text
+    tokens get no rotation, there is no absolute position embedding, and QK-norm is on.
+    """
+
+    def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728,
+                 depth_double: int = 10, depth_single: int = 20, num_heads: int = 27,
+                 text_dim: int = 4096, mlp_ratio: float = 4.0, use_qknorm: bool = True,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.in_channels = self.out_channels = in_channels
+        self.patch_size, self.hidden_size, self.num_heads = patch_size, hidden_size, num_heads
+        self.depth, self.grad_checkpointing = depth_double + depth_single, grad_checkpointing
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.context_embedder = nn.Linear(text_dim, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(),
+                                       nn.Linear(hidden_size, hidden_size))
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth_double))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth_single))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Xavier linears and AdaLN-Zero as in LightningDiT, so that the initial model predicts v = 0
+        exactly. Unlike LightningDiT, the patch embedding keeps PyTorch's default conv init (ours)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer)):
+                nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x, t, text):
+        states, mask = text
+        B, _, H, W = x.shape
+        p, L = self.patch_size, states.shape[1]
+        h, w = H // p, W // p
+        t = t.expand(B) if t.dim() == 0 else t
+        img = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        txt = self.context_embedder(states)  # (B, L, D)
+        weight = mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weight).sum(1) / weight.sum(1).clamp_min(1)  # (B, text_dim): mean state
+        c = self.t_embedder(t) + self.text_pool(pooled)  # (B, D)
+        # RoPE tables made on the device (no host copy); text tokens get no rotation.
+        cos, sin = rope_tables(self.hidden_size // self.num_heads, h, w, device=x.device)
+        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]),
+                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]))  # (L + h*w, head_dim)
+        # Padding tokens of the caption are never attended to.
+        attend = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)[:, None, None, :]
+        for block in self.double_blocks:
+            txt, img = self._run(block, txt, img, c, rope, attend)
+        x = torch.cat([txt, img], dim=1)  # (B, L + h*w, D)
+        for block in self.single_blocks:
+            x = self._run(block, x, c, rope, attend)
+        out = self.final_layer(x[:, L:], c)  # (B, h*w, p*p*C), each token laid out (p, q, c)
+        out = out.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, self.out_channels, H, W)
+
+    def _run(self, block, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+# cuDNN's fused attention fails in backward with a padding mask (H200, torch 2.11); the others work.
+MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def joint_attention(q, k, v, rope, attend):
+    """Attention over the joined text and image tokens (B, heads, L + N, head_dim), RoPE on q and k."""
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    with sdpa_kernel(MASKED_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image tokens, each with a LightningDiT block of their own (norms, qkv, QK-norm,
+    projection, SwiGLU, modulation), attending jointly: FLUX's double-stream block."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
+        super().__init__()
+        self.txt = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+        self.img = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+
+    def forward(self, txt, img, c, rope, attend):
+        L = txt.shape[1]
+        mods = self.txt.modulation(c), self.img.modulation(c)
+        heads = self.txt.attention_input(txt, mods[0]), self.img.attention_input(img, mods[1])
+        q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))  # (B, heads, L + N, head_dim)
+        out = joint_attention(q, k, v, rope, attend).transpose(1, 2).flatten(2)  # (B, L + N, D)
+        return (self.txt.residuals(txt, out[:, :L], mods[0]),
+                self.img.residuals(img, out[:, L:], mods[1]))
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over the joined tokens, attention and SwiGLU MLP side by side from one input
+    projection and into one output projection (FLUX's single-stream block), modulated by
+    (shift, scale, gate)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        # Rounded to 8: v and the MLP halves are slices of linear1's output, which GPU kernels want aligned.
+        self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 7) // 8 * 8
+        self.norm = RMSNorm(hidden_size)
+        # qkv and SwiGLU's two halves from one matmul
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * self.mlp_hidden)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
+        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
+
+    def forward(self, x, c, rope, attend):  # x: (B, S, D)
+        B, S, D = x.shape
+        shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(3, dim=-1)
+        h = self.linear1(modulate(self.norm(x), shift, scale))
+        qkv, a, b = h.split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
+        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = joint_attention(self.q_norm(q), self.k_norm(k), v, rope, attend)
+        attn = attn.transpose(1, 2).flatten(2)  # (B, S, D)
+        return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configurations
+
+# Double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with T5-XXL's
+# 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for the GPU's matrix
+# units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
+_SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12),
+          "L": (8, 16, 1152, 18), "2B": (10, 20, 1728, 27)}
+T2I_models = {f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds,
+                                         hidden_size=w, num_heads=h, patch_size=p)
+              for size, (dd, ds, w, h) in _SIZES.items() for p in (1, 2)}
+
+
+def build_t2i(name: str, **kwargs) -> TextToImageDiT:
+    """E.g. build_t2i("T2I-2B/1", in_channels=32, text_dim=4096)."""
+    if name not in T2I_models:
+        raise UserError(f"unknown text-to-image configuration {name!r}; choose one of "
+                        f"{sorted(T2I_models)}")
+    return T2I_models[name](**kwargs)
