@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 import dit
 import flops
-from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args,
+from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args,
                     add_runtime_args, at_least, autocast, cleanup_distributed, load_json, save_json,
                     script_main, seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+from harness import Run
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from baselines import load_tokenizer

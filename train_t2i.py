@@ -8,7 +8,7 @@ encoder (text.py).
 Images stream from a caption folder or WebDataset shards in aspect-ratio buckets (captions.py); each
 step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of the
 captions replaced by the empty caption (which guidance compares against), then one flow-matching step
-(dit.flow_matching_loss), with the bookkeeping of the other trainers (common.Run). Latents are normalised per
+(dit.flow_matching_loss), with the bookkeeping of the other trainers (harness.Run). Latents are normalised per
 channel with statistics of the first --stats_samples images, kept in every checkpoint.
 """
 
@@ -20,9 +20,10 @@ import torch
 import dit
 import flops
 from captions import CaptionBatches, CaptionStream, buckets
-from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args,
+from common import (EMA, HelpFormatter, UserError, add_optimisation_args, add_runtime_args,
                     at_least, autocast, cleanup_distributed, script_main, seed_everything,
                     setup_distributed, use_bf16, use_compile, wrap_ddp)
+from harness import Run
 from data import save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from t2i import T2I_models, build_t2i

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 import fid
 from baselines import load_tokenizer
-from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
+from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args, at_least,
                     autocast, check_writable, cleanup_distributed, save_checkpoint, save_json, script_main,
                     seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+from harness import Run
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
                        hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss)

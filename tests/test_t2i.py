@@ -20,9 +20,10 @@ import sample
 import t2i
 import train_t2i
 from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, parse_size, read_shard
-from common import UserError, load_checkpoint, read_log
+from common import UserError, load_checkpoint
 from conftest import randomize_, run_script, run_torchrun, save_tokenizer
 from data import DemoShapes
+from harness import read_log
 from text import TextEncoder, clip_score, save_random_clip, save_random_text_encoder
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import harness
 import dit
 import sample
 import train_dit
-from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint, set_rng_states
+from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint
 from conftest import ROOT, run_torchrun, wait_for_log
 from data import DemoShapes, to_model_range
+from harness import set_rng_states
 from baselines import load_tokenizer
 from tokenizer import AlignedTokenizer
 
@@ -46,7 +47,7 @@ def read_log(run_dir):
     with open(path) as f:
         first = json.loads(f.readline())
     assert first["event"] == "start" and "model" in first["args"]
-    return common.read_log(path)
+    return harness.read_log(path)
 
 
 def test_extraction_stores_image_and_flip_and_stats(latents):
