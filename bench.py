@@ -42,7 +42,7 @@ import time
 import torch
 
 import dit
-from common import EMA, add_compile_arg, at_least, autocast, peak_bf16_flops, unwrap, use_bf16, use_compile
+from common import EMA, add_compile_arg, at_least, autocast, unwrap, use_bf16, use_compile
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
@@ -93,7 +93,7 @@ def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
     row = {"part": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak_memory_gib(device),
            **extra}
-    peak = peak_bf16_flops(device)
+    peak = dit.peak_bf16_flops(device)
     if flops_per_image and peak:
         row["mfu"] = img_s * flops_per_image / peak
     mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
@@ -376,9 +376,9 @@ def parse_args(argv=None):
     p.add_argument("--no_tf32", action="store_true")
     p.add_argument("--cfg_two_pass", action="store_true")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--iters", type=at_least(1), default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     return p.parse_args(argv)
 

@@ -4,7 +4,7 @@
 - `Run`: the training-run harness of every trainer (train_tokenizer.py, train_dit.py, train_t2i.py):
   refuse to overwrite a run, exact resume, log and checkpoint cadence, graceful stop on SIGTERM/Ctrl-C,
   a guard against non-finite losses, rank-0 logging to the console and to `log.jsonl`;
-- atomic writes (temporary file, then rename), safe checkpoint loading, pretrained weight files;
+- atomic writes (temporary file, then rename), safe checkpoint loading;
 - the EMA of the weights; `UserError` and `script_main`: bad input is one clear line, not a traceback.
 """
 
@@ -12,11 +12,11 @@ import argparse
 import copy
 import glob
 import json
+import math
 import os
 import signal
 import sys
 import time
-import urllib.error
 import warnings
 from dataclasses import dataclass
 
@@ -60,12 +60,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def at_least(minimum, kind=int):
-    """An argparse type for numbers >= `minimum`: `--batch_size 0` fails when it is parsed, naming the
-    flag, instead of after the first step."""
+    """An argparse type for numbers >= `minimum`: `--batch_size 0` fails when it is parsed."""
+    return in_range(minimum, math.inf, kind)
+
+
+def in_range(lo, hi, kind=float, lo_open=False, hi_open=False):
+    """An argparse type for finite numbers in [lo, hi] (an end left out if *_open): `--ema_decay 2`
+    or `--lr nan` fails when it is parsed, not as NaN weights in a checkpoint hours later."""
+    bounds = (f"> {lo}" if lo_open else f"at least {lo}") if hi == math.inf else \
+        f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
     def parse(text):
         value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo)
+                and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -77,13 +86,18 @@ def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: f
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
     g.add_argument("--batch_size", type=at_least(1), default=batch_size, help="global batch size (split over ranks)")
-    g.add_argument("--lr", type=float, default=lr, help=f"{optimiser} learning rate (constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=betas, help=f"{optimiser} betas")
+    g.add_argument("--lr", type=in_range(0, math.inf, lo_open=True), default=lr,
+                   help=f"{optimiser} learning rate (constant)")
+    g.add_argument("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=betas,
+                   help=f"{optimiser} betas")
     if optimiser == "AdamW":
-        g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA of the weights (exported, or sampled)")
+        g.add_argument("--weight_decay", type=at_least(0.0, float), default=0.0,
+                       help="AdamW weight decay")
+    g.add_argument("--ema_decay", type=in_range(0, 1, hi_open=True), default=ema_decay,
+                   help="EMA of the weights (exported, or sampled)")
     if grad_clip is not None:
-        g.add_argument("--grad_clip", type=float, default=grad_clip, help="max gradient norm (0: no clipping)")
+        g.add_argument("--grad_clip", type=at_least(0.0, float), default=grad_clip,
+                       help="max gradient norm (0: no clipping)")
     return g
 
 
@@ -95,7 +109,8 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_
                    help="auto: bf16 autocast on CUDA, float32 on the CPU")
     add_compile_arg(g)
     g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
-    g.add_argument("--seed", type=int, default=0, help="seeds the weights, noise and data order")
+    g.add_argument("--seed", type=at_least(0), default=0,
+                   help="seeds the weights, noise and data order")
     g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
     g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
     g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
@@ -222,26 +237,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "B200": 2250e12}
-
-
-def peak_bf16_flops(device: torch.device) -> float | None:
-    """The GPU's bf16 peak if we know it (None on CPU and unknown GPUs: then no MFU is reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, pretrained weights
+# Files: atomic writes, checkpoints
 
 
 def atomic_write(path: str, write):
     """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full disk never
-    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed first."""
+    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed
+    first. A failed write (a full disk, a read-only folder) is a UserError; the old file stays."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
@@ -253,6 +256,10 @@ def atomic_write(path: str, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer: a RuntimeError for a full disk
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+        raise UserError(f"could not write {path} ({why}): is the disk full or read-only? "
+                        f"The previous {os.path.basename(path)} there, if any, is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -288,31 +295,6 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
             why = f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0] if text else ''}"
         raise UserError(f"could not read {what} {path} ({why}). Is it a complete file written by this project "
                         "(or the official weights)?") from None
-
-
-def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:
-    """Path of a pretrained weight file: `local_path` if given, else the torch.hub cache
-    (`$TORCH_HOME/hub/checkpoints/<name>`), else downloaded there from `url`, with a progress bar.
-    Offline with no file, the error names the file, where to put it, and the flags that help."""
-    if local_path:
-        if not os.path.isfile(local_path):
-            raise MissingWeightsError(f"{what}: {flag} {local_path} does not exist")
-        return local_path
-    name = os.path.basename(url)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    if os.path.isfile(cached):
-        return cached
-    try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        torch.hub.download_url_to_file(url, cached, progress=True)
-        return cached
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise MissingWeightsError(
-            f"{what}: the weight file {name} is not available and could not be downloaded ({e}).\n"
-            f"  Download {url} on a machine with internet and put it at {cached}\n"
-            f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}."
-            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead." if random_flag else "")
-        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,6 +340,12 @@ class Logger:
         self.enabled = env.is_main
         self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
         self.tensorboard = None
+        if self.path and os.path.isfile(self.path):  # a line cut short by a crash or a full disk
+            with open(self.path, "rb+") as f:  # would be continued by the next record, lost with it
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+                    warnings.warn(f"{self.path}: dropped its last line, cut short by a crash")
         if self.path:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -588,11 +576,16 @@ class Run:
 
 
 def read_log(path: str) -> list[dict]:
-    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old ones."""
+    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old
+    ones. A damaged line (a crash or a full disk during an append) is skipped with a warning."""
     by_step = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                warnings.warn(f"{path}: line {number} is damaged (an interrupted write?); skipped")
+                continue
             if r.get("event") == "resume":
                 by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
             elif "step" in r and "event" not in r:

@@ -32,7 +32,8 @@ import subprocess
 import sys
 import time
 
-from common import MissingWeightsError, pretrained_file, read_log
+from common import MissingWeightsError, read_log
+from tokenizer import pretrained_file
 
 # Sizes and schedules: images, their size, tokenizer steps per stage, DiT width/depth/steps, FID samples.
 PRESETS = {

@@ -524,3 +524,16 @@ def t2i_forward_flops(model: TextToImageDiT, image_tokens: int, text_tokens: int
                       image_tokens + text_tokens)
             flops += 2 * m.weight.numel() * tokens
     return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "B200": 2250e12}
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The GPU's bf16 peak if we know it (None on CPU and unknown GPUs: then no MFU is reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

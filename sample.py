@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from captions import parse_size
 from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least, atomic_write, autocast,
-                    check_writable, cleanup_distributed, load_checkpoint, load_json, save_json, script_main,
-                    setup_distributed, use_bf16, use_compile)
+                    check_writable, cleanup_distributed, in_range, load_checkpoint, load_json,
+                    save_json, script_main, setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import load_dit
 from text import TextEncoder, read_prompts
@@ -357,13 +357,15 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="runs/dit/ckpt.pt", help="LightningDiT checkpoint from train_dit.py")
     p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the one named in the checkpoint, "
                    "or its stage-3 refinement beside it if there is one)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w; 1 = no guidance")
+    p.add_argument("--cfg", type=at_least(0.0, float), default=1.0,
+                   help="guidance scale w; 1 = no guidance")
     p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1 (N-1 Euler evaluations)")
-    p.add_argument("--shift", type=float, default=0.3, help="time shift s; 1 = uniform grid")
+    p.add_argument("--shift", type=in_range(0, math.inf, lo_open=True), default=0.3,
+                   help="time shift s; 1 = uniform grid")
     p.add_argument("--solver", default="euler", choices=sorted(SOLVERS), help="ODE solver")
     p.add_argument("--cfg_channels", type=at_least(1), help="guide only the first K latent channels "
                    "(LightningDiT: 3; default: all)")
-    p.add_argument("--cfg_interval_start", type=float, default=0.0,
+    p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
     p.add_argument("--classes", help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
     g = p.add_argument_group("text-to-image models (train_t2i.py)")
@@ -386,8 +388,6 @@ def parse_args(argv=None):
                    help="DiT precision (auto: bf16 autocast on CUDA, fp32 on CPU); decoding is float32")
     add_compile_arg(p)
     args = p.parse_args(argv)
-    if args.shift <= 0:
-        p.error(f"argument --shift: must be > 0 (1 = no shift), got {args.shift}")
     if args.classes is not None:
         try:
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]

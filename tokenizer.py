@@ -22,13 +22,14 @@ import copy
 import hashlib
 import math
 import os
+import urllib.error
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import MissingWeightsError, UserError, load_checkpoint, pretrained_file, unwrap
+from common import MissingWeightsError, UserError, load_checkpoint, unwrap
 
 # ----------------------------------------------------------------------------------------------------
 # The three stages: which parts learn, and the loss
@@ -219,6 +220,35 @@ def latent_fingerprint(tokenizer) -> str:
         if id(p) not in decoding:  # a strided sample of every tensor: enough to tell weights apart, fast
             digest.update(name.encode() + p.detach().float().flatten()[:: max(1, p.numel() // 4096)].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretrained weight files (DINOv2's and LPIPS's VGG here; the FID Inception's in inception.py)
+
+
+def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:
+    """Path of a pretrained weight file: `local_path` if given, else the torch.hub cache
+    (`$TORCH_HOME/hub/checkpoints/<name>`), else downloaded there from `url`, with a progress bar.
+    Offline with no file, the error names the file, where to put it, and the flags that help."""
+    if local_path:
+        if not os.path.isfile(local_path):
+            raise MissingWeightsError(f"{what}: {flag} {local_path} does not exist")
+        return local_path
+    name = os.path.basename(url)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.hub.download_url_to_file(url, cached, progress=True)
+        return cached
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise MissingWeightsError(
+            f"{what}: the weight file {name} is not available and could not be downloaded ({e}).\n"
+            f"  Download {url} on a machine with internet and put it at {cached}\n"
+            f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}."
+            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead." if random_flag else "")
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------

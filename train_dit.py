@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import dit
 from common import (EMA, HelpFormatter, Logger, Run, UserError, add_optimisation_args, add_runtime_args, at_least,
-                    autocast, cleanup_distributed, load_json, peak_bf16_flops, save_json, script_main,
+                    autocast, cleanup_distributed, load_json, save_json, script_main,
                     seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
@@ -153,7 +153,8 @@ def parse_args(argv=None):
     g.add_argument("--micro_batch", type=at_least(1), help="per-rank batch per forward; smaller than "
                    "batch_size / ranks means gradient accumulation (default: no accumulation)")
     g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
-    g.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale of the sample grids")
+    g.add_argument("--grid_cfg", type=at_least(0.0, float), default=1.0,
+                   help="CFG scale of the sample grids")
     return p.parse_args(argv)
 
 
@@ -191,7 +192,7 @@ def train(args, env):
               steps=args.steps, batch_size=args.batch_size, show=("loss", "img_per_s"),
               nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should use --qknorm "
                          "(LightningDiT without QK-norm is known to spike to NaN).")
-    flops, peak = dit.training_flops_per_image(model), peak_bf16_flops(device) if bf16 else None
+    flops, peak = dit.training_flops_per_image(model), dit.peak_bf16_flops(device) if bf16 else None
     run.extras = lambda step, img_s: {  # an epoch is len(dataset) / 2 samples: each image has two latents
         "lr": opt.param_groups[0]["lr"], "epoch": step * args.batch_size / (len(dataset) / 2),
         **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}

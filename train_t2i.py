@@ -19,9 +19,9 @@ import torch
 
 import dit
 from captions import CaptionBatches, CaptionStream, buckets
-from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args, at_least, autocast,
-                    cleanup_distributed, peak_bf16_flops, script_main, seed_everything, setup_distributed, use_bf16,
-                    use_compile, wrap_ddp)
+from common import (EMA, HelpFormatter, Run, UserError, add_optimisation_args, add_runtime_args,
+                    at_least, autocast, cleanup_distributed, in_range, script_main, seed_everything,
+                    setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from text import DEFAULT_TEXT_ENCODER, TextEncoder
@@ -39,7 +39,8 @@ def parse_args(argv=None):
                    "(default: the tokenizer's training size; 256 for a baseline)")
     p.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="transformers hub name or local folder")
     p.add_argument("--max_length", type=at_least(1), default=128, help="text tokens per caption (longer ones are cut)")
-    p.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by the empty one")
+    p.add_argument("--caption_dropout", type=in_range(0, 1), default=0.1,
+                   help="share of captions replaced by the empty one")
     p.add_argument("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default="T2I-2B/1", choices=sorted(n for n in dit.DiT_models if n.startswith("T2I")),
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     add_optimisation_args(p, steps=100_000, steps_help="training steps (the paper compares at 100K)", batch_size=256,
                           lr=1e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=1.0)
     g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
-    g.add_argument("--grid_cfg", type=float, default=4.0, help="guidance scale of the sample grids")
+    g.add_argument("--grid_cfg", type=at_least(0.0, float), default=4.0,
+                   help="guidance scale of the sample grids")
     return p.parse_args(argv)
 
 
@@ -118,7 +120,7 @@ def train(args, env):
     if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
         measure_latents(stats, args, env, tok, sizes, bf16)
     tokens = (sizes[len(sizes) // 2][0] // (factor * model.patch_size)) ** 2  # image tokens of the square bucket
-    peak = peak_bf16_flops(device) if bf16 else None
+    peak = dit.peak_bf16_flops(device) if bf16 else None
     flops = 3 * dit.t2i_forward_flops(model, tokens, args.max_length)
     run.extras = lambda step, img_s: {"lr": opt.param_groups[0]["lr"],
                                       **({"mfu": img_s * flops / (peak * env.world_size)} if peak else {})}
