@@ -553,7 +553,7 @@ class Run:
             self.stop.restore()
         skipped = self.skipped()
         if skipped:
-            self.log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
+            self.log.info(f"{skipped} unusable samples were skipped (see the warnings above)")
         if self.log.path:
             self._draw_curves()
         self.env.barrier()

@@ -73,7 +73,8 @@ class LatentStats:
 def measure_latents(stats, args, env, tok, sizes, bf16):
     """Fill `stats` from the first --stats_samples images (each rank its share), with rank 0's first 8
     captions for the sample grids."""
-    stream = CaptionStream(args.captions, 16, sizes, env.rank, env.world_size, seed=args.seed + 1)
+    batch = min(16, args.batch_size // env.world_size)  # data that fills a training batch fills it
+    stream = CaptionStream(args.captions, batch, sizes, env.rank, env.world_size, args.seed + 1)
     total, prompts = torch.zeros(3, tok.latent_shape[0], dtype=torch.float64, device=env.device), []
     for batch in stream:
         with autocast(env.device, bf16):
