@@ -222,11 +222,12 @@ def latent_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pretrained weight files (DINOv2's and LPIPS's VGG here; the FID Inception's in inception.py)
 
 
-def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:
+def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
+                    random_flag: str = "") -> str:
     """Path of a pretrained weight file: `local_path` if given, else the torch.hub cache
     (`$TORCH_HOME/hub/checkpoints/<name>`), else downloaded there from `url`, with a progress bar.
     Offline with no file, the error names the file, where to put it, and the flags that help."""
@@ -247,7 +248,8 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str, rand
             f"{what}: the weight file {name} is not available and could not be downloaded ({e}).\n"
             f"  Download {url} on a machine with internet and put it at {cached}\n"
             f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}."
-            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead." if random_flag else "")
+            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead."
+               if random_flag else "")
         ) from None
 
 
