@@ -52,27 +52,39 @@ class DiffusersVAE(nn.Module):
 
 def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
     """An AutoencoderKL from a local folder (config.json + weights, or a pipeline folder with vae/) or a
-    hub name ("stabilityai/sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev", whose VAE is in vae/)."""
+    hub name ("stabilityai/sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev", whose VAE is in vae/).
+    Loaded by text.from_pretrained: weights missing from the files are an error, not random."""
     from diffusers import AutoencoderKL
 
-    if os.path.isdir(source):
+    from text import from_pretrained, is_path
+
+    if is_path(source):
+        if not os.path.isdir(source):
+            raise UserError(f"the diffusers VAE folder {source} does not exist (--tokenizer)")
         sub = "" if os.path.isfile(os.path.join(source, "config.json")) else "vae"
-        config = os.path.join(source, sub, "config.json")
-        if not os.path.isfile(config) or json.load(open(config)).get("_class_name") != "AutoencoderKL":
-            raise UserError(f"{source} is not a diffusers VAE folder: expected config.json of an AutoencoderKL "
-                            "(in it or in its vae/ subfolder) beside its weights")
-        vae = AutoencoderKL.from_pretrained(source, subfolder=sub or None, low_cpu_mem_usage=False)
-        return DiffusersVAE(vae, source, image_size)
-    errors = []
-    for sub in (None, "vae"):  # a VAE repository, or a pipeline repository with the VAE in vae/
         try:
-            return DiffusersVAE(AutoencoderKL.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False), source,
-                                image_size)
-        except (OSError, ValueError) as e:
-            errors.append(str(e).splitlines()[0])
-    raise UserError(f"could not load a diffusers VAE named {source!r} ({errors[-1]}). Offline, download it on a "
-                    "machine with internet (e.g. `AutoencoderKL.from_pretrained(name).save_pretrained(folder)`) "
-                    "and pass that folder as --tokenizer")
+            with open(os.path.join(source, sub, "config.json")) as f:
+                kind = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError):  # missing, not JSON, or not an object
+            kind = None
+        if kind != "AutoencoderKL":
+            raise UserError(f"{source} is not a diffusers VAE folder: expected config.json of an "
+                            "AutoencoderKL (in it or in its vae/ subfolder) beside its weights")
+        vae = from_pretrained(AutoencoderKL, source, "diffusers VAE", subfolder=sub or None,
+                              low_cpu_mem_usage=False)
+    else:
+        offline = (". Offline, download it on a machine with internet (e.g. `AutoencoderKL"
+                   ".from_pretrained(name).save_pretrained(folder)`) and pass that folder as "
+                   "--tokenizer")
+        for sub in (None, "vae"):  # a VAE repository, or a pipeline repository with its VAE in vae/
+            try:
+                vae = from_pretrained(AutoencoderKL, source, "diffusers VAE", offline,
+                                      subfolder=sub, low_cpu_mem_usage=False)
+                break
+            except UserError:
+                if sub == "vae":
+                    raise
+    return DiffusersVAE(vae, source, image_size)
 
 
 # ----------------------------------------------------------------------------------------------------

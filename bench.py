@@ -378,9 +378,9 @@ def parse_args(argv=None):
     p.add_argument("--no_tf32", action="store_true")
     p.add_argument("--cfg_two_pass", action="store_true")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--iters", type=at_least(1), default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     return p.parse_args(argv)
 

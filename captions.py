@@ -17,6 +17,7 @@ worker's position, and a resumed run continues exactly: each worker makes its ba
 position without yielding them (decoding the images: a truncated one is found only so).
 """
 
+import collections
 import glob
 import io
 import math
@@ -32,6 +33,8 @@ from common import UserError
 from data import IMAGE_EXTENSIONS, center_crop_arr, is_image_file, to_rgb
 
 FOLDER_SHARD = 256  # images per pseudo-shard of a caption folder
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # tarfile reads compressed shards as a stream too
+MAX_PIXELS = 64_000_000  # larger images are skipped: decoding a 12000x12000 PNG takes 1.6 GB
 
 
 def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -63,12 +66,16 @@ def parse_size(text: str, sizes) -> tuple[int, int]:
 def list_shards(path: str, readers: int = 1) -> list:
     """The shards of a source: .tar files, or for a caption folder its images, shuffled once and dealt into
     at least `readers` lists (a folder sorted by subfolder would otherwise give batches of one kind)."""
-    if os.path.isfile(path) and path.endswith(".tar"):
-        return [path]
+    if os.path.isfile(path):
+        if path.endswith(SHARD_SUFFIXES):
+            return [path]
+        raise UserError(f"--captions {path} is a file but not a WebDataset shard (.tar, .tar.gz): "
+                        "expected shards or a folder of images with .txt captions")
     if not os.path.isdir(path):
         raise UserError(f"caption data {path!r} does not exist: expected WebDataset .tar shards or a folder of images "
                         "with .txt captions (--captions)")
-    tars = sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+    tars = sorted(f for suffix in SHARD_SUFFIXES
+                  for f in glob.glob(os.path.join(path, "**", "*" + suffix), recursive=True))
     if tars:
         return tars
     images = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True) for f in names
@@ -103,7 +110,9 @@ def read_shard(shard):
                 key = stem
                 parts[ext.lower()] = tar.extractfile(member).read()
             # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive marker then.
-            if os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+            # (Not for a compressed shard, larger unpacked: a compressed stream cut short raises.)
+            plain = tar.fileobj.comptype == "tar"
+            if plain and os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
     except (tarfile.TarError, EOFError, OSError) as e:
         damage = e
@@ -124,58 +133,89 @@ def _sample(key, parts):
 
 class CaptionStream(torch.utils.data.IterableDataset):
     """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch", "index",
-    "skipped"} of this rank's shards, each batch from one bucket (see the module docstring)."""
+    "skipped"} of this rank's shards, each batch from one bucket (see the module docstring).
+    "skipped" counts the unusable samples of the worker's first epoch: each once, in any epoch."""
 
     def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1, seed: int = 0,
                  num_workers: int = 0):
         self.rank, self.world, self.seed, self.readers = rank, world, seed, max(1, num_workers) * world
         self.shards, self.batch_size, self.sizes = list_shards(path, self.readers), batch_size, sizes
+        readers = f"{world} rank(s) x {max(1, num_workers)} loader worker(s)"
         if len(self.shards) < self.readers:
-            raise UserError(f"{path} has {len(self.shards)} shard(s) for {world} rank(s) x {max(1, num_workers)} "
-                            "loader worker(s): every reader needs one; lower --num_workers or split the data")
+            raise UserError(f"{path} has {len(self.shards)} shard(s) for {readers}: every reader "
+                            "needs one; lower --num_workers or split the data")
+        # Known before an epoch is read: a folder's images, or for an uncompressed tar its size (an
+        # image and a caption take at least 4 blocks: two headers, two of data).
+        most = sum(len(s) if isinstance(s, list) else os.path.getsize(s) // (4 * tarfile.BLOCKSIZE)
+                   if s.endswith(".tar") else math.inf for s in self.shards)
+        if most < self.readers * batch_size:
+            raise UserError(f"{path} holds at most {most} samples, fewer than a batch of "
+                            f"{batch_size} for each of {readers}: use a smaller --batch_size or "
+                            "fewer --num_workers")
         self.start = {}  # worker -> (epoch, batches of that epoch already consumed)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, skip = self.start.get(worker, (0, 0))
-        self.skipped = 0
+        first, self.skipped = epoch, 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             mine = [self.shards[i] for i in order[self.rank * workers + worker:: self.world * workers]]
-            buffers, index = {}, 0
-            for size, pixels, caption in self._samples(mine):
+            buffers, index, counts = {}, 0, collections.Counter()
+            for size, pixels, caption in self._samples(mine, counts, warn=epoch == first):
                 buffer = buffers.setdefault(size, [])
                 buffer.append((pixels, caption))
                 if len(buffer) == self.batch_size:
                     del buffers[size]
+                    self.skipped = unusable(counts) if epoch == first else self.skipped
                     if index >= skip:  # the batches before a resume point are made again, not yielded
                         yield {"images": torch.from_numpy(np.stack([p for p, _ in buffer])).permute(0, 3, 1, 2),
                                "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
                                "index": index, "skipped": self.skipped}
                     index += 1
+            self.skipped = unusable(counts) if epoch == first else self.skipped
             if index == 0:  # an endless loop otherwise, and under DDP the other ranks would wait forever
-                raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of {self.batch_size} from "
-                                f"a whole epoch of its {len(mine)} shard(s): use a smaller --batch_size, fewer "
-                                "--num_workers or more data")
+                found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
+                advice = "no sample is usable" if not counts["usable"] else (
+                    "use a smaller --batch_size (a batch takes images of one aspect-ratio "
+                    "bucket), fewer --num_workers or more data")
+                raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
+                                f"{self.batch_size} from a whole epoch of its {len(mine)} "
+                                f"shard(s), which hold {counts.total()} samples: "
+                                f"{counts['usable']} usable{found}; {advice}")
             epoch, skip = epoch + 1, 0
 
-    def _samples(self, shards):
-        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order; the others
-        are counted in self.skipped."""
+    def _samples(self, shards, counts, warn: bool):
+        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order. Every
+        sample is counted in `counts` by what became of it; the first unusable ones are named."""
         for shard in shards:
             for key, image, caption in read_shard(shard):
-                if image is None or not caption:  # no image, or a missing or empty caption
-                    self.skipped += 1
-                    continue
-                try:
-                    with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
-                        size = nearest_bucket(img.size[1], img.size[0], self.sizes)
-                        pixels = center_crop_arr(to_rgb(img), *size)  # decoding finds a truncated file
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                    self.skipped += 1
-                    continue
-                yield size, pixels, caption
+                why, size, pixels = self._read(key, image, caption)
+                counts[why or "usable"] += 1
+                if why is None:
+                    yield size, pixels, caption
+                elif warn and unusable(counts) <= 5:
+                    more = " (further ones are counted, not named)" if unusable(counts) == 5 else ""
+                    warnings.warn(f"skipped the sample {key}: {why}{more}")
+
+    def _read(self, key, image, caption):
+        """(None, bucket, HxWx3 uint8 pixels) of a usable sample, else (why not, None, None)."""
+        if image is None or not caption:
+            why = "without a caption" if image is not None else "without an image"
+            return ("in a damaged shard" if key.endswith(":damaged") else why), None, None
+        try:
+            with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+                if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                    return f"over {MAX_PIXELS / 1e6:g} megapixels", None, None
+                size = nearest_bucket(img.size[1], img.size[0], self.sizes)
+                return None, size, center_crop_arr(to_rgb(img), *size)  # finds a truncated file
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return "undecodable", None, None
+
+
+def unusable(counts) -> int:
+    return counts.total() - counts["usable"]
 
 
 class CaptionBatches:

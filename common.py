@@ -11,6 +11,7 @@ import argparse
 import copy
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -59,12 +60,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def at_least(minimum, kind=int):
-    """An argparse type for numbers >= `minimum`: `--batch_size 0` fails when it is parsed, naming the
-    flag, instead of after the first step."""
+    """An argparse type for numbers >= `minimum`: `--batch_size 0` fails when it is parsed."""
+    return in_range(minimum, math.inf, kind)
+
+
+def in_range(lo, hi, kind=float, lo_open=False, hi_open=False):
+    """An argparse type for finite numbers in [lo, hi] (an end left out if *_open): `--ema_decay 2`
+    or `--lr nan` fails when it is parsed, naming the flag, not as NaN weights in a checkpoint
+    hours later."""
+    if hi == math.inf:
+        bounds = f"> {lo}" if lo_open else f"at least {lo}"
+    else:
+        bounds = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
     def parse(text):
         value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo)
+                and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -76,13 +89,18 @@ def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: f
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
     g.add_argument("--batch_size", type=at_least(1), default=batch_size, help="global batch size (split over ranks)")
-    g.add_argument("--lr", type=float, default=lr, help=f"{optimiser} learning rate (constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=betas, help=f"{optimiser} betas")
+    g.add_argument("--lr", type=in_range(0, math.inf, lo_open=True), default=lr,
+                   help=f"{optimiser} learning rate (constant)")
+    g.add_argument("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=betas,
+                   help=f"{optimiser} betas")
     if optimiser == "AdamW":
-        g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA of the weights (exported, or sampled)")
+        g.add_argument("--weight_decay", type=at_least(0.0, float), default=0.0,
+                       help="AdamW weight decay")
+    g.add_argument("--ema_decay", type=in_range(0, 1, hi_open=True), default=ema_decay,
+                   help="EMA of the weights (exported, or sampled)")
     if grad_clip is not None:
-        g.add_argument("--grad_clip", type=float, default=grad_clip, help="max gradient norm (0: no clipping)")
+        g.add_argument("--grad_clip", type=at_least(0.0, float), default=grad_clip,
+                       help="max gradient norm (0: no clipping)")
     return g
 
 
@@ -94,7 +112,8 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_
                    help="auto: bf16 autocast on CUDA, float32 on the CPU")
     add_compile_arg(g)
     g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
-    g.add_argument("--seed", type=int, default=0, help="seeds the weights, noise and data order")
+    g.add_argument("--seed", type=at_least(0), default=0,
+                   help="seeds the weights, noise and data order")
     g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
     g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
     g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
@@ -227,7 +246,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def atomic_write(path: str, write):
     """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full disk never
-    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed first."""
+    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed
+    first. A failed write (a full disk, a read-only folder) is a UserError; the old file stays."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
@@ -239,6 +259,10 @@ def atomic_write(path: str, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer: a RuntimeError for a full disk
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+        raise UserError(f"could not write {path} ({why}): is the disk full or read-only? "
+                        f"The previous {os.path.basename(path)} there, if any, is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -276,7 +300,8 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
                         "(or the official weights)?") from None
 
 
-def pretrained_file(url: str, local_path: str | None, what: str, flag: str, random_flag: str = "") -> str:
+def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
+                    random_flag: str = "") -> str:
     """Path of a pretrained weight file: `local_path` if given, else the torch.hub cache
     (`$TORCH_HOME/hub/checkpoints/<name>`), else downloaded there from `url`, with a progress bar.
     Offline with no file, the error names the file, where to put it, and the flags that help."""
@@ -297,7 +322,8 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str, rand
             f"{what}: the weight file {name} is not available and could not be downloaded ({e}).\n"
             f"  Download {url} on a machine with internet and put it at {cached}\n"
             f"  (the torch.hub cache; set TORCH_HOME to move it), or pass {flag} /path/to/{name}."
-            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead." if random_flag else "")
+            + (f"\n  For a test or a demo only, {random_flag} runs with random weights instead."
+               if random_flag else "")
         ) from None
 
 
@@ -344,6 +370,12 @@ class Logger:
         self.enabled = env.is_main
         self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
         self.tensorboard = None
+        if self.path and os.path.isfile(self.path):  # a line cut short by a crash or a full disk
+            with open(self.path, "rb+") as f:  # would be continued by the next record, lost with it
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+                    warnings.warn(f"{self.path}: dropped its last line, cut short by a crash")
         if self.path:
             try:
                 from torch.utils.tensorboard import SummaryWriter

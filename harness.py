@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -246,7 +247,7 @@ class Run:
         if exc_type is None:
             skipped = self.skipped()
             if skipped:
-                self.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
+                self.info(f"{skipped} unusable samples were skipped (see the warnings above)")
             if self.logger.path:
                 self._draw_curves()
             self.env.barrier()
@@ -262,11 +263,16 @@ class Run:
 
 
 def read_log(path: str) -> list[dict]:
-    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old ones."""
+    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old
+    ones. A damaged line (a crash or a full disk during an append) is skipped with a warning."""
     by_step = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                warnings.warn(f"{path}: line {number} is damaged (an interrupted write?); skipped")
+                continue
             if r.get("event") == "resume":
                 by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
             elif "step" in r and "event" not in r:

@@ -24,6 +24,8 @@ import argparse
 import math
 import os
 import time
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -31,8 +33,8 @@ from tqdm import tqdm
 
 from captions import parse_size
 from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least, atomic_write, autocast,
-                    check_writable, cleanup_distributed, load_checkpoint, load_json, save_json, script_main,
-                    setup_distributed, use_bf16, use_compile)
+                    check_writable, cleanup_distributed, in_range, load_checkpoint, load_json,
+                    save_json, script_main, setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import build_dit
 from t2i import build_t2i
@@ -218,11 +220,16 @@ def load_dit(path: str, ema: bool = True):
 def refined_tokenizer(path: str | None) -> str | None:
     """The tokenizer to decode with: the stage-3 refinement of `path` (<run>/stage3/tokenizer.pt, started
     from `path`) when there is one, since it decodes the same latents better; else `path` itself."""
-    if not (path and os.path.isfile(path)):  # a baseline named by folder or hub name: no stage 3
-        return path
-    stage3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "stage3", "tokenizer.pt")
+    folder = os.path.dirname(os.path.abspath(path)) if path and os.path.isfile(path) else ""
+    if os.path.basename(folder) not in ("stage1", "stage2"):  # not train_tokenizer.py's export
+        return path  # (or a baseline, named by folder or hub name: no stage 3 either)
+    stage3 = os.path.join(os.path.dirname(folder), "stage3", "tokenizer.pt")
     if os.path.isfile(stage3):
-        init = load_checkpoint(stage3, "stage-3 tokenizer").get("init")
+        try:
+            init = load_checkpoint(stage3, "stage-3 tokenizer").get("init")
+        except (UserError, AttributeError):  # a damaged or foreign file there: decode with `path`
+            warnings.warn(f"{stage3} is not a readable tokenizer checkpoint; decoding with {path}")
+            return path
         if init and os.path.exists(init) and os.path.samefile(init, path):
             return stage3
     return path
@@ -340,10 +347,16 @@ def run_npz(args, env, model, tokenizer, meta, task, bf16, log):
     wait_for(paths)
     images, labels = None, np.empty(N, dtype=np.int64)
     for k, p in enumerate(paths):
-        with np.load(p) as shard:
-            if images is None:  # (N, H, W, 3), filled shard by shard (50K x 256 px = 9.8 GB)
-                images = np.empty((N, *shard["arr_0"].shape[1:]), dtype=np.uint8)
-            images[k * S: (k + 1) * S], labels[k * S: (k + 1) * S] = shard["arr_0"], shard["arr_1"]
+        try:  # shards are written atomically: a damaged one was damaged on disk, or is not ours
+            with np.load(p) as shard:
+                if images is None:  # (N, H, W, 3), filled shard by shard (50K x 256 px = 9.8 GB)
+                    images = np.empty((N, *shard["arr_0"].shape[1:]), dtype=np.uint8)
+                images[k * S: (k + 1) * S] = shard["arr_0"]
+                labels[k * S: (k + 1) * S] = shard["arr_1"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            why = f"{type(e).__name__}: {str(e).split('. ')[0]}"
+            raise UserError(f"the sample shard {p} is damaged ({why}): delete it and run the same "
+                            "command again to draw it anew") from None
     save_npz(final, arr_0=images, arr_1=labels)
     if not args.keep_shards:
         for p in paths:
@@ -377,13 +390,15 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="runs/dit/ckpt.pt", help="LightningDiT checkpoint from train_dit.py")
     p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the one named in the checkpoint, "
                    "or its stage-3 refinement beside it if there is one)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w; 1 = no guidance")
+    p.add_argument("--cfg", type=at_least(0.0, float), default=1.0,
+                   help="guidance scale w; 1 = no guidance")
     p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1 (N-1 Euler evaluations)")
-    p.add_argument("--shift", type=float, default=0.3, help="time shift s; 1 = uniform grid")
+    p.add_argument("--shift", type=in_range(0, math.inf, lo_open=True), default=0.3,
+                   help="time shift s; 1 = uniform grid")
     p.add_argument("--solver", default="euler", choices=sorted(SOLVERS), help="ODE solver")
     p.add_argument("--cfg_channels", type=at_least(1), help="guide only the first K latent channels "
                    "(LightningDiT: 3; default: all)")
-    p.add_argument("--cfg_interval_start", type=float, default=0.0,
+    p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
     p.add_argument("--classes", help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
     g = p.add_argument_group("text-to-image models (train_t2i.py)")
@@ -406,8 +421,6 @@ def parse_args(argv=None):
                    help="DiT precision (auto: bf16 autocast on CUDA, fp32 on CPU); decoding is float32")
     add_compile_arg(p)
     args = p.parse_args(argv)
-    if args.shift <= 0:
-        p.error(f"argument --shift: must be > 0 (1 = no shift), got {args.shift}")
     if args.classes is not None:
         try:
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
@@ -449,6 +462,11 @@ def main(argv=None):
         args.size = parse_size(args.size, sizes) if args.size else sizes[len(sizes) // 2]
         text = TextEncoder(args.text_encoder or meta["text_encoder"], meta["max_length"], env.device,
                            torch.bfloat16 if use_bf16(args.precision, env.device) else torch.float32)
+        trained = meta["model_args"]["text_dim"]
+        if text.dim != trained:  # now, not as a shape error inside the first batch
+            raise UserError(f"the text encoder {text.name} gives {text.dim}-d states, but the "
+                            f"model in {args.ckpt} was trained on {trained}-d ones (from "
+                            f"{meta['text_encoder']}): pass that encoder (--text_encoder)")
     elif args.prompts or args.size:
         raise UserError(f"{args.ckpt} is a class-conditional model: --prompt, --prompts and --size are for "
                         "text-to-image models (train_t2i.py); use --classes")

@@ -6,8 +6,10 @@ Any encoder that `transformers` loads by hub name or from a local folder can rep
 (`--text_encoder`): T5 and CLIP text models as such, others through AutoModel's last hidden state.
 """
 
+import importlib
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -19,17 +21,65 @@ DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def from_pretrained(cls, name: str, what: str, **kwargs):
-    """cls.from_pretrained(name), with an error that names the offline way out."""
+OFFLINE = (". Offline, save it on a machine with internet (`.from_pretrained(name)"
+           ".save_pretrained(folder)`) and pass that folder instead")
+
+
+def from_pretrained(cls, name: str, what: str, offline: str = OFFLINE, **kwargs):
+    """cls.from_pretrained(name) for a transformers or diffusers class; any failure is one UserError
+    naming `name`. A model must find every weight in its files: both libraries would otherwise
+    initialise the missing ones at random, with a warning, and a random CLIP or text encoder gives
+    numbers that look plausible (a T5 folder passed as CLIP, a .bin holding no weights). `offline`:
+    the advice for a hub name that cannot be loaded."""
+    library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
+    library.utils.logging.disable_progress_bar()
+    is_model = issubclass(cls, torch.nn.Module)
+    if is_path(name):
+        if not os.path.isdir(name):
+            raise UserError(f"the {what} folder {name} does not exist")
+        offline = ""
+    verbosity = library.utils.logging.get_verbosity()
+    library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
+    try:
+        report = {"output_loading_info": True} if is_model else {}  # what was not in the files
+        loaded = cls.from_pretrained(name, **kwargs, **report)
+    except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"could not load the {what} {name!r} ({why}){offline}") from None
+    finally:
+        library.utils.logging.set_verbosity(verbosity)
+    if not is_model:
+        return loaded
+    model, info = loaded
+    missing = sorted(info["missing_keys"]) + [str(k) for k in info.get("mismatched_keys", ())]
+    if missing:
+        raise UserError(f"{name} is not a complete {what}: {len(missing)} of its weights are not "
+                        f"in its files (e.g. {missing[0]}) and would be random. Pass a folder that "
+                        f"{cls.__name__}.save_pretrained wrote (config.json and weights)")
+    return model
+
+
+def is_path(name: str) -> bool:
+    """A folder rather than a hub name ("org/model"): a missing one is "not found", not a hub name
+    that "must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def load_tokenizer(name: str, what: str):
+    """AutoTokenizer.from_pretrained(name), refused if it maps different words to the same ids:
+    without its vocabulary files, transformers builds an empty vocabulary in which every word is
+    unknown, and all captions of a length give the same text states."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the {what} {name!r} ({str(e).splitlines()[0]}). Offline, save it on a machine "
-                        "with internet (`.from_pretrained(name).save_pretrained(folder)`, model and tokenizer) and pass "
-                        "that folder instead") from None
+    tokenizer = from_pretrained(transformers.AutoTokenizer, name, what)
+    words = ["red", "blue", "disc", "ring", "left"]
+    if len({tuple(ids) for ids in tokenizer(words)["input_ids"]}) < len(words):
+        raise UserError(f"the {what} in {name} maps different words to the same tokens (a "
+                        f"vocabulary of {len(tokenizer)}): its files (tokenizer.json, "
+                        "spiece.model, vocab.json...) are missing or damaged; save the tokenizer "
+                        "into that folder too (`AutoTokenizer.from_pretrained(hub_name)"
+                        ".save_pretrained(folder)`)")
+    return tokenizer
 
 
 def read_prompts(path: str) -> list[str]:
@@ -39,6 +89,9 @@ def read_prompts(path: str) -> list[str]:
             prompts = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}): save it as "
+                        "UTF-8") from None
     if not prompts:
         raise UserError(f"the prompt file {path} holds no prompts")
     return prompts
@@ -57,7 +110,15 @@ class TextEncoder:
         cls = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
                "clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel}.get(
             config.model_type, transformers.AutoModel)
-        self.tokenizer = from_pretrained(transformers.AutoTokenizer, name, "text encoder's tokenizer")
+        self.tokenizer = load_tokenizer(name, "text encoder's tokenizer")
+        # Checked before the model loads and before training measures anything. T5's relative
+        # positions set no limit, nor does ByT5's tokenizer (1e30): then T5's training length, 512.
+        positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        limits = [v for v in (positions, self.tokenizer.model_max_length) if v and v < 1e6]
+        limit = min(limits or [512])
+        if max_length > limit:
+            raise UserError(f"--max_length {max_length} is more than the {limit} tokens that the "
+                            f"text encoder {name} takes")
         self.model = from_pretrained(cls, name, "text encoder", dtype=dtype).to(self.device).eval().requires_grad_(False)
         self.dim = getattr(self.model.config, "d_model", None) or self.model.config.hidden_size
 
@@ -66,7 +127,9 @@ class TextEncoder:
         if warn:  # sampling: say which prompts are cut
             long = [c for c, ids in zip(captions, self.tokenizer(captions)["input_ids"]) if len(ids) > self.max_length]
             for caption in dict.fromkeys(long):
-                warnings.warn(f"prompt longer than the text encoder's {self.max_length} tokens, cut there: {caption!r}")
+                short = caption if len(caption) <= 80 else caption[:77] + "..."
+                warnings.warn(f"prompt longer than the text encoder's {self.max_length} tokens, "
+                              f"cut there: {short!r}")
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt").to(self.device)
         states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
@@ -82,7 +145,7 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
     import transformers
 
     model = from_pretrained(transformers.CLIPModel, name, "CLIP model").to(device).eval()
-    tokenizer = from_pretrained(transformers.AutoTokenizer, name, "CLIP tokenizer")
+    tokenizer = load_tokenizer(name, "CLIP tokenizer")
     size = model.config.vision_config.image_size
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     scores = []
@@ -109,14 +172,26 @@ def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
     """CLIP score of sample.py's text-to-image .npz, whose arr_1 is each sample's line in the prompt file."""
     if not (samples.endswith(".npz") and os.path.isfile(samples)):
         raise UserError(f"the CLIP score needs sample.py's .npz (--npz --prompts FILE), not {samples}")
-    with np.load(samples) as data:
-        if "arr_1" not in data:
-            raise UserError(f"{samples} has no arr_1 (each sample's prompt): sample it with --prompts FILE")
-        images, lines = data["arr_0"], data["arr_1"]
+    again = "sample it with sample.py --npz --prompts FILE"
+    try:
+        with np.load(samples) as data:
+            if "arr_1" not in data:
+                raise UserError(f"{samples} has no arr_1 (each sample's prompt line): {again}")
+            images, lines = data["arr_0"], data["arr_1"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no allow_pickle advice
+        why = "it holds Python objects" if "pickle" in str(e) else str(e).split(". ")[0]
+        raise UserError(f"could not read {samples} as sample.py's .npz ({why})") from None
     prompts = read_prompts(prompts_file)
-    if lines.max() >= len(prompts):
-        raise UserError(f"{samples} refers to prompt line {lines.max()}, but {prompts_file} has {len(prompts)}: "
-                        "pass the prompt file it was sampled from")
+    # arr_1 indexes the prompt lines: a float, a missing or a negative entry (which Python counts
+    # from the end) would score images against other prompts than their own.
+    if lines.dtype.kind not in "iu" or lines.shape != images.shape[:1]:
+        raise UserError(f"{samples}: arr_1 must hold each image's prompt line ({len(images)} "
+                        f"integers), not {lines.dtype} of shape {lines.shape}: {again}")
+    if lines.min(initial=0) < 0:
+        raise UserError(f"{samples}: arr_1 holds a negative prompt line ({lines.min()}): {again}")
+    if lines.max(initial=0) >= len(prompts):
+        raise UserError(f"{samples} refers to prompt line {lines.max()}, but {prompts_file} has "
+                        f"{len(prompts)}: pass the prompt file it was sampled from")
     score = clip_score(images, [prompts[i] for i in lines], name, device)
     return {"clip_score": score, "clip_model": name, "prompts": prompts_file}
 

@@ -52,14 +52,30 @@ class LatentDataset(torch.utils.data.Dataset):
             raise UserError(f"{folder!r} holds no latents")
         self.folder = folder
         self._latents = self._labels = None  # opened lazily, once per DataLoader worker
+        self._open()  # and once here: a damaged file is a message, not a worker's traceback
+        latents, labels = self._latents, self._labels
+        shape = (len(self), *self.meta["latent_shape"])
+        if latents.dtype.kind != "f" or latents.shape != shape or labels.shape != shape[:1]:
+            raise UserError(f"{folder!r} holds latents {latents.dtype} {latents.shape} and labels "
+                            f"{labels.shape}, but its meta.json says float {shape}: run --extract "
+                            "again")
+        self._latents = self._labels = None  # a memory map is not pickled to workers
+
+    def _open(self):
+        try:
+            self._latents = np.load(os.path.join(self.folder, "latents.npy"), mmap_mode="r")
+            self._labels = np.load(os.path.join(self.folder, "labels.npy"), mmap_mode="r")
+        except (OSError, ValueError) as e:  # missing, damaged, or Python objects (no memory map)
+            why = "Python objects, not numbers" if "object" in str(e) else str(e).split(". ")[0]
+            raise UserError(f"could not read the latents in {self.folder!r} ({why}): run --extract "
+                            "again") from None
 
     def __len__(self):
         return self.meta["num_latents"]
 
     def __getitem__(self, i):
         if self._latents is None:  # np.memmap would be copied whole if it were pickled to workers
-            self._latents = np.load(os.path.join(self.folder, "latents.npy"), mmap_mode="r")
-            self._labels = np.load(os.path.join(self.folder, "labels.npy"), mmap_mode="r")
+            self._open()
         return torch.from_numpy(np.array(self._latents[i])), int(self._labels[i])
 
     def latent_stats(self) -> dict:
@@ -156,7 +172,8 @@ def parse_args(argv=None):
     g.add_argument("--micro_batch", type=at_least(1), help="per-rank batch per forward; smaller than "
                    "batch_size / ranks means gradient accumulation (default: no accumulation)")
     g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
-    g.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale of the sample grids")
+    g.add_argument("--grid_cfg", type=at_least(0.0, float), default=1.0,
+                   help="CFG scale of the sample grids")
     return p.parse_args(argv)
 
 

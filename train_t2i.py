@@ -21,8 +21,8 @@ import dit
 import flops
 from captions import CaptionBatches, CaptionStream, buckets
 from common import (EMA, HelpFormatter, UserError, add_optimisation_args, add_runtime_args,
-                    at_least, autocast, cleanup_distributed, script_main, seed_everything,
-                    setup_distributed, use_bf16, use_compile, wrap_ddp)
+                    at_least, autocast, cleanup_distributed, in_range, script_main,
+                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from harness import Run
 from data import save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
@@ -43,7 +43,8 @@ def parse_args(argv=None):
                    "(default: the tokenizer's training size; 256 for a baseline)")
     p.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="transformers hub name or local folder")
     p.add_argument("--max_length", type=at_least(1), default=128, help="text tokens per caption (longer ones are cut)")
-    p.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by the empty one")
+    p.add_argument("--caption_dropout", type=in_range(0, 1), default=0.1,
+                   help="share of captions replaced by the empty one")
     p.add_argument("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default="T2I-2B/1", choices=sorted(T2I_models),
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     add_optimisation_args(p, steps=100_000, steps_help="training steps (the paper compares at 100K)", batch_size=256,
                           lr=1e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=1.0)
     g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
-    g.add_argument("--grid_cfg", type=float, default=4.0, help="guidance scale of the sample grids")
+    g.add_argument("--grid_cfg", type=at_least(0.0, float), default=4.0,
+                   help="guidance scale of the sample grids")
     return p.parse_args(argv)
 
 
@@ -75,7 +77,8 @@ class LatentStats:
 def measure_latents(stats, args, env, tok, sizes, bf16):
     """Fill `stats` from the first --stats_samples images (each rank its share), with rank 0's first 8
     captions for the sample grids."""
-    stream = CaptionStream(args.captions, 16, sizes, env.rank, env.world_size, seed=args.seed + 1)
+    batch = min(16, args.batch_size // env.world_size)  # data that fills a training batch fills it
+    stream = CaptionStream(args.captions, batch, sizes, env.rank, env.world_size, args.seed + 1)
     total, prompts = torch.zeros(3, tok.latent_shape[0], dtype=torch.float64, device=env.device), []
     for batch in stream:
         with autocast(env.device, bf16):

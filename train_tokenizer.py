@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--adapter_hidden", type=at_least(1), help="adapter MLP hidden width (default: encoder width)")
     g.add_argument("--image_size", type=at_least(16), help="training resolution, a multiple of 16 (default 256)")
     g.add_argument("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
-    g.add_argument("--decoder_ch_mult", type=lambda s: tuple(int(c) for c in s.split(",")),
+    g.add_argument("--decoder_ch_mult", type=lambda s: tuple(at_least(1)(c) for c in s.split(",")),
                    help="decoder width multipliers (default 1,1,2,2,4)")
     g.add_argument("--decoder_res_blocks", type=at_least(1), help="residual blocks per level, LDM's convention: the decoder builds this + 1 per level "
                    "on its way up (default 2, so 3)")
@@ -57,12 +57,15 @@ def parse_args(argv=None):
     g.add_argument("--random_lpips", action="store_true", help="random LPIPS VGG backbone (demo and tests only)")
     g = add_optimisation_args(p, steps=50_000, steps_help="training steps of this stage", batch_size=256, lr=1e-4,
                               betas=(0.5, 0.9), ema_decay=0.999, optimiser="Adam")  # VA-VAE's recipe
-    g.add_argument("--lpips_weight", type=float, default=1.0, help="weight of LPIPS next to L1 (0: no LPIPS)")
-    g.add_argument("--disc_weight", type=float, default=0.5, help="scale of the adaptive GAN weight")
+    weight = at_least(0.0, float)  # loss weights: 0 turns a term off; a negative one maximises it
+    g.add_argument("--lpips_weight", type=weight, default=1.0,
+                   help="weight of LPIPS next to L1 (0: no LPIPS)")
+    g.add_argument("--disc_weight", type=weight, default=0.5,
+                   help="scale of the adaptive GAN weight")
     g.add_argument("--disc_start", type=at_least(0), help="step the GAN starts at (default: 20%% of --steps)")
     g.add_argument("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
-    g.add_argument("--sp_weight", type=float, default=1.0, help="stage 2: weight of L_sp (the paper: 1 on "
-                   "ImageNet, 3 on text-to-image data)")
+    g.add_argument("--sp_weight", type=weight, default=1.0,
+                   help="stage 2: weight of L_sp (the paper: 1 on ImageNet, 3 on text-to-image)")
     g.add_argument("--sp_loss", choices=("mse", "cosine"), default="mse", help="stage 2: form of L_sp")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% more compute)")

@@ -148,6 +148,6 @@ def test_mixed_tokenizers_and_bad_inputs(tiny_vaes, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a tokenizer checkpoint of this project .*nor a VA-VAE"):
         load_tokenizer(str(tmp_path / "other.pt"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="could not load a diffusers VAE named 'nobody/no-vae'.*pass that folder"):
+    with pytest.raises(UserError, match="could not load the diffusers VAE 'nobody/no-vae'.*folder"):
         load_tokenizer("nobody/no-vae")
     assert load_checkpoint(ckpt)["tokenizer_fingerprint"] == latent_fingerprint(load_tokenizer(vae0))

@@ -193,8 +193,8 @@ def test_every_rank_resumes_from_its_own_position(tmp_path):
 
 
 def test_a_worker_that_can_never_fill_a_batch_is_an_error(mixed_captions):
-    with pytest.raises(UserError, match="made no batch of 64 from a whole epoch"):
-        take(CaptionStream(mixed_captions, 64, buckets(64, 16)), 1)
+    with pytest.raises(UserError, match="made no batch of 16 from a whole epoch"):
+        take(CaptionStream(mixed_captions, 16, buckets(64, 16)), 1)
 
 
 # ----------------------------------------------------------------------------------------------------
