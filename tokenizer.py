@@ -1,6 +1,6 @@
 """The aligned tokenizer: a pretrained DINOv2 encoder turned into the image tokenizer of a latent
-diffusion model ("Aligning Visual Foundation Encoders to Tokenizers for Diffusion Models", Chen et al.,
-ICLR 2026), and the three stages that train it.
+diffusion model ("Aligning Visual Foundation Encoders to Tokenizers for Diffusion Models",
+Chen et al., ICLR 2026), and the three stages that train it.
 
     image 256x256 in [-1, 1]
       -> resize to 224, ImageNet-normalise                      (AlignedTokenizer.preprocess)
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import MissingWeightsError, UserError, load_checkpoint, pretrained_file, unwrap
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The three stages: which parts learn, and the loss
 
 TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}
@@ -41,25 +41,25 @@ def set_trainable(model: "AlignedTokenizer", stage: int):
     model.requires_grad_(False)
     for name in TRAINABLE[stage]:
         getattr(model, name).requires_grad_(True)
-    # DINOv2's mask token is for its masked pre-training only: it never gets a gradient here, and DDP
-    # fails on a trainable parameter that gets none.
+    # DINOv2's mask token is for its masked pre-training only: it never gets a gradient here, and
+    # DDP fails on a trainable parameter that gets none.
     model.encoder.mask_token.requires_grad_(False)
 
 
 def semantic_reference(model: "AlignedTokenizer") -> "AlignedTokenizer":
-    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter, whose latent z_ref of the
-    same image the fine-tuned latent must stay close to."""
+    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter, whose latent z_ref of
+    the same image the fine-tuned latent must stay close to."""
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     ref.decoder = None
     return ref
 
 
-def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, disc_weight=0.5, sp_weight=1.0,
-                   sp_loss="mse"):
+def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, disc_weight=0.5,
+                   sp_weight=1.0, sp_loss="mse"):
     """The loss of every stage on images x (B, 3, H, W) in [-1, 1]:
-        L1(x, x_hat) + lpips_weight * LPIPS(x, x_hat)        (the reconstruction L_nll)
-        + sp_weight * L_sp(z, z_ref)                         (stage 2: given the frozen reference `ref`)
-        + w_g * L_G, L_G = -mean D(x_hat)                    (once the discriminator `disc` is on)
+        L1(x, x_hat) + lpips_weight * LPIPS(x, x_hat)  (the reconstruction L_nll)
+        + sp_weight * L_sp(z, z_ref)                   (stage 2: given the frozen reference `ref`)
+        + w_g * L_G, L_G = -mean D(x_hat)              (once the discriminator `disc` is on)
     Returns (loss, x_hat, {name: value} of every part, device tensors)."""
     x_hat, z = model(x)
     x_hat = x_hat.float()
@@ -78,7 +78,8 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         disc.requires_grad_(False)  # D judges here but does not learn from this loss
         parts["g_loss"] = -disc(x_hat).float().mean()
         disc.requires_grad_(True)
-        parts["w_g"] = adaptive_gan_weight(nll, parts["g_loss"], unwrap(model).decoder.last_layer, disc_weight)
+        last_layer = unwrap(model).decoder.last_layer
+        parts["w_g"] = adaptive_gan_weight(nll, parts["g_loss"], last_layer, disc_weight)
         loss = loss + parts["w_g"] * parts["g_loss"]
     parts["loss"] = loss
     return loss, x_hat, parts
@@ -96,19 +97,20 @@ def semantic_preservation_loss(z, z_ref, kind: str = "mse"):
 
 def hinge_d_loss(logits_real, logits_fake):
     """The discriminator's hinge loss: push real logits above +1 and fake ones below -1."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean()
+                  + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
-    """w_g = scale * clamp(||dL_nll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4) at W = the decoder's last layer,
-    a constant for backward: the GAN gradient is kept in proportion to the reconstruction gradient
-    where the two meet, so the GAN neither dominates nor vanishes as their scales drift."""
+    """w_g = scale * clamp(||dL_nll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4) at W = the decoder's last
+    layer, a constant for backward: the GAN gradient is kept in proportion to the reconstruction
+    gradient where the two meet, so the GAN neither dominates nor vanishes as their scales drift."""
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return scale * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,19 +140,22 @@ class AlignedTokenizer(nn.Module):
         super().__init__()
         self.config = config = default_config(**config)
         if config["image_size"] % 16 or len(config["decoder_ch_mult"]) != 5:
-            raise UserError(f"image_size must be a multiple of 16 and the decoder must upsample x16 (5 channel "
-                            f"multipliers), got {config['image_size']} and {config['decoder_ch_mult']}")
-        self.encoder = encoder if encoder is not None else build_dinov2(config["encoder"], pretrained=False)
+            raise UserError("image_size must be a multiple of 16 and the decoder must upsample x16 "
+                            f"(5 channel multipliers), got {config['image_size']} and "
+                            f"{config['decoder_ch_mult']}")
+        self.encoder = (encoder if encoder is not None
+                        else build_dinov2(config["encoder"], pretrained=False))
         D = self.encoder.embed_dim
-        self.adapter = Mlp(D, config["adapter_hidden"] or D, config["latent_channels"])  # no KL, no sampling
-        self.decoder = Decoder(config["latent_channels"], config["decoder_ch"], config["decoder_ch_mult"],
-                               config["decoder_res_blocks"])
+        # The adapter's output is the latent: no KL, no sampling.
+        self.adapter = Mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
+        self.decoder = Decoder(config["latent_channels"], config["decoder_ch"],
+                               config["decoder_ch_mult"], config["decoder_res_blocks"])
         self.latent_size = config["image_size"] // 16
         self.encoder_size = self.latent_size * self.encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # Set by load_tokenizer: the stage that trained the weights, and whether stage 1 began from a
-        # random encoder (so that later stages, extraction and evaluation can say so).
+        # Set by load_tokenizer: the stage that trained the weights, and whether stage 1 began from
+        # a random encoder (so that later stages, extraction and evaluation can say so).
         self.stage, self.random_encoder = None, False
 
     @property
@@ -160,16 +165,20 @@ class AlignedTokenizer(nn.Module):
     def preprocess(self, x):
         """[-1, 1] images (B, 3, H, W) -> DINOv2 input (B, 3, 14H/16, 14W/16), ImageNet-normalised
         (256 x 256 -> 224 x 224: 16 x 16 patches of 14 px)."""
-        size = (x.shape[-2] // 16 * self.encoder.patch_size, x.shape[-1] // 16 * self.encoder.patch_size)
+        patch = self.encoder.patch_size
+        size = (x.shape[-2] // 16 * patch, x.shape[-1] // 16 * patch)
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (image_size: the training size; other
-        sizes and aspect ratios too, for text-to-image buckets) -> latents z (B, C, H/16, W/16)."""
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16 or not x.is_floating_point():
-            raise UserError(f"this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H and W multiples of 16, "
-                            f"got {tuple(x.shape)} {x.dtype} (crop with data.py, map with data.to_model_range)")
+        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (image_size: the training size;
+        other sizes and aspect ratios too, for text-to-image buckets) -> latents z
+        (B, C, H/16, W/16)."""
+        bad_shape = x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16
+        if bad_shape or not x.is_floating_point():
+            raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
+                            f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
+                            "data.py, map with data.to_model_range)")
         z = self.adapter(self.encoder(self.preprocess(x)))  # (B, h*w, D) -> (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
 
@@ -202,17 +211,19 @@ def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
 
 
 def latent_fingerprint(tokenizer) -> str:
-    """A short hash of the weights that make the latents (all but the decoding side): latents must be
-    decoded by the tokenizer that made them, or by a refinement of its decoder (stage 3)."""
+    """A short hash of the weights that make the latents (all but the decoding side): latents must
+    be decoded by the tokenizer that made them, or by a refinement of its decoder (stage 3)."""
     decoding = {id(p) for m in tokenizer.decoding_modules() for p in m.parameters()}
     digest = hashlib.sha1()
     for name, p in tokenizer.named_parameters():
-        if id(p) not in decoding:  # a strided sample of every tensor: enough to tell weights apart, fast
-            digest.update(name.encode() + p.detach().float().flatten()[:: max(1, p.numel() // 4096)].cpu().numpy().tobytes())
+        if id(p) not in decoding:
+            # A strided sample of every tensor: enough to tell weights apart, fast.
+            sample = p.detach().float().flatten()[:: max(1, p.numel() // 4096)]
+            digest.update(name.encode() + sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # DINOv2, the encoder
 
 # The six hub variants. The "_reg" models were trained with 4 register tokens and resize their
@@ -221,14 +232,17 @@ _PLAIN = dict(num_register_tokens=0, interpolate_antialias=False, interpolate_of
 _REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
-                   for s, (d, n, h) in _SIZES.items() for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
-TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)  # random weights only: demo and tests
+                   for s, (d, n, h) in _SIZES.items()
+                   for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
+# Random weights only: the demo and tests.
+TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)
 
 
 def dinov2_url(name: str) -> str:
     """Official weight URL, e.g. .../dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth."""
     base = name.removesuffix("_reg")
-    return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"
+    reg = "_reg4" if name.endswith("_reg") else ""
+    return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
 
 
 class PatchEmbed(nn.Module):
@@ -253,7 +267,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        head_dim = D // self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -287,8 +302,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads), LayerScale(dim)
-        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio)), LayerScale(dim)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim)
 
     def forward(self, x):
         x = x + self.ls1(self.attn(self.norm1(x)))
@@ -296,15 +313,18 @@ class Block(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers dropped).
-    `mask_token` is unused (it is for DINOv2's masked pre-training) but kept: the checkpoints hold it."""
+    """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers
+    dropped). `mask_token` is unused (it is for DINOv2's masked pre-training) but kept: the
+    checkpoints hold it."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
-                 num_register_tokens: int = 0, img_size: int = 518, interpolate_antialias: bool = False,
-                 interpolate_offset: float = 0.1, mlp_ratio: float = 4.0):
+                 num_register_tokens: int = 0, img_size: int = 518,
+                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, embed_dim
-        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
         self.num_prefix = 1 + num_register_tokens  # tokens before the patches: CLS, registers
         grid = img_size // patch_size  # 37 for the hub models: 37*37 + 1 positions
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -315,7 +335,8 @@ class DINOv2(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.grad_checkpointing = False  # recompute blocks in backward: less memory when the encoder trains
+        # Recompute blocks in backward: less memory when the encoder trains.
+        self.grad_checkpointing = False
         # Random-weight runs only (tests, demo); real runs load the official weights.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -327,9 +348,10 @@ class DINOv2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
-        """Position embeddings for an h x w patch grid, resized as the official model does: bicubic in
-        float32 with the hub's antialias flag; the plain models pass the scale factor (n + 0.1) / 37
-        instead of a size (a historical offset that moves the sample points). Returns (1, 1 + h*w, D)."""
+        """Position embeddings for an h x w patch grid, resized as the official model does: bicubic
+        in float32 with the hub's antialias flag; the plain models pass the scale factor
+        (n + 0.1) / 37 instead of a size (a historical offset that moves the sample points).
+        Returns (1, 1 + h*w, D)."""
         pos = self.pos_embed
         M = math.isqrt(pos.shape[1] - 1)
         if h == w == M:
@@ -337,17 +359,21 @@ class DINOv2(nn.Module):
         pos = pos.float()
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
         if self.interpolate_offset:
-            size = dict(scale_factor=((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M))
+            offset = self.interpolate_offset
+            size = dict(scale_factor=((h + offset) / M, (w + offset) / M))
         else:
             size = dict(size=(h, w))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1).to(dtype)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
+        return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
     def forward(self, x):
-        """Normalised images (B, 3, H, W), sides multiples of 14 -> patch tokens (B, H/14*W/14, D)."""
+        """Normalised images (B, 3, H, W), sides multiples of 14 -> patch tokens
+        (B, H/14*W/14, D)."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, got {H}x{W}")
+            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, "
+                             f"got {H}x{W}")
         x = self.patch_embed(x)  # (B, N, D)
         # No casts, as in the official model: under bf16 autocast the float32 CLS token promotes the
         # tokens to float32, and the position embeddings are added in float32.
@@ -355,33 +381,37 @@ class DINOv2(nn.Module):
         x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size, x.dtype)
         if self.register_tokens is not None:  # registers go after CLS and carry no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(x)[:, self.num_prefix:]  # (B, N, D)
 
 
 def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) -> DINOv2:
     """A hub variant by name ("dinov2_vitl14", ..., "dinov2_vitl14_reg"), or "tiny" (random only).
-    pretrained=True loads the published weights strictly: `ckpt`, else the torch.hub cache, else the URL."""
+    pretrained=True loads the published weights strictly: `ckpt`, else the torch.hub cache, else
+    the URL."""
     if name == "tiny":
         if pretrained:
-            raise MissingWeightsError("the 'tiny' encoder has no pretrained weights: it is for tests and "
-                                      "the demo; pass --random_encoder with it")
+            raise MissingWeightsError("the 'tiny' encoder has no pretrained weights: it is for "
+                                      "tests and the demo; pass --random_encoder with it")
         return DINOv2(**TINY_ENCODER)
     if name not in DINOV2_VARIANTS:
-        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(DINOV2_VARIANTS)} or 'tiny'")
+        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(DINOV2_VARIANTS)} "
+                        "or 'tiny'")
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
-        path = pretrained_file(dinov2_url(name), ckpt, f"DINOv2 weights for {name}", "--encoder_ckpt",
-                               "--random_encoder")
+        path = pretrained_file(dinov2_url(name), ckpt, f"DINOv2 weights for {name}",
+                               "--encoder_ckpt", "--random_encoder")
         try:
             model.load_state_dict(load_checkpoint(path, f"DINOv2 weights for {name}"), strict=True)
         except RuntimeError as e:
-            raise UserError(f"{path} does not hold {name} weights (another variant?): {str(e)[:300]}") from None
+            raise UserError(f"{path} does not hold {name} weights (another variant?): "
+                            f"{str(e)[:300]}") from None
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The decoder
 
 
@@ -404,7 +434,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map (used at the latent resolution)."""
+    """Single-head self-attention over all positions of a feature map (used at the latent
+    resolution)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -420,7 +451,8 @@ class AttnBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convolutions)."""
+    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed
+    convolutions)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -431,19 +463,22 @@ class Upsample(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The convolutional decoder of the LDM / VA-VAE family: latent (B, C, h, w) -> image (B, 3, 16h, 16w).
+    """The convolutional decoder of the LDM / VA-VAE family: latent (B, C, h, w) -> image
+    (B, 3, 16h, 16w).
 
-    conv_in -> middle (res, attention, res) -> per level from the widest: num_res_blocks + 1 residual
-    blocks (with attention after each at the latent resolution), then x2 upsampling -> norm, SiLU,
-    conv_out. The defaults (128, 1-1-2-2-4, 2) give 41.4M parameters, the LDM / VA-VAE decoder's size
-    (the paper does not give its decoder's: our choice)."""
+    conv_in -> middle (res, attention, res) -> per level from the widest: num_res_blocks + 1
+    residual blocks (with attention after each at the latent resolution), then x2 upsampling ->
+    norm, SiLU, conv_out. The defaults (128, 1-1-2-2-4, 2) give 41.4M parameters, the LDM / VA-VAE
+    decoder's size (the paper does not give its decoder's: our choice)."""
 
-    def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks: int = 2):
+    def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         width = widths[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width), ResnetBlock(width, width))
+        self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width),
+                                 ResnetBlock(width, width))
         up = []
         for level in reversed(range(len(ch_mult))):
             for _ in range(num_res_blocks + 1):
@@ -467,7 +502,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 16h, 16w)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The networks of the losses: PatchGAN discriminator and LPIPS
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -496,10 +531,12 @@ class PatchGAN(nn.Module):
         return self.main(x)  # (B, 1, h', w') patch logits
 
 
-def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False, seed: int = 0) -> nn.Module:
-    """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the package;
-    the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or the URL).
-    random_backbone=True (tests, demo) draws it from `seed` instead, so that runs are repeatable."""
+def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False,
+                seed: int = 0) -> nn.Module:
+    """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the
+    package; the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or
+    the URL). random_backbone=True (tests, demo) draws it from `seed` instead, so that runs are
+    repeatable."""
     import warnings
 
     import lpips
@@ -510,11 +547,13 @@ def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False, seed
             torch.manual_seed(seed)
             model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if not random_backbone:
-        path = pretrained_file(VGG16_URL, vgg_ckpt, "LPIPS VGG16 backbone", "--vgg_ckpt", "--random_lpips")
+        path = pretrained_file(VGG16_URL, vgg_ckpt, "LPIPS VGG16 backbone", "--vgg_ckpt",
+                               "--random_lpips")
         state = load_checkpoint(path, "VGG16 weights")
-        # lpips splits torchvision's vgg16.features into slice1..slice5, keeping each layer's index as
-        # its name: `features.{i}.*` of the torchvision file is `slice{k}.{i}.*`.
-        model.net.load_state_dict({f"slice{k}.{i}.{p}": state[f"features.{i}.{p}"] for k in range(1, 6)
-                                   for i, layer in getattr(model.net, f"slice{k}").named_children()
-                                   for p, _ in layer.named_parameters()}, strict=True)
+        # lpips splits torchvision's vgg16.features into slice1..slice5, keeping each layer's index
+        # as its name: `features.{i}.*` of the torchvision file is `slice{k}.{i}.*`.
+        renamed = {f"slice{k}.{i}.{p}": state[f"features.{i}.{p}"] for k in range(1, 6)
+                   for i, layer in getattr(model.net, f"slice{k}").named_children()
+                   for p, _ in layer.named_parameters()}
+        model.net.load_state_dict(renamed, strict=True)
     return model.eval().requires_grad_(False)

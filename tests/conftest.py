@@ -15,25 +15,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_torchrun(script_args, nproc=2, timeout=300, env=None):
     """Run `torchrun --standalone --nproc_per_node=N <args>` from the repo root on CPU (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *script_args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT,
-                **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *script_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
 def run_script(script_args, timeout=300, env=None):
     """Run `python <args>` from the repo root, as a user would."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT,
-                **(env or {})}
-    return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run([sys.executable, *script_args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for_log(log_path, text, timeout=120):
-    """Wait until a line of a run's log.jsonl contains `text` (e.g. '"step": 1,': a step is done)."""
+    """Wait until a line of a run's log.jsonl contains `text` (e.g. '"step": 1,': a step is
+    done)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.exists(log_path) and any(text in line for line in open(log_path)):
@@ -47,8 +50,10 @@ def save_tokenizer(path, **config):
     before its export named the weights "ema": such older files must still load."""
     from tokenizer import AlignedTokenizer
 
-    tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1, **config))
-    torch.save({"kind": "tokenizer", "stage": 3, "config": tok.config, "model": tok.state_dict()}, path)
+    tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1,
+                                **config))
+    ckpt = {"kind": "tokenizer", "stage": 3, "config": tok.config, "model": tok.state_dict()}
+    torch.save(ckpt, path)
     return tok
 
 
@@ -59,14 +64,15 @@ def randomize_(model, scale=0.2, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name else 0.0))
+                offset = 1.0 if "norm" in name else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * scale + offset)
     return model
 
 
 class StubInception(nn.Module):
-    """Same interface as FIDInception at a tiny cost: 64-d "pool features" (a fixed random projection of
-    an 8x8 thumbnail) and 10 logits. For testing the plumbing around the network; small features also
-    keep the Frechet distance cheap."""
+    """Same interface as FIDInception at a tiny cost: 64-d "pool features" (a fixed random
+    projection of an 8x8 thumbnail) and 10 logits. For testing the plumbing around the network;
+    small features also keep the Frechet distance cheap."""
 
     weights_name = "stub"
 

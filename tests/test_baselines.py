@@ -1,7 +1,8 @@
-"""Baseline tokenizers (baselines.py) behind the tokenizer interface: the real SD-VAE, FLUX VAE and VA-VAE
-layouts (built on the meta device from their published configurations: no download), VA-VAE's checkpoint
-mapped strictly onto our modules, and the whole pipeline (extraction, a patch-2 LightningDiT on 4-channel
-latents with its sample grid, sampling, --eval) on a tiny random diffusers VAE; and the bad inputs."""
+"""Baseline tokenizers (baselines.py) behind the tokenizer interface: the real SD-VAE, FLUX VAE and
+VA-VAE layouts (built on the meta device from their published configurations: no download),
+VA-VAE's checkpoint mapped strictly onto our modules, and the whole pipeline (extraction, a patch-2
+LightningDiT on 4-channel latents with its sample grid, sampling, --eval) on a tiny random diffusers
+VAE; and the bad inputs."""
 
 import json
 import os
@@ -19,16 +20,19 @@ from baselines import load_tokenizer
 from tokenizer import latent_fingerprint
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
+# stabilityai/sd-vae-ft-ema
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-              up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-              act_fn="silu", in_channels=3, out_channels=3, sample_size=256)  # stabilityai/sd-vae-ft-ema
+              up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+              norm_num_groups=32, act_fn="silu", in_channels=3, out_channels=3, sample_size=256)
 FLUX_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
             "sample_size": 1024}  # black-forest-labs/FLUX.1-dev, vae/config.json
 TINY_VAE = dict(block_out_channels=[16, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8)
+                up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
+                norm_num_groups=8)
 
 
-@pytest.mark.parametrize("config,channels,params", [(SD_VAE, 4, 83_653_863), (FLUX_VAE, 16, 83_819_683)])
+@pytest.mark.parametrize("config,channels,params",
+                         [(SD_VAE, 4, 83_653_863), (FLUX_VAE, 16, 83_819_683)])
 def test_published_diffusers_vaes(config, channels, params):
     from diffusers import AutoencoderKL
 
@@ -36,12 +40,14 @@ def test_published_diffusers_vaes(config, channels, params):
         vae = baselines.DiffusersVAE(AutoencoderKL(**config), "published", 256)
     assert vae.latent_shape == (channels, 32, 32)  # f8: 256 px -> 32 x 32
     assert sum(p.numel() for p in vae.parameters()) == params
-    assert len(vae.decoding_modules()) == (2 if config is SD_VAE else 1)  # FLUX has no post_quant_conv
+    # FLUX has no post_quant_conv.
+    assert len(vae.decoding_modules()) == (2 if config is SD_VAE else 1)
 
 
 def reference_keys(name):
     with open(os.path.join(REF, name)) as f:
-        return [(k, s) for k, s, _ in (line.rstrip("\n").split("\t") for line in f if not line.startswith("#"))]
+        rows = (line.rstrip("\n").split("\t") for line in f if not line.startswith("#"))
+        return [(k, s) for k, s, _ in rows]
 
 
 def ldm_state_dict(model):
@@ -66,10 +72,12 @@ def test_vavae_layout_is_the_official_one():
 
 
 def test_vavae_checkpoint_loads_strictly_and_bad_ones_are_named(tmp_path):
-    """Official names and shapes, random values, plus the training-only entries a VA-VAE checkpoint holds."""
+    """Official names and shapes, random values, plus the training-only entries a VA-VAE
+    checkpoint holds."""
     g = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(tuple(int(d) for d in s.strip("()").split(",") if d.strip()), generator=g) * 0.02
-             for k, s in reference_keys("vavae_keys_f16d32.txt")}
+    shapes = {k: tuple(int(d) for d in s.strip("()").split(",") if d.strip())
+              for k, s in reference_keys("vavae_keys_f16d32.txt")}
+    state = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()}
     path = tmp_path / "vavae.pt"
     torch.save({"state_dict": {**state, "loss.discriminator.main.0.weight": torch.zeros(2)}}, path)
     model = load_tokenizer(str(path), image_size=32)
@@ -83,7 +91,8 @@ def test_vavae_checkpoint_loads_strictly_and_bad_ones_are_named(tmp_path):
     assert z.shape == (1, 32, 2, 2) and x_hat.shape == (1, 3, 32, 32)
     del state["decoder.up.2.upsample.conv.weight"]
     torch.save(state, path)
-    with pytest.raises(UserError, match="not a VA-VAE f16d32 checkpoint.*decoder.up.2.upsample.conv.weight"):
+    with pytest.raises(UserError,
+                       match="not a VA-VAE f16d32 checkpoint.*decoder.up.2.upsample.conv.weight"):
         load_tokenizer(str(path))
 
 
@@ -100,8 +109,8 @@ def tiny_vaes(tmp_path_factory):
 
 
 def test_pipeline_on_a_diffusers_vae(tiny_vaes, tmp_path):
-    """Extraction, a patch-2 LightningDiT on 4 x 8 x 8 latents with its sample grid, the 50K-style .npz,
-    and --eval, all with a diffusers VAE chosen once by --tokenizer."""
+    """Extraction, a patch-2 LightningDiT on 4 x 8 x 8 latents with its sample grid, the 50K-style
+    .npz, and --eval, all with a diffusers VAE chosen once by --tokenizer."""
     vae, latents, run = str(tiny_vaes / "vae0"), str(tmp_path / "latents"), str(tmp_path / "dit")
     cpu = ["--device", "cpu", "--num_workers", "0"]
     train_dit.main(["--extract", "--tokenizer", vae, "--image_size", "64", "--latents", latents,
@@ -113,17 +122,19 @@ def test_pipeline_on_a_diffusers_vae(tiny_vaes, tmp_path):
     from data import DemoShapes, to_model_range
     with torch.no_grad():
         want = tok.encode(to_model_range(DemoShapes(8, 64)[3][0][None], torch.device("cpu")))
-    np.testing.assert_allclose(z[6], want[0].numpy(), rtol=2e-3, atol=2e-3)  # image 3 (row 2 * 3), the mean
-    train_dit.main(["--latents", latents, "--run_dir", run, "--model", "B/2", "--hidden_size", "32", "--depth", "1",
-                    "--num_heads", "2", "--steps", "2", "--batch_size", "4", "--log_every", "1", "--grid_every", "2",
-                    *cpu])
+    # Image 3 (row 2 * 3), the mean.
+    np.testing.assert_allclose(z[6], want[0].numpy(), rtol=2e-3, atol=2e-3)
+    train_dit.main(["--latents", latents, "--run_dir", run, "--model", "B/2", "--hidden_size", "32",
+                    "--depth", "1", "--num_heads", "2", "--steps", "2", "--batch_size", "4",
+                    "--log_every", "1", "--grid_every", "2", *cpu])
     assert os.path.exists(os.path.join(run, "samples_0000002.png"))  # the grid decoded by the VAE
-    out = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--npz", "--num_samples", "3", "--steps", "3",
-                       "--out", str(tmp_path / "s"), "--device", "cpu"])
+    out = sample.main(["--ckpt", os.path.join(run, "ckpt.pt"), "--npz", "--num_samples", "3",
+                       "--steps", "3", "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert np.load(out)["arr_0"].shape == (3, 64, 64, 3)
-    metrics = train_tokenizer.main(["--eval", "--tokenizer", vae, "--image_size", "64", "--eval_images", "4",
-                                    "--random_lpips", *cpu])
-    assert metrics["images"] == 4 and metrics["encoder"] == f"diffusers {vae}" and metrics["psnr"] > 0
+    metrics = train_tokenizer.main(["--eval", "--tokenizer", vae, "--image_size", "64",
+                                    "--eval_images", "4", "--random_lpips", *cpu])
+    assert metrics["images"] == 4 and metrics["encoder"] == f"diffusers {vae}"
+    assert metrics["psnr"] > 0
 
 
 def test_mixed_tokenizers_and_bad_inputs(tiny_vaes, tmp_path, monkeypatch):
@@ -133,11 +144,14 @@ def test_mixed_tokenizers_and_bad_inputs(tiny_vaes, tmp_path, monkeypatch):
     cpu = ["--device", "cpu", "--num_workers", "0"]
     train_dit.main(["--extract", "--tokenizer", vae0, "--image_size", "64", "--latents", latents,
                     "--demo_images", "4", "--batch_size", "4", *cpu])
-    train_dit.main(["--latents", latents, "--run_dir", run, "--model", "B/2", "--hidden_size", "32", "--depth", "1",
-                    "--num_heads", "2", "--steps", "1", "--batch_size", "4", "--grid_every", "0", *cpu])
+    train_dit.main(["--latents", latents, "--run_dir", run, "--model", "B/2", "--hidden_size", "32",
+                    "--depth", "1", "--num_heads", "2", "--steps", "1", "--batch_size", "4",
+                    "--grid_every", "0", *cpu])
     ckpt = os.path.join(run, "ckpt.pt")
-    with pytest.raises(UserError, match=f"trained on latents of {vae0}, but {vae1} makes other latents"):
-        sample.main(["--ckpt", ckpt, "--tokenizer", vae1, "--steps", "2", "--out", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(UserError,
+                       match=f"trained on latents of {vae0}, but {vae1} makes other latents"):
+        sample.main(["--ckpt", ckpt, "--tokenizer", vae1, "--steps", "2", "--out", str(tmp_path),
+                     "--device", "cpu"])
     (tmp_path / "notavae").mkdir()
     (tmp_path / "notavae" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(UserError, match="not a diffusers VAE folder"):
@@ -145,9 +159,11 @@ def test_mixed_tokenizers_and_bad_inputs(tiny_vaes, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="is a dit checkpoint, not a tokenizer"):
         load_tokenizer(ckpt)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="not a tokenizer checkpoint of this project .*nor a VA-VAE"):
+    with pytest.raises(UserError,
+                       match="not a tokenizer checkpoint of this project .*nor a VA-VAE"):
         load_tokenizer(str(tmp_path / "other.pt"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="could not load the diffusers VAE 'nobody/no-vae'.*folder"):
         load_tokenizer("nobody/no-vae")
-    assert load_checkpoint(ckpt)["tokenizer_fingerprint"] == latent_fingerprint(load_tokenizer(vae0))
+    fingerprint = latent_fingerprint(load_tokenizer(vae0))
+    assert load_checkpoint(ckpt)["tokenizer_fingerprint"] == fingerprint

@@ -1,8 +1,8 @@
 """The method's formulas, each against an independent computation written here from the formula:
 
 - tokenizer: the hinge discriminator loss, the adaptive GAN weight w_g, the composition of the
-  tokenizer loss (L1 + lpips_weight LPIPS + sp_weight L_sp + w_g L_G, in value and in gradient), both
-  forms of L_sp, and the frozen stage-2 reference;
+  tokenizer loss (L1 + lpips_weight LPIPS + sp_weight L_sp + w_g L_G, in value and in gradient),
+  both forms of L_sp, and the frozen stage-2 reference;
 - common.EMA: ema <- decay ema + (1 - decay) weights, buffers copied, frozen parameters untouched;
 - flow matching: the MSE and the per-position cosine term over the channel dim (test_dit.py's oracle
   and zero predictions cannot tell which dim the cosine uses);
@@ -32,13 +32,15 @@ import train_tokenizer
 from common import EMA, load_checkpoint
 from dit import flow_matching_loss
 from tokenizer import (AlignedTokenizer, PatchGAN, adaptive_gan_weight, build_lpips, hinge_d_loss,
-                       semantic_preservation_loss, semantic_reference, set_trainable, tokenizer_loss)
+                       semantic_preservation_loss, semantic_reference, set_trainable,
+                       tokenizer_loss)
 
 TINY_CFG = dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1)
 # As tests/test_tokenizer.py's TINY_ARGS: a tiny stage-1 run on the demo set, a log record per step.
-TINY_ARGS = ["--encoder", "tiny", "--random_encoder", "--random_lpips", "--image_size", "32", "--decoder_ch", "32",
-             "--decoder_res_blocks", "1", "--disc_ch", "8", "--batch_size", "4", "--demo_images", "16",
-             "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--grid_every", "1000"]
+TINY_ARGS = ["--encoder", "tiny", "--random_encoder", "--random_lpips", "--image_size", "32",
+             "--decoder_ch", "32", "--decoder_res_blocks", "1", "--disc_ch", "8",
+             "--batch_size", "4", "--demo_images", "16", "--num_workers", "0", "--device", "cpu",
+             "--log_every", "1", "--grid_every", "1000"]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +48,13 @@ def lpips():
     return build_lpips(random_backbone=True)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The discriminator's hinge loss
 
 
 def test_hinge_d_loss_formula():
-    """0.5 * (mean relu(1 - real) + mean relu(1 + fake)): real logits pushed above +1, fake below -1."""
+    """0.5 * (mean relu(1 - real) + mean relu(1 + fake)): real logits pushed above +1, fake
+    below -1."""
     real, fake = torch.tensor([2.0, 0.5, -1.0, 1.0]), torch.tensor([-2.0, 0.5, 1.5, -1.0])
     # relu(1 - real) = [0, 0.5, 2, 0]; relu(1 + fake) = [0, 1.5, 2.5, 0]
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 4 + 4.0 / 4))
@@ -65,7 +68,7 @@ def test_hinge_d_loss_formula():
     torch.testing.assert_close(hinge_d_loss(real, fake), want)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The adaptive GAN weight
 
 
@@ -83,22 +86,24 @@ def test_adaptive_gan_weight_formula():
     w = adaptive_gan_weight(nll, g_loss, W, 0.3)
     torch.testing.assert_close(w, 0.3 * ratio)
     assert not w.requires_grad
-    torch.testing.assert_close(adaptive_gan_weight(nll, g_loss, W), 0.5 * ratio)  # default scale 0.5
-    # The graphs survive (the caller backpropagates the full loss afterwards), and w acts as a constant.
+    # Default scale 0.5.
+    torch.testing.assert_close(adaptive_gan_weight(nll, g_loss, W), 0.5 * ratio)
+    # The graphs survive (the caller backpropagates the full loss afterwards), and w acts as a
+    # constant.
     (nll + w * g_loss).backward()
     torch.testing.assert_close(W.grad, a + w * b)
 
 
 def test_adaptive_gan_weight_clamp():
-    """The ratio is clamped to [0, 1e4] and then scaled (as LDM/taming do): with no GAN gradient at W
-    the weight is scale * 1e4, not 1e4."""
+    """The ratio is clamped to [0, 1e4] and then scaled (as LDM/taming do): with no GAN gradient at
+    W the weight is scale * 1e4, not 1e4."""
     W = nn.Parameter(torch.ones(2, 2))
     a = torch.full((2, 2), 5.0)  # ||a|| = 10: 10 / 1e-4 = 1e5 > 1e4
     w = adaptive_gan_weight((W * a).sum(), (W * 0).sum(), W, 0.3)
     assert w.item() == pytest.approx(0.3 * 1e4)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tokenizer loss
 
 
@@ -129,7 +134,8 @@ def stage2_setup(seed=0):
 
 
 def cosine_sp(z, z_ref):
-    """Mean over (sample, position) of 1 - <z, z_ref> / (|z| |z_ref|), the products over channels."""
+    """Mean over (sample, position) of 1 - <z, z_ref> / (|z| |z_ref|), the products over
+    channels."""
     z, z_ref = z.double(), z_ref.double()
     cos = (z * z_ref).sum(1) / (z.norm(dim=1) * z_ref.norm(dim=1))
     return (1 - cos).mean()
@@ -142,8 +148,8 @@ def test_tokenizer_loss_composition(lpips):
     model, ref, x = stage2_setup()
     disc = StubDisc()
     lw, dw, sw = 0.7, 0.3, 2.5
-    loss, x_hat_out, parts = tokenizer_loss(model, x, lpips, disc, ref, lpips_weight=lw, disc_weight=dw,
-                                            sp_weight=sw)
+    loss, x_hat_out, parts = tokenizer_loss(model, x, lpips, disc, ref, lpips_weight=lw,
+                                            disc_weight=dw, sp_weight=sw)
     params = [p for p in model.parameters() if p.requires_grad]
     got_grads = torch.autograd.grad(loss, params)
 
@@ -164,7 +170,8 @@ def test_tokenizer_loss_composition(lpips):
     want = l1 + lw * lp + sw * sp + w_g * g_loss
 
     torch.testing.assert_close(x_hat_out, x_hat)
-    for name, value in (("l1", l1), ("lpips", lp), ("sp", sp), ("g_loss", g_loss), ("w_g", w_g), ("loss", want)):
+    for name, value in (("l1", l1), ("lpips", lp), ("sp", sp), ("g_loss", g_loss), ("w_g", w_g),
+                        ("loss", want)):
         torch.testing.assert_close(parts[name], value, msg=lambda m, name=name: f"{name}: {m}")
     assert sp.item() > 1e-4 and 1e-3 < w_g.item() < 1e3  # every term is present and matters
     assert not parts["w_g"].requires_grad
@@ -189,11 +196,12 @@ def test_tokenizer_loss_without_gan_or_reference(lpips):
 
 
 def test_semantic_preservation_cosine_over_channels(lpips):
-    """The "cosine" form: 1 - cosine over the channel dim, averaged over samples and positions. Every
-    dim has its own size, so a cosine over another dim cannot match."""
+    """The "cosine" form: 1 - cosine over the channel dim, averaged over samples and positions.
+    Every dim has its own size, so a cosine over another dim cannot match."""
     g = torch.Generator().manual_seed(0)
     z, z_ref = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
-    torch.testing.assert_close(semantic_preservation_loss(z, z_ref, "cosine").double(), cosine_sp(z, z_ref))
+    torch.testing.assert_close(semantic_preservation_loss(z, z_ref, "cosine").double(),
+                               cosine_sp(z, z_ref))
     torch.testing.assert_close(semantic_preservation_loss(z, z_ref, "mse").double(),
                                ((z.double() - z_ref.double()) ** 2).mean())
     assert semantic_preservation_loss(z, 3 * z, "cosine").abs().item() < 1e-6  # scale-free
@@ -215,7 +223,8 @@ def test_semantic_reference_is_a_frozen_copy_without_decoder():
     ref = semantic_reference(model)
     assert ref.decoder is None and model.decoder is not None
     assert not ref.training and all(not p.requires_grad for p in ref.parameters())
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before  # model untouched
+    # Model untouched.
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         z0 = model.encode(x)
@@ -226,7 +235,7 @@ def test_semantic_reference_is_a_frozen_copy_without_decoder():
         assert torch.equal(ref.encode(x), z0)  # ... not the reference's
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # EMA
 
 
@@ -256,19 +265,21 @@ def test_ema_update_formula_buffers_and_frozen_parameters():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n].double(), want[n], rtol=1e-5, atol=1e-6)
-    assert torch.equal(got["2.weight"], frozen_start) and not torch.equal(got["2.weight"], model[2].weight)
+    assert torch.equal(got["2.weight"], frozen_start)
+    assert not torch.equal(got["2.weight"], model[2].weight)
     for name, b in model.named_buffers():
         assert torch.equal(dict(ema.model.named_buffers())[name], b), name
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flow matching: the loss terms
 
 
 def test_flow_matching_loss_terms_against_formula():
     """mse = mean (v_pred - v)^2 over every element; cos = mean over (sample, position) of
     1 - cos(v_pred, v) over the channel dim; loss = mse + cos. eps is recovered from x_t with
-    x_t = t x1 + (1 - t) eps (pinned in test_dit.py); distinct dim sizes expose a wrong cosine dim."""
+    x_t = t x1 + (1 - t) eps (pinned in test_dit.py); distinct dim sizes expose a wrong cosine
+    dim."""
     g = torch.Generator().manual_seed(0)
     x1, pred = torch.randn(3, 5, 2, 4, generator=g), torch.randn(3, 5, 2, 4, generator=g)
     seen = {}
@@ -288,25 +299,28 @@ def test_flow_matching_loss_terms_against_formula():
     torch.testing.assert_close(loss.double(), mse + cos, rtol=1e-4, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The published defaults
 
 
 def test_published_defaults_in_parse_args():
     tok = train_tokenizer.parse_args(["--stage", "1"])
-    assert (tok.lr, tuple(tok.betas), tok.ema_decay, tok.batch_size) == (1e-4, (0.5, 0.9), 0.999, 256)
+    tok_settings = (tok.lr, tuple(tok.betas), tok.ema_decay, tok.batch_size)
+    assert tok_settings == (1e-4, (0.5, 0.9), 0.999, 256)
     assert tok.disc_start is None  # -> 20% of --steps (test_gan_starts_at_20_percent_of_steps)
     weights = dict(lpips_weight=1.0, disc_weight=0.5, sp_weight=1.0, sp_loss="mse")
     assert {k: getattr(tok, k) for k in weights} == weights
-    # The library function's own defaults are the same (callers other than the script get the recipe).
+    # The library function's own defaults are the same (callers other than the script get the
+    # recipe).
     sig = inspect.signature(tokenizer_loss).parameters
     assert {k: sig[k].default for k in weights} == weights
     d = train_dit.parse_args([])
-    assert (d.lr, tuple(d.betas), d.weight_decay, d.ema_decay, d.batch_size) == (2e-4, (0.9, 0.95), 0.0, 0.9999, 1024)
+    dit_settings = (d.lr, tuple(d.betas), d.weight_decay, d.ema_decay, d.batch_size)
+    assert dit_settings == (2e-4, (0.9, 0.95), 0.0, 0.9999, 1024)
     assert d.steps == 80_000  # 64 ImageNet epochs at batch 1024
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tokenizer training loop
 
 
@@ -314,8 +328,8 @@ def test_published_defaults_in_parse_args():
 def tokenizer_run(tmp_path_factory):
     """A 20-step stage-1 run with the default --disc_start (20% of 20 = 4 steps without the GAN; 20
     rather than 5 steps so that 0.1, 0.15, 0.25 or 0.3 of the steps, which floor to the same step as
-    0.2 at 5 or 10 steps, all differ here), recording the EMA it builds and the discriminator's inputs
-    behind each hinge loss."""
+    0.2 at 5 or 10 steps, all differ here), recording the EMA it builds and the discriminator's
+    inputs behind each hinge loss."""
     run_dir = str(tmp_path_factory.mktemp("tok"))
     seen = {"decay": [], "updates": 0, "d_inputs": []}
     disc_calls = []  # (logits, input) of every discriminator forward since the last hinge loss
@@ -338,7 +352,8 @@ def tokenizer_run(tmp_path_factory):
     def recording_hinge(logits_real, logits_fake):
         inputs = {id(out): x for out, x in disc_calls}
         with_grad = [x for _, x in disc_calls if x.requires_grad]  # tokenizer_loss's D(x_hat)
-        seen["d_inputs"].append((inputs[id(logits_real)].detach(), inputs[id(logits_fake)], with_grad))
+        real, fake = inputs[id(logits_real)].detach(), inputs[id(logits_fake)]
+        seen["d_inputs"].append((real, fake, with_grad))
         disc_calls.clear()
         return hinge_d_loss(logits_real, logits_fake)
 
@@ -357,7 +372,8 @@ def test_gan_starts_at_20_percent_of_steps(tokenizer_run):
     run_dir, _ = tokenizer_run
     records = harness.read_log(os.path.join(run_dir, "stage1", "log.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 21))
-    # Record k holds step k - 1 (0-based): the GAN is on from step 4 = 20% of 20, i.e. records 5..20.
+    # Record k holds step k - 1 (0-based): the GAN is on from step 4 = 20% of 20, i.e. records
+    # 5..20.
     for key in ("g_loss", "w_g", "d_loss"):
         assert [key in r for r in records] == [False] * 4 + [True] * 16, key
 
@@ -371,7 +387,8 @@ def test_discriminator_sees_real_images_as_real_and_detached_reconstructions_as_
         assert torch.equal(fake_in, x_hat.detach()) and not fake_in.requires_grad
         # The real input is the data batch: 8-bit images mapped to [-1, 1], exactly k / 127.5 - 1.
         levels = (real_in + 1) * 127.5
-        assert (levels - levels.round()).abs().max() < 1e-3 and not torch.allclose(real_in, x_hat.detach())
+        assert (levels - levels.round()).abs().max() < 1e-3
+        assert not torch.allclose(real_in, x_hat.detach())
 
 
 def test_tokenizer_optimisers_and_ema_get_the_published_settings(tokenizer_run):
@@ -380,29 +397,33 @@ def test_tokenizer_optimisers_and_ema_get_the_published_settings(tokenizer_run):
     ckpt = load_checkpoint(os.path.join(run_dir, "stage1", "ckpt.pt"))
     for name in ("opt", "opt_d"):  # Adam (no decoupled weight decay), lr 1e-4, betas (0.5, 0.9)
         (group,) = ckpt[name]["param_groups"]
-        assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-4, (0.5, 0.9), 0), name
+        settings = (group["lr"], tuple(group["betas"]), group["weight_decay"])
+        assert settings == (1e-4, (0.5, 0.9), 0), name
         assert not group.get("decoupled_weight_decay", False), name  # a key of newer torch versions
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The LightningDiT training loop
 
 
-def test_dit_training_normalises_latents_drops_labels_and_uses_published_settings(tmp_path, monkeypatch):
-    """On a hand-made latent set with known statistics: every x1 the loss sees is (z - mean) / std of
-    a stored latent, with its label; the model trains with label dropout 0.1 (what CFG needs); AdamW
-    and the EMA get the published defaults."""
+def test_dit_training_normalises_latents_drops_labels_and_uses_published_settings(
+        tmp_path, monkeypatch):
+    """On a hand-made latent set with known statistics: every x1 the loss sees is (z - mean) / std
+    of a stored latent, with its label; the model trains with label dropout 0.1 (what CFG needs);
+    AdamW and the EMA get the published defaults."""
     N, C, S = 8, 4, 2
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(N, C, S, S, generator=g) * 3 + 1).half()
     labels = np.arange(N) % 2
-    mean, std = [1.0, -2.0, 0.5, 3.0], [2.0, 0.5, 1.0, 4.0]  # not the data's: they must come from meta
+    # Not the data's: they must come from meta.
+    mean, std = [1.0, -2.0, 0.5, 3.0], [2.0, 0.5, 1.0, 4.0]
     folder = tmp_path / "latents"
     folder.mkdir()
     np.save(folder / "latents.npy", z.numpy())
     np.save(folder / "labels.npy", labels)
     meta = {"num_latents": N, "latent_shape": [C, S, S], "num_classes": 2, "classes": ["a", "b"],
-            "tokenizer": str(tmp_path / "none.pt"), "tokenizer_config": {}, "data": "test", "mean": mean, "std": std}
+            "tokenizer": str(tmp_path / "none.pt"), "tokenizer_config": {}, "data": "test",
+            "mean": mean, "std": std}
     (folder / "meta.json").write_text(json.dumps(meta))
 
     seen, decays, adamw_kwargs = [], [], []
@@ -427,9 +448,10 @@ def test_dit_training_normalises_latents_drops_labels_and_uses_published_setting
     monkeypatch.setattr(train_dit, "EMA", RecordingEMA)
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     run = str(tmp_path / "run")
-    train_dit.main(["--latents", str(folder), "--run_dir", run, "--model", "B/1", "--hidden_size", "32",
-                    "--depth", "1", "--num_heads", "2", "--batch_size", "4", "--steps", "2", "--num_workers", "0",
-                    "--device", "cpu", "--log_every", "1", "--grid_every", "0"])
+    train_dit.main(["--latents", str(folder), "--run_dir", run, "--model", "B/1",
+                    "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--batch_size", "4",
+                    "--steps", "2", "--num_workers", "0", "--device", "cpu", "--log_every", "1",
+                    "--grid_every", "0"])
 
     want = (z.float() - torch.tensor(mean).view(1, C, 1, 1)) / torch.tensor(std).view(1, C, 1, 1)
     assert len(seen) == 2

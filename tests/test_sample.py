@@ -1,6 +1,7 @@
-"""sample.py: ODE solvers at their orders on a closed-form flow, the time shift, classifier-free guidance
-(plain, first-K channels, interval), per-index seeds, and the CLI on a tiny checkpoint: PNG grid, ADM
-.npz identical over 1 and 2 ranks and batch sizes, resume from shards, and the bad-input messages."""
+"""sample.py: ODE solvers at their orders on a closed-form flow, the time shift, classifier-free
+guidance (plain, first-K channels, interval), per-index seeds, and the CLI on a tiny checkpoint: PNG
+grid, ADM .npz identical over 1 and 2 ranks and batch sizes, resume from shards, and the bad-input
+messages."""
 
 import json
 import os
@@ -14,15 +15,15 @@ import sample
 from common import UserError
 from conftest import randomize_, run_torchrun, save_tokenizer
 from dit import build_dit
-from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels, sample_latents,
-                    sample_noise, shift_timesteps, time_grid)
+from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels,
+                    sample_latents, sample_noise, shift_timesteps, time_grid)
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Time grid and solvers
 
-# The exact flow from noise to data N(mu, s^2) along x_t = t x1 + (1 - t) eps: x_t = t mu + sigma_t z with
-# sigma_t = sqrt(t^2 s^2 + (1 - t)^2), so the noise z ends at mu + s z, and the velocity
-# dx/dt = mu + sigma_t'/sigma_t (x - t mu) is smooth and nonlinear in t.
+# The exact flow from noise to data N(mu, s^2) along x_t = t x1 + (1 - t) eps:
+# x_t = t mu + sigma_t z with sigma_t = sqrt(t^2 s^2 + (1 - t)^2), so the noise z ends at mu + s z,
+# and the velocity dx/dt = mu + sigma_t'/sigma_t (x - t mu) is smooth and nonlinear in t.
 MU, S = 2.0, 0.5
 
 
@@ -56,13 +57,14 @@ def test_shift_keeps_endpoints_and_is_monotone(capsys):
     assert torch.allclose(shift_timesteps(torch.tensor(0.5), 0.3), torch.tensor(0.15 / 0.65))
     grid = time_grid(250, 0.3)
     assert grid.shape == (250,) and grid.dtype == torch.float64 and grid[0] == 0 and grid[-1] == 1
-    for bad, flag in ((["--steps", "1"], "--steps: must be at least 2"), (["--shift", "0"], "--shift: must be > 0")):
+    for bad, flag in ((["--steps", "1"], "--steps: must be at least 2"),
+                      (["--shift", "0"], "--shift: must be > 0")):
         with pytest.raises(SystemExit):
             sample.parse_args(bad)
         assert flag in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 
 
@@ -89,7 +91,8 @@ def test_cfg_one_is_the_conditional_model():
 
 @pytest.mark.parametrize("k", [None, 3])
 def test_guidance_in_one_batched_forward_on_k_channels(k):
-    model, x, y, t, w = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2]), torch.tensor(0.7), 4.0
+    model, x, y = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2])
+    t, w = torch.tensor(0.7), 4.0
     v = guided_velocity(model, y, w, cfg_channels=k)(x, t)
     assert model.calls == [(6, [0, 1, 2, 4, 4, 4])]  # [y; null], null = num_classes
     v_c, v_u = (y.view(-1, 1, 1, 1) + 1) * x + t, 5 * x + t
@@ -103,7 +106,8 @@ def test_cfg_interval_turns_guidance_off_at_the_noisy_end():
     fn = guided_velocity(model, y, 3.0, cfg_interval_start=0.1)
     v_c = lambda t: (y.view(-1, 1, 1, 1) + 1) * x + t  # noqa: E731
     assert torch.equal(fn(x, torch.tensor(0.05)), v_c(0.05))
-    assert model.calls == [(2, [1, 3])]  # guidance off: the unconditional rows are not computed at all
+    # Guidance off: the unconditional rows are not computed at all.
+    assert model.calls == [(2, [1, 3])]
     torch.testing.assert_close(fn(x, torch.tensor(0.1)), 5 * x + 0.1 + 3 * (v_c(0.1) - 5 * x - 0.1))
     assert model.calls[1] == (4, [1, 3, 4, 4])
 
@@ -115,11 +119,12 @@ def test_sample_latents_on_a_dit(tiny_files):
     with torch.no_grad():
         ref = euler(lambda x, t: model(x, torch.tensor(t), y), noise, time_grid(4, 0.3))
     assert torch.equal(z, ref) and not torch.equal(z, noise)
-    z_heun = sample_latents(model, y, noise, steps=4, cfg_scale=2.0, shift=0.3, solver="heun", cfg_channels=3)
+    z_heun = sample_latents(model, y, noise, steps=4, cfg_scale=2.0, shift=0.3, solver="heun",
+                            cfg_channels=3)
     assert z_heun.shape == noise.shape and torch.isfinite(z_heun).all()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Seeds and decoding
 
 
@@ -130,7 +135,8 @@ def test_noise_and_labels_depend_only_on_seed_and_index():
     assert not torch.equal(sample_noise(8, [3], (4, 2, 2)), full[3:4])
     labels = sample_labels(7, range(200), 10)
     assert torch.equal(sample_labels(7, range(100, 200), 10), labels[100:])
-    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() <= 9 and len(labels.unique()) == 10
+    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() <= 9
+    assert len(labels.unique()) == 10
 
 
 def test_denormalize_and_decode(tiny_files):
@@ -138,11 +144,12 @@ def test_denormalize_and_decode(tiny_files):
     z = torch.ones(1, 2, 1, 1)
     assert denormalize(z, stats).flatten().tolist() == [3.0, -1.5]
     tok = sample.load_tokenizer(tiny_files["tok"])
-    img = decode_to_uint8(tok, torch.randn(2, 32, 2, 2), torch.load(tiny_files["dit"])["latent_stats"])
+    latent_stats = torch.load(tiny_files["dit"])["latent_stats"]
+    img = decode_to_uint8(tok, torch.randn(2, 32, 2, 2), latent_stats)
     assert img.dtype == torch.uint8 and img.shape == (2, 3, 32, 32)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The CLI on a tiny checkpoint
 
 
@@ -153,18 +160,21 @@ def tiny_files(tmp_path_factory):
     tok = save_tokenizer(files["tok"])
     save_tokenizer(files["tok16"], latent_channels=16)
     args = dict(input_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=4)
-    ema, raw = randomize_(build_dit("B/1", **args), seed=0), randomize_(build_dit("B/1", **args), seed=1)
+    ema = randomize_(build_dit("B/1", **args), seed=0)
+    raw = randomize_(build_dit("B/1", **args), seed=1)
     g = torch.Generator().manual_seed(2)
+    stats = {"mean": torch.randn(32, generator=g), "std": torch.rand(32, generator=g) + 0.5}
     ckpt = {"kind": "dit", "model_name": "B/1", "model_args": args, "model": raw.state_dict(),
-            "ema": ema.state_dict(), "step": 10, "tokenizer": files["tok"], "tokenizer_config": tok.config,
-            "latent_stats": {"mean": torch.randn(32, generator=g), "std": torch.rand(32, generator=g) + 0.5}}
+            "ema": ema.state_dict(), "step": 10, "tokenizer": files["tok"],
+            "tokenizer_config": tok.config, "latent_stats": stats}
     torch.save(ckpt, files["dit"])
     torch.save({k: v for k, v in ckpt.items() if k != "latent_stats"}, files["dit_nostats"])
     return files
 
 
 def cli(files, *args, ckpt="dit"):
-    return ["--ckpt", files[ckpt], "--device", "cpu", "--steps", "3", "--seed", "5", *map(str, args)]
+    return ["--ckpt", files[ckpt], "--device", "cpu", "--steps", "3", "--seed", "5",
+            *map(str, args)]
 
 
 def test_grid(tiny_files, tmp_path, capsys):
@@ -173,7 +183,8 @@ def test_grid(tiny_files, tmp_path, capsys):
     from PIL import Image
     assert Image.open(path).size == (3 * 66 - 2, 64)  # three 32-px images shown at 64 px, 2-px gaps
     # bf16 autocast path (CUDA's default) and raw weights run on the CPU too.
-    path = sample.main(cli(tiny_files, "--precision", "bf16", "--raw_weights", "--solver", "heun", "--out", tmp_path))
+    path = sample.main(cli(tiny_files, "--precision", "bf16", "--raw_weights", "--solver", "heun",
+                           "--out", tmp_path))
     assert Image.open(path).size == (8 * 66 - 2, 2 * 66 - 2)  # 16 random classes, 8 per row
 
 
@@ -189,7 +200,8 @@ def read_like_adm_evaluator(path):
 def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_path, monkeypatch):
     common = ("--npz", "--num_samples", 6, "--shard_size", 4, "--cfg", 2.0, "--cfg_channels", 3,
               "--cfg_interval_start", 0.3, "--solver", "heun")
-    one = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards", "--out", tmp_path / "one"))
+    one = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards",
+                          "--out", tmp_path / "one"))
     ref = np.load(one)
     assert sorted(ref.files) == ["arr_0", "arr_1"]
     assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (6, 32, 32, 3)
@@ -199,13 +211,16 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
     assert json.load(open(tmp_path / "one" / "settings.json"))["cfg_channels"] == 3
 
     # Two ranks (gloo on the CPU): shard 0 on rank 0, shard 1 on rank 1.
-    run_torchrun(["sample.py", *cli(tiny_files, *common, "--batch_size", 4, "--out", tmp_path / "two")])
+    run_torchrun(["sample.py",
+                  *cli(tiny_files, *common, "--batch_size", 4, "--out", tmp_path / "two")])
     two = np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(two["arr_0"], ref["arr_0"]) and np.array_equal(two["arr_1"], ref["arr_1"])
-    assert not os.path.exists(tmp_path / "two" / "shards" / "shard_000000.npz")  # removed after concatenation
+    # Removed after concatenation.
+    assert not os.path.exists(tmp_path / "two" / "shards" / "shard_000000.npz")
 
     # Another batch size: the same noise and labels; kernels may differ in the last bits.
-    other = np.load(sample.main(cli(tiny_files, *common, "--batch_size", 1, "--out", tmp_path / "bs1")))
+    other = np.load(sample.main(cli(tiny_files, *common, "--batch_size", 1,
+                                    "--out", tmp_path / "bs1")))
     assert np.array_equal(other["arr_1"], ref["arr_1"])
     assert np.abs(other["arr_0"].astype(int) - ref["arr_0"]).max() <= 1
     assert (other["arr_0"] != ref["arr_0"]).mean() < 0.01
@@ -220,36 +235,44 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
         return generate(model, tokenizer, stats, indices, *args, **kwargs)
 
     monkeypatch.setattr(sample, "generate", recording_generate)
-    resumed = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards", "--out", tmp_path / "one"))
+    resumed = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards",
+                              "--out", tmp_path / "one"))
     resumed = np.load(resumed)
     assert generated == [[4, 5]]
-    assert np.array_equal(resumed["arr_0"], ref["arr_0"]) and np.array_equal(resumed["arr_1"], ref["arr_1"])
+    assert np.array_equal(resumed["arr_0"], ref["arr_0"])
+    assert np.array_equal(resumed["arr_1"], ref["arr_1"])
     # A finished run is not redone; other settings in the same folder are refused.
     sample.main(cli(tiny_files, *common, "--out", tmp_path / "one"))
     assert generated == [[4, 5]]
+    other_cfg = [a if a != 2.0 else 3.0 for a in common]
     with pytest.raises(UserError, match="other settings.*'cfg'"):
-        sample.main(cli(tiny_files, *[a if a != 2.0 else 3.0 for a in common], "--out", tmp_path / "one"))
+        sample.main(cli(tiny_files, *other_cfg, "--out", tmp_path / "one"))
 
 
 def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
-    """A checkpoint names the tokenizer its latents came from (stage 2); when that run also has a stage-3
-    tokenizer refined from it, sample.py decodes with that one, as the README and the demo do."""
+    """A checkpoint names the tokenizer its latents came from (stage 2); when that run also has a
+    stage-3 tokenizer refined from it, sample.py decodes with that one, as the README and the demo
+    do."""
     ckpt = torch.load(tiny_files["dit"], weights_only=True)
-    stage2, stage3 = tmp_path / "tok" / "stage2" / "tokenizer.pt", tmp_path / "tok" / "stage3" / "tokenizer.pt"
+    tok_dir = tmp_path / "tok"
+    stage2, stage3 = tok_dir / "stage2" / "tokenizer.pt", tok_dir / "stage3" / "tokenizer.pt"
     stage2.parent.mkdir(parents=True)
     save_tokenizer(str(stage2))
-    torch.save({**ckpt, "tokenizer": str(stage2)}, tmp_path / "dit.pt")
-    assert sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)[2]["tokenizer"] == str(stage2)
+    dit = str(tmp_path / "dit.pt")
+    torch.save({**ckpt, "tokenizer": str(stage2)}, dit)
+    assert sample.load_models(dit, None, ema=True)[2]["tokenizer"] == str(stage2)
     stage3.parent.mkdir()
     refined = save_tokenizer(str(stage3))
     state = torch.load(stage3, weights_only=True)
     torch.save({**state, "init": str(stage2)}, stage3)
-    model, tokenizer, meta = sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)
+    model, tokenizer, meta = sample.load_models(dit, None, ema=True)
     assert meta["tokenizer"] == str(stage3)
-    assert all(torch.equal(a, b) for a, b in zip(tokenizer.state_dict().values(), refined.state_dict().values()))
-    torch.save({**state, "init": str(tmp_path / "elsewhere.pt")}, stage3)  # refined from another tokenizer
-    assert sample.load_models(str(tmp_path / "dit.pt"), None, ema=True)[2]["tokenizer"] == str(stage2)
-    explicit = sample.load_models(str(tmp_path / "dit.pt"), tiny_files["tok"], ema=True)[2]["tokenizer"]
+    assert all(torch.equal(a, b)
+               for a, b in zip(tokenizer.state_dict().values(), refined.state_dict().values()))
+    # Refined from another tokenizer.
+    torch.save({**state, "init": str(tmp_path / "elsewhere.pt")}, stage3)
+    assert sample.load_models(dit, None, ema=True)[2]["tokenizer"] == str(stage2)
+    explicit = sample.load_models(dit, tiny_files["tok"], ema=True)[2]["tokenizer"]
     assert explicit == tiny_files["tok"]  # --tokenizer always wins
 
 
@@ -267,6 +290,6 @@ def test_bad_inputs(tiny_files, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--cfg_channels must be between 1 and 32"):
         sample.main(cli(tiny_files, "--cfg", 2, "--cfg_channels", 33, "--out", tmp_path))
     monkeypatch.chdir(tmp_path)  # the default --ckpt runs/dit/ckpt.pt does not exist here
-    with pytest.raises(UserError, match=r"runs/dit/ckpt.pt: train one first \(python train_dit.py\) "
-                                                "or pass --ckpt"):
+    with pytest.raises(UserError, match=r"runs/dit/ckpt.pt: train one first "
+                                        r"\(python train_dit.py\) or pass --ckpt"):
         sample.main(["--cfg", "1.5"])

@@ -18,15 +18,16 @@ import train_tokenizer
 from baselines import load_tokenizer
 from common import EXIT_STOPPED, MissingWeightsError, UserError, load_checkpoint
 from conftest import ROOT, run_torchrun, wait_for_log
-from tokenizer import (DINOV2_VARIANTS, TRAINABLE, AlignedTokenizer, Decoder, DINOv2, PatchGAN, build_dinov2,
-                       build_lpips, default_config, set_trainable, tokenizer_loss)
+from tokenizer import (DINOV2_VARIANTS, TRAINABLE, AlignedTokenizer, Decoder, DINOv2, PatchGAN,
+                       build_dinov2, build_lpips, default_config, set_trainable, tokenizer_loss)
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 TINY_CFG = dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1)
 # A tiny stage run on the demo set: a 2-block 64-wide encoder, 32-px images, a 2M-parameter decoder.
-TINY_ARGS = ["--encoder", "tiny", "--random_encoder", "--random_lpips", "--image_size", "32", "--decoder_ch", "32",
-             "--decoder_res_blocks", "1", "--disc_ch", "8", "--batch_size", "4", "--demo_images", "16",
-             "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--grid_every", "1000"]
+TINY_ARGS = ["--encoder", "tiny", "--random_encoder", "--random_lpips", "--image_size", "32",
+             "--decoder_ch", "32", "--decoder_res_blocks", "1", "--disc_ch", "8",
+             "--batch_size", "4", "--demo_images", "16", "--num_workers", "0", "--device", "cpu",
+             "--log_every", "1", "--grid_every", "1000"]
 
 
 def read_reference_keys(name):
@@ -49,7 +50,7 @@ def read_log(run_dir, stage):
     return harness.read_log(path)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # DINOv2
 
 
@@ -58,7 +59,8 @@ def test_dinov2_state_dict_matches_official_keys(name):
     with torch.device("meta"):
         model = DINOv2(**DINOV2_VARIANTS[name])
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert sorted(ours) == sorted(read_reference_keys(f"dinov2_keys_{name.removeprefix('dinov2_')}.txt"))
+    official = read_reference_keys(f"dinov2_keys_{name.removeprefix('dinov2_')}.txt")
+    assert sorted(ours) == sorted(official)
 
 
 def test_strict_load_roundtrip_and_wrong_variant(tmp_path):
@@ -93,8 +95,8 @@ def test_missing_dinov2_weights_name_the_file(tmp_path, monkeypatch):
 
 
 def test_random_lpips_is_seeded_and_quiet():
-    """The random LPIPS stand-in is the same network in every run (so --eval is repeatable), building it
-    leaves the global RNG alone, and torchvision's deprecation warning is not shown."""
+    """The random LPIPS stand-in is the same network in every run (so --eval is repeatable),
+    building it leaves the global RNG alone, and torchvision's deprecation warning is not shown."""
     import warnings
 
     torch.manual_seed(123)
@@ -107,14 +109,16 @@ def test_random_lpips_is_seeded_and_quiet():
     assert not [w for w in caught if "pretrained" in str(w.message) or "weights" in str(w.message)]
     b, c = build_lpips(random_backbone=True), build_lpips(random_backbone=True, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    assert not all(torch.equal(x, y)
+                   for x, y in zip(a.state_dict().values(), c.state_dict().values()))
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(a(x, y), b(x, y))
 
 
 def _cubic_resize_matrix(n_in, n_out, scale):
     """Rows of weights that PyTorch's bicubic (no antialias, align_corners=False, A=-0.75) applies,
-    written from the textbook definition: source x = (i + 0.5) / scale - 0.5, 4 taps, edges clamped."""
+    written from the textbook definition: source x = (i + 0.5) / scale - 0.5, 4 taps, edges
+    clamped."""
     A = -0.75
 
     def kernel(d):
@@ -142,7 +146,8 @@ def test_pos_embed_interpolation_plain_models(hw):
     h, w = hw[0] // 14, hw[1] // 14
     got = model.interpolate_pos_encoding(h, w, torch.float32)[0]
     grid = model.pos_embed[0, 1:].detach().double().reshape(37, 37, 8).numpy()
-    Wh, Ww = _cubic_resize_matrix(37, h, (h + 0.1) / 37), _cubic_resize_matrix(37, w, (w + 0.1) / 37)
+    Wh = _cubic_resize_matrix(37, h, (h + 0.1) / 37)
+    Ww = _cubic_resize_matrix(37, w, (w + 0.1) / 37)
     want = np.einsum("ia,abc,jb->ijc", Wh, grid, Ww).reshape(h * w, 8)
     assert got.shape == (1 + h * w, 8)
     torch.testing.assert_close(got[0], model.pos_embed[0, 0].detach())  # CLS position unchanged
@@ -153,13 +158,14 @@ def test_pos_embed_interpolation_plain_models(hw):
 def test_pos_embed_interpolation_reg_models(hw):
     """The _reg models resize to the grid size with antialiasing, which is PIL's bicubic filter."""
     torch.manual_seed(0)
-    model = DINOv2(embed_dim=4, depth=1, num_heads=2, num_register_tokens=4, interpolate_antialias=True,
-                   interpolate_offset=0.0)
+    model = DINOv2(embed_dim=4, depth=1, num_heads=2, num_register_tokens=4,
+                   interpolate_antialias=True, interpolate_offset=0.0)
     h, w = hw[0] // 14, hw[1] // 14
     got = model.interpolate_pos_encoding(h, w, torch.float32)[0, 1:].detach().reshape(h, w, 4)
     grid = model.pos_embed[0, 1:].detach().reshape(37, 37, 4).numpy()
     for c in range(4):
-        want = np.asarray(Image.fromarray(grid[:, :, c].astype(np.float32), mode="F").resize((w, h), Image.BICUBIC))
+        channel = Image.fromarray(grid[:, :, c].astype(np.float32), mode="F")
+        want = np.asarray(channel.resize((w, h), Image.BICUBIC))
         np.testing.assert_allclose(got[:, :, c].numpy(), want, atol=2e-5)
 
 
@@ -174,7 +180,8 @@ def test_encoder_drops_cls_and_registers():
 
 
 def test_tokens_stay_float32_under_bf16_autocast():
-    """As in the official model: CLS and position embeddings join the bf16 patch embeddings in float32."""
+    """As in the official model: CLS and position embeddings join the bf16 patch embeddings in
+    float32."""
     torch.manual_seed(0)
     model = DINOv2(embed_dim=16, depth=1, num_heads=2, num_register_tokens=4)
     seen = []
@@ -184,7 +191,7 @@ def test_tokens_stay_float32_under_bf16_autocast():
     assert seen == [torch.float32]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -200,7 +207,8 @@ def test_tokenizer_shapes_and_default_sizes():
     assert z.shape == (2, 32, 2, 2) and x_hat.shape == x.shape
     torch.testing.assert_close(tok.decode(tok.encode(x)), x_hat)
     assert PatchGAN(8)(x).shape[:2] == (2, 1)
-    assert tok.encode(torch.rand(2, 3, 48, 80) * 2 - 1).shape == (2, 32, 3, 5)  # any size and aspect ratio
+    # Any size and aspect ratio.
+    assert tok.encode(torch.rand(2, 3, 48, 80) * 2 - 1).shape == (2, 32, 3, 5)
     with pytest.raises(UserError, match="multiples of 16"):
         tok.encode(torch.rand(2, 3, 40, 40))
     with pytest.raises(UserError, match="to_model_range"):
@@ -233,12 +241,15 @@ def test_each_stage_trains_exactly_its_parts(stage):
     trained = {name.split(".")[0] for name, p in model.named_parameters()
                if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == set(TRAINABLE[stage])
-    for name, p in model.named_parameters():  # every trainable parameter gets a gradient (DDP needs it)
+    # Every trainable parameter gets a gradient (DDP needs it).
+    for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
-        assert p.requires_grad == (name.split(".")[0] in trained and name != "encoder.mask_token"), name
+        trains = name.split(".")[0] in trained and name != "encoder.mask_token"
+        assert p.requires_grad == trains, name
     assert all(p.grad is None for p in disc.parameters())  # the tokenizer loss does not train D
     assert all(p.grad is None for p in lpips.parameters())
-    assert set(parts) >= {"l1", "lpips", "g_loss", "w_g", "loss"} and ("sp" in parts) == (stage == 2)
+    assert set(parts) >= {"l1", "lpips", "g_loss", "w_g", "loss"}
+    assert ("sp" in parts) == (stage == 2)
     if stage == 2:
         assert parts["sp"].item() == 0.0  # same weights, same image: z == z_ref
 
@@ -251,7 +262,8 @@ def test_tiny_tokenizer_overfits_one_batch():
     from data import DemoShapes, to_model_range
     ds = DemoShapes(2, 32)
     x = to_model_range(torch.stack([ds[i][0] for i in range(2)]), torch.device("cpu"))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3, betas=(0.5, 0.9))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=2e-3, betas=(0.5, 0.9))
     losses = []
     for _ in range(80):
         loss, _, parts = tokenizer_loss(model, x, lpips)
@@ -262,32 +274,39 @@ def test_tiny_tokenizer_overfits_one_batch():
     assert min(losses[-10:]) < losses[0] / 4, (losses[0], losses[-10:])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The training script
 
 
 def test_three_stages_chain_and_freeze(tmp_path, capsys):
     run = str(tmp_path)
-    train_tokenizer.main(["--stage", "1", "--steps", "3", "--disc_start", "1", "--run_dir", run, *TINY_ARGS])
+    train_tokenizer.main(["--stage", "1", "--steps", "3", "--disc_start", "1", "--run_dir", run,
+                          *TINY_ARGS])
     # Stages 2 and 3 without --random_encoder: they inherit it from stage 1's export and say so.
     later = [a for a in TINY_ARGS if a != "--random_encoder"]
-    train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
-    train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run, *later])
-    exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["ema"] for s in (1, 2, 3)}
+    train_tokenizer.main(["--stage", "2", "--steps", "2", "--disc_start", "0", "--run_dir", run,
+                          *later])
+    train_tokenizer.main(["--stage", "3", "--steps", "2", "--disc_start", "0", "--run_dir", run,
+                          *later])
+    exports = {s: load_checkpoint(os.path.join(run, f"stage{s}", "tokenizer.pt"))["ema"]
+               for s in (1, 2, 3)}
     ckpt1 = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
 
     def same(a, b, part):
         return all(torch.equal(a[k], b[k]) for k in a if k.startswith(part + "."))
 
     # Stage 1: the encoder stayed as built (raw weights == EMA weights), the decoder learned.
-    assert same(ckpt1["model"], ckpt1["ema"], "encoder") and not same(ckpt1["model"], ckpt1["ema"], "decoder")
+    assert same(ckpt1["model"], ckpt1["ema"], "encoder")
+    assert not same(ckpt1["model"], ckpt1["ema"], "decoder")
     # Stage 2 changed the encoder; stage 3 kept encoder and adapter and changed only the decoder.
-    assert not same(exports[1], exports[2], "encoder") and not same(exports[1], exports[2], "adapter")
+    assert not same(exports[1], exports[2], "encoder")
+    assert not same(exports[1], exports[2], "adapter")
     assert same(exports[2], exports[3], "encoder") and same(exports[2], exports[3], "adapter")
     assert not same(exports[2], exports[3], "decoder")
     log2 = read_log(run, 2)
     assert log2[0]["sp"] == 0.0 and log2[1]["sp"] > 0.0  # L_sp starts at exactly zero
-    assert "d_loss" in log2[0] and "g_loss" in read_log(run, 1)[1] and "g_loss" not in read_log(run, 1)[0]
+    log1 = read_log(run, 1)
+    assert "d_loss" in log2[0] and "g_loss" in log1[1] and "g_loss" not in log1[0]
     assert os.path.exists(os.path.join(run, "stage3", "recon_0000002.png"))
     assert load_checkpoint(os.path.join(run, "stage3", "tokenizer.pt"))["random_encoder"]
     with open(os.path.join(run, "stage3", "log.jsonl")) as f:
@@ -297,11 +316,12 @@ def test_three_stages_chain_and_freeze(tmp_path, capsys):
     assert tok.latent_shape == (32, 2, 2)
     # --eval: reconstruction metrics of the final tokenizer on a few demo images.
     out = os.path.join(run, "eval.json")
-    metrics = train_tokenizer.main(["--eval", "--run_dir", run, "--eval_images", "6", "--rfid", "--random_inception",
-                                    "--json", out, *TINY_ARGS])
+    metrics = train_tokenizer.main(["--eval", "--run_dir", run, "--eval_images", "6", "--rfid",
+                                    "--random_inception", "--json", out, *TINY_ARGS])
     assert metrics == json.load(open(out)) and metrics["images"] == 6
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["lpips"] > 0
-    assert math.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0 and "RANDOM" in metrics["inception_weights"]
+    assert math.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0
+    assert "RANDOM" in metrics["inception_weights"]
     assert metrics["encoder"] == "tiny (grown from RANDOM weights)"
 
 
@@ -335,7 +355,8 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     with pytest.raises(UserError, match="pass --resume"):
         train_tokenizer.main(["--stage", "1", "--steps", "1", "--run_dir", run, *TINY_ARGS])
     with pytest.raises(UserError, match="--latent_channels 64 .checkpoint: 32."):
-        train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS, "--latent_channels", "64"])
+        train_tokenizer.main(["--stage", "2", "--run_dir", run, *TINY_ARGS,
+                              "--latent_channels", "64"])
     with pytest.raises(UserError, match="comes from stage 1: pass --init with a stage-2 tokenizer"):
         train_tokenizer.main(["--stage", "3", "--init", os.path.join(run, "stage1", "tokenizer.pt"),
                               "--run_dir", run, *TINY_ARGS])
@@ -361,17 +382,19 @@ def test_nan_discriminator_loss_stops_before_a_save(tmp_path, monkeypatch):
     monkeypatch.setattr(train_tokenizer, "hinge_d_loss", d_loss_with_a_nan)
     run = str(tmp_path)
     with pytest.raises(UserError, match="non-finite loss at step 4"):
-        train_tokenizer.main(["--stage", "1", "--steps", "8", "--disc_start", "0", "--ckpt_every", "2",
-                              "--run_dir", run, *TINY_ARGS])
+        train_tokenizer.main(["--stage", "1", "--steps", "8", "--disc_start", "0",
+                              "--ckpt_every", "2", "--run_dir", run, *TINY_ARGS])
     ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["disc"].values() if v.is_floating_point())
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["disc"].values() if v.is_floating_point())
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):
     run = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, "train_tokenizer.py", "--stage", "1", "--steps", "100000",
-                             "--run_dir", run, *TINY_ARGS], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train_tokenizer.py", "--stage", "1",
+                             "--steps", "100000", "--run_dir", run, *TINY_ARGS],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     log = os.path.join(run, "stage1", "log.jsonl")
     wait_for_log(log, '"step": 1,')
     proc.send_signal(signal.SIGTERM)
@@ -379,14 +402,16 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert proc.returncode == EXIT_STOPPED, out[-2000:]
     ckpt = load_checkpoint(os.path.join(run, "stage1", "ckpt.pt"))
     assert 1 <= ckpt["step"] < 100000 and "continue with --resume" in out
-    assert not os.path.exists(os.path.join(run, "stage1", "tokenizer.pt"))  # not finished: nothing exported
+    # Not finished: nothing exported.
+    assert not os.path.exists(os.path.join(run, "stage1", "tokenizer.pt"))
 
 
 def test_two_process_gloo_stages(tmp_path):
     run = str(tmp_path)
-    for stage in (1, 2):  # stage 2 trains the encoder too: every trainable parameter must get a gradient
-        run_torchrun(["train_tokenizer.py", "--stage", str(stage), "--steps", "2", "--disc_start", "1",
-                      "--run_dir", run, *TINY_ARGS])
+    # Stage 2 trains the encoder too: every trainable parameter must get a gradient.
+    for stage in (1, 2):
+        run_torchrun(["train_tokenizer.py", "--stage", str(stage), "--steps", "2",
+                      "--disc_start", "1", "--run_dir", run, *TINY_ARGS])
         assert os.path.exists(os.path.join(run, f"stage{stage}", "tokenizer.pt"))
         assert [r["step"] for r in read_log(run, stage)] == [1, 2]
 
