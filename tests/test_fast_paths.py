@@ -49,6 +49,62 @@ def test_dit_bf16_autocast_matches_fp32():
     assert rel_err(torch.cat([g.flatten() for g in grads16]), torch.cat([g.flatten() for g in grads32])) < 5e-2
 
 
+def plain_attention(qk, v, cos, sin):
+    """RoPE and attention the plain way: heads first (copies), q and k rotated one at a time."""
+    def rope(x):  # (B, heads, N, head_dim)
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return x * cos + torch.stack((-b, a), dim=-1).flatten(-2) * sin
+    q, k, v = (t.permute(0, 2, 1, 3).contiguous() for t in (*qk.unbind(2), v))
+    out = torch.softmax(rope(q) @ rope(k).transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+    return out.transpose(1, 2).flatten(2)
+
+
+def plain_swiglu(m, x):
+    a, b = m.w12(x).chunk(2, dim=-1)  # one matmul, then chunk (the reference's code)
+    return m.w3(torch.nn.functional.silu(a) * b)
+
+
+def plain_rmsnorm(m, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * m.weight
+
+
+def layouts():
+    """(name, the model's module, its plain computation, an input) for each layout of dit.py."""
+    g = torch.Generator().manual_seed(0)
+    swiglu, norm = dit.SwiGLU(32, 48), dit.RMSNorm(32)
+    for m in (swiglu, norm):
+        randomize_(m, scale=0.3, seed=1)
+    cos, sin = dit.rope_tables(8, 4, 4)
+    qkv = torch.randn(2, 16, 3, 4, 8, generator=g)  # (B, N, 3, heads, head_dim)
+
+    def fast_attention(qkv):
+        return dit.attention(qkv[:, :, :2], qkv[:, :, 2], *(t.to(qkv.dtype) for t in (cos, sin)))
+
+    return [("swiglu", swiglu, lambda x: plain_swiglu(swiglu, x), torch.randn(2, 16, 32, generator=g)),
+            ("rmsnorm", norm, lambda x: plain_rmsnorm(norm, x), 3 * torch.randn(2, 16, 32, generator=g)),
+            ("attention", fast_attention, lambda qkv: plain_attention(qkv[:, :, :2], qkv[:, :, 2], cos, sin),
+             qkv)]
+
+
+@pytest.mark.parametrize("i", range(3), ids=["swiglu", "rmsnorm", "attention"])
+def test_layouts_compute_the_plain_computation(i):
+    """Each layout of dit.py (SwiGLU, fused rms_norm, tokens-first attention with RoPE over q and k
+    stacked) in float32 = its plain computation (the reference code's; to float32 round-off), and
+    under bf16 autocast close to it, outputs and input gradients."""
+    name, fast, plain, x = layouts()[i]
+    x32 = x.clone().requires_grad_()
+    ref = plain(x32)
+    ref.pow(2).sum().backward()
+    x16 = x.clone().requires_grad_()
+    with autocast(CPU, True):
+        out16 = fast(x16)
+    out16.float().pow(2).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref, rtol=1e-6, atol=1e-6)
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) < 1e-2, name
+    assert rel_err(x16.grad, x32.grad) < 2e-2, name
+
+
 def test_sdpa_equals_reference_attention():
     model = tiny_dit().eval()
     x, t, y = torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
