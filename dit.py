@@ -219,8 +219,11 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        # a and b from w12's two halves of rows, two matmuls: the same as chunking w12(x) in two,
+        # but their gradients stay two tensors, not concatenated into one (tokens, 2 hidden) in
+        # backward.
+        (w_a, w_b), (b_a, b_b) = self.w12.weight.chunk(2), self.w12.bias.chunk(2)
+        return self.w3(F.silu(F.linear(x, w_a, b_a)) * F.linear(x, w_b, b_b))
 
 
 class RMSNorm(nn.Module):

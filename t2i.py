@@ -160,7 +160,11 @@ class SingleStreamBlock(nn.Module):
         D = x.shape[-1]
         shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
-        qkv, a, b = self.linear1(h).split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
+        # qkv, a and b from linear1's blocks of rows, three matmuls: the same as splitting
+        # linear1(h), but their gradients stay three tensors, not concatenated in backward.
+        sizes = [3 * D, self.mlp_hidden, self.mlp_hidden]
+        w, bias = self.linear1.weight.split(sizes), self.linear1.bias.split(sizes)
+        qkv, a, b = map(partial(F.linear, h), w, bias)
         qk, v = split_heads(qkv, self.num_heads, self.q_norm, self.k_norm)
         attn = joint_attention(qk, v, rope, attend)
         return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))

@@ -88,9 +88,9 @@ def layouts():
 
 @pytest.mark.parametrize("i", range(3), ids=["swiglu", "rmsnorm", "attention"])
 def test_layouts_compute_the_plain_computation(i):
-    """Each layout of dit.py (SwiGLU, fused rms_norm, tokens-first attention with RoPE over q and k
-    stacked) in float32 = its plain computation (the reference code's; to float32 round-off), and
-    under bf16 autocast close to it, outputs and input gradients."""
+    """Each layout of dit.py (SwiGLU as two matmuls on w12's halves, fused rms_norm, tokens-first
+    attention with RoPE over q and k stacked) in float32 = its plain computation (the reference
+    code's; to float32 round-off), and under bf16 autocast close to it, outputs and input gradients."""
     name, fast, plain, x = layouts()[i]
     x32 = x.clone().requires_grad_()
     ref = plain(x32)
