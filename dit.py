@@ -361,6 +361,18 @@ def apply_rope(x, cos, sin):
     return x * cos.view(shape) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.view(shape)
 
 
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: torch.compile each block of the model's block lists instead of the
+    whole model. The blocks of one class share one compiled graph (their weights are its inputs),
+    so the first step compiles one block, not the whole model; the embeddings, the final layer and
+    the loss stay eager. In place; returns the model. compile_kwargs go to torch.compile."""
+    for blocks in model.children():
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                block.compile(**compile_kwargs)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configurations
 

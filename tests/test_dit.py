@@ -139,7 +139,8 @@ def test_rope_is_a_rotation_of_adjacent_pairs():
             a = rope_angle(token, 2 * i, head_dim, grid)
             R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
             expected = x[:, token, :, 2 * i:2 * i + 2] @ R.T
-            torch.testing.assert_close(out[:, token, :, 2 * i:2 * i + 2], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[:, token, :, 2 * i:2 * i + 2], expected, atol=1e-5,
+                                       rtol=1e-5)
     # q and k stacked (B, N, 2, heads, head_dim): each rotated by its token's angles
     torch.testing.assert_close(rope(torch.stack([x, 2 * x], dim=2).float()).double(),
                                torch.stack([out, 2 * out], dim=2), atol=1e-5, rtol=1e-5)

@@ -80,17 +80,18 @@ def layouts():
     def fast_attention(qkv):
         return dit.attention(qkv[:, :, :2], qkv[:, :, 2], *(t.to(qkv.dtype) for t in (cos, sin)))
 
-    return [("swiglu", swiglu, lambda x: plain_swiglu(swiglu, x), torch.randn(2, 16, 32, generator=g)),
-            ("rmsnorm", norm, lambda x: plain_rmsnorm(norm, x), 3 * torch.randn(2, 16, 32, generator=g)),
-            ("attention", fast_attention, lambda qkv: plain_attention(qkv[:, :, :2], qkv[:, :, 2], cos, sin),
-             qkv)]
+    x = torch.randn(2, 16, 32, generator=g)
+    return [("swiglu", swiglu, lambda x: plain_swiglu(swiglu, x), x),
+            ("rmsnorm", norm, lambda x: plain_rmsnorm(norm, x), 3 * x),
+            ("attention", fast_attention,
+             lambda qkv: plain_attention(qkv[:, :, :2], qkv[:, :, 2], cos, sin), qkv)]
 
 
 @pytest.mark.parametrize("i", range(3), ids=["swiglu", "rmsnorm", "attention"])
 def test_layouts_compute_the_plain_computation(i):
     """Each layout of dit.py (SwiGLU as two matmuls on w12's halves, fused rms_norm, tokens-first
     attention with RoPE over q and k stacked) in float32 = its plain computation (the reference
-    code's; to float32 round-off), and under bf16 autocast close to it, outputs and input gradients."""
+    code's; to float32 round-off), and under bf16 autocast close to it (outputs, input grads)."""
     name, fast, plain, x = layouts()[i]
     x32 = x.clone().requires_grad_()
     ref = plain(x32)
@@ -136,6 +137,26 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_regional_compilation_compiles_one_block_for_all():
+    """dit.compile_blocks: each block compiled, one graph shared by the blocks, the eager results.
+    (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++ build here.)"""
+    import torch._dynamo.utils
+
+    model = tiny_dit().train()
+    model.y_embedder.dropout_prob = 0.0
+    loss, grads = dit_loss_and_grads(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dit.compile_blocks(model, backend="aot_eager")
+    assert list(model.state_dict()) == list(tiny_dit().state_dict())  # no _orig_mod prefixes
+    loss_c, grads_c = dit_loss_and_grads(model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two blocks, one graph
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert bench.parse_args(["--compile", "regional"]).compile == "regional"
+
+
 def test_batched_cfg_equals_two_forwards():
     model = tiny_dit().eval()
     y, noise = torch.tensor([0, 3]), torch.randn(2, 8, 4, 4)
@@ -170,7 +191,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
-@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i"])
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i", "t2i_e2e"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", part, "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",
@@ -180,6 +201,33 @@ def test_benchmark_command_runs_on_cpu(part, tmp_path):
     if part == "tokenizer":
         assert [r["part"] for r in rows] == [f"tokenizer stage {s} train" for s in (1, 2, 3)]
         assert all(r["gflops_per_image"] > 0 for r in rows)
+    if part == "t2i_e2e":  # the frozen tokenizer and a (tiny, random) T5 encoder in the step
+        assert 0 < rows[0]["encoders_share"] < 1 and rows[0]["encoders_ms"] > 0
+
+
+def test_benchmark_profile_and_first_step(tmp_path):
+    """--profile DIR: the operator table and the Chrome trace of two steps after the timing."""
+    rows = bench.main(["--part", "dit", "--device", "cpu", "--warmup", "1", "--iters", "1",
+                       "--repeats", "1", "--batch_size", "2", "--profile", str(tmp_path)])
+    assert rows[0]["first_step_s"] > 0
+    table = (tmp_path / "dit_b2.txt").read_text()
+    assert "self_cpu_time_total" in table and "aten::mm" in table
+    assert (tmp_path / "dit_b2.json.gz").stat().st_size > 0
+
+
+def test_largest_batch_doubles_then_bisects(capsys):
+    probes = []
+
+    def fits(b):
+        probes.append(b)
+        return b <= 37
+
+    assert 35 <= bench.largest_batch(fits, 8) <= 37  # to 1/16 of the answer
+    assert probes[:4] == [8, 16, 32, 64] and len(probes) < 10
+    assert bench.largest_batch(lambda b: b <= 5, 8) == 5
+    assert bench.largest_batch(lambda b: False, 8) == 0
+    assert bench.main(["--part", "dit", "--device", "cpu", "--max_batch"]) == []  # CUDA only
+    assert "skipped" in capsys.readouterr().out
 
 
 FAKE_OFFICIAL = """
