@@ -258,3 +258,19 @@ def test_benchmark_against_an_official_checkout(tmp_path):
     assert [(r["part"], r["batch"]) for r in rows] == [("dit B/1 train", 2), ("official LightningDiT train", 2),
                                                         ("dit B/1 train", 3), ("official LightningDiT train", 3)]
     assert all(r["speedup_vs_official"] > 0 for r in rows[::2])
+
+
+def test_readme_gpu_script_parses():
+    """Every `step NAME SECONDS ARGS` of the README's GPU script is a valid bench.py command."""
+    import os
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(bench.__file__), "README.md")).read()
+    script = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                  if "TORCHINDUCTOR_CACHE_DIR" in b)
+    steps = [shlex.split(line, comments=True) for line in script.splitlines()
+             if line.startswith("step ")]
+    assert len(steps) >= 8 and all(int(words[2]) > 0 for words in steps)
+    for words in steps:
+        bench.parse_args(words[3:])
