@@ -463,9 +463,9 @@ def bench_t2i_e2e(args, cfg, device, bf16, B):
         return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
 
     model, flops, train = t2i_training_step(args, cfg, device, bf16)
-    encoders, _ = timed(encode, device, args.warmup, args.iters, args.repeats)
     seconds = timed(lambda: train(*encode()), device, args.warmup, args.iters, args.repeats,
                     profile_path(args, "t2i_e2e", B))
+    encoders, _ = timed(encode, device, args.warmup, args.iters, args.repeats)  # after: warm
     print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, {encoders / seconds[0]:.0%} "
           "of the step", flush=True)
     return [report(f"t2i {cfg['t2i']} train_t2i step", args, device, B, seconds, flops,
