@@ -6,6 +6,9 @@ next to pytorch-fid's.
     python bench.py --part dit --vs_official ~/LightningDiT    # ours next to the official code, same step
     python bench.py --part dit --batch_size 64 128 256         # a batch-size sweep
     python bench.py --part dit --compile off --precision fp32 --no_fused --attention math   # the plain path
+    python bench.py --part t2i --compile regional       # each block compiled: a faster first step
+    python bench.py --part tokenizer --profile out/     # + torch.profiler tables and Chrome traces
+    python bench.py --part dit --part t2i --max_batch --memory_gib 80   # largest batch in 80 GB
 
 For each part: images/s, peak memory, and on CUDA the model FLOPs utilisation (MFU) = achieved model
 FLOP/s / the GPU's dense bf16 peak (flops.py). Timing: --warmup steps not timed, CUDA
@@ -17,13 +20,20 @@ FLOP counts (what "model FLOPs" means here):
 - tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
   and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
 - sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
-- text-to-image: 3 x flops.t2i_forward_flops (each stream's weights on its own tokens, the joint attention).
+- text-to-image: 3 x flops.t2i_forward_flops (each stream's weights on its own tokens, the joint
+  attention); t2i_e2e (train_t2i.py's whole step, with the frozen tokenizer and text encoder) too.
 
 Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
 Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer conv nets),
 --no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward), --grad_checkpointing
 (DiT: less memory, more compute). Default batches fit an 80 GB GPU.
+
+Each row also gives the time of the first step (compilation, lazy initialisation): `first_step_s`.
+--profile DIR writes, for each part after its timing, torch.profiler's operator table of two more
+steps (sorted by GPU time on CUDA, CPU time on the CPU) and their Chrome trace (chrome://tracing,
+Perfetto). --max_batch finds the largest batch that fits on the GPU (doubling from the default
+batch, then bisecting; --memory_gib caps the GPU memory, e.g. 80 on a 141 GB H200).
 
 --vs_official PATH times a checkout of hustvl/LightningDiT (github.com/hustvl/LightningDiT; it needs
 timm and einops) in the same process and protocol: its XL/1 as its config trains it (SwiGLU, RoPE,
@@ -33,6 +43,7 @@ per-parameter EMA loop, as its train.py does; then the ratio of images/s and of 
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -44,7 +55,7 @@ import torch
 import dit
 import flops as model_flops
 import t2i
-from common import EMA, add_compile_arg, at_least, autocast, unwrap, use_bf16, use_compile
+from common import EMA, at_least, autocast, unwrap, use_bf16, use_compile
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
@@ -56,12 +67,22 @@ CONFIGS = {
                 tok_batch=2, image_size=64, sample_batch=8, fid_batch=4, t2i="T2I-tiny/1", t2i_text=(16, 64),
                 t2i_batch=4),
 }
+# The frozen text encoder of t2i_e2e, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
+T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+              "cpu": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
 
 
-def timed(step, device, warmup: int, iters: int, repeats: int) -> float:
-    """Median seconds per call of `step` over `repeats` timed blocks of `iters` calls, after `warmup`."""
-    for _ in range(warmup):
+def timed(step, device, warmup: int, iters: int, repeats: int, profile: str | None = None):
+    """Median seconds per call of `step` over `repeats` timed blocks of `iters` calls after
+    `warmup`, and the seconds of the first call (None without warm-up); then, if `profile` (a path
+    without extension) is given, profile_steps."""
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
         step()
+        if i == 0:
+            synchronize(device)
+            first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -72,7 +93,47 @@ def timed(step, device, warmup: int, iters: int, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
+    if profile:
+        profile_steps(step, device, profile)
+    return statistics.median(times), first
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_steps(step, device, prefix: str, steps: int = 2):
+    """torch.profiler over `steps` calls of `step`: the operator table (totals over the steps)
+    sorted by GPU time on CUDA, CPU time on the CPU, to PREFIX.txt; the Chrome trace to
+    PREFIX.json.gz."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(prefix + ".txt", "w") as f:
+        f.write(f"{steps} steps; {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=120))
+    prof.export_chrome_trace(prefix + ".json.gz")
+    print(f"profile of {steps} steps: {prefix}.txt, {prefix}.json.gz", flush=True)
+
+
+def profile_path(args, name: str, batch: int) -> str | None:
+    """Where --profile puts a part's files (None without --profile)."""
+    if args.profile:
+        return os.path.join(args.profile, f"{name.replace('/', '-').replace(' ', '_')}_b{batch}")
+
+
+def compiled(model, args, device):
+    """The model as --compile asks: whole (on; auto: on CUDA), by blocks (regional), or eager."""
+    if args.compile == "regional":
+        return dit.compile_blocks(model)
+    return torch.compile(model) if use_compile(args.compile, device) else model
 
 
 def peak_memory_gib(device) -> float:
@@ -91,10 +152,12 @@ def attention_backend(name: str):
 
 
 def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
+    """A row of results; `seconds` per step, or (seconds, first step's seconds) from timed."""
+    seconds, first = seconds if isinstance(seconds, tuple) else (seconds, None)
     img_s = batch / seconds
     row = {"part": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak_memory_gib(device),
-           **extra}
+           "first_step_s": first, **extra}
     mfu = model_flops.mfu(img_s, flops_per_image, device) if flops_per_image else None
     if mfu:
         row["mfu"] = mfu
@@ -117,9 +180,9 @@ def bench_dit(args, cfg, device, bf16, B):
     flops = model_flops.training_flops_per_image(model)
     ema = EMA(model, 0.9999)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
-    train_model = torch.compile(model) if use_compile(args.compile, device) else model
+    train_model = compiled(model, args, device)
     rows = [report(f"dit {cfg['dit']} train", args, device, B, dit_step_seconds(train_model, ema.update, opt, args,
-                   cfg, device, bf16, B), flops, gflops_per_image=flops / 1e9)]
+                   cfg, device, bf16, B, "dit"), flops, gflops_per_image=flops / 1e9)]
     if args.vs_official:
         del model, ema, opt, train_model
         official = official_lightningdit(args.vs_official, cfg).to(device)
@@ -134,7 +197,8 @@ def bench_dit(args, cfg, device, bf16, B):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         rows.append(report("official LightningDiT train", args, device, B,
-                           dit_step_seconds(official, official_ema, opt, args, cfg, device, bf16, B), flops))
+                           dit_step_seconds(official, official_ema, opt, args, cfg, device, bf16, B,
+                                            "official"), flops))
         ours, theirs = rows
         print(f"ours / official: {ours['img_per_s'] / theirs['img_per_s']:.2f}x images/s, "
               f"{ours['peak_mem_gib'] / theirs['peak_mem_gib']:.2f}x peak memory", flush=True)
@@ -142,7 +206,7 @@ def bench_dit(args, cfg, device, bf16, B):
     return rows
 
 
-def dit_step_seconds(model, ema_update, opt, args, cfg, device, bf16, B) -> float:
+def dit_step_seconds(model, ema_update, opt, args, cfg, device, bf16, B, name):
     x1 = torch.randn(B, *cfg["latent"], device=device)
     y = torch.randint(0, 1000, (B,), device=device)
 
@@ -154,7 +218,7 @@ def dit_step_seconds(model, ema_update, opt, args, cfg, device, bf16, B) -> floa
         opt.zero_grad(set_to_none=True)
         ema_update(unwrap(model))
 
-    return timed(step, device, args.warmup, args.iters, args.repeats)
+    return timed(step, device, args.warmup, args.iters, args.repeats, profile_path(args, name, B))
 
 
 def official_lightningdit(path: str, cfg: dict):
@@ -206,7 +270,7 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
-    if use_compile(args.compile, device):
+    if args.compile == "regional" or use_compile(args.compile, device):  # networks = regions
         for net in (model.encoder, model.decoder, disc):
             net.compile()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.9), fused=not args.no_fused)
@@ -235,7 +299,8 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
     flops = counter.get_total_flops() / B
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(step, device, args.warmup, args.iters, args.repeats)
+    seconds = timed(step, device, args.warmup, args.iters, args.repeats,
+                    profile_path(args, f"tokenizer stage{stage}", B))
     return report(f"tokenizer stage {stage} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)
 
 
@@ -249,7 +314,7 @@ def bench_sampling(args, cfg, device, bf16, B):
     model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
                           **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
-    net = torch.compile(model) if use_compile(args.compile, device) else model
+    net = compiled(model, args, device)
     if args.cfg_two_pass:  # CFG as two separate forwards of B rows (what batching saves)
         net = TwoPass(net)
     noise = torch.randn(B, *cfg["latent"], device=device)
@@ -265,8 +330,8 @@ def bench_sampling(args, cfg, device, bf16, B):
         sample.decode_to_uint8(tok, z, stats)
 
     z = run(30)
-    t30 = timed(lambda: run(30), device, 1, 1, args.repeats)
-    t_decode = timed(decode, device, 1, 1, args.repeats)
+    t30, _ = timed(lambda: run(30), device, 1, 1, args.repeats, profile_path(args, "sample30", B))
+    t_decode, _ = timed(decode, device, 1, 1, args.repeats)
     per_step = t30 / 29
     flops = 2 * model_flops.forward_flops_per_image(model)  # per step and image: conditional + unconditional rows
     rows = []
@@ -334,16 +399,29 @@ def bench_t2i(args, cfg, device, bf16, B):
     backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are not timed (as for
     the LightningDiT, whose latents are precomputed): their outputs are random tensors of the right shape."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
+    model, flops, train = t2i_training_step(args, cfg, device, bf16)
+    x1 = torch.randn(B, C, H, W, device=device)
+    mask = torch.arange(L, device=device).expand(B, L) < L // 2
+    text = (torch.randn(B, L, text_dim, device=device), mask)
+    seconds = timed(lambda: train(x1, text), device, args.warmup, args.iters, args.repeats,
+                    profile_path(args, "t2i", B))
+    params = sum(p.numel() for p in model.parameters())
+    return [report(f"t2i {cfg['t2i']} train", args, device, B, seconds, flops,
+                   gflops_per_image=flops / 1e9, params=params)]
+
+
+def t2i_training_step(args, cfg, device, bf16):
+    """The text-to-image model, its training FLOPs per image and train(x1, text): one step of
+    train_t2i.py on latents x1 and text = (states, mask)."""
+    (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
     model.to(device)
     flops = 3 * model_flops.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
-    train_model = torch.compile(model) if use_compile(args.compile, device) else model
-    x1 = torch.randn(B, C, H, W, device=device)
-    text = (torch.randn(B, L, text_dim, device=device), torch.arange(L, device=device).expand(B, L) < L // 2)
+    train_model = compiled(model, args, device)
 
-    def step():
+    def train(x1, text):
         with autocast(device, bf16), attention_backend(args.attention):
             loss, _ = dit.flow_matching_loss(train_model, x1, text)
         loss.backward()
@@ -352,15 +430,89 @@ def bench_t2i(args, cfg, device, bf16, B):
         opt.zero_grad(set_to_none=True)
         ema.update(model)
 
-    params = sum(p.numel() for p in model.parameters())
-    return [report(f"t2i {cfg['t2i']} train", args, device, B, timed(step, device, args.warmup, args.iters,
-                   args.repeats), flops, gflops_per_image=flops / 1e9, params=params)]
+    return model, flops, train
+
+
+def bench_t2i_e2e(args, cfg, device, bf16, B):
+    """train_t2i.py's step end to end: the frozen tokenizer encodes uint8 images, the frozen text
+    encoder (T5-XXL's encoder on CUDA, random weights built from its config: no download) encodes
+    token ids (the tokenising of captions, on the CPU, is left out), then the step of bench_t2i.
+    Also the two encoders alone: their share of the step. MFU counts the trained model's FLOPs."""
+    import transformers
+
+    from data import to_model_range
+    from tokenizer import AlignedTokenizer
+
+    L, (_, H, W) = cfg["t2i_text"][0], cfg["latent"]
+    t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
+                               vocab_size=32128)
+    with torch.device(device):
+        text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
+    text_encoder.eval().requires_grad_(False)
+    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
+    tok.eval().requires_grad_(False)
+    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+    ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+    mask = torch.arange(L, device=device).expand(B, L) < L // 2
+
+    @torch.no_grad()
+    def encode():
+        with autocast(device, bf16):
+            z = tok.encode(to_model_range(images, device))
+            states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
+
+    model, flops, train = t2i_training_step(args, cfg, device, bf16)
+    seconds = timed(lambda: train(*encode()), device, args.warmup, args.iters, args.repeats,
+                    profile_path(args, "t2i_e2e", B))
+    encoders, _ = timed(encode, device, args.warmup, args.iters, args.repeats)  # after: warm
+    print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, {encoders / seconds[0]:.0%} "
+          "of the step", flush=True)
+    return [report(f"t2i {cfg['t2i']} train_t2i step", args, device, B, seconds, flops,
+                   encoders_ms=1000 * encoders, encoders_share=encoders / seconds[0])]
+
+
+def largest_batch(fits, start: int) -> int:
+    """The largest batch b with fits(b) (assumed monotone), doubling from `start`, then bisecting to
+    1/16 of it; 0 if not even 1 fits."""
+    lo, hi = 0, start
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_batch(part, args, cfg, device, bf16):
+    """--max_batch: the largest batch of `part` whose two steps (warm-up, timed) fit on the GPU."""
+    if device.type != "cuda":
+        print(f"{part}: --max_batch needs CUDA (where memory runs out); skipped", flush=True)
+        return []
+    probe = argparse.Namespace(**{**vars(args), "warmup": 1, "iters": 1, "repeats": 1,
+                                  "profile": None})
+
+    def fits(batch):
+        try:
+            PARTS[part](probe, cfg, device, bf16, batch)
+            return True
+        except torch.OutOfMemoryError:
+            print(f"{part}: batch {batch} does not fit in memory", flush=True)
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    batch = largest_batch(fits, cfg[BATCH[part]])
+    print(f"{part}: largest batch that fits: {batch}", flush=True)
+    return [{"part": part, "max_batch": batch, "memory_gib": args.memory_gib,
+             "device": torch.cuda.get_device_name(device)}]
 
 
 PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid,
-         "t2i": bench_t2i}
+         "t2i": bench_t2i, "t2i_e2e": bench_t2i_e2e}
 BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch", "fid": "fid_batch",
-         "t2i": "t2i_batch"}
+         "t2i": "t2i_batch", "t2i_e2e": "t2i_batch"}
 
 
 def parse_args(argv=None):
@@ -370,7 +522,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=at_least(1), nargs="+", help="batch(es) to measure (several: a sweep; "
                    "default: each part's own, fitting an 80 GB GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
-    add_compile_arg(p)
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off", "regional"),
+                   help="torch.compile the whole model (on; auto: on CUDA), each of its blocks "
+                   "(regional: compiles one block, a faster first step; the tokenizer: its "
+                   "networks), or nothing")
     p.add_argument("--vs_official", metavar="PATH", help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
@@ -382,6 +537,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=at_least(1), default=5, help="steps per timed repeat")
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also profile two steps of each part: operator tables, Chrome traces")
+    p.add_argument("--max_batch", action="store_true",
+                   help="find the largest batch that fits (CUDA only)")
+    p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")
     return p.parse_args(argv)
 
 
@@ -393,10 +553,17 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.benchmark = True
+        if args.memory_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            fraction = min(1.0, args.memory_gib * 2 ** 30 / total)
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
     switches = {k: v for k, v in vars(args).items() if k not in ("part", "json")}
     print(f"device {device}, {'bf16' if bf16 else 'fp32'}; switches {switches}")
     rows = []
     for part in args.part or PARTS:
+        if args.max_batch:
+            rows += max_batch(part, args, cfg, device, bf16)
+            continue
         for batch in args.batch_size or [cfg[BATCH[part]]]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

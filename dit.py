@@ -102,11 +102,12 @@ class LightningDiT(nn.Module):
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
+        rope = self.feat_rope.tables(compute_dtype(x))  # cast once, not in every block
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c, self.feat_rope)
+                x = block(x, c, rope)
         return self.unpatchify(self.final_layer(x, c))
 
     def unpatchify(self, x):  # (B, N, p*p*C), each token laid out (p, q, c) -> (B, C, H, W)
@@ -130,11 +131,10 @@ class LightningDiTBlock(nn.Module):
         self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, rope):  # x: (B, N, D), c: (B, D)
+    def forward(self, x, c, rope):  # x: (B, N, D), c: (B, D), rope: the (cos, sin) tables
         mods = self.modulation(c)
-        q, k, v = self.attention_input(x, mods)  # (B, heads, N, head_dim) each
-        attn = F.scaled_dot_product_attention(rope(q), rope(k), v)  # (B, heads, N, head_dim)
-        return self.residuals(x, attn.transpose(1, 2).flatten(2), mods)
+        qk, v = self.attention_input(x, mods)  # (B, N, 2, heads, head_dim), (B, N, heads, head_dim)
+        return self.residuals(x, attention(qk, v, *rope), mods)
 
     # The three parts of a block, also used by t2i.py's double-stream block (joint attention between).
 
@@ -143,7 +143,7 @@ class LightningDiTBlock(nn.Module):
         return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
 
     def attention_input(self, x, mods):
-        """q, k, v of the normalised, modulated tokens (before RoPE)."""
+        """Attention.heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE)."""
         return self.attn.heads(modulate(self.norm1(x), mods[0], mods[1]))
 
     def residuals(self, x, attn, mods):
@@ -182,10 +182,32 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x):
-        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim); QK-norm comes before RoPE, as in the reference."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        """(B, N, C) -> q and k stacked, qk (B, N, 2, heads, head_dim), and v (B, N, heads,
+        head_dim). QK-norm comes before RoPE, as in the reference."""
+        return split_heads(self.qkv(x), self.num_heads, self.q_norm, self.k_norm)
+
+
+def split_heads(qkv, num_heads: int, q_norm, k_norm):
+    """The qkv matmul's output (B, N, 3 * D) -> qk (B, N, 2, heads, head_dim) and v. Tokens stay
+    first, as the matmul writes them: without QK-norm both are views (no copy), and RoPE then
+    rotates q and k in one pass over qk."""
+    B, N, _ = qkv.shape
+    qkv = qkv.view(B, N, 3, num_heads, -1)
+    qk, v = qkv[:, :, :2], qkv[:, :, 2]
+    if not isinstance(q_norm, nn.Identity):
+        qk = torch.stack([q_norm(qk[:, :, 0]), k_norm(qk[:, :, 1])], dim=2)
+    return qk, v
+
+
+def attention(qk, v, cos, sin, attn_mask=None):
+    """RoPE on q and k, then softmax(q k^T / sqrt(head_dim)) v; qk (B, N, 2, heads, head_dim) and
+    v (B, N, heads, head_dim) -> (B, N, heads * head_dim). SDPA wants (B, heads, N, head_dim): it
+    gets transposed views, which its kernels read as they are, so the heads are never copied into
+    that order, and its output, laid out tokens first, joins its heads without a copy."""
+    q, k = apply_rope(qk, cos, sin).unbind(2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=attn_mask)
+    return out.transpose(1, 2).flatten(2)
 
 
 class SwiGLU(nn.Module):
@@ -211,11 +233,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype) * self.weight.to(dtype)
+    def forward(self, x):  # F.rms_norm: x / sqrt(mean(x^2) + eps), one fused kernel in eager CUDA
+        dtype = compute_dtype(x)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.to(dtype) * self.weight.to(dtype)
+
+
+def compute_dtype(x):
+    """The dtype that matmuls give under autocast (bf16), else x's own."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,8 +332,12 @@ class VisionRoPE(nn.Module):
         self.register_buffer("freqs_cos", cos)
         self.register_buffer("freqs_sin", sin)
 
-    def forward(self, x):  # (B, heads, N, head_dim)
-        return apply_rope(x, self.freqs_cos, self.freqs_sin)
+    def tables(self, dtype):
+        """(cos, sin) in the compute dtype: under autocast q and k stay bf16 (not promoted)."""
+        return self.freqs_cos.to(dtype), self.freqs_sin.to(dtype)
+
+    def forward(self, x):  # (B, N, ..., head_dim)
+        return apply_rope(x, *self.tables(x.dtype))
 
 
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
@@ -320,10 +351,23 @@ def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, dev
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (a, b) of x (..., N, head_dim) by their angles: (a cos - b sin, b cos + a sin).
-    The tables in x's dtype: under autocast q and k stay bf16 instead of being promoted to float32."""
+    """Rotate adjacent pairs (a, b) of x (B, N, ..., head_dim), tokens at dim 1, by their angles:
+    (a cos - b sin, b cos + a sin); cos and sin (N, head_dim) in x's dtype."""
+    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # broadcast over B, heads, ...
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return x * cos.to(x.dtype) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.to(x.dtype)
+    return x * cos.view(shape) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.view(shape)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: torch.compile each block of the model's block lists instead of the
+    whole model. The blocks of one class share one compiled graph (their weights are its inputs),
+    so the first step compiles one block, not the whole model; the embeddings, the final layer and
+    the loss stay eager. In place; returns the model. compile_kwargs go to torch.compile."""
+    for blocks in model.children():
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                block.compile(**compile_kwargs)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

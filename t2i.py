@@ -20,8 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError
-from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, apply_rope, modulate,
-                 rope_tables)
+from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, attention, compute_dtype,
+                 modulate, rope_tables, split_heads)
 
 
 class TextToImageDiT(nn.Module):
@@ -84,10 +84,11 @@ class TextToImageDiT(nn.Module):
         weight = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weight).sum(1) / weight.sum(1).clamp_min(1)  # (B, text_dim): mean state
         c = self.t_embedder(t) + self.text_pool(pooled)  # (B, D)
-        # RoPE tables made on the device (no host copy); text tokens get no rotation.
+        # RoPE tables made on the device (no host copy), cast once; text tokens get no rotation.
         cos, sin = rope_tables(self.hidden_size // self.num_heads, h, w, device=x.device)
-        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]),
-                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]))  # (L + h*w, head_dim)
+        dtype = compute_dtype(img)
+        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]).to(dtype),
+                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]).to(dtype))  # (L + h*w, head_dim)
         # Padding tokens of the caption are never attended to.
         attend = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)[:, None, None, :]
         for block in self.double_blocks:
@@ -109,14 +110,13 @@ class TextToImageDiT(nn.Module):
 MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
-def joint_attention(q, k, v, rope, attend):
-    """Attention over the joined text and image tokens (B, heads, L + N, head_dim), RoPE on q and k."""
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+def joint_attention(qk, v, rope, attend):
+    """dit.attention over the joined text and image tokens, qk (B, L + N, 2, heads, head_dim) and v
+    (B, L + N, heads, head_dim) -> (B, L + N, D)."""
+    if not qk.is_cuda:
+        return attention(qk, v, *rope, attn_mask=attend)
     with sdpa_kernel(MASKED_SDPA_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        return attention(qk, v, *rope, attn_mask=attend)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -132,8 +132,8 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1]
         mods = self.txt.modulation(c), self.img.modulation(c)
         heads = self.txt.attention_input(txt, mods[0]), self.img.attention_input(img, mods[1])
-        q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))  # (B, heads, L + N, head_dim)
-        out = joint_attention(q, k, v, rope, attend).transpose(1, 2).flatten(2)  # (B, L + N, D)
+        qk, v = (torch.cat(parts, dim=1) for parts in zip(*heads))  # tokens L + N at dim 1
+        out = joint_attention(qk, v, rope, attend)  # (B, L + N, D)
         return (self.txt.residuals(txt, out[:, :L], mods[0]),
                 self.img.residuals(img, out[:, L:], mods[1]))
 
@@ -157,13 +157,12 @@ class SingleStreamBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
 
     def forward(self, x, c, rope, attend):  # x: (B, S, D)
-        B, S, D = x.shape
+        D = x.shape[-1]
         shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(3, dim=-1)
-        h = self.linear1(modulate(self.norm(x), shift, scale))
-        qkv, a, b = h.split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
-        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = joint_attention(self.q_norm(q), self.k_norm(k), v, rope, attend)
-        attn = attn.transpose(1, 2).flatten(2)  # (B, S, D)
+        h = modulate(self.norm(x), shift, scale)
+        qkv, a, b = self.linear1(h).split([3 * D, self.mlp_hidden, self.mlp_hidden], -1)
+        qk, v = split_heads(qkv, self.num_heads, self.q_norm, self.k_norm)
+        attn = joint_attention(qk, v, rope, attend)
         return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
 
 

@@ -132,14 +132,18 @@ def test_rope_tables_match_formula():
 def test_rope_is_a_rotation_of_adjacent_pairs():
     head_dim, grid = 8, 3
     rope = VisionRoPE(head_dim, grid)
-    x = torch.randn(2, 3, grid * grid, head_dim, dtype=torch.float64)
+    x = torch.randn(2, grid * grid, 3, head_dim, dtype=torch.float64)  # (B, N, heads, head_dim)
     out = rope(x.float()).double()
     for token in range(grid * grid):
         for i in range(head_dim // 2):
             a = rope_angle(token, 2 * i, head_dim, grid)
             R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
-            expected = x[:, :, token, 2 * i:2 * i + 2] @ R.T
-            torch.testing.assert_close(out[:, :, token, 2 * i:2 * i + 2], expected, atol=1e-5, rtol=1e-5)
+            expected = x[:, token, :, 2 * i:2 * i + 2] @ R.T
+            torch.testing.assert_close(out[:, token, :, 2 * i:2 * i + 2], expected, atol=1e-5,
+                                       rtol=1e-5)
+    # q and k stacked (B, N, 2, heads, head_dim): each rotated by its token's angles
+    torch.testing.assert_close(rope(torch.stack([x, 2 * x], dim=2).float()).double(),
+                               torch.stack([out, 2 * out], dim=2), atol=1e-5, rtol=1e-5)
 
 
 def test_timestep_embedding_uses_raw_t():
@@ -199,7 +203,7 @@ def test_block_matches_manual_computation(qknorm):
     model = randomize_(tiny(use_qknorm=qknorm)).eval()
     blk = model.blocks[0]
     x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
-    out = blk(x, c, model.feat_rope)
+    out = blk(x, c, model.feat_rope.tables(torch.float32))
     ref = manual_block(blk, x.double(), c.double(), grid=4, qknorm=qknorm)
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
 

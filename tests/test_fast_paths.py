@@ -49,6 +49,63 @@ def test_dit_bf16_autocast_matches_fp32():
     assert rel_err(torch.cat([g.flatten() for g in grads16]), torch.cat([g.flatten() for g in grads32])) < 5e-2
 
 
+def plain_attention(qk, v, cos, sin):
+    """RoPE and attention the plain way: heads first (copies), q and k rotated one at a time."""
+    def rope(x):  # (B, heads, N, head_dim)
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return x * cos + torch.stack((-b, a), dim=-1).flatten(-2) * sin
+    q, k, v = (t.permute(0, 2, 1, 3).contiguous() for t in (*qk.unbind(2), v))
+    out = torch.softmax(rope(q) @ rope(k).transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+    return out.transpose(1, 2).flatten(2)
+
+
+def plain_swiglu(m, x):
+    a, b = m.w12(x).chunk(2, dim=-1)  # one matmul, then chunk (the reference's code)
+    return m.w3(torch.nn.functional.silu(a) * b)
+
+
+def plain_rmsnorm(m, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * m.weight
+
+
+def layouts():
+    """(name, the model's module, its plain computation, an input) for each layout of dit.py."""
+    g = torch.Generator().manual_seed(0)
+    swiglu, norm = dit.SwiGLU(32, 48), dit.RMSNorm(32)
+    for m in (swiglu, norm):
+        randomize_(m, scale=0.3, seed=1)
+    cos, sin = dit.rope_tables(8, 4, 4)
+    qkv = torch.randn(2, 16, 3, 4, 8, generator=g)  # (B, N, 3, heads, head_dim)
+
+    def fast_attention(qkv):
+        return dit.attention(qkv[:, :, :2], qkv[:, :, 2], *(t.to(qkv.dtype) for t in (cos, sin)))
+
+    x = torch.randn(2, 16, 32, generator=g)
+    return [("swiglu", swiglu, lambda x: plain_swiglu(swiglu, x), x),
+            ("rmsnorm", norm, lambda x: plain_rmsnorm(norm, x), 3 * x),
+            ("attention", fast_attention,
+             lambda qkv: plain_attention(qkv[:, :, :2], qkv[:, :, 2], cos, sin), qkv)]
+
+
+@pytest.mark.parametrize("i", range(3), ids=["swiglu", "rmsnorm", "attention"])
+def test_layouts_compute_the_plain_computation(i):
+    """Each layout of dit.py (SwiGLU, fused rms_norm, tokens-first
+    attention with RoPE over q and k stacked) in float32 = its plain computation (the reference
+    code's; to float32 round-off), and under bf16 autocast close to it (outputs, input grads)."""
+    name, fast, plain, x = layouts()[i]
+    x32 = x.clone().requires_grad_()
+    ref = plain(x32)
+    ref.pow(2).sum().backward()
+    x16 = x.clone().requires_grad_()
+    with autocast(CPU, True):
+        out16 = fast(x16)
+    out16.float().pow(2).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref, rtol=1e-6, atol=1e-6)
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) < 1e-2, name
+    assert rel_err(x16.grad, x32.grad) < 2e-2, name
+
+
 def test_sdpa_equals_reference_attention():
     model = tiny_dit().eval()
     x, t, y = torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
@@ -78,6 +135,26 @@ def test_torch_compile_matches_eager():
     eager = model(x, t, y)
     compiled = torch.compile(model)(x, t, y)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_regional_compilation_compiles_one_block_for_all():
+    """dit.compile_blocks: each block compiled, one graph shared by the blocks, the eager results.
+    (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++ build here.)"""
+    import torch._dynamo.utils
+
+    model = tiny_dit().train()
+    model.y_embedder.dropout_prob = 0.0
+    loss, grads = dit_loss_and_grads(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dit.compile_blocks(model, backend="aot_eager")
+    assert list(model.state_dict()) == list(tiny_dit().state_dict())  # no _orig_mod prefixes
+    loss_c, grads_c = dit_loss_and_grads(model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two blocks, one graph
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert bench.parse_args(["--compile", "regional"]).compile == "regional"
 
 
 def test_batched_cfg_equals_two_forwards():
@@ -114,7 +191,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
-@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i"])
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i", "t2i_e2e"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", part, "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",
@@ -124,6 +201,33 @@ def test_benchmark_command_runs_on_cpu(part, tmp_path):
     if part == "tokenizer":
         assert [r["part"] for r in rows] == [f"tokenizer stage {s} train" for s in (1, 2, 3)]
         assert all(r["gflops_per_image"] > 0 for r in rows)
+    if part == "t2i_e2e":  # the frozen tokenizer and a (tiny, random) T5 encoder in the step
+        assert rows[0]["encoders_share"] > 0 and rows[0]["encoders_ms"] > 0  # 1 step: noisy
+
+
+def test_benchmark_profile_and_first_step(tmp_path):
+    """--profile DIR: the operator table and the Chrome trace of two steps after the timing."""
+    rows = bench.main(["--part", "dit", "--device", "cpu", "--warmup", "1", "--iters", "1",
+                       "--repeats", "1", "--batch_size", "2", "--profile", str(tmp_path)])
+    assert rows[0]["first_step_s"] > 0
+    table = (tmp_path / "dit_b2.txt").read_text()
+    assert "self_cpu_time_total" in table and "aten::mm" in table
+    assert (tmp_path / "dit_b2.json.gz").stat().st_size > 0
+
+
+def test_largest_batch_doubles_then_bisects(capsys):
+    probes = []
+
+    def fits(b):
+        probes.append(b)
+        return b <= 37
+
+    assert 35 <= bench.largest_batch(fits, 8) <= 37  # to 1/16 of the answer
+    assert probes[:4] == [8, 16, 32, 64] and len(probes) < 10
+    assert bench.largest_batch(lambda b: b <= 5, 8) == 5
+    assert bench.largest_batch(lambda b: False, 8) == 0
+    assert bench.main(["--part", "dit", "--device", "cpu", "--max_batch"]) == []  # CUDA only
+    assert "skipped" in capsys.readouterr().out
 
 
 FAKE_OFFICIAL = """
@@ -154,3 +258,19 @@ def test_benchmark_against_an_official_checkout(tmp_path):
     assert [(r["part"], r["batch"]) for r in rows] == [("dit B/1 train", 2), ("official LightningDiT train", 2),
                                                         ("dit B/1 train", 3), ("official LightningDiT train", 3)]
     assert all(r["speedup_vs_official"] > 0 for r in rows[::2])
+
+
+def test_readme_gpu_script_parses():
+    """Every `step NAME SECONDS ARGS` of the README's GPU script is a valid bench.py command."""
+    import os
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(bench.__file__), "README.md")).read()
+    script = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                  if "TORCHINDUCTOR_CACHE_DIR" in b)
+    steps = [shlex.split(line, comments=True) for line in script.splitlines()
+             if line.startswith("step ")]
+    assert len(steps) >= 8 and all(int(words[2]) > 0 for words in steps)
+    for words in steps:
+        bench.parse_args(words[3:])
