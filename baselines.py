@@ -1,14 +1,17 @@
-"""Baseline tokenizers behind the aligned tokenizer's interface, to run the same diffusion pipeline on
-their latents: the paper's comparisons are against VA-VAE (ImageNet) and the FLUX VAE (text-to-image).
+"""Baseline tokenizers behind the aligned tokenizer's interface, to run the same diffusion pipeline
+on their latents: the paper's comparisons are against VA-VAE (ImageNet) and the FLUX VAE
+(text-to-image).
 
-    DiffusersVAE: any `diffusers.AutoencoderKL` (SD-VAE f8c4, FLUX VAE f8c16, ...), a hub name or a folder
-    VAVAE:        hustvl's VA-VAE f16d32 (the LDM autoencoder architecture), from its checkpoint file
+    DiffusersVAE: any `diffusers.AutoencoderKL` (SD-VAE f8c4, FLUX VAE f8c16, ...), a hub name or
+                  a folder
+    VAVAE:        hustvl's VA-VAE f16d32 (the LDM autoencoder architecture), from its checkpoint
+                  file
 
-Both offer what the pipeline uses of a tokenizer (`load_tokenizer`, at the end, picks the kind once):
-`encode(x) -> z` for images in [-1, 1], `decode(z) -> x`, `latent_shape`, `config` (recorded with the
-latents), `decoding_modules()` (what sampling moves to the GPU). Encoding takes the posterior's mean,
-so that latents are deterministic like the aligned tokenizer's; the diffusion pipeline normalises
-latents per channel itself, so the VAEs' scaling and shift factors are not used.
+Both offer what the pipeline uses of a tokenizer (`load_tokenizer`, at the end, picks the kind
+once): `encode(x) -> z` for images in [-1, 1], `decode(z) -> x`, `latent_shape`, `config` (recorded
+with the latents), `decoding_modules()` (what sampling moves to the GPU). Encoding takes the
+posterior's mean, so that latents are deterministic like the aligned tokenizer's; the diffusion
+pipeline normalises latents per channel itself, so the VAEs' scaling and shift factors are not used.
 """
 
 import json
@@ -30,7 +33,8 @@ class DiffusersVAE(nn.Module):
         self.vae, self.source = vae.eval(), source
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if image_size % factor:
-            raise UserError(f"{source} downsamples by {factor}: --image_size {image_size} is not a multiple of it")
+            raise UserError(f"{source} downsamples by {factor}: --image_size {image_size} is not "
+                            "a multiple of it")
         self.latent_shape = (vae.config.latent_channels, image_size // factor, image_size // factor)
         self.config = {"kind": "diffusers", "source": source, "image_size": image_size,
                        "latent_channels": vae.config.latent_channels}
@@ -47,13 +51,15 @@ class DiffusersVAE(nn.Module):
         return self.decode(z), z
 
     def decoding_modules(self):
-        return [self.vae.decoder, *([self.vae.post_quant_conv] if self.vae.post_quant_conv is not None else [])]
+        post = [self.vae.post_quant_conv] if self.vae.post_quant_conv is not None else []
+        return [self.vae.decoder, *post]
 
 
 def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
-    """An AutoencoderKL from a local folder (config.json + weights, or a pipeline folder with vae/) or a
-    hub name ("stabilityai/sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev", whose VAE is in vae/).
-    Loaded by text.from_pretrained: weights missing from the files are an error, not random."""
+    """An AutoencoderKL from a local folder (config.json + weights, or a pipeline folder with vae/)
+    or a hub name ("stabilityai/sd-vae-ft-ema", "black-forest-labs/FLUX.1-dev", whose VAE is in
+    vae/). Loaded by text.from_pretrained: weights missing from the files are an error, not
+    random."""
     from diffusers import AutoencoderKL
 
     from text import from_pretrained, is_path
@@ -87,8 +93,9 @@ def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
     return DiffusersVAE(vae, source, image_size)
 
 
-# ----------------------------------------------------------------------------------------------------
-# VA-VAE: the LDM autoencoder (encoder, quant_conv, post_quant_conv, decoder), with LDM's parameter names
+# --------------------------------------------------------------------------------------------------
+# VA-VAE: the LDM autoencoder (encoder, quant_conv, post_quant_conv, decoder), with LDM's
+# parameter names
 
 
 class Downsample(nn.Module):
@@ -103,9 +110,11 @@ class Downsample(nn.Module):
 
 
 class LDMEncoder(nn.Module):
-    """LDM's encoder, named as in its checkpoints: image (B, 3, H, W) -> moments (B, 2 z, H/16, W/16)."""
+    """LDM's encoder, named as in its checkpoints: image (B, 3, H, W) -> moments
+    (B, 2 z, H/16, W/16)."""
 
-    def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks: int = 2):
+    def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down, width = nn.ModuleList(), ch
@@ -114,14 +123,17 @@ class LDMEncoder(nn.Module):
             stage.block = nn.ModuleList(ResnetBlock(width if i == 0 else ch * mult, ch * mult)
                                         for i in range(num_res_blocks))
             width = ch * mult
-            last = level == len(ch_mult) - 1  # attention only at the lowest resolution, as VA-VAE's config
-            stage.attn = nn.ModuleList(AttnBlock(width) for _ in range(num_res_blocks if last else 0))
+            last = level == len(ch_mult) - 1
+            # attention only at the lowest resolution, as VA-VAE's config
+            attention_blocks = num_res_blocks if last else 0
+            stage.attn = nn.ModuleList(AttnBlock(width) for _ in range(attention_blocks))
             if not last:
                 stage.downsample = Downsample(width)
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(width, width), AttnBlock(width), \
-            ResnetBlock(width, width)
+        self.mid.block_1 = ResnetBlock(width, width)
+        self.mid.attn_1 = AttnBlock(width)
+        self.mid.block_2 = ResnetBlock(width, width)
         self.norm_out = _group_norm(width)
         self.conv_out = nn.Conv2d(width, 2 * z_channels, 3, padding=1)
 
@@ -137,8 +149,9 @@ class LDMEncoder(nn.Module):
 
 
 class VAVAE(nn.Module):
-    """hustvl's VA-VAE: LDM's autoencoder with a 32-channel latent at 1/16 resolution. The decoder is
-    ours (tokenizer.Decoder: the same layers, other names); `load_vavae` maps the checkpoint onto it."""
+    """hustvl's VA-VAE: LDM's autoencoder with a 32-channel latent at 1/16 resolution. The decoder
+    is ours (tokenizer.Decoder: the same layers, other names); `load_vavae` maps the checkpoint onto
+    it."""
 
     def __init__(self, source: str = "", image_size: int = 256, z_channels: int = 32, ch: int = 128,
                  ch_mult=(1, 1, 2, 2, 4), num_res_blocks: int = 2):
@@ -149,7 +162,8 @@ class VAVAE(nn.Module):
         self.decoder = Decoder(z_channels, ch, ch_mult, num_res_blocks)
         factor = 2 ** (len(ch_mult) - 1)
         self.latent_shape = (z_channels, image_size // factor, image_size // factor)
-        self.config = {"kind": "vavae", "source": source, "image_size": image_size, "latent_channels": z_channels}
+        self.config = {"kind": "vavae", "source": source, "image_size": image_size,
+                       "latent_channels": z_channels}
         self.stage, self.random_encoder = None, False
 
     def encode(self, x):  # the posterior's mean: the first half of the moments
@@ -167,8 +181,9 @@ class VAVAE(nn.Module):
 
 
 def ldm_names(model: VAVAE) -> dict:
-    """{our parameter name: the LDM checkpoint's name}. Attention's fused qkv maps to LDM's q, k and v,
-    which `load_vavae` concatenates; our decoder's flat `up` list maps to LDM's up.{level}.block/attn/upsample."""
+    """{our parameter name: the LDM checkpoint's name}. Attention's fused qkv maps to LDM's q, k and
+    v, which `load_vavae` concatenates; our decoder's flat `up` list maps to LDM's
+    up.{level}.block/attn/upsample."""
     names = {}
     for name in model.state_dict():
         part, rest = name.split(".", 1)
@@ -190,9 +205,11 @@ def _ldm_decoder_name(decoder: Decoder, rest: str) -> str:
 
 
 def _decoder_layout(decoder: Decoder) -> list[str]:
-    """LDM names of our decoder's `up` entries, in order: from the lowest resolution (the last LDM level)."""
+    """LDM names of our decoder's `up` entries, in order: from the lowest resolution (the last LDM
+    level)."""
     layout, block, attn = [], 0, 0
-    level = sum(1 for m in decoder.up if not isinstance(m, (ResnetBlock, AttnBlock)))  # the number of upsamplings
+    # the number of upsamplings
+    level = sum(1 for m in decoder.up if not isinstance(m, (ResnetBlock, AttnBlock)))
     for m in decoder.up:
         if isinstance(m, ResnetBlock):
             layout.append(f"{level}.block.{block}")
@@ -207,8 +224,9 @@ def _decoder_layout(decoder: Decoder) -> list[str]:
 
 
 def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
-    """A VA-VAE from its checkpoint (LDM names, possibly under "state_dict", with training-only entries
-    such as the loss networks beside the autoencoder's), loaded strictly into our modules."""
+    """A VA-VAE from its checkpoint (LDM names, possibly under "state_dict", with training-only
+    entries such as the loss networks beside the autoencoder's), loaded strictly into our
+    modules."""
     state = state.get("state_dict", state)
     model = VAVAE(path, image_size)
     ours = {}
@@ -221,24 +239,25 @@ def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
             ours[name] = state.get(ldm)
     missing = [ldm_names(model)[n] for n, v in ours.items() if v is None]
     if missing:
-        raise UserError(f"{path} is not a VA-VAE f16d32 checkpoint: {len(missing)} of its autoencoder's weights are "
-                        f"missing (e.g. {', '.join(missing[:3])})")
+        raise UserError(f"{path} is not a VA-VAE f16d32 checkpoint: {len(missing)} of its "
+                        f"autoencoder's weights are missing (e.g. {', '.join(missing[:3])})")
     try:
         model.load_state_dict(ours, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit the VA-VAE f16d32 architecture: {str(e)[:300]}") from None
+        raise UserError(f"{path} does not fit the VA-VAE f16d32 architecture: "
+                        f"{str(e)[:300]}") from None
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Any tokenizer, ours or a baseline
 
 
 def load_tokenizer(path: str, image_size: int | None = None):
-    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval: ours
-    (tokenizer.py), or a baseline: a diffusers AutoencoderKL (a folder or a hub name) or a VA-VAE
-    checkpoint, at `image_size` (default 256). All offer encode, decode, latent_shape, config and
-    decoding_modules."""
+    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval:
+    ours (tokenizer.py), or a baseline: a diffusers AutoencoderKL (a folder or a hub name) or a
+    VA-VAE checkpoint, at `image_size` (default 256). All offer encode, decode, latent_shape, config
+    and decoding_modules."""
     if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".pt", ".pth", ".ckpt"))):
         return load_diffusers_vae(path, image_size or 256)
     ckpt = load_checkpoint(path, "tokenizer checkpoint")

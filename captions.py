@@ -1,20 +1,23 @@
-"""Image-caption data for the text-to-image model (the paper's LAION experiment), streamed in batches of
-one aspect-ratio bucket each.
+"""Image-caption data for the text-to-image model (the paper's LAION experiment), streamed in
+batches of one aspect-ratio bucket each.
 
 Sources (`--captions PATH`):
-- a folder in which every image has a caption file of the same name (`x.jpg` + `x.txt`, subfolders too);
-- WebDataset shards as img2dataset writes them for LAION: a folder of `.tar` files (or one file) holding
-  `key.jpg`, `key.txt` and an optional `key.json` per sample, read as a stream, never unpacked.
-An image whose caption is missing or empty, or that cannot be decoded, is skipped and counted; a shard
-cut short is read up to the damage, counted, and left.
+- a folder in which every image has a caption file of the same name (`x.jpg` + `x.txt`,
+  subfolders too);
+- WebDataset shards as img2dataset writes them for LAION: a folder of `.tar` files (or one file)
+  holding `key.jpg`, `key.txt` and an optional `key.json` per sample, read as a stream, never
+  unpacked.
+An image whose caption is missing or empty, or that cannot be decoded, is skipped and counted; a
+shard cut short is read up to the damage, counted, and left.
 
 Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
 ... up to 2:1); each image goes to the bucket nearest its aspect ratio and is resized to cover it
-and centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled every epoch and dealt to ranks, then to
-loader workers; each worker fills one buffer per bucket and yields a batch when one is full. A batch
-says which worker made it and where in that worker's stream it was, so that a checkpoint records each
-worker's position, and a resumed run continues exactly: each worker makes its batches again up to that
-position without yielding them (decoding the images: a truncated one is found only so).
+and centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled
+every epoch and dealt to ranks, then to loader workers; each worker fills one buffer per bucket and
+yields a batch when one is full. A batch says which worker made it and where in that worker's
+stream it was, so that a checkpoint records each worker's position, and a resumed run continues
+exactly: each worker makes its batches again up to that position without yielding them (decoding
+the images: a truncated one is found only so).
 """
 
 import collections
@@ -38,8 +41,8 @@ MAX_PIXELS = 64_000_000  # larger images are skipped: decoding a 12000x12000 PNG
 
 
 def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(H, W) sizes of image_size^2 pixels within 10%, whole multiples of `cell` (a latent cell times the
-    DiT's patch), aspect ratios up to max_ratio, from tall to wide."""
+    """(H, W) sizes of image_size^2 pixels within 10%, whole multiples of `cell` (a latent cell
+    times the DiT's patch), aspect ratios up to max_ratio, from tall to wide."""
     base, sizes = image_size // cell, set()
     for h in range(1, base + 1):
         w = round(base * base / h)
@@ -59,29 +62,32 @@ def parse_size(text: str, sizes) -> tuple[int, int]:
     except ValueError:
         size = ()
     if size not in sizes:
-        raise UserError(f"--size {text} is not one of the buckets: " + ", ".join(f"{h}x{w}" for h, w in sizes))
+        raise UserError(f"--size {text} is not one of the buckets: "
+                        + ", ".join(f"{h}x{w}" for h, w in sizes))
     return size
 
 
 def list_shards(path: str, readers: int = 1) -> list:
-    """The shards of a source: .tar files, or for a caption folder its images, shuffled once and dealt into
-    at least `readers` lists (a folder sorted by subfolder would otherwise give batches of one kind)."""
+    """The shards of a source: .tar files, or for a caption folder its images, shuffled once and
+    dealt into at least `readers` lists (a folder sorted by subfolder would otherwise give batches
+    of one kind)."""
     if os.path.isfile(path):
         if path.endswith(SHARD_SUFFIXES):
             return [path]
         raise UserError(f"--captions {path} is a file but not a WebDataset shard (.tar, .tar.gz): "
                         "expected shards or a folder of images with .txt captions")
     if not os.path.isdir(path):
-        raise UserError(f"caption data {path!r} does not exist: expected WebDataset .tar shards or a folder of images "
-                        "with .txt captions (--captions)")
+        raise UserError(f"caption data {path!r} does not exist: expected WebDataset .tar shards "
+                        "or a folder of images with .txt captions (--captions)")
     tars = sorted(f for suffix in SHARD_SUFFIXES
                   for f in glob.glob(os.path.join(path, "**", "*" + suffix), recursive=True))
     if tars:
         return tars
-    images = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True) for f in names
-                    if is_image_file(f))
+    images = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True)
+                    for f in names if is_image_file(f))
     if not images:
-        raise UserError(f"no .tar shards and no images in {path!r} (images: {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+        raise UserError(f"no .tar shards and no images in {path!r} (images: "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}, "
                         "each with a .txt caption of the same name)")
     images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
     count = min(len(images), max(readers, math.ceil(len(images) / FOLDER_SHARD)))
@@ -89,12 +95,14 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image or a
-    caption is given with None for it. A damaged tar ends its shard with a warning and (key, None, None)."""
+    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image or
+    a caption is given with None for it. A damaged tar ends its shard with a warning and
+    (key, None, None)."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
-            caption = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else None
+            caption = (open(txt, encoding="utf-8", errors="replace").read().strip()
+                       if os.path.isfile(txt) else None)
             yield image, image, caption
         return
     key, parts = None, {}
@@ -109,8 +117,9 @@ def read_shard(shard):
                     parts = {}
                 key = stem
                 parts[ext.lower()] = tar.extractfile(member).read()
-            # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive marker then.
-            # (Not for a compressed shard, larger unpacked: a compressed stream cut short raises.)
+            # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive
+            # marker then. (Not for a compressed shard, larger unpacked: a compressed stream cut
+            # short raises.)
             plain = tar.fileobj.comptype == "tar"
             if plain and os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
@@ -132,14 +141,17 @@ def _sample(key, parts):
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
-    """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch", "index",
-    "skipped"} of this rank's shards, each batch from one bucket (see the module docstring).
-    "skipped" counts the unusable samples of the worker's first epoch: each once, in any epoch."""
+    """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch",
+    "index", "skipped"} of this rank's shards, each batch from one bucket (see the module
+    docstring). "skipped" counts the unusable samples of the worker's first epoch: each once, in any
+    epoch."""
 
-    def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1, seed: int = 0,
-                 num_workers: int = 0):
-        self.rank, self.world, self.seed, self.readers = rank, world, seed, max(1, num_workers) * world
-        self.shards, self.batch_size, self.sizes = list_shards(path, self.readers), batch_size, sizes
+    def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1,
+                 seed: int = 0, num_workers: int = 0):
+        self.rank, self.world, self.seed = rank, world, seed
+        self.readers = max(1, num_workers) * world
+        self.shards = list_shards(path, self.readers)
+        self.batch_size, self.sizes = batch_size, sizes
         readers = f"{world} rank(s) x {max(1, num_workers)} loader worker(s)"
         if len(self.shards) < self.readers:
             raise UserError(f"{path} has {len(self.shards)} shard(s) for {readers}: every reader "
@@ -161,7 +173,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
         first, self.skipped = epoch, 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            mine = [self.shards[i] for i in order[self.rank * workers + worker:: self.world * workers]]
+            reader, readers = self.rank * workers + worker, self.world * workers
+            mine = [self.shards[i] for i in order[reader::readers]]
             buffers, index, counts = {}, 0, collections.Counter()
             for size, pixels, caption in self._samples(mine, counts, warn=epoch == first):
                 buffer = buffers.setdefault(size, [])
@@ -169,13 +182,15 @@ class CaptionStream(torch.utils.data.IterableDataset):
                 if len(buffer) == self.batch_size:
                     del buffers[size]
                     self.skipped = unusable(counts) if epoch == first else self.skipped
-                    if index >= skip:  # the batches before a resume point are made again, not yielded
-                        yield {"images": torch.from_numpy(np.stack([p for p, _ in buffer])).permute(0, 3, 1, 2),
+                    # the batches before a resume point are made again, not yielded
+                    if index >= skip:
+                        images = np.stack([p for p, _ in buffer])  # (B, H, W, 3)
+                        yield {"images": torch.from_numpy(images).permute(0, 3, 1, 2),
                                "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
                                "index": index, "skipped": self.skipped}
                     index += 1
             self.skipped = unusable(counts) if epoch == first else self.skipped
-            if index == 0:  # an endless loop otherwise, and under DDP the other ranks would wait forever
+            if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
                 advice = "no sample is usable" if not counts["usable"] else (
                     "use a smaller --batch_size (a batch takes images of one aspect-ratio "
@@ -219,16 +234,20 @@ def unusable(counts) -> int:
 
 
 class CaptionBatches:
-    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() holds every
-    rank's worker positions, so that `--resume` continues exactly (with the same ranks and --num_workers)."""
+    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() holds
+    every rank's worker positions, so that `--resume` continues exactly (with the same ranks and
+    --num_workers)."""
 
-    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False, seed: int = 0):
-        self.stream, self.num_workers, self.pin_memory, self.seed = stream, num_workers, pin_memory, seed
+    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False,
+                 seed: int = 0):
+        self.stream, self.num_workers = stream, num_workers
+        self.pin_memory, self.seed = pin_memory, seed
         self.position, self.skipped = {}, {}  # worker -> (epoch, batches consumed), skipped count
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
     def state_dict(self):
-        """A collective under DDP (the ranks' positions differ, and rank 0 writes the checkpoint)."""
+        """A collective under DDP (the ranks' positions differ, and rank 0 writes the
+        checkpoint)."""
         mine = {"position": dict(self.position), "next_worker": self.next_worker}
         ranks = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -238,22 +257,29 @@ class CaptionBatches:
 
     def load_state_dict(self, state):
         if (len(state["ranks"]), state["num_workers"]) != (self.stream.world, self.num_workers):
-            warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader worker(s) instead of "
-                          f"{len(state['ranks'])} x {state['num_workers']}: the data stream starts again from the "
-                          "beginning of the latest saved epoch")
+            warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader "
+                          f"worker(s) instead of {len(state['ranks'])} x {state['num_workers']}: "
+                          "the data stream starts again from the beginning of the "
+                          "latest saved epoch")
             epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
-            self.position, self.next_worker = {w: (epoch, 0) for w in range(max(1, self.num_workers))}, 0
+            self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
+            self.next_worker = 0
         else:
             mine = state["ranks"][self.stream.rank]
-            self.position, self.next_worker = {int(w): tuple(p) for w, p in mine["position"].items()}, mine["next_worker"]
+            self.position = {int(w): tuple(p) for w, p in mine["position"].items()}
+            self.next_worker = mine["next_worker"]
 
     def __iter__(self):
         self.stream.start = dict(self.position)
-        # A generator of its own: a loader drawn from the global one would shift the training noise on resume.
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None,
-                                             generator=torch.Generator().manual_seed(self.seed))
-        held = {}  # a resumed loader starts with worker 0, the interrupted one maybe with another: keep the turns
+        # A generator of its own: a loader drawn from the global one would shift the training
+        # noise on resume.
+        workers, generator = self.num_workers, torch.Generator().manual_seed(self.seed)
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers,
+                                             pin_memory=self.pin_memory, generator=generator,
+                                             prefetch_factor=2 if workers else None)
+        # a resumed loader starts with worker 0, the interrupted one maybe with another: keep the
+        # turns
+        held = {}
         for batch in loader:
             held[batch["worker"]] = batch
             while self.next_worker in held:
@@ -264,7 +290,8 @@ class CaptionBatches:
                 yield batch["images"], batch["captions"]
 
     def count_skipped(self, env) -> int:
-        """Samples skipped so far on all ranks (a collective under DDP), counted since the run (re)started."""
+        """Samples skipped so far on all ranks (a collective under DDP), counted since the run
+        (re)started."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
         if env.distributed:
             torch.distributed.all_reduce(total)

@@ -1,9 +1,10 @@
 """The text side of the text-to-image model: a frozen pretrained text encoder, and the CLIP score.
 
-The paper does not name its text encoder. Ours is T5-XXL's encoder (google/t5-v1_1-xxl), the one that
-Imagen, PixArt, Stable Diffusion 3 and FLUX condition on, over at most 128 tokens (`--max_length`).
-Any encoder that `transformers` loads by hub name or from a local folder can replace it
-(`--text_encoder`): T5 and CLIP text models as such, others through AutoModel's last hidden state.
+The paper does not name its text encoder. Ours is T5-XXL's encoder (google/t5-v1_1-xxl), the one
+that Imagen, PixArt, Stable Diffusion 3 and FLUX condition on, over at most 128 tokens
+(`--max_length`). Any encoder that `transformers` loads by hub name or from a local folder can
+replace it (`--text_encoder`): T5 and CLIP text models as such, others through AutoModel's last
+hidden state.
 """
 
 import importlib
@@ -99,7 +100,8 @@ def read_prompts(path: str) -> list[str]:
 
 class TextEncoder:
     """Captions -> (states (B, max_length, D), mask (B, max_length) bool), from a frozen encoder.
-    Captions are padded to max_length, so every batch has the same shape; longer ones are cut there."""
+    Captions are padded to max_length, so every batch has the same shape; longer ones are cut
+    there."""
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int = 128, device="cpu",
                  dtype=torch.float32):
@@ -107,9 +109,10 @@ class TextEncoder:
 
         self.name, self.max_length, self.device = name, max_length, torch.device(device)
         config = from_pretrained(transformers.AutoConfig, name, "text encoder")
-        cls = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
-               "clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel}.get(
-            config.model_type, transformers.AutoModel)
+        encoders = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
+                    "clip": transformers.CLIPTextModel,
+                    "clip_text_model": transformers.CLIPTextModel}
+        cls = encoders.get(config.model_type, transformers.AutoModel)
         self.tokenizer = load_tokenizer(name, "text encoder's tokenizer")
         # Checked before the model loads and before training measures anything. T5's relative
         # positions set no limit, nor does ByT5's tokenizer (1e30): then T5's training length, 512.
@@ -119,46 +122,51 @@ class TextEncoder:
         if max_length > limit:
             raise UserError(f"--max_length {max_length} is more than the {limit} tokens that the "
                             f"text encoder {name} takes")
-        self.model = from_pretrained(cls, name, "text encoder", dtype=dtype).to(self.device).eval().requires_grad_(False)
+        model = from_pretrained(cls, name, "text encoder", dtype=dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = getattr(self.model.config, "d_model", None) or self.model.config.hidden_size
 
     @torch.no_grad()
     def __call__(self, captions: list[str], warn: bool = False):
         if warn:  # sampling: say which prompts are cut
-            long = [c for c, ids in zip(captions, self.tokenizer(captions)["input_ids"]) if len(ids) > self.max_length]
+            lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
+            long = [c for c, n in zip(captions, lengths) if n > self.max_length]
             for caption in dict.fromkeys(long):
                 short = caption if len(caption) <= 80 else caption[:77] + "..."
                 warnings.warn(f"prompt longer than the text encoder's {self.max_length} tokens, "
                               f"cut there: {short!r}")
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt").to(self.device)
-        states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return states, tokens.attention_mask.bool()
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
+                                truncation=True, return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return out.last_hidden_state, tokens.attention_mask.bool()
 
 
 @torch.no_grad()
-def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-patch14", device="cpu",
-               batch_size: int = 64) -> float:
-    """100 * mean over images of max(cos(image embedding, prompt embedding), 0), as torchmetrics' CLIPScore,
-    with a CLIP model from transformers and CLIP's preprocessing (short side resized, centre crop).
-    `images`: uint8 (N, H, W, 3) numpy; prompts: N strings."""
+def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-patch14",
+               device="cpu", batch_size: int = 64) -> float:
+    """100 * mean over images of max(cos(image embedding, prompt embedding), 0), as torchmetrics'
+    CLIPScore, with a CLIP model from transformers and CLIP's preprocessing (short side resized,
+    centre crop). `images`: uint8 (N, H, W, 3) numpy; prompts: N strings."""
     import transformers
 
     model = from_pretrained(transformers.CLIPModel, name, "CLIP model").to(device).eval()
     tokenizer = load_tokenizer(name, "CLIP tokenizer")
     size = model.config.vision_config.image_size
+    max_tokens = model.config.text_config.max_position_embeddings
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     scores = []
     for i in range(0, len(prompts), batch_size):
         x = torch.from_numpy(images[i: i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
         scale = size / min(x.shape[2:])
-        x = F.interpolate(x, size=(round(x.shape[2] * scale), round(x.shape[3] * scale)), mode="bicubic", antialias=True)
+        resized = (round(x.shape[2] * scale), round(x.shape[3] * scale))
+        x = F.interpolate(x, size=resized, mode="bicubic", antialias=True)
         x = center_crop(x, size)
         x = (x.clamp(0, 1) - mean) / std
         text = tokenizer(prompts[i: i + batch_size], padding=True, truncation=True,
-                         max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
+                         max_length=max_tokens, return_tensors="pt").to(device)
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=x)
-        scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).clamp(min=0))
+        cos = F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+        scores.append(100 * cos.clamp(min=0))
     return torch.cat(scores).mean().item()
 
 
@@ -169,9 +177,11 @@ def center_crop(x, size: int):
 
 
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
-    """CLIP score of sample.py's text-to-image .npz, whose arr_1 is each sample's line in the prompt file."""
+    """CLIP score of sample.py's text-to-image .npz, whose arr_1 is each sample's line in the
+    prompt file."""
     if not (samples.endswith(".npz") and os.path.isfile(samples)):
-        raise UserError(f"the CLIP score needs sample.py's .npz (--npz --prompts FILE), not {samples}")
+        raise UserError("the CLIP score needs sample.py's .npz (--npz --prompts FILE), not "
+                        f"{samples}")
     again = "sample it with sample.py --npz --prompts FILE"
     try:
         with np.load(samples) as data:
@@ -197,14 +207,16 @@ def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
 
 
 def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: int = 0) -> str:
-    """A small RANDOMLY initialised T5 encoder with ByT5's byte-level tokenizer (no vocabulary file), saved
-    where `--text_encoder` can load it: what the offline demo and the tests condition on. Random features
-    of different captions still differ, which is all a model needs to learn to follow them."""
+    """A small RANDOMLY initialised T5 encoder with ByT5's byte-level tokenizer (no vocabulary
+    file), saved where `--text_encoder` can load it: what the offline demo and the tests condition
+    on. Random features of different captions still differ, which is all a model needs to learn to
+    follow them."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=layers,
-                                   num_heads=4, is_encoder_decoder=False, use_cache=False)
+    config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim,
+                                   num_layers=layers, num_heads=4, is_encoder_decoder=False,
+                                   use_cache=False)
     with torch.random.fork_rng():  # seeded, and the caller's random state untouched
         torch.manual_seed(seed)
         transformers.T5EncoderModel(config).save_pretrained(folder)
@@ -213,14 +225,16 @@ def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: 
 
 
 def save_random_clip(folder: str, dim: int = 32, image_size: int = 32, seed: int = 0) -> str:
-    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for testing the CLIP score offline."""
+    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for testing the CLIP score
+    offline."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     text = dict(vocab_size=384, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    vision = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=image_size, patch_size=8)
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
+                pad_token_id=0)
+    vision = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=image_size, patch_size=8)
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

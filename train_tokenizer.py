@@ -19,67 +19,93 @@ from tqdm import tqdm
 
 import fid
 from baselines import load_tokenizer
-from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args, at_least,
-                    autocast, check_writable, cleanup_distributed, save_checkpoint, save_json, script_main,
-                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args,
+                    at_least, autocast, check_writable, cleanup_distributed, save_checkpoint,
+                    save_json, script_main, seed_everything, setup_distributed, use_bf16,
+                    use_compile, wrap_ddp)
 from harness import Run
-from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
-from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
-                       hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss)
+from data import (Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range,
+                  to_uint8)
+from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips,
+                       default_config, hinge_d_loss, semantic_reference, set_trainable,
+                       tokenizer_loss)
 
-ARCH_FLAGS = ("encoder", "latent_channels", "adapter_hidden", "image_size", "decoder_ch", "decoder_ch_mult",
-              "decoder_res_blocks")
+ARCH_FLAGS = ("encoder", "latent_channels", "adapter_hidden", "image_size", "decoder_ch",
+              "decoder_ch_mult", "decoder_res_blocks")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), help="which training stage to run")
-    p.add_argument("--eval", action="store_true", help="evaluate a tokenizer (PSNR, SSIM, LPIPS, rFID) instead")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate a tokenizer (PSNR, SSIM, LPIPS, rFID) instead")
     p.add_argument("--run_dir", default="runs/tokenizer", help="stage N writes <run_dir>/stage{N}/")
-    p.add_argument("--data", default=None, help="image folder (class subfolders or flat); default: built-in demo set")
+    p.add_argument("--data", default=None,
+                   help="image folder (class subfolders or flat); default: built-in demo set")
     p.add_argument("--init", default=None, help="stage 2/3: the tokenizer to start from "
                    "(default <run_dir>/stage{N-1}/tokenizer.pt)")
-    p.add_argument("--resume", action="store_true", help="continue this stage from <run_dir>/stage{N}/ckpt.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this stage from <run_dir>/stage{N}/ckpt.pt")
     g = p.add_argument_group("architecture (stage 1; later stages inherit it)")
-    g.add_argument("--encoder", help="dinov2_vit{s,b,l}14[_reg], or tiny (random; tests) (default dinov2_vitl14)")
-    g.add_argument("--latent_channels", type=at_least(1), help="latent width (default 32; the paper also tries 64)")
-    g.add_argument("--adapter_hidden", type=at_least(1), help="adapter MLP hidden width (default: encoder width)")
-    g.add_argument("--image_size", type=at_least(16), help="training resolution, a multiple of 16 (default 256)")
+    g.add_argument("--encoder", help="dinov2_vit{s,b,l}14[_reg], or tiny (random; tests) "
+                   "(default dinov2_vitl14)")
+    g.add_argument("--latent_channels", type=at_least(1),
+                   help="latent width (default 32; the paper also tries 64)")
+    g.add_argument("--adapter_hidden", type=at_least(1),
+                   help="adapter MLP hidden width (default: encoder width)")
+    g.add_argument("--image_size", type=at_least(16),
+                   help="training resolution, a multiple of 16 (default 256)")
     g.add_argument("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
     g.add_argument("--decoder_ch_mult", type=lambda s: tuple(at_least(1)(c) for c in s.split(",")),
                    help="decoder width multipliers (default 1,1,2,2,4)")
-    g.add_argument("--decoder_res_blocks", type=at_least(1), help="residual blocks per level, LDM's convention: the decoder builds this + 1 per level "
-                   "on its way up (default 2, so 3)")
+    g.add_argument("--decoder_res_blocks", type=at_least(1),
+                   help="residual blocks per level, LDM's convention: the decoder builds this + 1 "
+                   "per level on its way up (default 2, so 3)")
     g = p.add_argument_group("pretrained weights")
-    g.add_argument("--encoder_ckpt", help="local DINOv2 .pth (default: torch.hub cache, else download)")
-    g.add_argument("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: torch.hub cache, else download)")
-    g.add_argument("--random_encoder", action="store_true", help="random DINOv2 weights (demo and tests only)")
-    g.add_argument("--random_lpips", action="store_true", help="random LPIPS VGG backbone (demo and tests only)")
-    g = add_optimisation_args(p, steps=50_000, steps_help="training steps of this stage", batch_size=256, lr=1e-4,
-                              betas=(0.5, 0.9), ema_decay=0.999, optimiser="Adam")  # VA-VAE's recipe
+    g.add_argument("--encoder_ckpt",
+                   help="local DINOv2 .pth (default: torch.hub cache, else download)")
+    g.add_argument("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: torch.hub "
+                   "cache, else download)")
+    g.add_argument("--random_encoder", action="store_true",
+                   help="random DINOv2 weights (demo and tests only)")
+    g.add_argument("--random_lpips", action="store_true",
+                   help="random LPIPS VGG backbone (demo and tests only)")
+    g = add_optimisation_args(p, steps=50_000, steps_help="training steps of this stage",
+                              batch_size=256, lr=1e-4, betas=(0.5, 0.9), ema_decay=0.999,
+                              optimiser="Adam")  # VA-VAE's recipe
     weight = at_least(0.0, float)  # loss weights: 0 turns a term off; a negative one maximises it
     g.add_argument("--lpips_weight", type=weight, default=1.0,
                    help="weight of LPIPS next to L1 (0: no LPIPS)")
     g.add_argument("--disc_weight", type=weight, default=0.5,
                    help="scale of the adaptive GAN weight")
-    g.add_argument("--disc_start", type=at_least(0), help="step the GAN starts at (default: 20%% of --steps)")
+    g.add_argument("--disc_start", type=at_least(0),
+                   help="step the GAN starts at (default: 20%% of --steps)")
     g.add_argument("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
     g.add_argument("--sp_weight", type=weight, default=1.0,
                    help="stage 2: weight of L_sp (the paper: 1 on ImageNet, 3 on text-to-image)")
-    g.add_argument("--sp_loss", choices=("mse", "cosine"), default="mse", help="stage 2: form of L_sp")
+    g.add_argument("--sp_loss", choices=("mse", "cosine"), default="mse",
+                   help="stage 2: form of L_sp")
     g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% more compute)")
-    g.add_argument("--channels_last", action="store_true", help="channels-last memory format for the conv nets")
-    g.add_argument("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
-    add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000, grid_every=1000, grids="reconstruction grids")
+                   help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% "
+                   "more compute)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the conv nets")
+    g.add_argument("--demo_images", type=at_least(1), default=512,
+                   help="size of the built-in demo set")
+    add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000, grid_every=1000,
+                     grids="reconstruction grids")
     g = p.add_argument_group("evaluation (--eval)")
-    g.add_argument("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt); also a diffusers "
-                   "AutoencoderKL (folder or hub name) or a VA-VAE checkpoint, at --image_size (default 256)")
+    g.add_argument("--tokenizer", help="tokenizer to evaluate (default "
+                   "<run_dir>/stage3/tokenizer.pt); also a diffusers AutoencoderKL (folder or "
+                   "hub name) or a VA-VAE checkpoint, at --image_size (default 256)")
     g.add_argument("--eval_images", type=at_least(1), help="evaluate on the first N images only")
-    g.add_argument("--eval_batch_size", type=at_least(1), default=32, help="images per forward pass per rank")
-    g.add_argument("--rfid", action="store_true", help="also compute rFID (needs the Inception weights)")
+    g.add_argument("--eval_batch_size", type=at_least(1), default=32,
+                   help="images per forward pass per rank")
+    g.add_argument("--rfid", action="store_true",
+                   help="also compute rFID (needs the Inception weights)")
     g.add_argument("--inception_ckpt", help="local pt_inception-2015-12-05-6726825d.pth for rFID")
-    g.add_argument("--random_inception", action="store_true", help="random Inception for rFID (tests only)")
+    g.add_argument("--random_inception", action="store_true",
+                   help="random Inception for rFID (tests only)")
     g.add_argument("--json", help="write the metrics to this JSON file")
     args = p.parse_args(argv)
     if args.stage is None and not args.eval:
@@ -89,32 +115,39 @@ def parse_args(argv=None):
 
 def build_tokenizer(args, log):
     """Stage 1: a new tokenizer around (pretrained) DINOv2. Stage 2/3: the previous stage's export.
-    Returns (tokenizer, the path it started from or None, whether stage 1 began from a random encoder)."""
+    Returns (tokenizer, the path it started from or None, whether stage 1 began from a random
+    encoder)."""
     arch = {k: getattr(args, k) for k in ARCH_FLAGS}
     if args.stage == 1:
         cfg = default_config(**arch)
-        encoder = build_dinov2(cfg["encoder"], pretrained=not args.random_encoder, ckpt=args.encoder_ckpt)
+        encoder = build_dinov2(cfg["encoder"], pretrained=not args.random_encoder,
+                               ckpt=args.encoder_ckpt)
         random_encoder = args.random_encoder
         init, model = None, AlignedTokenizer(cfg, encoder)
     else:
-        init = os.path.abspath(args.init or os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt"))
+        previous = os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt")
+        init = os.path.abspath(args.init or previous)
         if not os.path.isfile(init):
-            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} does not "
-                            f"exist: run --stage {args.stage - 1} first (same --run_dir) or pass --init PATH")
+            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
+                            f"but {init} does not exist: run --stage {args.stage - 1} first (same "
+                            "--run_dir) or pass --init PATH")
         model = load_tokenizer(init)
         if model.stage != args.stage - 1:
-            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} comes "
-                            f"from stage {model.stage}: pass --init with a stage-{args.stage - 1} tokenizer.pt")
+            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
+                            f"but {init} comes from stage {model.stage}: pass --init with a "
+                            f"stage-{args.stage - 1} tokenizer.pt")
         clash = {k: (v, model.config[k]) for k, v in arch.items()
                  if v is not None and default_config(**{k: v})[k] != model.config[k]}
         if clash:
-            raise UserError(f"the architecture is fixed in stage 1, but these flags differ from {init}: "
-                            + ", ".join(f"--{k} {a} (checkpoint: {b})" for k, (a, b) in clash.items()))
+            flags = ", ".join(f"--{k} {a} (checkpoint: {b})" for k, (a, b) in clash.items())
+            raise UserError("the architecture is fixed in stage 1, but these flags differ from "
+                            f"{init}: " + flags)
         random_encoder = model.random_encoder or args.random_encoder
         log(f"stage {args.stage}: starting from {init}")
     if random_encoder:
-        log(f"WARNING: the {model.config['encoder']} encoder {'grew from' if init else 'has'} RANDOM weights, not "
-            "DINOv2's (--random_encoder): fine for a demo or a test, meaningless for real results.")
+        log(f"WARNING: the {model.config['encoder']} encoder {'grew from' if init else 'has'} "
+            "RANDOM weights, not DINOv2's (--random_encoder): fine for a demo or a test, "
+            "meaningless for real results.")
     return model, init, random_encoder
 
 
@@ -122,42 +155,51 @@ def train(args, env):
     seed_everything(args.seed, env.rank)
     device, bf16 = env.device, use_bf16(args.precision, env.device)
     if args.batch_size % env.world_size:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} ranks")
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
+                        f"{env.world_size} ranks")
     disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
     model, init, random_encoder = build_tokenizer(args, Logger(env).info)
     set_trainable(model, args.stage)
-    ref = semantic_reference(model).to(device) if args.stage == 2 else None  # frozen stage-1 encoder + adapter
-    lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device) if args.lpips_weight else None
+    # frozen stage-1 encoder + adapter
+    ref = semantic_reference(model).to(device) if args.stage == 2 else None
+    lpips = (build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device)
+             if args.lpips_weight else None)
     disc = PatchGAN(args.disc_ch).to(device)
     model.to(device).encoder.grad_checkpointing = args.grad_checkpointing
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], args.lr, tuple(args.betas), fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, args.lr, tuple(args.betas), fused=True)
     opt_d = torch.optim.Adam(disc.parameters(), args.lr, tuple(args.betas), fused=True)
     dataset = build_dataset(args.data, model.config["image_size"], hflip=True, seed=args.seed,
                             demo_images=args.demo_images)
-    batches = Batches(dataset, args.batch_size // env.world_size, env, seed=args.seed, num_workers=args.num_workers)
+    batches = Batches(dataset, args.batch_size // env.world_size, env, seed=args.seed,
+                      num_workers=args.num_workers)
     run_dir = os.path.join(args.run_dir, f"stage{args.stage}")
-    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])  # 8 classes
+    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0]
+                               for i in range(8)])  # 8 classes
     if use_compile(args.compile, device):  # in place: the state-dict names do not change
         for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
             net.compile()
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
     weights = dict(lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
                    sp_weight=args.sp_weight, sp_loss=args.sp_loss)
-    model.train()  # nothing in the tokenizer behaves differently in eval mode; the PatchGAN's BatchNorm does
-    with Run(env, args, run_dir, identity={"kind": "tokenizer", "stage": args.stage, "config": model.config},
-             state={"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches},
+    # nothing in the tokenizer behaves differently in eval mode; the PatchGAN's BatchNorm does
+    model.train()
+    identity = {"kind": "tokenizer", "stage": args.stage, "config": model.config}
+    state = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
+    with Run(env, args, run_dir, identity=identity, state=state,
              meta={"init": init, "random_encoder": random_encoder}, batch_size=args.batch_size,
              skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
              nan_advice="Resume with --resume and a lower --lr, or --precision fp32.") as run:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
+        data_source = args.data or f"the built-in demo set ({len(dataset)} images)"
         run.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters train "
-                 f"({', '.join(TRAINABLE[args.stage])}); latent {model.latent_shape}; GAN from step "
-                 f"{disc_start}; data: {args.data or f'the built-in demo set ({len(dataset)} images)'}")
+                 f"({', '.join(TRAINABLE[args.stage])}); latent {model.latent_shape}; "
+                 f"GAN from step {disc_start}; data: {data_source}")
         start = run.resume() if args.resume else 0
         data = iter(batches)
         for step in range(start, args.steps):
@@ -166,13 +208,14 @@ def train(args, env):
                 x = x.contiguous(memory_format=torch.channels_last)
             gan_on = step >= disc_start
             with autocast(device, bf16):
-                loss, x_hat, parts = tokenizer_loss(ddp_model, x, lpips, disc if gan_on else None, ref,
-                                                    **weights)
+                loss, x_hat, parts = tokenizer_loss(ddp_model, x, lpips, disc if gan_on else None,
+                                                    ref, **weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema.update(model)
-            if gan_on:  # the discriminator learns to tell x from the (detached) reconstruction: hinge loss
+            # the discriminator learns to tell x from the (detached) reconstruction: hinge loss
+            if gan_on:
                 with autocast(device, bf16):
                     parts["d_loss"] = hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
                 opt_d.zero_grad(set_to_none=True)
@@ -189,7 +232,8 @@ def train(args, env):
                 run.save(done)
             if stop:
                 break
-    if env.is_main and not run.stopped:  # the stage's result: the EMA weights, read by the next stage
+    # the stage's result: the EMA weights, read by the next stage
+    if env.is_main and not run.stopped:
         path = os.path.join(run_dir, "tokenizer.pt")
         save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": model.config,
                          "ema": ema.state_dict(), "init": init, "random_encoder": random_encoder,
@@ -211,8 +255,8 @@ def save_recon_grid(model, images, run_dir, step, run, bf16):
 
 @torch.no_grad()
 def evaluate(args, env):
-    """PSNR, SSIM and LPIPS (and rFID with --rfid) of the reconstructions of an image set, measured on
-    the 8-bit images, as reconstructions are saved and as everyone reports them."""
+    """PSNR, SSIM and LPIPS (and rFID with --rfid) of the reconstructions of an image set, measured
+    on the 8-bit images, as reconstructions are saved and as everyone reports them."""
     path = args.tokenizer or os.path.join(args.run_dir, "stage3", "tokenizer.pt")
     if args.json and env.is_main:
         check_writable(args.json, "metrics file")
@@ -222,8 +266,10 @@ def evaluate(args, env):
     if args.eval_images:
         dataset = torch.utils.data.Subset(dataset, range(min(args.eval_images, len(dataset))))
     lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(env.device)
-    inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device) if args.rfid else None
-    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # sums of psnr, ssim, lpips; count
+    inception = (fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
+                 if args.rfid else None)
+    # sums of psnr, ssim, lpips; count
+    totals = torch.zeros(4, device=env.device, dtype=torch.float64)
     features = {"real": [], "recon": []}  # Inception pool features of this rank's images
     for images, _ in tqdm(eval_loader(dataset, args.eval_batch_size, env, args.num_workers),
                           disable=not env.is_main, desc="eval"):
@@ -232,22 +278,29 @@ def evaluate(args, env):
         with autocast(env.device, bf16):
             recon = to_uint8(model(x)[0])
         lp = lpips(recon.float() / 127.5 - 1, x).double()
-        totals += torch.stack([fid.psnr(real, recon).sum(), fid.ssim(real, recon).sum(), lp.sum(), lp.new_tensor(len(x))])
+        totals += torch.stack([fid.psnr(real, recon).sum(), fid.ssim(real, recon).sum(), lp.sum(),
+                               lp.new_tensor(len(x))])
         if inception is not None:
             for name, batch in (("real", real), ("recon", recon)):
-                features[name].append(torch.from_numpy(fid.compute_activations([batch], inception, progress=False)[0]))
+                activations = fid.compute_activations([batch], inception, progress=False)[0]
+                features[name].append(torch.from_numpy(activations))
     if env.distributed:
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
     psnr, ssim, lp = (totals[i].item() / n for i in range(3))
+    baseline = f"{model.config.get('kind')} {model.config.get('source')}"
+    encoder = model.config.get("encoder", baseline)
+    if model.random_encoder:
+        encoder += " (grown from RANDOM weights)"
     metrics = {"tokenizer": path, "images": int(n), "psnr": psnr, "ssim": ssim, "lpips": lp,
-               "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
-               "encoder": model.config.get("encoder", f"{model.config.get('kind')} {model.config.get('source')}")
-               + (" (grown from RANDOM weights)" if model.random_encoder else ""),
+               "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16", "encoder": encoder,
                "skipped_files": count_skipped(dataset, env)}
-    if inception is not None:  # eval_loader gave rank r the images r, r + W, ...: restore the dataset order
-        real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy() for k in ("real", "recon"))
-        metrics["rfid"] = fid.FIDStatistics.from_features(recon).frechet_distance(fid.FIDStatistics.from_features(real))
+    # eval_loader gave rank r the images r, r + W, ...: restore the dataset order
+    if inception is not None:
+        real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy()
+                       for k in ("real", "recon"))
+        recon_stats, real_stats = (fid.FIDStatistics.from_features(f) for f in (recon, real))
+        metrics["rfid"] = recon_stats.frechet_distance(real_stats)
         metrics["inception_weights"] = inception.weights_name
     Logger(env).info(json.dumps(metrics, indent=1))
     if args.json and env.is_main:
@@ -258,7 +311,8 @@ def evaluate(args, env):
 def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
-    result = evaluate(args, env) if args.eval else train(args, env)  # DDP modules live and die inside
+    # DDP modules live and die inside
+    result = evaluate(args, env) if args.eval else train(args, env)
     cleanup_distributed()
     return result
 

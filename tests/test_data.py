@@ -1,4 +1,5 @@
-"""The image pipeline: ADM crop, odd image modes, bad files, demo set, resumable batches, DDP shards."""
+"""The image pipeline: ADM crop, odd image modes, bad files, demo set, resumable batches, DDP
+shards."""
 
 import json
 import os
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from common import DistEnv, UserError
 from conftest import run_torchrun
-from data import Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, count_skipped, to_rgb
+from data import (Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, count_skipped,
+                  to_rgb)
 
 CPU1 = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -32,8 +34,8 @@ def reference_adm_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-@pytest.mark.parametrize("wh,size", [((500, 375), 256), ((1024, 4096), 256), ((97, 61), 64), ((64, 64), 64),
-                                     ((640, 480), 32), ((33, 200), 32)])
+@pytest.mark.parametrize("wh,size", [((500, 375), 256), ((1024, 4096), 256), ((97, 61), 64),
+                                     ((64, 64), 64), ((640, 480), 32), ((33, 200), 32)])
 def test_center_crop_matches_reference(wh, size):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(wh[1], wh[0], 3), dtype=np.uint8))
@@ -58,7 +60,8 @@ def _write_odd_images(folder):
     pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
     pal.save(os.path.join(folder, "palette.png"))
     expected["palette.png"] = (0, 0, 255)
-    Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)).save(os.path.join(folder, "gray16.png"))
+    gray16 = Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16))
+    gray16.save(os.path.join(folder, "gray16.png"))
     expected["gray16.png"] = (255, 255, 255)
     Image.new("1", (40, 30), 1).save(os.path.join(folder, "bilevel.png"))
     expected["bilevel.png"] = (255, 255, 255)
@@ -178,10 +181,11 @@ def test_batches_resume_mid_epoch():
 
 
 def test_batches_resume_on_fewer_ranks_after_a_padded_epoch():
-    """101 images on 2 ranks: the sampler pads the epoch to 102, and a checkpoint after its last batch
-    records 102 samples, more than one rank has; that rank goes on with the next epoch."""
+    """101 images on 2 ranks: the sampler pads the epoch to 102, and a checkpoint after its last
+    batch records 102 samples, more than one rank has; that rank goes on with the next epoch."""
     ds = DemoShapes(101, 8)
-    run = Batches(ds, 17, DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu")), num_workers=0)
+    rank0 = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    run = Batches(ds, 17, rank0, num_workers=0)
     it = iter(run)
     for _ in range(run.steps_per_epoch):
         next(it)
