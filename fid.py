@@ -1,19 +1,20 @@
 """Evaluation: FID, sFID, Inception Score and precision/recall of generated samples (and rFID of
-reconstructions), computed by the protocol of ADM's evaluator (guided-diffusion evaluations/), which the
+reconstructions) by the protocol of ADM's evaluator (guided-diffusion evaluations/), which the
 paper's, LightningDiT's and VA-VAE's ImageNet 256x256 numbers come from.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --prc --json fid.json
-    torchrun --nproc_per_node=8 fid.py /data/imagenet/train --image_size 256 --save_stats train_stats.npz
+    torchrun --nproc_per_node=8 fid.py /data/imagenet/train --image_size 256 --save_stats t.npz
     python fid.py t2i.npz coco_val/ --clip_model openai/clip-vit-large-patch14 --prompts coco.txt
 
 - The network is inception.py's FID Inception-v3 (pytorch-fid's weights, the same 2048-d features),
   always run in true float32; one forward pass gives the pool features (FID, precision/recall), the
   logits (IS) and the spatial features of sFID.
-- A source is a folder of images (ADM's centre crop), an ADM `.npz` (`arr_0`, uint8 NHWC, as sample.py
-  writes), or a statistics `.npz` (`mu`, `sigma`, `mu_s`, `sigma_s`: ADM's keys; `--save_stats` writes them).
-- A reference batch with stored statistics (ADM's holds the whole ImageNet training set's, and 10,000
-  images beside them) is used as ADM's evaluator uses it: FID and sFID against the stored statistics,
-  precision/recall against its images. `--reference_from_images` featurises its images instead.
+- A source is a folder of images (ADM's centre crop), an ADM `.npz` (`arr_0`, uint8 NHWC, as
+  sample.py writes), or a statistics `.npz` (ADM's keys `mu`, `sigma`, `mu_s`, `sigma_s`, as
+  `--save_stats` writes them).
+- A reference batch with stored statistics (ADM's holds the whole ImageNet training set's, and
+  10,000 images beside them) is used as ADM's evaluator uses it: FID and sFID against the stored
+  statistics, precision/recall against its images. `--reference_from_images` featurises its images.
 - The stored statistics were computed by TensorFlow from the same weights; resizing and kernels
   differ (README, "Evaluation protocol").
 """
@@ -38,7 +39,7 @@ from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_
                     cleanup_distributed, save_json, script_main, setup_distributed)
 from data import (ArrayImages, ImageFolder, NpzImages, as_nchw_uint8, count_skipped, eval_loader,
                   first_image_size)
-from frechet import FIDStatistics, Moments, frechet_distance  # noqa: F401 (fid.frechet_distance is public)
+from frechet import FIDStatistics, Moments, frechet_distance  # noqa: F401 (fid.frechet_distance)
 from inception import FID_WEIGHTS_URL, FIDInception, load_inception
 from text import clip_score_npz, read_prompts
 
@@ -61,11 +62,11 @@ def exact_float32(device: torch.device):
 
 
 def load_source(path: str, image_size: int | None = None, log=print, from_images: bool = False):
-    """What a path names: a folder -> `data.ImageFolder`, centre-cropped to `image_size` (default: the
-    first image's short side, right for generated samples; 256 for ImageNet); an .npz with `mu` and
-    `sigma` -> `FIDStatistics`, and if it also has `arr_0` (an ADM reference batch) those images come
-    along in `.images` for precision/recall only, as ADM's evaluator uses them; an .npz with only
-    `arr_0`, or with `from_images` -> `NpzImages`."""
+    """What a path names: a folder -> `data.ImageFolder`, centre-cropped to `image_size` (default:
+    the first image's short side, right for generated samples; 256 for ImageNet); an .npz with `mu`
+    and `sigma` -> `FIDStatistics`, and if it also has `arr_0` (an ADM reference batch) those images
+    come along in `.images` for precision/recall only, as ADM's evaluator uses them; an .npz with
+    only `arr_0`, or with `from_images` -> `NpzImages`."""
     if os.path.isdir(path):
         return ImageFolder(path, image_size or first_image_size(path))
     if not os.path.isfile(path):
@@ -118,37 +119,41 @@ def gather_rows(local: torch.Tensor, dist_env: DistEnv, interleaved: bool) -> to
     return out
 
 
-def rank_batches(images, dist_env: DistEnv, batch_size: int, num_workers: int, image_size=None, skip: int = 0):
-    """(this rank's uint8 batches, less its first `skip` images; whether rank r holds items r, r + W, ...
-    (a Dataset) rather than a contiguous share). `images` as in compute_activations."""
+def rank_batches(images, dist_env: DistEnv, batch_size: int, num_workers: int, image_size=None,
+                 skip: int = 0):
+    """(this rank's uint8 batches, less its first `skip` images; whether rank r holds items r,
+    r + W, ... (a Dataset) rather than a contiguous share). `images` as in compute_activations."""
     if isinstance(images, (str, os.PathLike)):
         images = load_source(os.fspath(images), image_size, from_images=True)
         if isinstance(images, FIDStatistics):
-            raise UserError("this input is a statistics file; features need images (a folder or an ADM .npz)")
+            raise UserError("this input is a statistics file; features need images (a folder or an "
+                            "ADM .npz)")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         images = ArrayImages(images)
     if isinstance(images, NpzImages):  # streamed in contiguous shares, concatenated in rank order
         return images.batches(batch_size, dist_env, skip), False
     if isinstance(images, Dataset):  # decoding files wants worker processes; arrays are only sliced
-        workers = min(num_workers, len(os.sched_getaffinity(0))) if isinstance(images, ImageFolder) else 0
+        workers = min(num_workers, len(os.sched_getaffinity(0)))
+        workers = workers if isinstance(images, ImageFolder) else 0
         return eval_loader(images, batch_size, dist_env, num_workers=workers, skip=skip), True
     return images, False  # already this rank's batches
 
 
 @torch.inference_mode()
-def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = None, batch_size: int = 50,
-                        num_workers: int = 4, image_size: int | None = None, progress: bool = True,
-                        desc: str = "Inception features", spatial: bool = False):
+def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = None,
+                        batch_size: int = 50, num_workers: int = 4, image_size: int | None = None,
+                        progress: bool = True, desc: str = "Inception features",
+                        spatial: bool = False):
     """Pool features (N, 2048) and logits (N, 1008) of a set of images, and with `spatial` sFID's
     spatial features (N, 2023) from the same forward pass: float32 numpy, the same on every rank.
-    `images`: the whole set, split over the ranks here (a path, a Dataset of uint8 (3, H, W) images, or
-    uint8 images in memory), or an iterable of uint8 (B, 3, H, W) batches holding this rank's part (the
-    parts are concatenated in rank order)."""
+    `images`: the whole set, split over the ranks here (a path, a Dataset of uint8 (3, H, W) images,
+    or uint8 images in memory), or an iterable of uint8 (B, 3, H, W) batches holding this rank's
+    part (the parts are concatenated in rank order)."""
     device = next(model.parameters()).device
     dist_env = dist_env or DistEnv(0, 0, 1, device)
     batches, interleaved = rank_batches(images, dist_env, batch_size, num_workers, image_size)
     total = len(batches.dataset) if interleaved else None
-    columns = [[] for _ in range(3 if spatial else 2)]  # pool, logits[, spatial]: a tensor per batch
+    columns = [[] for _ in range(3 if spatial else 2)]  # pool, logits[, spatial]: tensors per batch
     with exact_float32(device), tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
                                      disable=not (progress and dist_env.is_main)) as bar:
         for batch in batches:
@@ -174,8 +179,8 @@ def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = 
 
 def inception_score(logits, split_size: int = 5000) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) from logits (N, 1008), as ADM computes it: softmax over all 1008
-    outputs, consecutive parts of `split_size` images (10 parts for 50K, 2 for 10K; the last part may
-    be shorter), each with its own marginal p(y). Returns (mean, std) over the parts."""
+    outputs, consecutive parts of `split_size` images (10 parts for 50K, 2 for 10K; the last part
+    may be shorter), each with its own marginal p(y). Returns (mean, std) over the parts."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise UserError(f"inception_score needs (N, classes) logits, got {tuple(logits.shape)}")
@@ -249,25 +254,28 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str, batch_size: int = 50,
                        num_workers: int = 4, save_every: int = 50_000) -> FIDStatistics | None:
-    """Pool and spatial statistics of a large set (e.g. the 1.28M ImageNet training images) written to
-    `out`, without holding its features: each rank folds its share into Moments and saves them every
-    `save_every` images to <out>.partial/, from where a killed run resumes (with as many ranks); rank 0
-    then merges the ranks' moments. Returns the statistics on rank 0, None on the others."""
-    part_dir, rank, world = out + ".partial", dist_env.rank, dist_env.world_size
-    part, done = (os.path.join(part_dir, f"rank{r}_of_{world}{end}") for r, end in ((rank, ".npz"), (rank, ".done.npz")))
+    """Pool and spatial statistics of a large set (e.g. the 1.28M ImageNet training images) written
+    to `out`, without holding its features: each rank folds its share into Moments and saves them
+    every `save_every` images to <out>.partial/, from where a killed run resumes (with as many
+    ranks); rank 0 then merges the ranks' moments. Returns the statistics on rank 0, else None."""
+    part_dir, world = out + ".partial", dist_env.world_size
+    name = lambda r, end: os.path.join(part_dir, f"rank{r}_of_{world}{end}")  # noqa: E731
+    part, done = name(dist_env.rank, ".npz"), name(dist_env.rank, ".done.npz")
     device = next(model.parameters()).device
     moments = [Moments(d, device) for d in model.dims]  # pool (2048), spatial (2023)
 
     def load(path, into):
         with np.load(path, allow_pickle=False) as z:
             if int(z["num_images"]) != len(source):
-                raise UserError(f"{part_dir} holds a pass over {int(z['num_images'])} images, not these "
-                                f"{len(source)}: delete that folder")
+                raise UserError(f"{part_dir} holds a pass over {int(z['num_images'])} images, not "
+                                f"these {len(source)}: delete that folder")
             for i, m in enumerate(into):
-                m.merge(int(z[f"count{i}"]), torch.from_numpy(z[f"mean{i}"]), torch.from_numpy(z[f"scatter{i}"]))
+                m.merge(int(z[f"count{i}"]), torch.from_numpy(z[f"mean{i}"]),
+                        torch.from_numpy(z[f"scatter{i}"]))
 
     def save(path):
-        arrays = {f"{k}{i}": np.asarray(v.cpu() if torch.is_tensor(v) else v) for i, m in enumerate(moments)
+        arrays = {f"{k}{i}": np.asarray(v.cpu() if torch.is_tensor(v) else v)
+                  for i, m in enumerate(moments)
                   for k, v in (("count", m.count), ("mean", m.mean), ("scatter", m.scatter))}
         atomic_write(path, lambda f: np.savez(f, num_images=len(source), **arrays))
 
@@ -278,8 +286,9 @@ def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str,
     if not os.path.exists(done):
         batches, _ = rank_batches(source, dist_env, batch_size, num_workers, skip=moments[0].count)
         unsaved = 0
-        with exact_float32(device), tqdm(desc="statistics (this rank)", unit="img", initial=moments[0].count,
-                                         disable=not dist_env.is_main, dynamic_ncols=True) as bar:
+        with exact_float32(device), tqdm(desc="statistics (this rank)", unit="img",
+                                         initial=moments[0].count, disable=not dist_env.is_main,
+                                         dynamic_ncols=True) as bar:
             for batch in batches:
                 batch = batch[0] if isinstance(batch, (list, tuple)) else batch
                 x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
@@ -294,8 +303,8 @@ def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str,
         save(done)
     if not dist_env.is_main:
         return None
-    paths = [os.path.join(part_dir, f"rank{r}_of_{world}.done.npz") for r in range(world)]
-    while not all(map(os.path.exists, paths)):  # ranks may finish minutes apart, past a collective's timeout
+    paths = [name(r, ".done.npz") for r in range(world)]
+    while not all(map(os.path.exists, paths)):  # ranks may finish minutes apart: no collective
         time.sleep(1)
     total = [Moments(d) for d in model.dims]
     for path in paths:
@@ -310,30 +319,33 @@ def _check_statistics(stats: FIDStatistics, what: str, dims, prc: bool, sfid: bo
     """Before any feature is computed: can these statistics give what was asked?"""
     name = stats.path or f"the {what} statistics"
     if prc and stats.features is None and stats.images is None:
-        raise UserError(f"precision/recall (--prc) need the {what}' features, but {name} has only mu/sigma: pass "
-                        "the images, or write the statistics with --prc --save_stats")
+        raise UserError(f"precision/recall (--prc) need the {what}' features, but {name} has "
+                        "only mu/sigma: pass the images, or write the statistics with --prc "
+                        "--save_stats")
     if sfid and stats.mu_s is None:
-        raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass --no_sfid, or "
-                        "statistics written by fid.py --save_stats (or ADM's reference batch)")
+        raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass "
+                        "--no_sfid, or statistics written by fid.py --save_stats (or ADM's "
+                        "reference batch)")
     for key, want, kind in zip(("mu", "mu_s"), dims or (), ("pool", "spatial")):
         got = getattr(stats, key)
         if got is not None and got.size != want:
-            raise UserError(f"{name}: its {key} has {got.size} dimensions but this Inception's {kind} features "
-                            f"have {want}: these statistics were made with another network or layer")
+            raise UserError(f"{name}: its {key} has {got.size} dimensions but this Inception's "
+                            f"{kind} features have {want}: statistics of another network or layer")
 
 
 def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env: DistEnv | None = None,
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
              reference_from_images: bool = False, image_size: int | None = None,
-             inception_ckpt: str | None = None, random_inception: bool = False, save_stats: str | None = None,
-             progress: bool = True, log=None) -> dict:
-    """FID and sFID of `samples` against `reference`, the samples' Inception Score, and precision/recall
-    with `prc`. Each side is a path, uint8 images in memory (numpy NHWC or torch NCHW), a Dataset of uint8
-    (3, H, W) images, an iterable of this rank's uint8 (B, 3, H, W) batches, or FIDStatistics. A reference
-    batch with stored statistics is used as ADM's evaluator uses it (FID/sFID from the statistics,
-    precision/recall from its images) unless `reference_from_images`. Under torchrun pass the run's
-    `dist_env`: extraction is split over the ranks, every rank returns the same dict. `save_stats`:
-    write the reference statistics there when they were computed here (with `prc`, its features too)."""
+             inception_ckpt: str | None = None, random_inception: bool = False,
+             save_stats: str | None = None, progress: bool = True, log=None) -> dict:
+    """FID and sFID of `samples` against `reference`, the samples' Inception Score, and precision/
+    recall with `prc`. Each side is a path, uint8 images in memory (numpy NHWC or torch NCHW), a
+    Dataset of uint8 (3, H, W) images, an iterable of this rank's uint8 (B, 3, H, W) batches, or
+    FIDStatistics. A reference batch with stored statistics is used as ADM's evaluator uses it
+    (FID/sFID from the statistics, precision/recall from its images) unless
+    `reference_from_images`. Under torchrun pass the run's `dist_env`: extraction is split over the
+    ranks, every rank returns the same dict. `save_stats`: write the reference statistics there
+    when they were computed here (with `prc`, its features too)."""
     if dist_env is None:
         dev = next(model.parameters()).device if model is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -343,21 +355,24 @@ def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env:
 
     def prepare(src):
         if isinstance(src, (str, os.PathLike)):
-            return load_source(os.fspath(src), image_size, log=log, from_images=reference_from_images)
+            return load_source(os.fspath(src), image_size, log, from_images=reference_from_images)
         return ArrayImages(src) if isinstance(src, (np.ndarray, torch.Tensor)) else src
 
     samples, reference = prepare(samples), prepare(reference)
-    for what, src in (("samples", samples), ("reference", reference)):  # fail before the expensive part
+    for what, src in (("samples", samples), ("reference", reference)):  # before the expensive part
         if isinstance(src, FIDStatistics):
             _check_statistics(src, what, getattr(model, "dims", None), prc, sfid)
+    stored = isinstance(reference, FIDStatistics)
     hw = [getattr(s, "image_hw", None) or ((s.image_size,) * 2 if isinstance(s, ImageFolder) else None)
-          for s in (samples, reference.images if isinstance(reference, FIDStatistics) else reference)]
+          for s in (samples, reference.images if stored else reference)]
     if None not in hw and hw[0] != hw[1]:
         log(f"warning: samples are {hw[0][0]}x{hw[0][1]} but the reference images {hw[1][0]}x{hw[1][1]}; both are "
             "resized to 299x299, but FID across resolutions is not a like-for-like comparison")
-    stored = isinstance(reference, FIDStatistics)
-    ref_images = (reference.images if prc and reference.features is None else None) if stored else reference
-    extract = dict(dist_env=dist_env, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    # A reference of stored statistics is featurised only for precision/recall, from its images.
+    ref_images = reference if not stored else (
+        reference.images if prc and reference.features is None else None)
+    extract = dict(dist_env=dist_env, batch_size=batch_size, num_workers=num_workers,
+                   progress=progress)
     fake = None if isinstance(samples, FIDStatistics) else compute_activations(
         samples, model, spatial=sfid, desc="sample features", **extract)
     real = None if ref_images is None else compute_activations(
@@ -366,25 +381,28 @@ def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env:
     if dist_env.is_main:
         fake_stats = samples if fake is None else FIDStatistics.from_features(
             fake[0], prc, "samples", fake[2] if sfid else None)
-        if stored:  # FID/sFID from the stored statistics; precision/recall from the images beside them
-            real_stats = reference if real is None else dataclasses.replace(reference, features=real[0])
+        if stored:  # FID/sFID from the stored statistics; precision/recall from the images
+            real_stats = reference if real is None else dataclasses.replace(reference,
+                                                                            features=real[0])
             described = f"the stored statistics of {reference.path or 'the given reference'}"
         else:
-            real_stats = FIDStatistics.from_features(real[0], prc, "reference", real[2] if sfid else None)
+            real_stats = FIDStatistics.from_features(real[0], prc, "reference",
+                                                     real[2] if sfid else None)
             described = f"{real_stats.num_images} reference images featurised here"
             if save_stats:
                 real_stats.save(save_stats)
-                log(f"reference statistics ({real_stats.num_images} images) written to {save_stats}")
-        result = {"fid": fake_stats.frechet_distance(real_stats), "num_samples": fake_stats.num_images,
-                  "reference": described, "num_reference": max(real_stats.num_images, 0) or None}
+                log(f"reference statistics ({real_stats.num_images} images) -> {save_stats}")
+        result = {"fid": fake_stats.frechet_distance(real_stats),
+                  "num_samples": fake_stats.num_images, "reference": described,
+                  "num_reference": max(real_stats.num_images, 0) or None}
         if sfid:
             result["sfid"] = fake_stats.spatial_distance(real_stats)
         if fake is not None:  # ADM: parts of 5000 samples (10 for 50K)
             result["inception_score"], result["inception_score_std"] = inception_score(fake[1])
             result["inception_score_splits"] = math.ceil(len(fake[1]) / 5000)
         if prc:
-            result["precision"], result["recall"] = precision_recall(real_stats.features, fake_stats.features,
-                                                                     device=dist_env.device)
+            result["precision"], result["recall"] = precision_recall(
+                real_stats.features, fake_stats.features, device=dist_env.device)
             result["num_prc_reference"] = len(real_stats.features)
         result["inception_weights"] = model.weights_name
     if dist_env.distributed:  # every rank returns the same (small) dict
@@ -403,13 +421,13 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM .npz or statistics "
                    ".npz each); or one path with --save_stats to only write its statistics")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--save_stats", help="write the reference statistics (mu, sigma, mu_s, sigma_s; + features with "
-                   "--prc) here when they are computed from images")
-    p.add_argument("--save_every", type=at_least(1), default=50_000, help="one path with --save_stats: images per "
-                   "rank between saves of the running sums, from which a killed run resumes")
-    p.add_argument("--reference_from_images", action="store_true", help="featurise a reference batch's images "
-                   "(arr_0) here instead of using its stored mu/sigma (both sides from this network)")
-    p.add_argument("--no_sfid", action="store_true", help="no sFID (for statistics without mu_s/sigma_s)")
+    p.add_argument("--save_stats", help="write the reference statistics (mu, sigma, mu_s, sigma_s; "
+                   "+ features with --prc) here when they are computed from images")
+    p.add_argument("--save_every", type=at_least(1), default=50_000, help="one path with "
+                   "--save_stats: images per rank between saves of the running sums (for a resume)")
+    p.add_argument("--reference_from_images", action="store_true", help="featurise a reference "
+                   "batch's images (arr_0) here, not its stored mu/sigma (both sides: one network)")
+    p.add_argument("--no_sfid", action="store_true", help="no sFID (for a reference without mu_s)")
     p.add_argument("--prc", action="store_true", help="also precision and recall (k=3; costs N^2 distances)")
     p.add_argument("--batch_size", type=at_least(1), default=50, help="images per forward pass per rank")
     p.add_argument("--num_workers", type=at_least(0), default=4, help="image decoding workers for folders")
@@ -435,15 +453,16 @@ def check_inputs(args):
     """Before any work: every input can be read, and no output would overwrite an input."""
     for path in args.paths:
         if not os.path.exists(path):
-            raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz (arr_0) or a "
-                            "statistics .npz (mu, sigma)")
+            raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz "
+                            "(arr_0) or a statistics .npz (mu, sigma)")
     if args.prompts:
         read_prompts(args.prompts)
     inputs = [*args.paths, *filter(None, (args.prompts, args.inception_ckpt))]
     for flag, out in (("--json", args.json), ("--save_stats", args.save_stats)):
         same = [p for p in inputs if out and os.path.realpath(out) == os.path.realpath(p)]
         if same:
-            raise UserError(f"{flag} {out} is the input {same[0]}, which it would overwrite: write elsewhere")
+            raise UserError(f"{flag} {out} is the input {same[0]}, which it would overwrite: "
+                            "write elsewhere")
 
 
 def main(argv=None):
@@ -465,11 +484,13 @@ def main(argv=None):
             raise UserError(f"{args.paths[0]} is already a statistics file")
         if args.prc:  # the features are kept, so one pass in memory
             pool, _, spatial = compute_activations(source, model, dist_env, spatial=True, **extract)
-            stats = FIDStatistics.from_features(pool, True, args.paths[0], spatial) if dist_env.is_main else None
-            if stats:
+            stats = None
+            if dist_env.is_main:
+                stats = FIDStatistics.from_features(pool, True, args.paths[0], spatial)
                 stats.save(args.save_stats)
         else:
-            stats = dataset_statistics(source, model, dist_env, args.save_stats, save_every=args.save_every, **extract)
+            stats = dataset_statistics(source, model, dist_env, args.save_stats,
+                                       save_every=args.save_every, **extract)
         result = None
         if dist_env.is_main:
             result = {"images": args.paths[0], "num_images": stats.num_images, "statistics": args.save_stats,
@@ -497,7 +518,8 @@ def result_line(r: dict) -> str:
     if "inception_score" in r:
         line += f"  IS {r['inception_score']:.3f} +- {r['inception_score_std']:.3f}"
     if "precision" in r:
-        line += f"  precision {r['precision']:.4f}  recall {r['recall']:.4f} (vs {r['num_prc_reference']} images)"
+        line += (f"  precision {r['precision']:.4f}  recall {r['recall']:.4f} "
+                 f"(vs {r['num_prc_reference']} images)")
     return line + f"  ({r['num_samples']} samples vs {r['reference']})"
 
 

@@ -157,15 +157,16 @@ class InceptionE(nn.Module):
 class FIDInception(nn.Module):
     """Inception-v3 as used for FID: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) and logits
     (B, 1008), and with spatial=True also sFID's spatial features (B, 2023). The logits are
-    `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always been computed (original IS
-    code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly.
+    `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always been computed
+    (original IS code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly.
 
-    sFID (Nash et al. 2021, as ADM's evaluator computes it) takes the TF graph's tensor `mixed_6/conv`:
-    the TF blocks are named mixed, mixed_1, mixed_2 (5b-5d), mixed_3 (6a), mixed_4..mixed_7 (6b-6e), so
-    it is Mixed_6d's 1x1 branch after its BatchNorm and ReLU, (B, 192, 17, 17); ADM keeps channels 0..6
-    and flattens each image of the NHWC tensor, so the (h, w, c) order of its stored mu_s/sigma_s."""
+    sFID (Nash et al. 2021, as ADM's evaluator computes it) takes the TF graph's tensor
+    `mixed_6/conv`: the TF blocks are named mixed, mixed_1, mixed_2 (5b-5d), mixed_3 (6a),
+    mixed_4..mixed_7 (6b-6e), so it is Mixed_6d's 1x1 branch after its BatchNorm and ReLU,
+    (B, 192, 17, 17). ADM keeps channels 0..6 and flattens each image of the NHWC tensor: the
+    (h, w, c) order of its stored mu_s/sigma_s."""
 
-    dims = (FEATURE_DIM, SPATIAL_DIM)  # (pool, spatial) feature sizes: statistics files are checked against them
+    dims = (FEATURE_DIM, SPATIAL_DIM)  # (pool, spatial) sizes; statistics are checked against them
 
     def __init__(self):
         super().__init__()
@@ -203,8 +204,9 @@ class FIDInception(nn.Module):
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)                            # (B, 768, 17, 17)
         x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))  # (B, 768, 17, 17)
-        # Mixed_6d's output starts with its 1x1 branch (torch.cat in InceptionC), TF's mixed_6/conv.
-        feats_s = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1) if spatial else None  # (B, 2023)
+        # Mixed_6d's output starts with its 1x1 branch (torch.cat in InceptionC), TF's mixed_6/conv;
+        # sFID keeps its first 7 channels, flattened per image in TF's NHWC order: (B, 2023).
+        feats_s = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1) if spatial else None
         x = self.Mixed_6e(x)                            # (B, 768, 17, 17)
         x = self.Mixed_7a(x)                            # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))             # (B, 2048, 8, 8)
