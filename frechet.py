@@ -1,6 +1,6 @@
-"""Gaussian statistics of Inception features and the Frechet distance between them: what FID and sFID
-are (fid.py computes the features). `Moments` accumulates a mean and covariance over any number of
-batches, ranks and resumed runs; `FIDStatistics` holds them and reads and writes ADM's .npz format."""
+"""Gaussian statistics of Inception features and the Frechet distance between them: what FID and
+sFID are (fid.py computes the features). `Moments` accumulates a mean and covariance over any number
+of batches, ranks and resumed runs; `FIDStatistics` holds them and reads and writes ADM's .npz."""
 
 import contextlib
 import dataclasses
@@ -14,10 +14,10 @@ from common import UserError, atomic_write
 
 
 class Moments:
-    """Count, mean and scatter matrix S = sum (x - mean)(x - mean)^T of a stream of feature rows, float64,
-    merged a batch at a time by Chan et al.'s pairwise update: as exact as two passes over the data
-    (float32 sums of raw outer products would lose the digits FID needs), without holding the data,
-    and mergeable across ranks and across a resumed run."""
+    """Count, mean and scatter matrix S = sum (x - mean)(x - mean)^T of a stream of feature rows in
+    float64, merged a batch at a time by Chan et al.'s pairwise update: as exact as two passes over
+    the data (float32 sums of raw outer products would lose the digits FID needs), without holding
+    the data, and mergeable across ranks and across a resumed run."""
 
     def __init__(self, dim: int, device="cpu"):
         self.count = 0
@@ -41,10 +41,11 @@ class Moments:
 
 @dataclasses.dataclass
 class FIDStatistics:
-    """The Gaussian fits to a set's Inception features, float64: pool-feature mean (2048,) and covariance
-    (2048, 2048) for FID; `mu_s`, `sigma_s` of the spatial features (2023,), (2023, 2023) for sFID, when
-    known. `features` (N, 2048) only when precision/recall need the points; `images`: an ADM reference
-    batch's own images, which precision/recall use instead; `path`: the file it came from, if any."""
+    """The Gaussian fits to a set's Inception features, float64: pool-feature mean (2048,) and
+    covariance (2048, 2048) for FID; `mu_s`, `sigma_s` of the spatial features (2023,),
+    (2023, 2023) for sFID, when known. `features` (N, 2048) only when precision/recall need the
+    points; `images`: an ADM reference batch's own images, which precision/recall use instead;
+    `path`: the file it came from, if any."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -57,34 +58,41 @@ class FIDStatistics:
 
     @classmethod
     def from_moments(cls, pool: Moments, spatial: Moments | None = None, features=None):
-        fit = [(m.mean.cpu().numpy(), (m.scatter / (m.count - 1)).cpu().numpy()) for m in (pool, spatial) if m]
+        fit = [(m.mean.cpu().numpy(), (m.scatter / (m.count - 1)).cpu().numpy())
+               for m in (pool, spatial) if m]
         return cls(*fit[0], pool.count, features, *(fit[1] if spatial else (None, None)))
 
     @classmethod
-    def from_features(cls, features, keep_features: bool = False, name: str = "features", spatial=None):
-        """Mean and covariance (unbiased, as np.cov) of pool `features` (N, 2048), and of `spatial` (N, 2023)."""
+    def from_features(cls, features, keep_features: bool = False, name: str = "features",
+                      spatial=None):
+        """Mean and covariance (unbiased, as np.cov) of pool `features` (N, 2048), and of
+        `spatial` (N, 2023) if given."""
         moments = []
         for feats in (features, spatial) if spatial is not None else (features,):
             feats = np.asarray(feats, dtype=np.float32)
             n, d = feats.shape
             if n < 2:
-                raise UserError(f"{name}: {n} image(s); a covariance needs at least 2 (FID is normally computed "
-                                "on 50,000 samples, rFID on the 50,000 ImageNet validation images)")
+                raise UserError(f"{name}: {n} image(s); a covariance needs at least 2 (FID is "
+                                "normally computed on 50,000 samples, rFID on the 50,000 ImageNet "
+                                "validation images)")
             if not np.isfinite(feats).all():
-                raise UserError(f"{name}: the Inception features contain NaN/inf; the weights file is probably "
-                                "corrupt (re-download it) or the network ran in reduced precision")
+                raise UserError(f"{name}: the Inception features contain NaN/inf; the weights file "
+                                "is probably corrupt (re-download it) or the network ran in reduced "
+                                "precision")
             if n < d:
-                warnings.warn(f"{name}: {n} images < {d} feature dimensions, so the covariance is rank-deficient: "
-                              "FID is then strongly biased upwards and not comparable to published numbers (use "
-                              "50,000 samples; at least 10,000)", stacklevel=2)
+                warnings.warn(f"{name}: {n} images < {d} feature dimensions, so the covariance is "
+                              "rank-deficient: FID is then strongly biased upwards and not "
+                              "comparable to published numbers (use 50,000 samples; at least "
+                              "10,000)", stacklevel=2)
             moments.append(Moments(d))
             for i in range(0, n, 4096):
                 moments[-1].add(torch.from_numpy(feats[i: i + 4096]))
-        return cls.from_moments(*moments, features=np.asarray(features, np.float32) if keep_features else None)
+        kept = np.asarray(features, np.float32) if keep_features else None
+        return cls.from_moments(*moments, features=kept)
 
     def save(self, path: str):
-        """ADM's keys `mu`, `sigma` (+ `mu_s`, `sigma_s`), `num_images` (and `features` if kept), atomically;
-        also a pytorch-fid statistics file."""
+        """ADM's keys `mu`, `sigma` (+ `mu_s`, `sigma_s`), `num_images` (and `features` if kept),
+        atomically; also a pytorch-fid statistics file."""
         arrays = {"mu": self.mu, "sigma": self.sigma, "num_images": np.int64(self.num_images)}
         if self.mu_s is not None:
             arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
@@ -97,20 +105,23 @@ class FIDStatistics:
         got = {}
         for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
             if (m in npz.files) != (s in npz.files):
-                raise UserError(f"{path} has {m if m in npz.files else s} without {s if m in npz.files else m}")
+                has, lacks = (m, s) if m in npz.files else (s, m)
+                raise UserError(f"{path} has {has} without {lacks}")
             if m in npz.files:
                 mu, sigma = np.asarray(npz[m], np.float64), np.asarray(npz[s], np.float64)
                 if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-                    raise UserError(f"{path}: {m} {mu.shape} and {s} {sigma.shape} do not fit together; "
-                                    f"expected (D,) and (D, D)")
+                    raise UserError(f"{path}: {m} {mu.shape} and {s} {sigma.shape} do not fit "
+                                    "together; expected (D,) and (D, D)")
                 if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-                    raise UserError(f"{path}: {m}/{s} contain NaN/inf; recompute them with fid.py --save_stats")
+                    raise UserError(f"{path}: {m}/{s} contain NaN/inf; recompute them with "
+                                    "fid.py --save_stats")
                 got[m], got[s] = mu, sigma
         features = npz["features"] if "features" in npz.files else None
         if features is not None and (features.ndim != 2 or features.shape[1] != got["mu"].size):
-            raise UserError(f"{path}: 'features' has shape {features.shape}, expected (N, {got['mu'].size})")
+            raise UserError(f"{path}: 'features' has shape {features.shape}, expected "
+                            f"(N, {got['mu'].size})")
         num_images = int(npz["num_images"]) if "num_images" in npz.files else (
-            len(features) if features is not None else -1)  # -1: unknown (ADM's and pytorch-fid's files)
+            len(features) if features is not None else -1)  # -1: unknown (ADM's, pytorch-fid's)
         return cls(num_images=num_images, features=features, path=path, **got)
 
     def frechet_distance(self, other: "FIDStatistics") -> float:
