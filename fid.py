@@ -1,27 +1,32 @@
-"""Evaluation: FID, Inception Score and precision/recall of generated samples, and rFID of
-reconstructions, computed as the ImageNet 256x256 numbers we compare against were computed.
+"""Evaluation: FID, sFID, Inception Score and precision/recall of generated samples (and rFID of
+reconstructions) by the protocol of ADM's evaluator (guided-diffusion evaluations/), which the
+paper's, LightningDiT's and VA-VAE's ImageNet 256x256 numbers come from.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --prc --json fid.json
-    torchrun --nproc_per_node=8 fid.py samples.npz ref_stats.npz       # features split over the ranks
-    python fid.py t2i.npz coco_val/ --clip_model openai/clip-vit-large-patch14 --prompts coco.txt  # + CLIP score
+    torchrun --nproc_per_node=8 fid.py /data/imagenet/train --image_size 256 --save_stats t.npz
+    python fid.py t2i.npz coco_val/ --clip_model openai/clip-vit-large-patch14 --prompts coco.txt
 
 - The network is inception.py's FID Inception-v3 (pytorch-fid's weights, the same 2048-d features),
-  always run in true float32 (no bf16, no TF32).
-- A source is a folder of images, an ADM `.npz` (`arr_0`, uint8 NHWC, as sample.py writes), or a
-  statistics `.npz` (`mu`, `sigma`) that `--save_stats` writes for reuse.
-- The ADM evaluator runs the same weights in TensorFlow, whose resize and kernels round differently:
-  compare FIDs only when both come from the same tool. The TensorFlow `mu`/`sigma` stored in ADM's
-  reference batch are ignored; its images are run through our network, so that both sides of the
-  distance come from one implementation.
+  always run in true float32; one forward pass gives the pool features (FID, precision/recall), the
+  logits (IS) and the spatial features of sFID.
+- A source is a folder of images (ADM's centre crop), an ADM `.npz` (`arr_0`, uint8 NHWC, as
+  sample.py writes), or a statistics `.npz` (ADM's keys `mu`, `sigma`, `mu_s`, `sigma_s`, as
+  `--save_stats` writes them).
+- A reference batch with stored statistics (ADM's holds the whole ImageNet training set's, and
+  10,000 images beside them) is used as ADM's evaluator uses it: FID and sFID against the stored
+  statistics, precision/recall against its images. `--reference_from_images` featurises its images.
+- The stored statistics were computed by TensorFlow from the same weights; resizing and kernels
+  differ (README, "Evaluation protocol").
 """
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
+import shutil
+import time
 import warnings
-import zipfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,9 +37,11 @@ from tqdm import tqdm
 
 from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_write, check_writable,
                     cleanup_distributed, save_json, script_main, setup_distributed)
-from data import ImageFolder, count_skipped, eval_loader, is_image_file
-from inception import FEATURE_DIM, FID_WEIGHTS_URL, FIDInception, load_inception
-from text import clip_score_npz
+from data import (ArrayImages, ImageFolder, NpzImages, as_nchw_uint8, count_skipped, eval_loader,
+                  first_image_size)
+from frechet import FIDStatistics, Moments, frechet_distance  # noqa: F401 (fid.frechet_distance)
+from inception import FID_WEIGHTS_URL, FIDInception, load_inception
+from text import clip_score_npz, read_prompts
 
 
 @contextlib.contextmanager
@@ -54,127 +61,32 @@ def exact_float32(device: torch.device):
 # Image sources: a folder, an ADM .npz, in-memory uint8 images, or saved statistics
 
 
-def as_nchw_uint8(images) -> torch.Tensor:
-    """A batch as a uint8 (B, 3, H, W) tensor: numpy arrays are NHWC (ADM's .npz layout), torch tensors
-    NCHW (what data.py produces)."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            hint = " It looks like NCHW: ADM's layout is NHWC." if images.ndim == 4 and images.shape[1] == 3 else ""
-            raise UserError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}.{hint}")
-        if not (images.flags.writeable and images.flags.c_contiguous):
-            images = np.array(images)  # memory maps are read-only; torch wants writable memory
-        t = torch.from_numpy(images).permute(0, 3, 1, 2)
-    elif isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise UserError(f"expected a uint8 tensor of shape (B, 3, H, W), got {tuple(images.shape)}")
-        t = images
-    else:
-        raise UserError(f"expected uint8 images as a numpy array or torch tensor, got {type(images).__name__}")
-    if t.dtype != torch.uint8:
-        raise UserError(f"expected uint8 images in 0..255, got {t.dtype}: FID is defined on the quantised images "
-                        "you would save. Convert model outputs in [-1, 1] with data.to_uint8(x).")
-    return t
-
-
-class ArrayImages(Dataset):
-    """In-memory uint8 images as a dataset of (3, H, W) tensors (numpy NHWC or torch NCHW)."""
-
-    def __init__(self, images):
-        self.images = images
-        if len(images) == 0:
-            raise UserError("no images (an empty array)")
-        as_nchw_uint8(images[:1])  # check the layout and dtype now, with a clear message
-
-    @property
-    def image_hw(self):
-        shape = self.images.shape
-        return tuple(shape[1:3]) if isinstance(self.images, np.ndarray) else tuple(shape[2:4])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return as_nchw_uint8(self.images[i: i + 1])[0]
-
-
-class NpzImages:
-    """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous share a
-    batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory, on any rank."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            self.shape, self.dtype = _npy_header(f)
-        if self.dtype.hasobject:
-            raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes of images of "
-                            "different sizes: crop them to one size first, or put them in a folder")
-        if len(self.shape) == 0 or self.shape[0] == 0:
-            raise UserError(f"{path}: 'arr_0' has shape {self.shape}, no images")
-        as_nchw_uint8(np.zeros((1, *self.shape[1:]), dtype=self.dtype))  # layout and dtype, without reading
-        self.image_hw = tuple(self.shape[1:3])
-
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size: int, dist_env: DistEnv):
-        """This rank's images [N r / W, N (r + 1) / W) in batches of (b, H, W, 3)."""
-        n, item = len(self), int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        start, stop = n * dist_env.rank // dist_env.world_size, n * (dist_env.rank + 1) // dist_env.world_size
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            _npy_header(f)
-            f.seek(start * item, os.SEEK_CUR)
-            for i in range(start, stop, batch_size):
-                b = min(batch_size, stop - i)
-                yield np.frombuffer(f.read(b * item), self.dtype).reshape(b, *self.shape[1:])
-
-
-def _npy_header(f):
-    """(shape, dtype) from the header of a .npy stream, which is left at the start of the data."""
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read(f)
-    if fortran_order:
-        raise UserError("arr_0 is stored in Fortran order; save the images with np.savez(path, arr_0=images)")
-    return shape, dtype
-
-
-def _first_image_size(root: str) -> int:
-    """Short side of the first readable image under `root` (sorted walk): a folder's default crop size."""
-    from PIL import Image
-
-    for dirpath, dirnames, names in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filter(is_image_file, names)):
-            try:
-                with Image.open(os.path.join(dirpath, name)) as img:
-                    return min(img.size)
-            except (OSError, ValueError, SyntaxError):
-                continue  # unreadable: ImageFolder warns about it and skips it
-    raise UserError(f"no readable images found in {root!r}")
-
-
-def load_source(path: str, image_size: int | None = None, log=print):
-    """What a path names: a folder -> `data.ImageFolder`, centre-cropped to `image_size` (default: the
-    first image's short side, right for generated samples; 256 for ImageNet); an .npz with `arr_0` ->
-    `NpzImages` (any TensorFlow `mu`/`sigma` beside them are ignored); one with `mu` and `sigma` ->
-    `FIDStatistics`."""
+def load_source(path: str, image_size: int | None = None, log=print, from_images: bool = False):
+    """What a path names: a folder -> `data.ImageFolder`, centre-cropped to `image_size` (default:
+    the first image's short side, right for generated samples; 256 for ImageNet); an .npz with `mu`
+    and `sigma` -> `FIDStatistics`, and if it also has `arr_0` (an ADM reference batch) those images
+    come along in `.images` for precision/recall only, as ADM's evaluator uses them; an .npz with
+    only `arr_0`, or with `from_images` -> `NpzImages`."""
     if os.path.isdir(path):
-        return ImageFolder(path, image_size or _first_image_size(path))
+        return ImageFolder(path, image_size or first_image_size(path))
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz (arr_0) or a "
                         "statistics .npz (mu, sigma)")
     try:
-        npz = np.load(path)
+        npz = np.load(path, allow_pickle=False)
         files = npz.files
     except Exception as e:
         raise UserError(f"could not read {path} as an .npz file ({type(e).__name__}: {e}); expected a folder of "
                         "images, an ADM .npz (arr_0, uint8 NHWC) or a statistics .npz (mu, sigma)") from None
+    with npz:
+        if "mu" in files and "sigma" in files and not (from_images and "arr_0" in files):
+            stats = FIDStatistics.load(path, npz)
+            stats.images = NpzImages(path) if "arr_0" in files else None
+            return stats
     if "arr_0" in files:
         if "mu" in files:
-            log(f"{path}: computing statistics from its images (arr_0); ignoring the TensorFlow mu/sigma in it")
+            log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
         return NpzImages(path)
-    if "mu" in files and "sigma" in files:
-        return FIDStatistics.load(path, npz)
     raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM and sample.py write "
                     "them) or 'mu' and 'sigma' (statistics, as fid.py --save_stats writes them)")
 
@@ -207,189 +119,74 @@ def gather_rows(local: torch.Tensor, dist_env: DistEnv, interleaved: bool) -> to
     return out
 
 
-@torch.inference_mode()
-def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = None, batch_size: int = 50,
-                        num_workers: int = 4, image_size: int | None = None, progress: bool = True,
-                        desc: str = "Inception features"):
-    """Pool features (N, 2048) and logits (N, 1008) of a set of images, float32 numpy, the same on every
-    rank. `images`: the whole set, split over the ranks here (a path, a Dataset of uint8 (3, H, W)
-    images, or uint8 images in memory), or an iterable of uint8 (B, 3, H, W) batches holding this
-    rank's part (the parts are concatenated in rank order)."""
-    device = next(model.parameters()).device
-    dist_env = dist_env or DistEnv(0, 0, 1, device)
+def rank_batches(images, dist_env: DistEnv, batch_size: int, num_workers: int, image_size=None,
+                 skip: int = 0):
+    """(this rank's uint8 batches, less its first `skip` images; whether rank r holds items r,
+    r + W, ... (a Dataset) rather than a contiguous share). `images` as in compute_activations."""
     if isinstance(images, (str, os.PathLike)):
-        images = load_source(os.fspath(images), image_size)
+        images = load_source(os.fspath(images), image_size, from_images=True)
         if isinstance(images, FIDStatistics):
-            raise UserError("this input is a statistics file; features need images (a folder or an ADM .npz)")
+            raise UserError("this input is a statistics file; features need images (a folder or an "
+                            "ADM .npz)")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         images = ArrayImages(images)
     if isinstance(images, NpzImages):  # streamed in contiguous shares, concatenated in rank order
-        images = images.batches(batch_size, dist_env)
-    whole_set = isinstance(images, Dataset)
-    if whole_set:  # decoding files wants worker processes; arrays and memory maps are only sliced
-        workers = min(num_workers, len(os.sched_getaffinity(0))) if isinstance(images, ImageFolder) else 0
-        loader = eval_loader(images, batch_size, dist_env, num_workers=workers)
-    pools, logits = [], []
-    with exact_float32(device), tqdm(total=len(loader.dataset) if whole_set else None, desc=desc, unit="img",
-                                     disable=not (progress and dist_env.is_main), dynamic_ncols=True) as bar:
-        for batch in loader if whole_set else images:
+        return images.batches(batch_size, dist_env, skip), False
+    if isinstance(images, Dataset):  # decoding files wants worker processes; arrays are only sliced
+        workers = min(num_workers, len(os.sched_getaffinity(0)))
+        workers = workers if isinstance(images, ImageFolder) else 0
+        return eval_loader(images, batch_size, dist_env, num_workers=workers, skip=skip), True
+    return images, False  # already this rank's batches
+
+
+@torch.inference_mode()
+def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = None,
+                        batch_size: int = 50, num_workers: int = 4, image_size: int | None = None,
+                        progress: bool = True, desc: str = "Inception features",
+                        spatial: bool = False):
+    """Pool features (N, 2048) and logits (N, 1008) of a set of images, and with `spatial` sFID's
+    spatial features (N, 2023) from the same forward pass: float32 numpy, the same on every rank.
+    `images`: the whole set, split over the ranks here (a path, a Dataset of uint8 (3, H, W) images,
+    or uint8 images in memory), or an iterable of uint8 (B, 3, H, W) batches holding this rank's
+    part (the parts are concatenated in rank order)."""
+    device = next(model.parameters()).device
+    dist_env = dist_env or DistEnv(0, 0, 1, device)
+    batches, interleaved = rank_batches(images, dist_env, batch_size, num_workers, image_size)
+    total = len(batches.dataset) if interleaved else None
+    columns = [[] for _ in range(3 if spatial else 2)]  # pool, logits[, spatial]: tensors per batch
+    with exact_float32(device), tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
+                                     disable=not (progress and dist_env.is_main)) as bar:
+        for batch in batches:
             batch = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels) from ImageFolder
             x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
-            pool, logit = model(x)  # (B, 2048), (B, 1008)
-            pools.append(pool.float().cpu())
-            logits.append(logit.float().cpu())
+            for rows, out in zip(columns, model(x, spatial=True) if spatial else model(x)):
+                rows.append(out.float().cpu())
             bar.update(x.shape[0])
-    pools, logits = [gather_rows(torch.cat(rows) if rows else torch.zeros((0, 0)), dist_env, whole_set)
-                     for rows in (pools, logits)]
-    if pools.shape[0] == 0:
+    columns = [gather_rows(torch.cat(rows) if rows else torch.zeros((0, 0)), dist_env, interleaved)
+               for rows in columns]
+    if columns[0].shape[0] == 0:
         raise UserError("no images to compute features of (an empty folder, array or loader?)")
-    skipped = count_skipped(images, dist_env)
+    skipped = count_skipped(batches.dataset if interleaved else None, dist_env)
     if skipped and dist_env.is_main:
         warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable neighbour (see "
                       "the warnings above); remove or repair them for an exact FID")
-    return pools.numpy(), logits.numpy()
+    return tuple(c.numpy() for c in columns)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Metrics
 
 
-@dataclass
-class FIDStatistics:
-    """The Gaussian FID fits to a set of features: mean (2048,) and covariance (2048, 2048) in float64;
-    `features` (N, 2048) only when precision/recall need the points themselves."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    num_images: int
-    features: np.ndarray | None = None
-
-    @classmethod
-    def from_features(cls, features, keep_features: bool = False, name: str = "features"):
-        features = np.asarray(features, dtype=np.float32)
-        n, d = features.shape
-        if n < 2:
-            raise UserError(f"{name}: {n} image(s); a covariance needs at least 2 (FID is normally computed on "
-                            "50,000 samples, rFID on the 50,000 ImageNet validation images)")
-        if not np.isfinite(features).all():
-            raise UserError(f"{name}: the Inception features contain NaN/inf; the weights file is probably corrupt "
-                            "(re-download it) or the network ran in reduced precision")
-        if n < d:
-            warnings.warn(f"{name}: {n} images < {d} feature dimensions, so the covariance is rank-deficient: FID "
-                          "is then strongly biased upwards and not comparable to published numbers (use 50,000 "
-                          "samples; at least 10,000)", stacklevel=2)
-        # Two passes in float64 over chunks: summing 50K float32 outer products directly would lose the
-        # digits that FID, a difference of traces, needs.
-        mu = features.mean(axis=0, dtype=np.float64)
-        sigma = np.zeros((d, d))
-        for i in range(0, n, 4096):
-            x = features[i: i + 4096].astype(np.float64) - mu
-            sigma += x.T @ x
-        return cls(mu, sigma / (n - 1), n, features if keep_features else None)
-
-    def save(self, path: str):
-        """`mu`, `sigma`, `num_images` (and `features` if kept), atomically; also a pytorch-fid stats file."""
-        arrays = {"mu": self.mu, "sigma": self.sigma, "num_images": np.int64(self.num_images)}
-        if self.features is not None:
-            arrays["features"] = self.features.astype(np.float32)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-
-    @classmethod
-    def load(cls, path: str, npz=None):
-        npz = npz if npz is not None else np.load(path)
-        mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
-        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-            raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; expected "
-                            f"({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise UserError(f"{path}: the statistics contain NaN/inf; recompute them with fid.py --save_stats")
-        features = npz["features"] if "features" in npz.files else None
-        if features is not None and (features.ndim != 2 or features.shape[1] != mu.size):
-            raise UserError(f"{path}: 'features' has shape {features.shape}, expected (N, {mu.size})")
-        num_images = int(npz["num_images"]) if "num_images" in npz.files else (
-            len(features) if features is not None else -1)  # -1: unknown (e.g. a pytorch-fid file)
-        if "mu_s" in npz.files:
-            warnings.warn(f"{path} looks like ADM/TensorFlow statistics (mu_s/sigma_s): FID between them and this "
-                          "PyTorch network's features mixes two implementations; pass the images instead", stacklevel=2)
-        return cls(mu, sigma, num_images, features)
-
-    def frechet_distance(self, other: "FIDStatistics") -> float:
-        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """One CPU thread in the body: LAPACK's symmetric eigensolvers synchronise their threads thousands
-    of times per call, and on a busy machine every synchronisation waits for a descheduled thread
-    (27 s with 2 threads against 3.7 s with 1, for a 2048x2048 eigh on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), the Frechet distance of two Gaussians.
-
-    Not scipy.linalg.sqrtm(S1 @ S2) as pytorch-fid and ADM do: S1 S2 is not symmetric, its general
-    (complex Schur) square root is fragile on near-singular covariances, and one NumPy/SciPy BLAS build
-    got it wrong (FIDs of 20-40 instead of 2). Only the trace is needed, and S1 S2 = R (R S2 R) R^-1
-    with R = sqrt(S1), so tr sqrt(S1 S2) = sum_i sqrt(lambda_i(M)) for the symmetric PSD M = R S2 R:
-    two symmetric eigendecompositions in float64. Eigenvalues of S1 and S2 at round-off level count as 0
-    (as matrix-rank routines count), and M keeps its min(rank S1, rank S2) largest (a threshold on M's
-    own eigenvalues, which scale like lambda(S)^2, would drop genuine small variances). Two exact
-    identities then check the linear algebra, so a broken library raises instead of printing a wrong FID.
-    """
-    def as_float64(a):
-        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64)
-
-    mu1, mu2 = as_float64(mu1).reshape(-1), as_float64(mu2).reshape(-1)
-    s1, s2 = as_float64(sigma1), as_float64(sigma2)
-    if s1.ndim != 2 or mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                        f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
-    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
-        if not torch.isfinite(a).all():
-            raise UserError(f"{name} contains NaN/inf: recompute the statistics (were the features finite?)")
-    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric only up to round-off
-
-    def above_round_off(w):  # eigenvalues (d,) of a covariance; those at round-off level (or negative) -> 0
-        return torch.where(w > w.numel() * torch.finfo(w.dtype).eps * w.abs().max(), w, 0.0)
-
-    with _one_thread():
-        w1, v1 = torch.linalg.eigh(s1)
-        w2 = torch.linalg.eigvalsh(s2)
-    w1, w2 = above_round_off(w1), above_round_off(w2)
-    sqrt_s1 = (v1 * w1.sqrt()) @ v1.T  # R = V diag(sqrt(w)) V^T
-    m = sqrt_s1 @ s2 @ sqrt_s1  # M = R S2 R, symmetric PSD
-    with _one_thread():
-        eig_m = torch.linalg.eigvalsh((m + m.T) / 2)  # ascending
-    rank = min(int((w1 > 0).sum()), int((w2 > 0).sum()))
-    tr_sqrt = eig_m[len(eig_m) - rank:].clamp(min=0).sqrt().sum().item()  # the rank largest; the rest is round-off
-    # Checks: sum lambda(M) = tr(S1 S2) = sum(S1 * S2); tr sqrt(S1 S2) <= sqrt(tr S1 tr S2) (Cauchy-Schwarz).
-    tr1, tr2, tr_s1s2 = s1.trace().item(), s2.trace().item(), (s1 * s2).sum().item()
-    scale, bound = (torch.linalg.norm(s1) * torch.linalg.norm(s2)).item(), math.sqrt(max(tr1 * tr2, 0.0))
-    if abs(eig_m.sum().item() - tr_s1s2) > 1e-6 * scale or tr_sqrt > bound * (1 + 1e-6) + 1e-12:
-        raise RuntimeError("frechet_distance: the linear algebra library returned inconsistent results (sum of "
-                           f"eigenvalues {eig_m.sum().item():.6g} vs tr(S1 S2) {tr_s1s2:.6g}; tr sqrt(S1 S2) "
-                           f"{tr_sqrt:.6g} vs bound {bound:.6g}): the installation is broken and the FID would be wrong")
-    diff = mu1 - mu2
-    return max((diff @ diff).item() + tr1 + tr2 - 2 * tr_sqrt, 0.0)  # >= 0 exactly; round-off can dip below
-
-
-def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits, split_size: int = 5000) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) from logits (N, 1008), as ADM computes it: softmax over all 1008
-    outputs, `splits` consecutive parts (5000 each for 50K), each with its own marginal p(y).
-    Returns (mean, std) over the parts."""
+    outputs, consecutive parts of `split_size` images (10 parts for 50K, 2 for 10K; the last part
+    may be shorter), each with its own marginal p(y). Returns (mean, std) over the parts."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if logits.ndim != 2 or logits.shape[0] < splits:
-        raise UserError(f"inception_score needs (N, classes) logits with N >= splits={splits}, "
-                        f"got {tuple(logits.shape)}")
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise UserError(f"inception_score needs (N, classes) logits, got {tuple(logits.shape)}")
     log_p = F.log_softmax(logits, dim=1)  # log p(y|x): log space avoids log(0) for confident samples
     scores = []
-    for part in log_p.tensor_split(splits):
+    for part in log_p.split(split_size):
         log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log p(y) of this part
         scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -451,18 +248,104 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Samples vs reference
+# Whole-set statistics and samples vs reference
+
+
+@torch.inference_mode()
+def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str, batch_size: int = 50,
+                       num_workers: int = 4, save_every: int = 50_000) -> FIDStatistics | None:
+    """Pool and spatial statistics of a large set (e.g. the 1.28M ImageNet training images) written
+    to `out`, without holding its features: each rank folds its share into Moments and saves them
+    every `save_every` images to <out>.partial/, from where a killed run resumes (with as many
+    ranks); rank 0 then merges the ranks' moments. Returns the statistics on rank 0, else None."""
+    part_dir, world = out + ".partial", dist_env.world_size
+    name = lambda r, end: os.path.join(part_dir, f"rank{r}_of_{world}{end}")  # noqa: E731
+    part, done = name(dist_env.rank, ".npz"), name(dist_env.rank, ".done.npz")
+    device = next(model.parameters()).device
+    moments = [Moments(d, device) for d in model.dims]  # pool (2048), spatial (2023)
+
+    def load(path, into):
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["num_images"]) != len(source):
+                raise UserError(f"{part_dir} holds a pass over {int(z['num_images'])} images, not "
+                                f"these {len(source)}: delete that folder")
+            for i, m in enumerate(into):
+                m.merge(int(z[f"count{i}"]), torch.from_numpy(z[f"mean{i}"]),
+                        torch.from_numpy(z[f"scatter{i}"]))
+
+    def save(path):
+        arrays = {f"{k}{i}": np.asarray(v.cpu() if torch.is_tensor(v) else v)
+                  for i, m in enumerate(moments)
+                  for k, v in (("count", m.count), ("mean", m.mean), ("scatter", m.scatter))}
+        atomic_write(path, lambda f: np.savez(f, num_images=len(source), **arrays))
+
+    for path in (done, part):
+        if os.path.exists(path):
+            load(path, moments)
+            break
+    if not os.path.exists(done):
+        batches, _ = rank_batches(source, dist_env, batch_size, num_workers, skip=moments[0].count)
+        unsaved = 0
+        with exact_float32(device), tqdm(desc="statistics (this rank)", unit="img",
+                                         initial=moments[0].count, disable=not dist_env.is_main,
+                                         dynamic_ncols=True) as bar:
+            for batch in batches:
+                batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+                x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+                pool, _, spatial = model(x, spatial=True)  # (B, 2048), (B, 1008), (B, 2023)
+                moments[0].add(pool)
+                moments[1].add(spatial)
+                unsaved += x.shape[0]
+                bar.update(x.shape[0])
+                if unsaved >= save_every:
+                    save(part)
+                    unsaved = 0
+        save(done)
+    if not dist_env.is_main:
+        return None
+    paths = [name(r, ".done.npz") for r in range(world)]
+    while not all(map(os.path.exists, paths)):  # ranks may finish minutes apart: no collective
+        time.sleep(1)
+    total = [Moments(d) for d in model.dims]
+    for path in paths:
+        load(path, total)
+    stats = FIDStatistics.from_moments(*total)
+    stats.save(out)
+    shutil.rmtree(part_dir)
+    return stats
+
+
+def _check_statistics(stats: FIDStatistics, what: str, dims, prc: bool, sfid: bool):
+    """Before any feature is computed: can these statistics give what was asked?"""
+    name = stats.path or f"the {what} statistics"
+    if prc and stats.features is None and stats.images is None:
+        raise UserError(f"precision/recall (--prc) need the {what}' features, but {name} has "
+                        "only mu/sigma: pass the images, or write the statistics with --prc "
+                        "--save_stats")
+    if sfid and stats.mu_s is None:
+        raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass "
+                        "--no_sfid, or statistics written by fid.py --save_stats (or ADM's "
+                        "reference batch)")
+    for key, want, kind in zip(("mu", "mu_s"), dims or (), ("pool", "spatial")):
+        got = getattr(stats, key)
+        if got is not None and got.size != want:
+            raise UserError(f"{name}: its {key} has {got.size} dimensions but this Inception's "
+                            f"{kind} features have {want}: statistics of another network or layer")
 
 
 def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env: DistEnv | None = None,
-             batch_size: int = 50, num_workers: int = 4, prc: bool = False, image_size: int | None = None,
-             inception_ckpt: str | None = None, random_inception: bool = False, save_stats: str | None = None,
-             progress: bool = True, log=None) -> dict:
-    """FID of `samples` against `reference`, the samples' Inception Score, and precision/recall with
-    `prc`. Each side is a path, uint8 images in memory (numpy NHWC or torch NCHW), a Dataset of uint8
-    (3, H, W) images, or an iterable of this rank's uint8 (B, 3, H, W) batches. Under torchrun pass the
-    run's `dist_env`: extraction is split over the ranks, every rank returns the same dict.
-    `save_stats`: write the reference statistics there (with `prc`, its features too)."""
+             batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
+             reference_from_images: bool = False, image_size: int | None = None,
+             inception_ckpt: str | None = None, random_inception: bool = False,
+             save_stats: str | None = None, progress: bool = True, log=None) -> dict:
+    """FID and sFID of `samples` against `reference`, the samples' Inception Score, and precision/
+    recall with `prc`. Each side is a path, uint8 images in memory (numpy NHWC or torch NCHW), a
+    Dataset of uint8 (3, H, W) images, an iterable of this rank's uint8 (B, 3, H, W) batches, or
+    FIDStatistics. A reference batch with stored statistics is used as ADM's evaluator uses it
+    (FID/sFID from the statistics, precision/recall from its images) unless
+    `reference_from_images`. Under torchrun pass the run's `dist_env`: extraction is split over the
+    ranks, every rank returns the same dict. `save_stats`: write the reference statistics there
+    when they were computed here (with `prc`, its features too)."""
     if dist_env is None:
         dev = next(model.parameters()).device if model is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -472,39 +355,55 @@ def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env:
 
     def prepare(src):
         if isinstance(src, (str, os.PathLike)):
-            return load_source(os.fspath(src), image_size, log=log)
+            return load_source(os.fspath(src), image_size, log, from_images=reference_from_images)
         return ArrayImages(src) if isinstance(src, (np.ndarray, torch.Tensor)) else src
 
     samples, reference = prepare(samples), prepare(reference)
-    for what, src in (("samples", samples), ("reference", reference)):
-        if prc and isinstance(src, FIDStatistics) and src.features is None:  # fail before the expensive part
-            raise UserError(f"precision/recall (--prc) need the {what}' features, but that statistics file has "
-                            "only mu/sigma: pass the images, or write the statistics with --prc --save_stats")
+    for what, src in (("samples", samples), ("reference", reference)):  # before the expensive part
+        if isinstance(src, FIDStatistics):
+            _check_statistics(src, what, getattr(model, "dims", None), prc, sfid)
+    stored = isinstance(reference, FIDStatistics)
     hw = [getattr(s, "image_hw", None) or ((s.image_size,) * 2 if isinstance(s, ImageFolder) else None)
-          for s in (samples, reference)]
+          for s in (samples, reference.images if stored else reference)]
     if None not in hw and hw[0] != hw[1]:
         log(f"warning: samples are {hw[0][0]}x{hw[0][1]} but the reference images {hw[1][0]}x{hw[1][1]}; both are "
             "resized to 299x299, but FID across resolutions is not a like-for-like comparison")
+    # A reference of stored statistics is featurised only for precision/recall, from its images.
+    ref_images = reference if not stored else (
+        reference.images if prc and reference.features is None else None)
+    extract = dict(dist_env=dist_env, batch_size=batch_size, num_workers=num_workers,
+                   progress=progress)
     fake = None if isinstance(samples, FIDStatistics) else compute_activations(
-        samples, model, dist_env, batch_size, num_workers, progress=progress, desc="sample features")
-    real = None if isinstance(reference, FIDStatistics) else compute_activations(
-        reference, model, dist_env, batch_size, num_workers, progress=progress, desc="reference features")
+        samples, model, spatial=sfid, desc="sample features", **extract)
+    real = None if ref_images is None else compute_activations(
+        ref_images, model, spatial=sfid and not stored, desc="reference features", **extract)
     result = None
     if dist_env.is_main:
-        fake_stats = samples if fake is None else FIDStatistics.from_features(fake[0], prc, "samples")
-        real_stats = reference if real is None else FIDStatistics.from_features(real[0], prc, "reference")
-        if save_stats and real is not None:
-            real_stats.save(save_stats)
-            log(f"reference statistics ({real_stats.num_images} images) written to {save_stats}")
-        result = {"fid": fake_stats.frechet_distance(real_stats), "num_samples": fake_stats.num_images,
-                  "num_reference": real_stats.num_images}
-        if fake is not None:  # 10 parts as ADM (5000 each for 50K); a tiny smoke-test set is one part
-            splits = 10 if len(fake[1]) >= 100 else 1
-            result["inception_score"], result["inception_score_std"] = inception_score(fake[1], splits)
-            result["inception_score_splits"] = splits
+        fake_stats = samples if fake is None else FIDStatistics.from_features(
+            fake[0], prc, "samples", fake[2] if sfid else None)
+        if stored:  # FID/sFID from the stored statistics; precision/recall from the images
+            real_stats = reference if real is None else dataclasses.replace(reference,
+                                                                            features=real[0])
+            described = f"the stored statistics of {reference.path or 'the given reference'}"
+        else:
+            real_stats = FIDStatistics.from_features(real[0], prc, "reference",
+                                                     real[2] if sfid else None)
+            described = f"{real_stats.num_images} reference images featurised here"
+            if save_stats:
+                real_stats.save(save_stats)
+                log(f"reference statistics ({real_stats.num_images} images) -> {save_stats}")
+        result = {"fid": fake_stats.frechet_distance(real_stats),
+                  "num_samples": fake_stats.num_images, "reference": described,
+                  "num_reference": max(real_stats.num_images, 0) or None}
+        if sfid:
+            result["sfid"] = fake_stats.spatial_distance(real_stats)
+        if fake is not None:  # ADM: parts of 5000 samples (10 for 50K)
+            result["inception_score"], result["inception_score_std"] = inception_score(fake[1])
+            result["inception_score_splits"] = math.ceil(len(fake[1]) / 5000)
         if prc:
-            result["precision"], result["recall"] = precision_recall(real_stats.features, fake_stats.features,
-                                                                     device=dist_env.device)
+            result["precision"], result["recall"] = precision_recall(
+                real_stats.features, fake_stats.features, device=dist_env.device)
+            result["num_prc_reference"] = len(real_stats.features)
         result["inception_weights"] = model.weights_name
     if dist_env.distributed:  # every rank returns the same (small) dict
         box = [result]
@@ -522,7 +421,13 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM .npz or statistics "
                    ".npz each); or one path with --save_stats to only write its statistics")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--save_stats", help="write the reference statistics (mu, sigma; + features with --prc) here")
+    p.add_argument("--save_stats", help="write the reference statistics (mu, sigma, mu_s, sigma_s; "
+                   "+ features with --prc) here when they are computed from images")
+    p.add_argument("--save_every", type=at_least(1), default=50_000, help="one path with "
+                   "--save_stats: images per rank between saves of the running sums (for a resume)")
+    p.add_argument("--reference_from_images", action="store_true", help="featurise a reference "
+                   "batch's images (arr_0) here, not its stored mu/sigma (both sides: one network)")
+    p.add_argument("--no_sfid", action="store_true", help="no sFID (for a reference without mu_s)")
     p.add_argument("--prc", action="store_true", help="also precision and recall (k=3; costs N^2 distances)")
     p.add_argument("--batch_size", type=at_least(1), default=50, help="images per forward pass per rank")
     p.add_argument("--num_workers", type=at_least(0), default=4, help="image decoding workers for folders")
@@ -544,40 +449,59 @@ def parse_args(argv=None):
     return args
 
 
+def check_inputs(args):
+    """Before any work: every input can be read, and no output would overwrite an input."""
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz "
+                            "(arr_0) or a statistics .npz (mu, sigma)")
+    if args.prompts:
+        read_prompts(args.prompts)
+    inputs = [*args.paths, *filter(None, (args.prompts, args.inception_ckpt))]
+    for flag, out in (("--json", args.json), ("--save_stats", args.save_stats)):
+        same = [p for p in inputs if out and os.path.realpath(out) == os.path.realpath(p)]
+        if same:
+            raise UserError(f"{flag} {out} is the input {same[0]}, which it would overwrite: "
+                            "write elsewhere")
+
+
 def main(argv=None):
     args = parse_args(argv)
     dist_env = setup_distributed(args.device)
     log = Logger(dist_env).info
+    check_inputs(args)
     for path, what in ((args.json, "results file"), (args.save_stats, "statistics file")):
         if path and dist_env.is_main:
             check_writable(path, what)  # now, not after the work
     clip_only = len(args.paths) == 1 and not args.save_stats
     model = None if clip_only else load_inception(args.inception_ckpt, args.random_inception, dist_env.device)
+    extract = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     if clip_only:
         result = {"samples": args.paths[0]}
     elif len(args.paths) == 1:  # statistics only
-        source = load_source(args.paths[0], args.image_size, log=log)
+        source = load_source(args.paths[0], args.image_size, log=log, from_images=True)
         if isinstance(source, FIDStatistics):
             raise UserError(f"{args.paths[0]} is already a statistics file")
-        feats, _ = compute_activations(source, model, dist_env, args.batch_size, args.num_workers)
+        if args.prc:  # the features are kept, so one pass in memory
+            pool, _, spatial = compute_activations(source, model, dist_env, spatial=True, **extract)
+            stats = None
+            if dist_env.is_main:
+                stats = FIDStatistics.from_features(pool, True, args.paths[0], spatial)
+                stats.save(args.save_stats)
+        else:
+            stats = dataset_statistics(source, model, dist_env, args.save_stats,
+                                       save_every=args.save_every, **extract)
         result = None
         if dist_env.is_main:
-            stats = FIDStatistics.from_features(feats, keep_features=args.prc, name=args.paths[0])
-            stats.save(args.save_stats)
             result = {"images": args.paths[0], "num_images": stats.num_images, "statistics": args.save_stats,
                       "inception_weights": model.weights_name}
             log(f"statistics of {stats.num_images} images written to {args.save_stats}")
     else:
-        result = evaluate(args.paths[0], args.paths[1], model=model, dist_env=dist_env, batch_size=args.batch_size,
-                          num_workers=args.num_workers, prc=args.prc, image_size=args.image_size,
-                          save_stats=args.save_stats, log=log)
-        result = {"samples": args.paths[0], "reference": args.paths[1], **result}
-        line = f"FID {result['fid']:.4f}"
-        if "inception_score" in result:
-            line += f"  IS {result['inception_score']:.3f} +- {result['inception_score_std']:.3f}"
-        if "precision" in result:
-            line += f"  precision {result['precision']:.4f}  recall {result['recall']:.4f}"
-        log(line + f"  ({result['num_samples']} samples vs {result['num_reference']} reference images)")
+        result = evaluate(args.paths[0], args.paths[1], model=model, dist_env=dist_env, prc=args.prc,
+                          sfid=not args.no_sfid, reference_from_images=args.reference_from_images,
+                          image_size=args.image_size, save_stats=args.save_stats, log=log, **extract)
+        result = {"samples": args.paths[0], "reference_path": args.paths[1], **result}
+        log(result_line(result))
     if args.clip_model and dist_env.is_main:
         result.update(clip_score_npz(args.paths[0], args.prompts, args.clip_model, dist_env.device))
         log(f"CLIP score {result['clip_score']:.3f} ({args.clip_model})")
@@ -586,6 +510,17 @@ def main(argv=None):
         log(f"results written to {args.json}")
     cleanup_distributed()
     return result
+
+
+def result_line(r: dict) -> str:
+    """One line of an evaluate() result, naming the reference that was used."""
+    line = f"FID {r['fid']:.4f}" + (f"  sFID {r['sfid']:.4f}" if "sfid" in r else "")
+    if "inception_score" in r:
+        line += f"  IS {r['inception_score']:.3f} +- {r['inception_score_std']:.3f}"
+    if "precision" in r:
+        line += (f"  precision {r['precision']:.4f}  recall {r['recall']:.4f} "
+                 f"(vs {r['num_prc_reference']} images)")
+    return line + f"  ({r['num_samples']} samples vs {r['reference']})"
 
 
 if __name__ == "__main__":

@@ -280,25 +280,30 @@ def read_log(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_curves(records: list[dict], path: str, width: int = 300, height: int = 170):
-    """A PNG of every logged number over the steps, one small panel each (losses, lr, images/s)."""
+def plot_curves(records: list[dict], path: str, width: int = 300, height: int = 170,
+                x: str = "step"):
+    """A PNG of every logged number over the steps (or over another key `x`, the records sorted by
+    it), one small panel each (losses, lr, images/s; FID over the CFG scale)."""
     keys = list(dict.fromkeys(k for r in records for k, v in r.items()
-                              if k not in ("time", "step", "epoch") and isinstance(v, (int, float))))
+                              if k not in ("time", x, "epoch") and isinstance(v, (int, float))))
     cols = min(3, max(1, len(keys)))
     canvas = Image.new("RGB", (cols * width, max(1, -(-len(keys) // cols)) * height), "white")
     draw = ImageDraw.Draw(canvas)
     for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        x0, y0 = (i % cols) * width + 45, (i // cols) * height + 20  # the panel's plot area: (x0, y0) + w x h
+        points = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        # the panel's plot area: (x0, y0) + w x h
+        x0, y0 = (i % cols) * width + 45, (i // cols) * height + 20
         w, h = width - 60, height - 45
         lo, hi = min(v for _, v in points), max(v for _, v in points)
-        s_lo, s_hi = points[0][0], max(points[-1][0], points[0][0] + 1)
-        xy = [(x0 + w * (s - s_lo) / (s_hi - s_lo), y0 + h * (1 - (v - lo) / ((hi - lo) or 1))) for s, v in points]
+        s_lo = points[0][0]
+        s_hi = points[-1][0] if points[-1][0] > s_lo else s_lo + 1
+        xy = [(x0 + w * (s - s_lo) / (s_hi - s_lo), y0 + h * (1 - (v - lo) / ((hi - lo) or 1)))
+              for s, v in points]
         draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(180, 180, 180))
         draw.line(xy if len(xy) > 1 else xy * 2, fill=(30, 90, 200), width=2)
         draw.text((x0, y0 - 15), key, fill="black")
         draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=(90, 90, 90))
         draw.text((x0 - 42, y0 + h - 8), f"{lo:.3g}", fill=(90, 90, 90))
-        draw.text((x0, y0 + h + 3), f"step {s_lo}", fill=(90, 90, 90))
+        draw.text((x0, y0 + h + 3), f"{x} {s_lo}", fill=(90, 90, 90))
         draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=(90, 90, 90))
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))

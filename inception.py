@@ -22,6 +22,8 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    "pt_inception-2015-12-05-6726825d.pth")
 FEATURE_DIM = 2048  # Inception pool_3 features: what FID and precision/recall are computed on
 NUM_LOGITS = 1008   # the 2015 graph's classifier: 1000 ImageNet classes + 8 unused ones
+SPATIAL_CHANNELS = 7  # sFID: ADM's evaluator keeps the first 7 channels of TF's `mixed_6/conv`
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023, flattened per image in TF's (h, w, c) order
 
 class BasicConv2d(nn.Module):
     """Convolution (no bias: the BatchNorm's shift replaces it) -> BatchNorm (eps 0.001, TF's) -> ReLU."""
@@ -154,8 +156,17 @@ class InceptionE(nn.Module):
 
 class FIDInception(nn.Module):
     """Inception-v3 as used for FID: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) and logits
-    (B, 1008). The logits are `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always
-    been computed (original IS code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly."""
+    (B, 1008), and with spatial=True also sFID's spatial features (B, 2023). The logits are
+    `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always been computed
+    (original IS code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly.
+
+    sFID (Nash et al. 2021, as ADM's evaluator computes it) takes the TF graph's tensor
+    `mixed_6/conv`: the TF blocks are named mixed, mixed_1, mixed_2 (5b-5d), mixed_3 (6a),
+    mixed_4..mixed_7 (6b-6e), so it is Mixed_6d's 1x1 branch after its BatchNorm and ReLU,
+    (B, 192, 17, 17). ADM keeps channels 0..6 and flattens each image of the NHWC tensor: the
+    (h, w, c) order of its stored mu_s/sigma_s."""
+
+    dims = (FEATURE_DIM, SPATIAL_DIM)  # (pool, spatial) sizes; statistics are checked against them
 
     def __init__(self):
         super().__init__()
@@ -178,7 +189,7 @@ class FIDInception(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
         self.weights_name = "uninitialised"  # says where the weights came from; set by load_inception
 
-    def forward(self, x):
+    def forward(self, x, spatial: bool = False):
         # Resize exactly as pytorch-fid does (bilinear, half-pixel centres, no antialiasing), then
         # [0, 1] -> [-1, 1], the range the TF graph was trained on.
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
@@ -192,13 +203,17 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)                            # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))  # (B, 768, 17, 17)
+        # Mixed_6d's output starts with its 1x1 branch (torch.cat in InceptionC), TF's mixed_6/conv;
+        # sFID keeps its first 7 channels, flattened per image in TF's NHWC order: (B, 2023).
+        feats_s = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1) if spatial else None
+        x = self.Mixed_6e(x)                            # (B, 768, 17, 17)
         x = self.Mixed_7a(x)                            # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))             # (B, 2048, 8, 8)
         # The same pooling op as pytorch-fid (not .mean), so the features match to the last bit.
         pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # (B, 2048)
         logits = pool @ self.fc.weight.t()              # (B, 1008), no bias (see the class docstring)
-        return pool, logits
+        return (pool, logits, feats_s) if spatial else (pool, logits)
 
     @torch.no_grad()
     def randomize_(self, seed: int = 0):

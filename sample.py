@@ -448,10 +448,8 @@ def complete_args(args):
     return args
 
 
-def main(argv=None):
-    args = complete_args(parse_args(argv))
-    env = setup_distributed(args.device)
-    log = Logger(env).info
+def setup(args, env, log):
+    """The models on the device, checked against the flags: (model, tokenizer, meta, task, bf16)."""
     model, tokenizer, meta = load_models(args.ckpt, args.tokenizer, ema=not args.raw_weights)
     text = None
     if meta["kind"] == "t2i":
@@ -488,7 +486,14 @@ def main(argv=None):
         f"weights), tokenizer {meta['tokenizer']}; cfg {args.cfg:g} (channels {args.cfg_channels or 'all'}, "
         f"from t={args.cfg_interval_start:g}), {args.solver} {args.steps} steps, shift {args.shift:g}, "
         f"{'bf16' if bf16 else 'fp32'} on {env.device}")
-    task = Task(model, args, meta, env.device, text)
+    return model, tokenizer, meta, Task(model, args, meta, env.device, text), bf16
+
+
+def main(argv=None):
+    args = complete_args(parse_args(argv))
+    env = setup_distributed(args.device)
+    log = Logger(env).info
+    model, tokenizer, meta, task, bf16 = setup(args, env, log)
     if args.npz:
         path = run_npz(args, env, model, tokenizer, meta, task, bf16, log)
         log(f"{args.num_samples} samples in {path} (arr_0: images NHWC uint8, arr_1: labels)")

@@ -71,10 +71,11 @@ def randomize_(model, scale=0.2, seed=0):
 
 class StubInception(nn.Module):
     """Same interface as FIDInception at a tiny cost: 64-d "pool features" (a fixed random
-    projection of an 8x8 thumbnail) and 10 logits. For testing the plumbing around the network;
-    small features also keep the Frechet distance cheap."""
+    projection of an 8x8 thumbnail), 10 logits and 12-d "spatial features" (a 2x2 thumbnail). For
+    testing the plumbing around the network; small features also keep the Frechet distance cheap."""
 
     weights_name = "stub"
+    dims = (64, 12)
 
     def __init__(self):
         super().__init__()
@@ -82,6 +83,7 @@ class StubInception(nn.Module):
         self.proj = nn.Parameter(torch.randn(3 * 8 * 8, 64, generator=g) / 8, requires_grad=False)
         self.fc = nn.Parameter(torch.randn(64, 10, generator=g) / 8, requires_grad=False)
 
-    def forward(self, x):
+    def forward(self, x, spatial=False):
         pool = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.proj
-        return pool, pool @ self.fc
+        thumb = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 12)
+        return (pool, pool @ self.fc, thumb) if spatial else (pool, pool @ self.fc)
