@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import UserError
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flow matching
 
 
@@ -32,8 +32,9 @@ def flow_matching_loss(model, x1, y, generator=None):
 
     t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains: most samples near t = 0.5);
     eps ~ N(0, I); x_t = t x1 + (1 - t) eps; target v = x1 - eps; loss = MSE(v_pred, v) + mean over
-    positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast. `generator`
-    makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached: no host sync)."""
+    positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast.
+    `generator` makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached:
+    no host sync)."""
     B = x1.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
     eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
@@ -46,32 +47,34 @@ def flow_matching_loss(model, x1, y, generator=None):
     return mse + cos, {"mse": mse.detach(), "cos": cos.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
 class LightningDiT(nn.Module):
-    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W); the defaults are XL/1 on
-    the paper's 32x16x16 latent. `grad_checkpointing` recomputes each block in the backward pass (less
-    activation memory, about a third more compute)."""
+    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W); the defaults are XL/1
+    on the paper's 32x16x16 latent. `grad_checkpointing` recomputes each block in the backward pass
+    (less activation memory, about a third more compute)."""
 
     def __init__(self, input_size: int = 16, patch_size: int = 1, in_channels: int = 32,
-                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.1, num_classes: int = 1000, use_qknorm: bool = False,
-                 grad_checkpointing: bool = False):
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
+                 use_qknorm: bool = False, grad_checkpointing: bool = False):
         super().__init__()
         self.in_channels = self.out_channels = in_channels  # no learned sigma
-        self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
+        self.patch_size, self.hidden_size = patch_size, hidden_size
+        self.depth, self.num_heads = depth, num_heads
         self.num_classes, self.grad_checkpointing = num_classes, grad_checkpointing
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.grid_size, self.num_patches = self.x_embedder.grid_size, self.x_embedder.num_patches
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # The fixed sin-cos table: a frozen Parameter, not a buffer, so that the state dict is the reference's.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
+        # Fixed sin-cos table: a frozen Parameter, not a buffer, as in the reference's state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size),
+                                      requires_grad=False)
         self.feat_rope = VisionRoPE(hidden_size // num_heads, self.grid_size)
-        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -81,23 +84,25 @@ class LightningDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
-        w = self.x_embedder.proj.weight  # a linear map of each flattened patch: initialised like one
+        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)  # (N, D)
+        self.pos_embed.copy_(pos_embed.unsqueeze(0))
+        # The patch embedding is a linear map of each flattened patch: initialised like one.
+        w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero output
-        # layer, so the initial model predicts v = 0 exactly.
-        for m in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1],
-                  self.final_layer.linear]:
+        # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero
+        # output layer, so the initial model predicts v = 0 exactly.
+        for m in [*(b.adaLN_modulation[-1] for b in self.blocks),
+                  self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y, force_drop_ids=None):
-        """x_t (B, C, H, W); t (B,) or scalar in [0, 1]; labels y (B,), y == num_classes for the null
-        class. Returns the velocity (B, C, H, W)."""
+        """x_t (B, C, H, W); t (B,) or scalar in [0, 1]; labels y (B,), y == num_classes for the
+        null class. Returns the velocity (B, C, H, W)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
@@ -121,10 +126,12 @@ def modulate(x, shift, scale):
 
 
 class LightningDiTBlock(nn.Module):
-    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates start
-    at zero, so a deep network starts shallow and stable and learns how much each block contributes."""
+    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates
+    start at zero, so a deep network starts shallow and stable and learns how much each block
+    contributes."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 use_qknorm: bool = False):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(hidden_size), RMSNorm(hidden_size)
         self.attn = Attention(hidden_size, num_heads, use_qknorm)
@@ -136,7 +143,7 @@ class LightningDiTBlock(nn.Module):
         qk, v = self.attention_input(x, mods)  # (B, N, 2, heads, head_dim), (B, N, heads, head_dim)
         return self.residuals(x, attention(qk, v, *rope), mods)
 
-    # The three parts of a block, also used by t2i.py's double-stream block (joint attention between).
+    # A block's three parts, also used by t2i.py's double-stream block (joint attention between).
 
     def modulation(self, c):
         """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, 1, D)."""
@@ -168,9 +175,9 @@ class FinalLayer(nn.Module):
 
 
 class Attention(nn.Module):
-    """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the attention
-    logits, which prevents the loss spikes of very long runs), the output projection. The block applies
-    2D RoPE and fused SDPA between them."""
+    """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the
+    attention logits, which prevents the loss spikes of very long runs), the output projection. The
+    block applies 2D RoPE and fused SDPA between them."""
 
     def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
         super().__init__()
@@ -211,7 +218,8 @@ def attention(qk, v, cos, sin, attn_mask=None):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 * dim) keeps a 4x MLP's parameter count."""
+    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 * dim) keeps a 4x MLP's
+    parameter count."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -224,9 +232,10 @@ class SwiGLU(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then cast
-    to the compute dtype: the input's, as in the reference, or under autocast bf16, so that what follows
-    (modulation, the next matmul) runs in bf16 instead of being promoted to float32 by the weight."""
+    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then
+    cast to the compute dtype: the input's, as in the reference, or under autocast bf16, so that
+    what follows (modulation, the next matmul) runs in bf16 instead of being promoted to float32
+    by the weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -245,7 +254,7 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Embeddings of the inputs: patches, time, class, positions
 
 
@@ -254,7 +263,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
-        assert input_size % patch_size == 0, f"input_size {input_size} is not a multiple of patch {patch_size}"
+        assert input_size % patch_size == 0, (f"input_size {input_size} is not a multiple of "
+                                              f"patch {patch_size}")
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -264,9 +274,9 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> 256 sinusoidal features [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / 128) -> Linear, SiLU,
-    Linear. t is the raw flow time in [0, 1], not x1000 as in DDPM-style DiT: the reference (SiT,
-    LightningDiT) trains this way, so its checkpoints only make sense with raw t."""
+    """t -> 256 sinusoidal features [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / 128) -> Linear,
+    SiLU, Linear. t is the raw flow time in [0, 1], not x1000 as in DDPM-style DiT: the reference
+    (SiT, LightningDiT) trains this way, so its checkpoints only make sense with raw t."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -275,9 +285,11 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int = 256,
+                           max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        i = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(max_period) * i / half)  # f_i, (half,)
         args = t.float()[:, None] * freqs[None]  # (B, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -288,7 +300,8 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class label -> vector. Row `num_classes` of the table is the null class of classifier-free
     guidance: in training each label becomes null with probability `dropout_prob`, so that one model
-    learns both p(x|y) and p(x). force_drop_ids == 1 makes those rows null (instead of random drops)."""
+    learns both p(x|y) and p(x). force_drop_ids == 1 makes those rows null
+    (instead of random drops)."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -305,11 +318,13 @@ class LabelEmbedder(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens in row-major order: the first
-    half of the channels encodes the column, the second half the row, each half [sin(p w_k), cos(p w_k)]
-    with w_k = 1e4^(-k / (D/4)); computed in float64, returned in float32."""
+    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens in row-major order: the
+    first half of the channels encodes the column, the second half the row, each half
+    [sin(p w_k), cos(p w_k)] with w_k = 1e4^(-k / (D/4)); computed in float64, returned in
+    float32."""
     assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))  # (D/4,)
+    k = torch.arange(embed_dim // 4, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (k / (embed_dim / 4))  # w_k, (D/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
 
@@ -322,9 +337,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 
 class VisionRoPE(nn.Module):
     """2D axial rotary position embedding of q and k: the first head_dim/2 channels rotate with the
-    token's row, the last head_dim/2 with its column, at f_j = 1e4^(-2j / (head_dim/2)), j < head_dim/4,
-    one frequency per pair of adjacent channels (2i, 2i+1). The (N, head_dim) cos/sin tables are
-    persistent buffers because the reference checkpoints hold them."""
+    token's row, the last head_dim/2 with its column, at f_j = 1e4^(-2j / (head_dim/2)),
+    j < head_dim/4, one frequency per pair of adjacent channels (2i, 2i+1). The (N, head_dim)
+    cos/sin tables are persistent buffers because the reference checkpoints hold them."""
 
     def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
         super().__init__()
@@ -341,7 +356,8 @@ class VisionRoPE(nn.Module):
 
 
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
-    """cos and sin (rows*cols, head_dim), float32, of the 2D RoPE angles of a rows x cols grid, row-major."""
+    """cos and sin (rows*cols, head_dim), float32, of the 2D RoPE angles of a rows x cols grid,
+    row-major."""
     assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
     half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
     freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)
@@ -370,11 +386,12 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configurations
 
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
-DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
+DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h,
+                                     patch_size=p)
               for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
 
 

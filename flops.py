@@ -1,10 +1,10 @@
 """Speed accounting, kept out of the model files: the model FLOPs of a training step and the GPU's
 peak, for the model FLOPs utilisation (MFU) that the trainers log and bench.py reports.
 
-MFU = achieved model FLOP/s / the GPU's dense bf16 peak. Model FLOPs count each matmul weight applied
-to each token it sees (a multiply-add is 2 FLOPs) and attention's q k^T and attn v; norms, RoPE,
-softmax and other elementwise work are not counted. A training step costs 3 forwards (the backward
-pass costs twice the forward).
+MFU = achieved model FLOP/s / the GPU's dense bf16 peak. Model FLOPs count each matmul weight
+applied to each token it sees (a multiply-add is 2 FLOPs) and attention's q k^T and attn v; norms,
+RoPE, softmax and other elementwise work are not counted. A training step costs 3 forwards (the
+backward pass costs twice the forward).
 """
 
 import torch
@@ -30,7 +30,8 @@ def mfu(images_per_s: float, flops_per_image: float, device: torch.device, ranks
 
 
 def _matmul_weights(model: nn.Module):
-    """(name, number of weights) of every Linear and Conv2d: each is one matmul per token it sees."""
+    """(name, number of weights) of every Linear and Conv2d:
+    each is one matmul per token it sees."""
     return [(n, m.weight.numel()) for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d))]
 

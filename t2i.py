@@ -7,8 +7,8 @@ LightningDiT's blocks (dit.py), trained with the same flow-matching loss (train_
     single-stream blocks: one sequence [txt; img], attention and MLP side by side
     final layer on the img tokens -> velocity (B, C, H, W)
 
-The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout is
-FLUX's. Our choices where the paper and FLUX differ or are silent are listed in TextToImageDiT.
+The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout
+is FLUX's. Our choices where the paper and FLUX differ or are silent are listed in TextToImageDiT.
 """
 
 from functools import partial
@@ -30,10 +30,11 @@ class TextToImageDiT(nn.Module):
 
     `depth_double` double-stream blocks, in which text and image tokens keep their own weights but
     attend jointly, then `depth_single` single-stream blocks over the joined sequence, each with
-    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE on
-    the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the conditioning
-    vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled embedding), text
-    tokens get no rotation, there is no absolute position embedding, and QK-norm is on.
+    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE
+    on the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the
+    conditioning vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled
+    embedding), text tokens get no rotation, there is no absolute position embedding, and
+    QK-norm is on.
     """
 
     def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728,
@@ -44,22 +45,25 @@ class TextToImageDiT(nn.Module):
         self.in_channels = self.out_channels = in_channels
         self.patch_size, self.hidden_size, self.num_heads = patch_size, hidden_size, num_heads
         self.depth, self.grad_checkpointing = depth_double + depth_single, grad_checkpointing
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size,
+                                    stride=patch_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(),
                                        nn.Linear(hidden_size, hidden_size))
+        block_args = (hidden_size, num_heads, mlp_ratio, use_qknorm)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth_double))
+            DoubleStreamBlock(*block_args) for _ in range(depth_double))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth_single))
+            SingleStreamBlock(*block_args) for _ in range(depth_single))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self):
-        """Xavier linears and AdaLN-Zero as in LightningDiT, so that the initial model predicts v = 0
-        exactly. Unlike LightningDiT, the patch embedding keeps PyTorch's default conv init (ours)."""
+        """Xavier linears and AdaLN-Zero as in LightningDiT, so that the initial model predicts
+        v = 0 exactly. Unlike LightningDiT, the patch embedding keeps PyTorch's default conv init
+        (ours)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -146,7 +150,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
-        # Rounded to 8: v and the MLP halves are slices of linear1's output, which GPU kernels want aligned.
+        # Rounded to 8: GPU kernels want v and the MLP halves (slices of linear1's output) aligned.
         self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 7) // 8 * 8
         self.norm = RMSNorm(hidden_size)
         # qkv and SwiGLU's two halves from one matmul
@@ -166,12 +170,12 @@ class SingleStreamBlock(nn.Module):
         return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configurations
 
-# Double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with T5-XXL's
-# 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for the GPU's matrix
-# units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
+# Double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with
+# T5-XXL's 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for GPU
+# matrix units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
 _SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12),
           "L": (8, 16, 1152, 18), "2B": (10, 20, 1728, 27)}
 T2I_models = {f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds,

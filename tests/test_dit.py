@@ -16,14 +16,15 @@ from flops import forward_flops_per_image, training_flops_per_image
 
 # Key lists dumped from the reference implementation (copied from the project's shared/reference).
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+            num_classes=10)
 
 
 def tiny(**kw):
     return LightningDiT(**{**TINY, **kw})
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # State dict = the reference LightningDiT's
 
 
@@ -37,16 +38,19 @@ def read_reference(name):
             header["entries"], header["floats"] = int(parts[1]), int(parts[-1])
         elif line and not line.startswith("#"):
             key, shape, dtype = line.split("\t")
-            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
+            dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            rows.append((key, dims, dtype))
     return rows, header
 
 
-@pytest.mark.parametrize("name,config,qknorm", [("B1", "B/1", False), ("B1_qknorm", "B/1", True),
-                                                ("XL1", "XL/1", False), ("XL1_qknorm", "XL/1", True)])
+@pytest.mark.parametrize("name,config,qknorm",
+                         [("B1", "B/1", False), ("B1_qknorm", "B/1", True), ("XL1", "XL/1", False),
+                          ("XL1_qknorm", "XL/1", True)])
 def test_state_dict_matches_reference(name, config, qknorm):
     rows, header = read_reference(name)
     with torch.device("meta"):
-        model = build_dit(config, input_size=16, in_channels=32, num_classes=1000, use_qknorm=qknorm)
+        model = build_dit(config, input_size=16, in_channels=32, num_classes=1000,
+                          use_qknorm=qknorm)
     sd = model.state_dict()
     ours = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()]
     assert ours == rows  # same keys, same order, same shapes and dtypes
@@ -60,7 +64,8 @@ def test_xl1_parameter_count():
         model = build_dit("XL/1", input_size=16, in_channels=32)
     # 675,256,736 parameters including the fixed pos_embed; + 2 x 256 x 72 RoPE buffer elements.
     assert sum(p.numel() for p in model.parameters()) == 675_256_736
-    assert sum(v.numel() for v in model.state_dict().values()) == 675_293_600  # the reference file's header
+    # The reference file's header.
+    assert sum(v.numel() for v in model.state_dict().values()) == 675_293_600
     assert model.blocks[0].mlp.w3.in_features == 3072
 
 
@@ -78,7 +83,7 @@ def test_registry():
         build_dit("XXL/1")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Init and fixed tables
 
 
@@ -103,8 +108,9 @@ def test_sincos_pos_embed_matches_formula():
         for half, p in ((0, col), (1, row)):  # first half: column index; second half: row index
             for k in range(D // 4):
                 w = 10000.0 ** (-k / (D / 4))
-                assert table[token, half * D // 2 + k].item() == pytest.approx(math.sin(p * w), abs=1e-6)
-                assert table[token, half * D // 2 + D // 4 + k].item() == pytest.approx(math.cos(p * w), abs=1e-6)
+                sin_ch, cos_ch = half * D // 2 + k, half * D // 2 + D // 4 + k
+                assert table[token, sin_ch].item() == pytest.approx(math.sin(p * w), abs=1e-6)
+                assert table[token, cos_ch].item() == pytest.approx(math.cos(p * w), abs=1e-6)
     model = tiny()
     assert torch.equal(model.pos_embed[0], get_2d_sincos_pos_embed(64, 4))
 
@@ -137,7 +143,8 @@ def test_rope_is_a_rotation_of_adjacent_pairs():
     for token in range(grid * grid):
         for i in range(head_dim // 2):
             a = rope_angle(token, 2 * i, head_dim, grid)
-            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
+                             dtype=torch.float64)
             expected = x[:, token, :, 2 * i:2 * i + 2] @ R.T
             torch.testing.assert_close(out[:, token, :, 2 * i:2 * i + 2], expected, atol=1e-5,
                                        rtol=1e-5)
@@ -151,11 +158,12 @@ def test_timestep_embedding_uses_raw_t():
     emb = TimestepEmbedder.timestep_embedding(t, 256)
     i = torch.arange(128, dtype=torch.float64)
     f = torch.exp(-math.log(1e4) * i / 128)
-    expected = torch.cat([torch.cos(t.double()[:, None] * f), torch.sin(t.double()[:, None] * f)], dim=1)
+    args = t.double()[:, None] * f
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     torch.testing.assert_close(emb.double(), expected, atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model against a from-scratch computation
 
 
@@ -164,10 +172,11 @@ def manual_rmsnorm(x, w):
 
 
 def manual_rope(x, grid):
-    """RoPE as a complex multiplication: pair (x[2i], x[2i+1]) is a complex number times e^{i angle}."""
+    """RoPE as a complex multiplication: pair (x[2i], x[2i+1]) is a complex number times
+    e^{i angle}."""
     B, H, N, Dh = x.shape
-    angles = torch.tensor([[rope_angle(n, 2 * i, Dh, grid) for i in range(Dh // 2)] for n in range(N)],
-                          dtype=torch.float64)
+    angles = torch.tensor([[rope_angle(n, 2 * i, Dh, grid) for i in range(Dh // 2)]
+                           for n in range(N)], dtype=torch.float64)
     z = torch.view_as_complex(x.reshape(B, H, N, Dh // 2, 2).contiguous())
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).reshape(B, H, N, Dh)
 
@@ -178,12 +187,14 @@ def manual_block(blk, x, c, grid, qknorm):
     H = blk.attn.num_heads
     Dh = D // H
     mods = F.silu(c) @ P["adaLN_modulation.1.weight"].T + P["adaLN_modulation.1.bias"]
-    sh1, sc1, g1, sh2, sc2, g2 = [mods[:, k * D:(k + 1) * D, None].transpose(1, 2) for k in range(6)]
+    sh1, sc1, g1, sh2, sc2, g2 = [mods[:, k * D:(k + 1) * D, None].transpose(1, 2)
+                                  for k in range(6)]
     h = manual_rmsnorm(x, P["norm1.weight"]) * (1 + sc1) + sh1
     qkv = h @ P["attn.qkv.weight"].T + P["attn.qkv.bias"]
     q, k, v = [qkv[..., s * D:(s + 1) * D].reshape(B, N, H, Dh).transpose(1, 2) for s in range(3)]
     if qknorm:
-        q, k = manual_rmsnorm(q, P["attn.q_norm.weight"]), manual_rmsnorm(k, P["attn.k_norm.weight"])
+        q = manual_rmsnorm(q, P["attn.q_norm.weight"])
+        k = manual_rmsnorm(k, P["attn.k_norm.weight"])
     q, k = manual_rope(q, grid), manual_rope(k, grid)
     s = q @ k.transpose(-1, -2) / math.sqrt(Dh)
     p = torch.exp(s - s.max(-1, keepdim=True).values)
@@ -193,7 +204,8 @@ def manual_block(blk, x, c, grid, qknorm):
     h = manual_rmsnorm(x, P["norm2.weight"]) * (1 + sc2) + sh2
     ab = h @ P["mlp.w12.weight"].T + P["mlp.w12.bias"]
     hid = ab.shape[-1] // 2
-    m = (ab[..., :hid] * torch.sigmoid(ab[..., :hid]) * ab[..., hid:]) @ P["mlp.w3.weight"].T + P["mlp.w3.bias"]
+    swiglu = ab[..., :hid] * torch.sigmoid(ab[..., :hid]) * ab[..., hid:]
+    m = swiglu @ P["mlp.w3.weight"].T + P["mlp.w3.bias"]
     return x + g2 * m
 
 
@@ -218,16 +230,18 @@ def test_model_matches_manual_computation():
     out = model(x, t, y)
 
     xd = x.double()
-    tokens = torch.stack([xd[:, :, r * p:(r + 1) * p, q * p:(q + 1) * p].reshape(B, -1)  # (c, p, q) order
-                          for r in range(g) for q in range(g)], dim=1)
-    h = tokens @ P["x_embedder.proj.weight"].reshape(D, -1).T + P["x_embedder.proj.bias"] + P["pos_embed"]
+    tokens = torch.stack([xd[:, :, r * p:(r + 1) * p, q * p:(q + 1) * p].reshape(B, -1)
+                          for r in range(g) for q in range(g)], dim=1)  # (c, p, q) order
+    w_patch = P["x_embedder.proj.weight"].reshape(D, -1)
+    h = tokens @ w_patch.T + P["x_embedder.proj.bias"] + P["pos_embed"]
     tf = TimestepEmbedder.timestep_embedding(t).double()
     te = F.silu(tf @ P["t_embedder.mlp.0.weight"].T + P["t_embedder.mlp.0.bias"])
     te = te @ P["t_embedder.mlp.2.weight"].T + P["t_embedder.mlp.2.bias"]
     c = te + P["y_embedder.embedding_table.weight"][y]
     for blk in model.blocks:
         h = manual_block(blk, h, c, grid=g, qknorm=True)
-    mods = F.silu(c) @ P["final_layer.adaLN_modulation.1.weight"].T + P["final_layer.adaLN_modulation.1.bias"]
+    w, b = P["final_layer.adaLN_modulation.1.weight"], P["final_layer.adaLN_modulation.1.bias"]
+    mods = F.silu(c) @ w.T + b
     shift, scale = mods[:, None, :D], mods[:, None, D:]
     h = manual_rmsnorm(h, P["final_layer.norm_final.weight"]) * (1 + scale) + shift
     h = h @ P["final_layer.linear.weight"].T + P["final_layer.linear.bias"]  # (B, N, p*p*C)
@@ -243,7 +257,7 @@ def test_model_matches_manual_computation():
     torch.testing.assert_close(model(x, torch.tensor(0.2), y)[0], model(x, t, y)[0])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Label dropout, FLOPs
 
 
@@ -270,19 +284,21 @@ def test_flops_per_image():
 
     model = tiny()
     B = 3
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA = counted bmm
+    # Math SDPA = counted bmm.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, 8, 8), torch.rand(B), torch.tensor([0, 1, 2]))
     assert counter.get_total_flops() == B * forward_flops_per_image(model)
     assert training_flops_per_image(model) == 3 * forward_flops_per_image(model)
     with torch.device("meta"):
         xl = build_dit("XL/1", input_size=16, in_channels=32)
     N, D, L = 256, 1152, 28
-    per_layer = 2 * N * (3 * D * D + D * D + D * 2 * 3072 + 3072 * D) + 2 * D * 6 * D + 4 * N * N * D
+    per_token = 3 * D * D + D * D + D * 2 * 3072 + 3072 * D  # qkv, proj, w12, w3
+    per_layer = 2 * N * per_token + 2 * D * 6 * D + 4 * N * N * D
     expected = L * per_layer + 2 * N * (32 * D + D * 32) + 2 * (256 * D + D * D + D * 2 * D)
     assert forward_flops_per_image(xl) == expected
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Numerics: bf16 autocast, grad checkpointing
 
 
@@ -296,12 +312,13 @@ def test_bf16_autocast_close_to_fp32():
         loss, parts = flow_matching_loss(model, x, y, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.03
-    assert loss.dtype == torch.float32 and parts["mse"].dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.dtype == torch.float32 and parts["mse"].dtype == torch.float32
+    assert torch.isfinite(loss)
 
 
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(0)
-    model = randomize_(tiny(), scale=0.1).eval()  # eval: no random label dropout between the two runs
+    model = randomize_(tiny(), scale=0.1).eval()  # eval: no random label dropout between runs
     x1, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 2, 3])
     grads = []
     for ckpt in (False, True):
@@ -314,7 +331,7 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flow matching
 
 
@@ -342,10 +359,11 @@ def test_flow_matching_conventions():
 
 def test_loss_decreases_on_tiny_latent_set():
     """16 latents, one class each (no label dropout): given y the data point is known, so the exact
-    velocity is predictable and the loss can fall far below its initial value of ~3 (MSE 2 + cos 1)."""
+    velocity is predictable and the loss can fall far below its initial value of ~3
+    (MSE 2 + cos 1)."""
     torch.manual_seed(0)
-    model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                         num_classes=16, class_dropout_prob=0.0)
+    model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2,
+                         num_heads=4, num_classes=16, class_dropout_prob=0.0)
     x1 = torch.randn(16, 4, 4, 4)
     y = torch.arange(16)
 
@@ -353,7 +371,8 @@ def test_loss_decreases_on_tiny_latent_set():
         model.eval()
         with torch.no_grad():
             g = torch.Generator().manual_seed(123)
-            return sum(flow_matching_loss(model, x1, y, generator=g)[0].item() for _ in range(16)) / 16
+            losses = [flow_matching_loss(model, x1, y, generator=g)[0].item() for _ in range(16)]
+            return sum(losses) / 16
 
     before = eval_loss()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
