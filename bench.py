@@ -23,7 +23,9 @@ Each fast path can be switched off to measure what it brings: --compile off (tor
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
 Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer conv nets),
 --no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward), --grad_checkpointing
-(DiT: less memory, more compute). Default batches fit an 80 GB GPU.
+(DiT: less memory, more compute). Default batches fit an 80 GB GPU. `--part t2i --fsdp` shards the
+text-to-image model as `train_t2i.py --fsdp` does (common.parallelize), here over one GPU: its cost
+next to DDP's, whose step it otherwise is.
 
 --vs_official PATH times a checkout of hustvl/LightningDiT (github.com/hustvl/LightningDiT; it needs
 timm and einops) in the same process and protocol: its XL/1 as its config trains it (SwiGLU, RoPE,
@@ -44,7 +46,8 @@ import torch
 import dit
 import flops as model_flops
 import t2i
-from common import EMA, add_compile_arg, at_least, autocast, unwrap, use_bf16, use_compile
+from common import (EMA, DistEnv, add_compile_arg, add_fsdp_arg, at_least, autocast,
+                    cleanup_distributed, parallelize, unwrap, use_bf16, use_compile)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
@@ -335,11 +338,11 @@ def bench_t2i(args, cfg, device, bf16, B):
     the LightningDiT, whose latents are precomputed): their outputs are random tensors of the right shape."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
-    model.to(device)
     flops = 3 * model_flops.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
+    # As train_t2i.py: on the device and compiled, or with --fsdp sharded (over one GPU here).
+    train_model = parallelize(model, ema, DistEnv(0, 0, 1, device), args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
-    train_model = torch.compile(model) if use_compile(args.compile, device) else model
     x1 = torch.randn(B, C, H, W, device=device)
     text = (torch.randn(B, L, text_dim, device=device), torch.arange(L, device=device).expand(B, L) < L // 2)
 
@@ -371,6 +374,7 @@ def parse_args(argv=None):
                    "default: each part's own, fitting an 80 GB GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
     add_compile_arg(p)
+    add_fsdp_arg(p)  # the text-to-image step only
     p.add_argument("--vs_official", metavar="PATH", help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
@@ -409,6 +413,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"switches": switches, "rows": rows}, f, indent=1)
+    cleanup_distributed()  # --fsdp's process group of one
     return rows
 
 

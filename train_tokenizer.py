@@ -20,8 +20,9 @@ from tqdm import tqdm
 import fid
 from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args, at_least,
-                    autocast, check_writable, cleanup_distributed, save_checkpoint, save_json, script_main,
-                    seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+                    autocast, check_writable, cleanup_distributed, refuse_sharded, save_checkpoint,
+                    save_json, script_main, seed_everything, setup_distributed, use_bf16,
+                    use_compile, wrap_ddp)
 from harness import Run
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range, to_uint8
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips, default_config,
@@ -95,6 +96,7 @@ def build_tokenizer(args, log):
         init, model = None, AlignedTokenizer(cfg, encoder)
     else:
         init = os.path.abspath(args.init or os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt"))
+        refuse_sharded(init, "tokenizer")
         if not os.path.isfile(init):
             raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, but {init} does not "
                             f"exist: run --stage {args.stage - 1} first (same --run_dir) or pass --init PATH")
@@ -118,6 +120,10 @@ def build_tokenizer(args, log):
 def train(args, env):
     seed_everything(args.seed, env.rank)
     device, bf16 = env.device, use_bf16(args.precision, env.device)
+    if args.fsdp:
+        raise UserError("train_tokenizer.py does not shard (--fsdp is for train_dit.py and "
+                        "train_t2i.py): the tokenizer fits a GPU under DDP (the default); drop "
+                        "--fsdp")
     if args.batch_size % env.world_size:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} ranks")
     disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
