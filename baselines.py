@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint
+from common import UserError, load_checkpoint, refuse_sharded
 from tokenizer import AttnBlock, Decoder, ResnetBlock, _group_norm, load_aligned_tokenizer
 
 
@@ -258,6 +258,7 @@ def load_tokenizer(path: str, image_size: int | None = None):
     ours (tokenizer.py), or a baseline: a diffusers AutoencoderKL (a folder or a hub name) or a
     VA-VAE checkpoint, at `image_size` (default 256). All offer encode, decode, latent_shape, config
     and decoding_modules."""
+    refuse_sharded(path, "tokenizer")
     if os.path.isdir(path) or not (os.path.exists(path) or path.endswith((".pt", ".pth", ".ckpt"))):
         return load_diffusers_vae(path, image_size or 256)
     ckpt = load_checkpoint(path, "tokenizer checkpoint")

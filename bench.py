@@ -27,7 +27,9 @@ Each fast path can be switched off to measure what it brings: --compile off (tor
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
 Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer conv nets),
 --no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward), --grad_checkpointing
-(DiT: less memory, more compute). Default batches fit an 80 GB GPU.
+(DiT: less memory, more compute). Default batches fit an 80 GB GPU. `--part t2i --fsdp` shards the
+text-to-image model as `train_t2i.py --fsdp` does (common.parallelize), here over one GPU: its cost
+next to DDP's, whose step it otherwise is.
 
 Each row also gives the time of the first step (compilation, lazy initialisation): `first_step_s`.
 --profile DIR writes, for each part after its timing, torch.profiler's operator table of two more
@@ -55,7 +57,8 @@ import torch
 import dit
 import flops as model_flops
 import t2i
-from common import EMA, at_least, autocast, unwrap, use_bf16, use_compile
+from common import (EMA, DistEnv, add_fsdp_arg, at_least, autocast, cleanup_distributed,
+                    parallelize, unwrap, use_bf16, use_compile)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
 CONFIGS = {
@@ -415,11 +418,14 @@ def t2i_training_step(args, cfg, device, bf16):
     train_t2i.py on latents x1 and text = (states, mask)."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
-    model.to(device)
     flops = 3 * model_flops.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
+    if args.fsdp:  # as train_t2i.py --fsdp: sharded (over one GPU here), each block compiled
+        train_model = parallelize(model, ema, DistEnv(0, 0, 1, device), args)
+    else:
+        train_model = compiled(model.to(device), args, device)
+        ema.model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
-    train_model = compiled(model, args, device)
 
     def train(x1, text):
         with autocast(device, bf16), attention_backend(args.attention):
@@ -526,6 +532,7 @@ def parse_args(argv=None):
                    help="torch.compile the whole model (on; auto: on CUDA), each of its blocks "
                    "(regional: compiles one block, a faster first step; the tokenizer: its "
                    "networks), or nothing")
+    add_fsdp_arg(p)  # the text-to-image step only
     p.add_argument("--vs_official", metavar="PATH", help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
@@ -576,6 +583,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"switches": switches, "rows": rows}, f, indent=1)
+    cleanup_distributed()  # --fsdp's process group of one
     return rows
 
 

@@ -1,6 +1,7 @@
 """The plumbing every script shares, written once so that the other files can be about the method.
 
-- torchrun/DDP set-up and shutdown, per-rank seeding, bf16 autocast;
+- torchrun set-up and shutdown, per-rank seeding, bf16 autocast; data parallelism: DDP, or FSDP2
+  (`parallelize`) for models that do not fit a GPU, and gradient accumulation over micro-batches;
 - the flags every trainer shares, and checks of their ranges at parse time;
 - rank-0 logging to the console and to `log.jsonl` (harness.py: the rest of a training run's bookkeeping);
 - atomic writes (temporary file, then rename), safe checkpoint loading, pretrained weight files;
@@ -8,6 +9,7 @@
 """
 
 import argparse
+import contextlib
 import copy
 import glob
 import json
@@ -84,8 +86,10 @@ def in_range(lo, hi, kind=float, lo_open=False, hi_open=False):
 
 
 def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: float, betas, ema_decay: float,
-                          optimiser: str = "AdamW", grad_clip: float | None = None):
-    """The optimisation flags every trainer has, with its defaults (constant lr; AdamW: weight decay too)."""
+                          optimiser: str = "AdamW", grad_clip: float | None = None,
+                          micro_batch: bool = False):
+    """The optimisation flags every trainer has, with its defaults (constant lr; AdamW: weight decay
+    too; `micro_batch`: gradient accumulation, see `micro_batches`)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
     g.add_argument("--batch_size", type=at_least(1), default=batch_size, help="global batch size (split over ranks)")
@@ -101,7 +105,21 @@ def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: f
     if grad_clip is not None:
         g.add_argument("--grad_clip", type=at_least(0.0, float), default=grad_clip,
                        help="max gradient norm (0: no clipping)")
+    if micro_batch:
+        g.add_argument("--micro_batch", type=at_least(1), help="per-rank batch per forward; "
+                       "below batch_size / ranks: gradient accumulation (default: none)")
     return g
+
+
+def micro_batches(args, env) -> tuple[int, int]:
+    """(samples per forward on a rank, forwards per optimiser step): --batch_size is the global
+    batch, split over the ranks, and each rank's share into --micro_batch (default: all of it)."""
+    per_rank = args.batch_size // env.world_size
+    micro = getattr(args, "micro_batch", None) or per_rank
+    if args.batch_size % env.world_size or per_rank % micro:
+        raise UserError(f"--batch_size {args.batch_size} must split into {env.world_size} ranks x "
+                        f"whole micro-batches of --micro_batch {micro}")
+    return micro, per_rank // micro
 
 
 def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_every: int, grids: str):
@@ -111,6 +129,7 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on CUDA, float32 on the CPU")
     add_compile_arg(g)
+    add_fsdp_arg(g)
     g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
     g.add_argument("--seed", type=at_least(0), default=0,
                    help="seeds the weights, noise and data order")
@@ -124,6 +143,13 @@ def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_
 def add_compile_arg(p):
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile the networks (auto: on CUDA, where it pays; the CPU stays eager)")
+
+
+def add_fsdp_arg(p):
+    p.add_argument("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"),
+                   help="shard the weights, gradients, AdamW state and EMA over the ranks (FSDP2) "
+                        "instead of a full copy per GPU (DDP); 'hybrid' (HSDP): shard within each "
+                        "node, replicate across nodes. Checkpoints: the folder <run_dir>/ckpt/")
 
 
 def use_compile(flag: str, device: torch.device) -> bool:
@@ -216,6 +242,16 @@ def seed_everything(seed: int, rank: int = 0):
     torch.manual_seed(seed + rank)
 
 
+@contextlib.contextmanager
+def same_on_every_rank(seed: int):
+    """Random draws from `seed` alone inside (then this rank's own stream goes on): the initial
+    weights of a model are the same on every rank. FSDP shards them as each rank made them; DDP
+    would copy rank 0's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """--precision auto is bf16 on CUDA and float32 on the CPU (where bf16 is slow); bf16 on the CPU
     is allowed so that tests cover that path."""
@@ -238,6 +274,79 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind DDP and/or torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def parallelize(model: torch.nn.Module, ema: "EMA", env: DistEnv, args) -> torch.nn.Module:
+    """Put the model and its EMA on this rank's device and return the module to train. DDP (the
+    default): a full copy per GPU, gradients all-reduced in backward, torch.compile'd where it pays.
+    --fsdp: both sharded in place by FSDP2 (`shard_model`), each block compiled; each rank keeps
+    only its shards, so the model is built on the CPU and never whole on a GPU. Build the optimiser
+    after this: FSDP replaces the parameters by sharded ones (DTensors)."""
+    compiled = use_compile(args.compile, env.device)
+    if not args.fsdp:
+        for m in (model, ema.model):
+            m.to(env.device)
+        train_model = wrap_ddp(model, env)
+        return torch.compile(train_model) if compiled else train_model  # all-reduces still overlap
+    mesh = device_mesh(env, args.fsdp)
+    bf16 = use_bf16(args.precision, env.device)
+    # Our models' outputs are never changed in place, which is what this warning is about.
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
+    shard_model(model, mesh, bf16, compile_blocks=compiled)
+    shard_model(ema.model, mesh, bf16)
+    return model
+
+
+def device_mesh(env: DistEnv, mode: str):
+    """The ranks FSDP shards over: all of them ('shard'), or a 2-D mesh (nodes, ranks per node) for
+    'hybrid', sharding within a node (fast links) and replicating across nodes. A plain `python`
+    run (bench.py on one GPU) gets a process group of one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    if mode == "shard":
+        return init_device_mesh(env.device.type, (env.world_size,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    return init_device_mesh(env.device.type, (env.world_size // per_node, per_node),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: torch.nn.Module, mesh, bf16: bool, compile_blocks: bool = False):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`, see PyTorch's FSDP2 tutorial) on each block of
+    the model's top-level ModuleLists (LightningDiT: blocks; text-to-image: double_blocks and
+    single_blocks), then on the root (embedders, final layer). Each unit's parameters are gathered
+    just before it runs and freed after, its gradients reduce-scattered in backward. Mixed
+    precision: bf16 weights in the forward and backward under bf16, gradients reduced and kept in
+    float32. `compile_blocks` compiles each block's forward (not the module, whose FSDP hooks stay
+    outside the compiled graph; the parameter names stay those of the plain model)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32)
+    for blocks in model.children():
+        for block in blocks if isinstance(blocks, torch.nn.ModuleList) else ():
+            if compile_blocks:
+                block.forward = torch.compile(block.forward)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """The context of one micro-batch's backward in gradient accumulation; `sync` on the last.
+    DDP all-reduces only then (each rank holds full gradients anyway). FSDP reduce-scatters every
+    micro-batch, which keeps the gradients sharded (unsynchronised FSDP gradients stay unsharded,
+    a full copy per GPU); HSDP's all-reduce across nodes waits for the last."""
+    model = getattr(model, "_orig_mod", model)  # behind torch.compile
+    if hasattr(model, "set_requires_all_reduce"):  # FSDP2; a no-op without replicas
+        model.set_requires_all_reduce(sync)
+    elif not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,8 +393,18 @@ def load_json(path: str, what: str):
         raise UserError(f"could not read the {what} {path} ({e}); delete it if it is damaged") from None
 
 
+def refuse_sharded(path: str, what: str):
+    """One line for a sharded (--fsdp) training checkpoint folder given where a file is expected."""
+    if os.path.isfile(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint's index
+        export = os.path.join(os.path.dirname(os.path.abspath(path)), "export.pt")
+        raise UserError(f"{path} is a sharded (--fsdp) training checkpoint, not a {what} file: use "
+                        f"its run's {export} (written when the run ends, or with `python "
+                        "train_t2i.py --export --run_dir RUN`; train_dit.py alike)")
+
+
 def load_checkpoint(path: str, what: str = "checkpoint"):
     """torch.load on the CPU with weights_only=True: tensors and plain containers only, never code."""
+    refuse_sharded(path, what)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
@@ -334,20 +453,20 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
 class EMA:
     """Exponential moving average of a model's trainable weights, kept as a frozen copy of the model:
     ema <- decay * ema + (1 - decay) * weights after every step. It is what we evaluate and export
-    (smoother than the raw weights late in training). Frozen parameters stay as they were copied."""
+    (smoother than the raw weights late in training). Frozen parameters stay as they were copied.
+    Under FSDP the copy is sharded as the model is (`parallelize`); each rank updates its shards."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
-        ema_params = dict(self.model.named_parameters())
-        self._ema = [ema_params[n] for n in self._names]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
-        params = dict(model.named_parameters())
+        params, ema = dict(model.named_parameters()), dict(self.model.named_parameters())
         # One fused kernel for all tensors: ema += (1 - decay) * (param - ema).
-        torch._foreach_lerp_(self._ema, [params[n].detach() for n in self._names], 1.0 - self.decay)
+        torch._foreach_lerp_([local(ema[n]) for n in self._names],
+                             [local(params[n].detach()) for n in self._names], 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

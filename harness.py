@@ -1,7 +1,8 @@
 """The bookkeeping of a training run, which every trainer's loop calls explicitly (`Run`): refuse to
 overwrite a run, exact resume (every state dict and every rank's RNG), log lines and checkpoints at
-their cadence, a graceful stop on SIGTERM/Ctrl-C, a guard against non-finite losses; and the run's
-log file (`read_log`) and curves (`plot_curves`).
+their cadence (one file, or a sharded folder under FSDP: checkpoints.py), a graceful stop on
+SIGTERM/Ctrl-C, a guard against non-finite losses; and the run's log file (`read_log`) and curves
+(`plot_curves`).
 """
 
 import json
@@ -16,9 +17,9 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import checkpoints
 import flops
-from common import (DistEnv, Logger, UserError, atomic_write, check_writable, load_checkpoint,
-                    save_checkpoint, use_bf16, use_compile)
+from common import DistEnv, Logger, UserError, atomic_write, check_writable, use_bf16, use_compile
 
 
 def rng_states(env: DistEnv) -> list[dict]:
@@ -105,7 +106,7 @@ class Run:
                     run.log(done, lr=...)              # means over ranks -> console, log.jsonl, TensorBoard
                 stop = run.stop_requested(done)        # SIGTERM/Ctrl-C, agreed by all ranks
                 if run.due(args.ckpt_every, done) or stop:
-                    run.save(done)                     # ckpt.pt (+ ckpt_<step>.pt every --keep_every)
+                    run.save(done)                     # ckpt.pt or ckpt/ (+ kept copies)
                 if stop:
                     break
 
@@ -114,7 +115,9 @@ class Run:
     position), which a checkpoint saves with every rank's RNG and `resume` restores exactly. `log` and
     `save` refuse to go past a non-finite recorded value. Leaving the `with` block closes the progress
     bar and the signal handlers and, after a run that was not interrupted by an error, draws the
-    curves. `stopped` is True after a SIGTERM/Ctrl-C stop (script_main then exits with EXIT_STOPPED).
+    curves; after a sharded (--fsdp) run that reached its last step, it writes export.pt, the single
+    file that sample.py loads (checkpoints.export). `stopped` is True after a SIGTERM/Ctrl-C stop
+    (script_main then exits with EXIT_STOPPED).
     """
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict | None = None,
@@ -125,10 +128,12 @@ class Run:
         self.batch_size, self.flops_per_image = batch_size, flops_per_image
         self.skipped = skipped or (lambda: 0)  # unreadable files so far (a collective)
         self.nan_advice, self.show = nan_advice, show
-        self.ckpt_path = os.path.join(run_dir, "ckpt.pt")
-        if not args.resume and os.path.exists(self.ckpt_path):
-            raise UserError(f"{self.ckpt_path} exists: pass --resume to continue that run, or use "
-                            "another --run_dir (we do not overwrite training progress)")
+        self.sharded = bool(getattr(args, "fsdp", None))
+        if env.is_main:
+            checkpoints.ShardedCheckpoint(run_dir).recover()  # after a kill during a sharded save
+        env.barrier()
+        self.checkpoint = checkpoints.open_checkpoint(run_dir, self.sharded, args.resume)
+        self.ckpt_path = self.checkpoint.path
         if args.keep_every % args.ckpt_every:
             raise UserError(f"--keep_every {args.keep_every} must be a multiple of --ckpt_every "
                             f"{args.ckpt_every} (kept checkpoints are copies of saved ones)")
@@ -148,26 +153,28 @@ class Run:
         self.logger.info(msg)
 
     def resume(self) -> int:
-        """Restore every part and every rank's RNG from ckpt.pt; returns the step to continue from.
-        The optimisers keep this run's lr, betas and weight decay, so that `--resume --lr 1e-5` after
-        a loss spike does lower the lr."""
-        ckpt = load_checkpoint(self.ckpt_path, "training checkpoint to resume")
+        """Restore every part and every rank's RNG from the checkpoint; returns the step to continue
+        from. The optimisers keep this run's lr, betas and weight decay, so that `--resume --lr
+        1e-5` after a loss spike does lower the lr. A sharded checkpoint resumes on any number of
+        ranks (DCP reshards it); ranks it did not have get RNG streams of their own
+        (set_rng_states)."""
+        ckpt = self.checkpoint.read()
         differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
         if differ:
             raise UserError(f"{self.ckpt_path} comes from a different run: "
                             + "; ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
                             + " (other architecture flags, or other latents/tokenizer?)")
-        for name, part in self.state.items():
-            if isinstance(part, torch.optim.Optimizer):
-                hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
-                         for g in part.param_groups]
-                part.load_state_dict(ckpt[name])
-                for group, h in zip(part.param_groups, hyper):
-                    group.update(h)
-            else:
-                part.load_state_dict(ckpt[name])
+        opts = [p for p in self.state.values() if isinstance(p, torch.optim.Optimizer)]
+        hyper = [[{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
+                  for g in opt.param_groups] for opt in opts]
+        self.checkpoint.load(self.state, ckpt)
+        for opt, groups in zip(opts, hyper):
+            for group, h in zip(opt.param_groups, groups):
+                group.update(h)
         set_rng_states(ckpt["rng"], self.env)
-        self.info(f"resumed at step {ckpt['step']} from {self.ckpt_path}")
+        ranks = (f" (saved on {len(ckpt['rng'])} ranks)" if len(ckpt["rng"]) != self.env.world_size
+                 else "")
+        self.info(f"resumed at step {ckpt['step']} from {self.ckpt_path}{ranks}")
         # A resumed run re-runs the steps after its checkpoint: its records replace the earlier
         # records of those steps (`read_log` keeps the last).
         self._log_event("resume", ckpt["step"])
@@ -223,18 +230,13 @@ class Run:
         return self.stopped
 
     def save(self, done: int):
-        """Every state dict and every rank's RNG: all a resume needs; also kept as ckpt_<step>.pt
+        """Every state dict and every rank's RNG: all a resume needs; also kept as ckpt_<step>
         every --keep_every steps. A collective: all ranks call it."""
         self.guard.check(self.env, self.ckpt_path, self.nan_advice)  # never save past a NaN
-        rng = rng_states(self.env)
-        state = {name: part.state_dict() for name, part in self.state.items()}  # some gather
-        if self.env.is_main:
-            ckpt = {**self.identity, "step": done, **self.meta, **state, "rng": rng,
-                    "args": vars(self.args)}
-            save_checkpoint(ckpt, self.ckpt_path)
-            keep = self.args.keep_every
-            if keep and done % keep == 0:
-                save_checkpoint(ckpt, os.path.join(self.dir, f"ckpt_{done:07d}.pt"))
+        extras = {**self.identity, "step": done, **self.meta, "rng": rng_states(self.env),
+                  "args": vars(self.args)}
+        keep = self.args.keep_every and done % self.args.keep_every == 0
+        self.checkpoint.save(self.state, extras, self.env, f"ckpt_{done:07d}" if keep else None)
         if self.stopped:
             self.info(f"stopped at step {done}; continue with --resume")
 
@@ -250,6 +252,8 @@ class Run:
                 self.info(f"{skipped} unusable samples were skipped (see the warnings above)")
             if self.logger.path:
                 self._draw_curves()
+            if self.sharded and not self.stopped and self.env.is_main:
+                self.info(f"EMA weights for sample.py -> {checkpoints.export(self.dir)}")
             self.env.barrier()
 
     def _log_event(self, event: str, step: int):

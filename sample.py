@@ -34,6 +34,7 @@ from tqdm import tqdm
 from captions import parse_size
 from common import (HelpFormatter, Logger, UserError, add_compile_arg, at_least, atomic_write, autocast,
                     check_writable, cleanup_distributed, in_range, load_checkpoint, load_json,
+                    refuse_sharded,
                     save_json, script_main, setup_distributed, use_bf16, use_compile)
 from data import save_grid, to_uint8
 from dit import build_dit
@@ -168,6 +169,7 @@ def dit_latent_shape(model) -> tuple[int, ...]:
 
 def load_models(ckpt: str, tokenizer_path: str | None, ema: bool):
     """(LightningDiT, tokenizer, checkpoint metadata) on the CPU, checked against each other."""
+    refuse_sharded(ckpt, "LightningDiT checkpoint")
     if not os.path.isfile(ckpt):
         raise UserError(f"no LightningDiT checkpoint at {ckpt}: train one first (python train_dit.py) or pass --ckpt")
     model, meta = load_dit(ckpt, ema=ema)

@@ -11,21 +11,25 @@ Pre-extracting makes the diffusion training independent of the tokenizer: one pa
 instead of one per epoch, and the tokenizer's decoder can still be refined afterwards (stage 3),
 because the latent space no longer changes. Latents are normalised per channel with the mean/std of
 ~10K of them (stored with the latents and in every checkpoint, so sampling can undo it).
+
+`--fsdp` shards the model, gradients, AdamW state and EMA over the ranks (as train_t2i.py does;
+XL/1 fits a GPU with DDP, the default); `--export` then writes the single file sample.py loads.
 """
 
 import argparse
-import contextlib
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import dit
 import flops
 from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args,
-                    add_runtime_args, at_least, autocast, cleanup_distributed, load_json, save_json,
-                    script_main, seed_everything, setup_distributed, use_bf16, use_compile, wrap_ddp)
+                    add_runtime_args, at_least, autocast, cleanup_distributed, gradient_sync,
+                    load_json, micro_batches, parallelize, same_on_every_rank, save_json,
+                    script_main, seed_everything, setup_distributed, use_bf16)
 from harness import Run
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
@@ -151,6 +155,8 @@ def parse_args(argv=None):
     p.add_argument("--latents", default="runs/latents", help="folder of extracted latents")
     p.add_argument("--run_dir", default="runs/dit", help="where ckpt.pt, log.jsonl and sample grids go")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
+    p.add_argument("--export", action="store_true", help="only write <run_dir>/export.pt (for "
+                   "sample.py) from the run's sharded --fsdp checkpoint, in one process")
     g = p.add_argument_group("latent extraction (--extract)")
     g.add_argument("--extract", action="store_true", help="encode --data with --tokenizer into --latents, then stop")
     g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="tokenizer to encode with: "
@@ -167,10 +173,9 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=at_least(1), help="override the named size's depth")
     g.add_argument("--num_heads", type=at_least(1), help="override the named size's head count")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    g = add_optimisation_args(p, steps=80_000, steps_help="80K steps at batch 1024 = 64 ImageNet epochs",
-                              batch_size=1024, lr=2e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=0.0)
-    g.add_argument("--micro_batch", type=at_least(1), help="per-rank batch per forward; smaller than "
-                   "batch_size / ranks means gradient accumulation (default: no accumulation)")
+    add_optimisation_args(p, steps=80_000, steps_help="80K steps at batch 1024 = 64 ImageNet "
+                          "epochs", batch_size=1024, lr=2e-4, betas=(0.9, 0.95), ema_decay=0.9999,
+                          grad_clip=0.0, micro_batch=True)
     g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
     g.add_argument("--grid_cfg", type=at_least(0.0, float), default=1.0,
                    help="CFG scale of the sample grids")
@@ -189,52 +194,47 @@ def train(args, env):
     dataset = LatentDataset(args.latents)  # first: a missing latent folder fails before anything is written
     seed_everything(args.seed, env.rank)
     device, bf16 = env.device, use_bf16(args.precision, env.device)
-    per_rank = args.batch_size // env.world_size
-    micro = args.micro_batch or per_rank
-    if args.batch_size % env.world_size or per_rank % micro:
-        raise UserError(f"--batch_size {args.batch_size} must split into {env.world_size} ranks x whole micro-batches "
-                        f"of --micro_batch {micro}")
-    accum = per_rank // micro  # gradient accumulation steps per optimiser step
+    micro, accum = micro_batches(args, env)  # samples per forward, forwards per optimiser step
     stats = dataset.latent_stats()
     mean, std = (stats[k].to(device).view(1, -1, 1, 1) for k in ("mean", "std"))
     kwargs = model_args(args, dataset)
-    model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
+    with same_on_every_rank(args.seed):  # on the CPU
+        model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs)
+    flops_per_image = flops.training_flops_per_image(model)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
     ema = EMA(model, args.ema_decay)
+    train_model = parallelize(model, ema, env, args)  # DDP, or FSDP: both sharded in place
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
     # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
-    grid = SampleGrid(dataset, device, bf16, args.grid_cfg) if env.is_main and args.grid_every else None
+    grid = SampleGrid(dataset, env, bf16, args.grid_cfg) if args.grid_every else None
     meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config", "tokenizer_fingerprint",
                                              "classes")}
-    train_model = wrap_ddp(model, env)
-    if use_compile(args.compile, device):  # the DDP module: gradient all-reduces still overlap
-        train_model = torch.compile(train_model)
     epoch = len(dataset) / 2  # samples per epoch: each image has two latents (and its flip)
     with Run(env, args, args.run_dir, meta={"latent_stats": stats, **meta},
              identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches},
              batch_size=args.batch_size, show=("loss", "img_per_s"),
-             flops_per_image=flops.training_flops_per_image(model),
+             flops_per_image=flops_per_image,
              nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should "
                         "use --qknorm (LightningDiT without QK-norm is known to spike to NaN).") as run:
-        millions = sum(p.numel() for p in model.parameters()) / 1e6
-        run.info(f"LightningDiT-{args.model} {kwargs}: {millions:.1f}M parameters; {len(dataset)} "
+        run.info(f"LightningDiT-{args.model} {kwargs}: {millions:.1f}M parameters"
+                 + (f", sharded ({args.fsdp})" if args.fsdp else "") + f"; {len(dataset)} "
                  f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
         start = run.resume() if args.resume else 0
         data = iter(batches)
         for step in range(start, args.steps):
             losses = 0
-            for i in range(accum):  # micro-batches; DDP all-reduces the gradients after the last only
+            for i in range(accum):  # micro-batches (gradient_sync: when gradients are reduced)
                 z, y = next(data)
                 x1 = (z.to(device, non_blocking=True).float() - mean) / std  # normalised (B, C, h, w)
-                last = not env.distributed or i == accum - 1
-                with contextlib.nullcontext() if last else train_model.no_sync():
+                with gradient_sync(train_model, i == accum - 1):
                     with autocast(device, bf16):
                         loss, parts = dit.flow_matching_loss(train_model, x1, y.to(device, non_blocking=True))
                     (loss / accum).backward()  # outside autocast, as PyTorch recommends
                 losses = losses + torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
-            if args.grad_clip > 0:
+            if args.grad_clip > 0:  # the norm of all gradients, also when FSDP shards them
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -255,16 +255,19 @@ def train(args, env):
 
 class SampleGrid:
     """16 EMA samples (fixed noise and classes) decoded by the tokenizer, to watch training. Skipped,
-    with a message, if the tokenizer named in the latents cannot be loaded."""
+    with a message, if the tokenizer named in the latents cannot be loaded. Drawn by every rank (the
+    sharded model's forward is a collective; under DDP the others would wait for rank 0 anyway),
+    written by rank 0."""
 
-    def __init__(self, dataset, device, bf16, cfg_scale):
-        self.device, self.bf16, self.cfg_scale, self.stats = device, bf16, cfg_scale, dataset.latent_stats()
+    def __init__(self, dataset, env, bf16, cfg_scale):
+        self.device, self.bf16, self.cfg_scale = env.device, bf16, cfg_scale
+        self.stats = dataset.latent_stats()
         try:
             self.tokenizer = load_tokenizer(dataset.meta["tokenizer"], dataset.meta["tokenizer_config"]["image_size"])
             for module in self.tokenizer.decoding_modules():
-                module.to(device)
+                module.to(env.device)
         except UserError as e:
-            print(f"no sample grids: {e}")
+            Logger(env).info(f"no sample grids: {e}")
             self.tokenizer = None
         self.labels = torch.arange(16) % dataset.meta["num_classes"]
         self.noise = torch.randn(16, *dataset.meta["latent_shape"], generator=torch.Generator().manual_seed(0))
@@ -277,12 +280,15 @@ class SampleGrid:
             z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device), steps=30,
                                cfg_scale=self.cfg_scale)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")
-        save_grid(decode_to_uint8(self.tokenizer, z, self.stats), path, nrow=8)  # decoded in float32
+        if run.env.is_main:  # decoded in float32
+            save_grid(decode_to_uint8(self.tokenizer, z, self.stats), path, nrow=8)
         run.info(f"EMA samples (30 steps, cfg {self.cfg_scale}) -> {path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        return checkpoints.export_run(args.run_dir)
     env = setup_distributed(args.device)
     result = extract_latents(args, env) if args.extract else train(args, env)  # DDP lives and dies inside
     cleanup_distributed()

@@ -20,7 +20,8 @@ from tqdm import tqdm
 import fid
 from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args,
-                    at_least, autocast, check_writable, cleanup_distributed, save_checkpoint,
+                    at_least, autocast, check_writable, cleanup_distributed, refuse_sharded,
+                    save_checkpoint,
                     save_json, script_main, seed_everything, setup_distributed, use_bf16,
                     use_compile, wrap_ddp)
 from harness import Run
@@ -127,6 +128,7 @@ def build_tokenizer(args, log):
     else:
         previous = os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt")
         init = os.path.abspath(args.init or previous)
+        refuse_sharded(init, "tokenizer")
         if not os.path.isfile(init):
             raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
                             f"but {init} does not exist: run --stage {args.stage - 1} first (same "
@@ -154,6 +156,10 @@ def build_tokenizer(args, log):
 def train(args, env):
     seed_everything(args.seed, env.rank)
     device, bf16 = env.device, use_bf16(args.precision, env.device)
+    if args.fsdp:
+        raise UserError("train_tokenizer.py does not shard (--fsdp is for train_dit.py and "
+                        "train_t2i.py): the tokenizer fits a GPU under DDP (the default); drop "
+                        "--fsdp")
     if args.batch_size % env.world_size:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
                         f"{env.world_size} ranks")

@@ -1,6 +1,7 @@
 """Shared test settings: small thread counts (CI has 2 cores) and a helper to run torchrun."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,17 +14,27 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_torchrun(script_args, nproc=2, timeout=300, env=None):
-    """Run `torchrun --standalone --nproc_per_node=N <args>` from the repo root on CPU (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *script_args]
+def run_torchrun(script_args, nproc=2, timeout=300, env=None, nodes=1):
+    """Run `torchrun --standalone --nproc_per_node=N <args>` from the repo root on CPU (gloo); with
+    `nodes` > 1, that many torchrun agents on this machine, as on several nodes."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                 "PYTHONPATH": ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nodes == 1:
+        cmds = [[*launch, "--standalone", *script_args]]
+    else:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmds = [[*launch, f"--nnodes={nodes}", f"--node_rank={i}", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", *script_args] for i in range(nodes)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, (f"torchrun failed ({p.returncode}):\n"
+                                   f"{out[-4000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmds[0], 0, *outputs[0])
 
 
 def run_script(script_args, timeout=300, env=None):

@@ -439,3 +439,39 @@ def test_prompts_that_differ_in_colour_give_samples_of_that_colour(t5, tmp_path,
     assert mean["red"][r] > mean["blue"][r] + 10 and mean["blue"][b] > mean["red"][b] + 10, mean
     assert mean["green"][g] > max(mean["green"][r], mean["green"][b]) + 10, mean
     assert min(mean["yellow"][r], mean["yellow"][g]) > mean["yellow"][b] + 20, mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded training (--fsdp) and gradient accumulation
+
+FSDP_TOLERANCE = 1e-5  # |loss difference| per step, float32 (README: sharded training)
+
+
+def test_fsdp_matches_ddp_over_20_steps_and_its_export_samples(t2i_run, demo_captions, t5,
+                                                                 tmp_path):
+    """2 gloo ranks, 2 micro-batches of 2 per rank and step: FSDP (with gradient checkpointing, and
+    the sample grid drawn by both ranks) gives DDP's losses within FSDP_TOLERANCE, 20 steps; its
+    export.pt holds DDP's EMA weights within that tolerance, and sample.py draws from it."""
+    tok, _ = t2i_run
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    args = ["--tokenizer", tok, "--steps", 20, "--micro_batch", 2, "--ckpt_every", 10]
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, ddp, *args, "--grid_every", 0)])
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, fsdp, *args, "--grid_every", 20,
+                                            "--fsdp", "--grad_checkpointing")])
+    losses = [np.array([r["loss"] for r in read_log(str(d / "log.jsonl"))]) for d in (ddp, fsdp)]
+    assert len(losses[1]) == 20 and np.abs(losses[0] - losses[1]).max() <= FSDP_TOLERANCE, losses
+    assert (fsdp / "samples_0000020.png").exists()
+    exported = load_checkpoint(str(fsdp / "export.pt"))
+    reference = load_checkpoint(str(ddp / "ckpt.pt"))
+    assert exported["step"] == 20 and exported["kind"] == "t2i" and "opt" not in exported
+    for k, v in reference["ema"].items():
+        assert torch.allclose(exported["ema"][k], v, rtol=0, atol=FSDP_TOLERANCE), k
+    assert torch.equal(exported["latent_stats"]["mean"], reference["latent_stats"]["mean"])
+    train_t2i.main(["--export", "--run_dir", str(fsdp)])  # again from the checkpoint: the same
+    assert all(torch.equal(v, load_checkpoint(str(fsdp / "export.pt"))["ema"][k])
+               for k, v in exported["ema"].items())
+    grid = sample.main(["--ckpt", str(fsdp / "export.pt"), "--device", "cpu", "--steps", "3",
+                        "--prompt", "a red disc", "--num_samples", "2", "--out", str(tmp_path)])
+    assert Image.open(grid).size == (2 * 66 - 2, 64)
+    with pytest.raises(UserError, match="fsdp/ckpt is a sharded .* use its run's .*fsdp/export.pt"):
+        sample.main(["--ckpt", str(fsdp / "ckpt"), "--device", "cpu", "--prompt", "x"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import dit
 import sample
 import train_dit
 from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint
-from conftest import ROOT, run_torchrun, wait_for_log
+from conftest import ROOT, run_script, run_torchrun, wait_for_log
 from data import DemoShapes, to_model_range
 from harness import set_rng_states
 from baselines import load_tokenizer
@@ -125,13 +126,6 @@ def test_resume_on_more_ranks_gives_every_rank_its_own_noise():
     assert len({tuple(d.tolist()) for d in draws}) == 4
 
 
-def test_two_process_gloo_training(latents, tmp_path):
-    _, folder = latents
-    run_torchrun(["train_dit.py", "--latents", folder, "--run_dir", str(tmp_path), "--steps", "3", *TINY_DIT])
-    assert [r["step"] for r in read_log(str(tmp_path))] == [1, 2, 3]
-    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
-
-
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monkeypatch):
     _, folder = latents
     real_loss, calls = dit.flow_matching_loss, [0]
@@ -219,3 +213,135 @@ def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path
     assert "stopped at step" in out and "continue with --resume" in out, out[-3000:]
     step = load_checkpoint(os.path.join(run, "ckpt.pt"))["step"]
     assert step % 10 == 0 and 0 < step < 1000000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded training (--fsdp): FSDP2 and DCP checkpoints
+
+
+def dcp_tensors(folder):
+    """Every tensor of a sharded checkpoint (model, EMA, optimiser), whole, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = os.path.join(os.path.dirname(folder), os.path.basename(folder) + ".whole.pt")
+    dcp_to_torch_save(folder, path)
+    return torch.load(path, weights_only=False)
+
+
+def assert_same(a, b, where=""):
+    """Nested dicts and lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, (dict, list)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for k in a if isinstance(a, dict) else range(len(a)):
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_ddp_and_hsdp_runs_and_a_resume_on_four_ranks_resharded_exactly(latents, tmp_path):
+    """2 gloo ranks under DDP, and as two single-process "nodes" with --fsdp hybrid (a 2-D mesh,
+    replicated across the nodes): the same losses. The HSDP checkpoint, resumed on 4 ranks with
+    --fsdp (sharded 4 ways), is what was saved bit for bit: model, EMA, AdamW moments and steps,
+    ranks 0-1's RNG, the data position. Ranks 2-3 get new RNG streams (set_rng_states), so the
+    losses after that cannot be those of a 2-rank run."""
+    _, folder = latents
+    ddp, run = tmp_path / "ddp", tmp_path / "run"
+    args = ["train_dit.py", "--latents", folder, *TINY_DIT, "--ckpt_every", "2", "--keep_every",
+            "4"]
+    run_torchrun([*args, "--run_dir", str(ddp), "--steps", "4"])
+    assert load_checkpoint(str(ddp / "ckpt.pt"))["step"] == 4
+    run_torchrun([*args, "--run_dir", str(run), "--steps", "4", "--fsdp", "hybrid"], nproc=1,
+                 nodes=2)
+    losses = [[r["loss"] for r in read_log(d)] for d in (ddp, run)]
+    assert len(losses[0]) == 4 and np.allclose(losses[0], losses[1], rtol=0, atol=1e-5), losses
+    saved = load_checkpoint(str(run / "ckpt" / "train_state.pt"))
+    assert saved["step"] == 4 and len(saved["rng"]) == 2 and saved["args"]["fsdp"] == "hybrid"
+    shutil.copytree(run / "ckpt", tmp_path / "saved")
+    shutil.rmtree(run / "ckpt_0000004")
+    run_torchrun(["tests/fsdp_resave.py", *args[1:], "--run_dir", str(run), "--steps", "6",
+                  "--fsdp", "--resume"], nproc=4)
+    assert_same(dcp_tensors(str(tmp_path / "saved")), dcp_tensors(str(run / "ckpt_0000004")))
+    resharded = load_checkpoint(str(run / "ckpt_0000004" / "train_state.pt"))
+    assert len(resharded["rng"]) == 4 and resharded["data"] == saved["data"]
+    assert_same(resharded["rng"][:2], saved["rng"])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(str(run / "ckpt" / "train_state.pt"))["step"] == 6
+    model, meta = sample.load_dit(str(run / "export.pt"))  # written at the end of the run
+    assert meta["step"] == 6 and "opt" not in meta and meta["latent_stats"]["mean"].shape == (32,)
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import checkpoints, train_dit
+{patch}
+train_dit.main(sys.argv[1:])
+"""
+KILLS = {  # the second save (step 4) killed ...
+    "while writing": """
+real = checkpoints.save_checkpoint
+def save(obj, path):  # train_state.pt, after the shards of step 4
+    if obj["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(obj, path)
+checkpoints.save_checkpoint = save
+""",
+    "between the renames": """
+real = os.rename
+def rename(src, dst):  # ckpt.tmp -> ckpt, after ckpt -> ckpt.old
+    if str(src).endswith("ckpt.tmp") and os.path.isdir(f"{dst}.old"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.rename = rename
+"""}
+
+
+@pytest.mark.parametrize("when", sorted(KILLS))
+def test_fsdp_save_killed_keeps_the_last_checkpoint_and_resume_is_exact(latents, tmp_path, when):
+    """--fsdp in one process (a process group of one): a run killed while it saves step 4 resumes
+    from step 2 and then gives the uninterrupted run's losses exactly."""
+    _, folder = latents
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--latents", folder, *TINY_DIT, "--fsdp", "--ckpt_every", "2", "--steps", "6"]
+    train_dit.main([*args, "--run_dir", str(a)])
+    proc = run_script(["-c", KILL_IN_SAVE.format(patch=KILLS[when]), *args, "--run_dir", str(b)])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert {"ckpt.tmp", "ckpt.old"} & set(os.listdir(b)), os.listdir(b)
+    train_dit.main([*args, "--run_dir", str(b), "--resume"])
+    assert sorted(os.listdir(b / "ckpt")) == [".metadata", "__0_0.distcp", "train_state.pt"]
+    assert [r["loss"] for r in read_log(a)] == [r["loss"] for r in read_log(b)]
+    assert '"event": "resume", "step": 2,' in (b / "log.jsonl").read_text()
+    assert_same(*(load_checkpoint(str(d / "export.pt"))["ema"] for d in (a, b)))
+
+
+def test_fsdp_bad_inputs_have_clear_messages(latents, tmp_path):
+    tok_path, folder = latents
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    train_dit.main(["--latents", folder, "--run_dir", ddp, "--steps", "1", *TINY_DIT])
+    train_dit.main(["--latents", folder, "--run_dir", fsdp, "--steps", "1", *TINY_DIT, "--fsdp"])
+    with pytest.raises(UserError, match=r"ckpt.pt is a single-file \(DDP\) checkpoint: resume "
+                                        "without --fsdp"):
+        train_dit.main(["--latents", folder, "--run_dir", ddp, "--resume", *TINY_DIT, "--fsdp"])
+    with pytest.raises(UserError, match=r"fsdp/ckpt is a sharded \(--fsdp\) checkpoint: resume "
+                                        "with --fsdp"):
+        train_dit.main(["--latents", folder, "--run_dir", fsdp, "--resume", *TINY_DIT])
+    with pytest.raises(UserError, match="fsdp/ckpt exists: pass --resume"):
+        train_dit.main(["--latents", folder, "--run_dir", fsdp, *TINY_DIT])
+    sharded = (f"{fsdp}/ckpt is a sharded \\(--fsdp\\) training checkpoint, not a .* file: use "
+               f"its run's {fsdp}/export.pt")
+    with pytest.raises(UserError, match=sharded):
+        sample.main(["--ckpt", f"{fsdp}/ckpt", "--device", "cpu"])
+    with pytest.raises(UserError, match=sharded):  # e.g. train_tokenizer.py --init
+        load_tokenizer(f"{fsdp}/ckpt")
+    with pytest.raises(UserError, match=r"no sharded \(--fsdp\) checkpoint .*ddp/ckpt to export"):
+        train_dit.main(["--export", "--run_dir", ddp])
+    with pytest.raises(UserError, match="must split into 1 ranks x whole micro-batches of "
+                                        "--micro_batch 3"):
+        train_dit.main(["--latents", folder, "--run_dir", str(tmp_path / "r"), *TINY_DIT,
+                        "--micro_batch", "3"])
+    proc = run_script(["train_tokenizer.py", "--stage", "1", "--fsdp", "--device", "cpu",
+                       "--run_dir", str(tmp_path)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: train_tokenizer.py does not shard (--fsdp is for train_dit.py and train_t2i.py): "
+        "the tokenizer fits a GPU under DDP (the default); drop --fsdp"], proc.stderr
