@@ -76,9 +76,9 @@ class FIDStatistics:
                                 "normally computed on 50,000 samples, rFID on the 50,000 ImageNet "
                                 "validation images)")
             if not np.isfinite(feats).all():
-                raise UserError(f"{name}: the Inception features contain NaN/inf; the weights file "
-                                "is probably corrupt (re-download it) or the network ran in reduced "
-                                "precision")
+                raise UserError(f"{name}: the Inception features contain NaN/inf; the weights "
+                                "file is probably corrupt (re-download it) or the network ran in "
+                                "reduced precision")
             if n < d:
                 warnings.warn(f"{name}: {n} images < {d} feature dimensions, so the covariance is "
                               "rank-deficient: FID is then strongly biased upwards and not "
@@ -134,9 +134,10 @@ class FIDStatistics:
 
 @contextlib.contextmanager
 def _one_thread():
-    """One CPU thread in the body: LAPACK's symmetric eigensolvers synchronise their threads thousands
-    of times per call, and on a busy machine every synchronisation waits for a descheduled thread
-    (27 s with 2 threads against 3.7 s with 1, for a 2048x2048 eigh on a loaded 2-core machine)."""
+    """One CPU thread in the body: LAPACK's symmetric eigensolvers synchronise their threads
+    thousands of times per call, and on a busy machine every synchronisation waits for a descheduled
+    thread (27 s with 2 threads against 3.7 s with 1, for a 2048x2048 eigh on a loaded 2-core
+    machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -149,28 +150,32 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), the Frechet distance of two Gaussians.
 
     Not scipy.linalg.sqrtm(S1 @ S2) as pytorch-fid and ADM do: S1 S2 is not symmetric, its general
-    (complex Schur) square root is fragile on near-singular covariances, and one NumPy/SciPy BLAS build
-    got it wrong (FIDs of 20-40 instead of 2). Only the trace is needed, and S1 S2 = R (R S2 R) R^-1
-    with R = sqrt(S1), so tr sqrt(S1 S2) = sum_i sqrt(lambda_i(M)) for the symmetric PSD M = R S2 R:
-    two symmetric eigendecompositions in float64. Eigenvalues of S1 and S2 at round-off level count as 0
-    (as matrix-rank routines count), and M keeps its min(rank S1, rank S2) largest (a threshold on M's
-    own eigenvalues, which scale like lambda(S)^2, would drop genuine small variances). Two exact
-    identities then check the linear algebra, so a broken library raises instead of printing a wrong FID.
+    (complex Schur) square root is fragile on near-singular covariances, and one NumPy/SciPy BLAS
+    build got it wrong (FIDs of 20-40 instead of 2). Only the trace is needed, and
+    S1 S2 = R (R S2 R) R^-1 with R = sqrt(S1), so tr sqrt(S1 S2) = sum_i sqrt(lambda_i(M)) for the
+    symmetric PSD M = R S2 R: two symmetric eigendecompositions in float64. Eigenvalues of S1 and S2
+    at round-off level count as 0 (as matrix-rank routines count), and M keeps its
+    min(rank S1, rank S2) largest (a threshold on M's own eigenvalues, which scale like lambda(S)^2,
+    would drop genuine small variances). Two exact identities then check the linear algebra, so a
+    broken library raises instead of printing a wrong FID.
     """
     def as_float64(a):
         return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float64)
 
     mu1, mu2 = as_float64(mu1).reshape(-1), as_float64(mu2).reshape(-1)
     s1, s2 = as_float64(sigma1), as_float64(sigma2)
-    if s1.ndim != 2 or mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
+    if (s1.ndim != 2 or mu1.shape != mu2.shape or s1.shape != s2.shape
+            or s1.shape != (mu1.numel(), mu1.numel())):
         raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
     for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
         if not torch.isfinite(a).all():
-            raise UserError(f"{name} contains NaN/inf: recompute the statistics (were the features finite?)")
+            raise UserError(f"{name} contains NaN/inf: recompute the statistics (were the "
+                            "features finite?)")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric only up to round-off
 
-    def above_round_off(w):  # eigenvalues (d,) of a covariance; those at round-off level (or negative) -> 0
+    # eigenvalues (d,) of a covariance; those at round-off level (or negative) -> 0
+    def above_round_off(w):
         return torch.where(w > w.numel() * torch.finfo(w.dtype).eps * w.abs().max(), w, 0.0)
 
     with _one_thread():
@@ -182,13 +187,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     with _one_thread():
         eig_m = torch.linalg.eigvalsh((m + m.T) / 2)  # ascending
     rank = min(int((w1 > 0).sum()), int((w2 > 0).sum()))
-    tr_sqrt = eig_m[len(eig_m) - rank:].clamp(min=0).sqrt().sum().item()  # the rank largest; the rest is round-off
-    # Checks: sum lambda(M) = tr(S1 S2) = sum(S1 * S2); tr sqrt(S1 S2) <= sqrt(tr S1 tr S2) (Cauchy-Schwarz).
+    # the rank largest; the rest is round-off
+    tr_sqrt = eig_m[len(eig_m) - rank:].clamp(min=0).sqrt().sum().item()
+    # Checks: sum lambda(M) = tr(S1 S2) = sum(S1 * S2);
+    # tr sqrt(S1 S2) <= sqrt(tr S1 tr S2) (Cauchy-Schwarz).
     tr1, tr2, tr_s1s2 = s1.trace().item(), s2.trace().item(), (s1 * s2).sum().item()
-    scale, bound = (torch.linalg.norm(s1) * torch.linalg.norm(s2)).item(), math.sqrt(max(tr1 * tr2, 0.0))
+    scale = (torch.linalg.norm(s1) * torch.linalg.norm(s2)).item()
+    bound = math.sqrt(max(tr1 * tr2, 0.0))
     if abs(eig_m.sum().item() - tr_s1s2) > 1e-6 * scale or tr_sqrt > bound * (1 + 1e-6) + 1e-12:
-        raise RuntimeError("frechet_distance: the linear algebra library returned inconsistent results (sum of "
-                           f"eigenvalues {eig_m.sum().item():.6g} vs tr(S1 S2) {tr_s1s2:.6g}; tr sqrt(S1 S2) "
-                           f"{tr_sqrt:.6g} vs bound {bound:.6g}): the installation is broken and the FID would be wrong")
+        raise RuntimeError("frechet_distance: the linear algebra library returned inconsistent "
+                           f"results (sum of eigenvalues {eig_m.sum().item():.6g} vs tr(S1 S2) "
+                           f"{tr_s1s2:.6g}; tr sqrt(S1 S2) {tr_sqrt:.6g} vs bound {bound:.6g}): "
+                           "the installation is broken and the FID would be wrong")
     diff = mu1 - mu2
-    return max((diff @ diff).item() + tr1 + tr2 - 2 * tr_sqrt, 0.0)  # >= 0 exactly; round-off can dip below
+    # >= 0 exactly; round-off can dip below
+    return max((diff @ diff).item() + tr1 + tr2 - 2 * tr_sqrt, 0.0)

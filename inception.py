@@ -3,9 +3,9 @@
 It is the 2015 TensorFlow Inception graph as pytorch-fid ported it: torchvision's Inception3 layout
 and parameter names, so pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` loads strictly, and
 the same 2048-d pool features as pytorch-fid (a test compares them), plus the 1008 logits of the
-Inception Score. What makes it the FID Inception rather than torchvision's: average pools that do not
-count the zero padding (TensorFlow's way), a max pool in Mixed_7c's pool branch (a quirk of the TF
-graph), 1008 classes, and the input resized to 299x299 and scaled to [-1, 1] inside the network.
+Inception Score. What makes it the FID Inception rather than torchvision's: average pools that do
+not count the zero padding (TensorFlow's way), a max pool in Mixed_7c's pool branch (a quirk of the
+TF graph), 1008 classes, and the input resized to 299x299 and scaled to [-1, 1] inside the network.
 """
 
 import math
@@ -26,18 +26,21 @@ SPATIAL_CHANNELS = 7  # sFID: ADM's evaluator keeps the first 7 channels of TF's
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023, flattened per image in TF's (h, w, c) order
 
 class BasicConv2d(nn.Module):
-    """Convolution (no bias: the BatchNorm's shift replaces it) -> BatchNorm (eps 0.001, TF's) -> ReLU."""
+    """Convolution (no bias: the BatchNorm's shift replaces it) -> BatchNorm (eps 0.001, TF's) ->
+    ReLU."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-def _avg_pool_no_pad(x):  # TensorFlow averages over the real pixels only; PyTorch's default darkens borders
+# TensorFlow averages over the real pixels only; PyTorch's default darkens borders
+def _avg_pool_no_pad(x):
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -100,7 +103,8 @@ class InceptionC(nn.Module):
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
             b7d = conv(b7d)
         bp = self.branch_pool(_avg_pool_no_pad(x))
         return torch.cat([b1, b7, b7d, bp], 1)  # (B, 768, 17, 17)
@@ -127,7 +131,8 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
     """Mixed_7b/c (8x8): branches that split into parallel 1x3 and 3x1 convolutions. `pool` is "avg"
-    for Mixed_7b and "max" for Mixed_7c (the TF graph's last block max-pools; the weights expect it)."""
+    for Mixed_7b and "max" for Mixed_7c (the TF graph's last block max-pools; the weights expect
+    it)."""
 
     def __init__(self, in_channels, pool: str):
         super().__init__()
@@ -149,14 +154,15 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-        pooled = _avg_pool_no_pad(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        pooled = (_avg_pool_no_pad(x) if self.pool == "avg"
+                  else F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
         bp = self.branch_pool(pooled)
         return torch.cat([b1, b3, b3d, bp], 1)  # (B, 320 + 768 + 768 + 192 = 2048, 8, 8)
 
 
 class FIDInception(nn.Module):
-    """Inception-v3 as used for FID: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) and logits
-    (B, 1008), and with spatial=True also sFID's spatial features (B, 2023). The logits are
+    """Inception-v3 as used for FID: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) and
+    logits (B, 1008), and with spatial=True also sFID's spatial features (B, 2023). The logits are
     `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always been computed
     (original IS code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly.
 
@@ -187,7 +193,8 @@ class FIDInception(nn.Module):
         self.Mixed_7b = InceptionE(1280, pool="avg")
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
-        self.weights_name = "uninitialised"  # says where the weights came from; set by load_inception
+        # says where the weights came from; set by load_inception
+        self.weights_name = "uninitialised"
 
     def forward(self, x, spatial: bool = False):
         # Resize exactly as pytorch-fid does (bilinear, half-pixel centres, no antialiasing), then
@@ -212,7 +219,7 @@ class FIDInception(nn.Module):
         x = self.Mixed_7c(self.Mixed_7b(x))             # (B, 2048, 8, 8)
         # The same pooling op as pytorch-fid (not .mean), so the features match to the last bit.
         pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # (B, 2048)
-        logits = pool @ self.fc.weight.t()              # (B, 1008), no bias (see the class docstring)
+        logits = pool @ self.fc.weight.t()  # (B, 1008), no bias (see the class docstring)
         return (pool, logits, feats_s) if spatial else (pool, logits)
 
     @torch.no_grad()
@@ -222,7 +229,8 @@ class FIDInception(nn.Module):
         g = torch.Generator().manual_seed(seed)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / m.weight[0].numel()))
+                std = math.sqrt(2.0 / m.weight[0].numel())
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
             if isinstance(m, (nn.BatchNorm2d, nn.Linear)):
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
             if isinstance(m, nn.BatchNorm2d):
@@ -238,8 +246,8 @@ def load_inception(ckpt: str | None = None, random_weights: bool = False, device
     torch.hub cache, else downloaded. random_weights=True is for tests and the offline demo only."""
     model = FIDInception()
     if random_weights:
-        warnings.warn(f"FID Inception with RANDOM weights (seed {seed}): for tests/demo only; FID/IS/precision/"
-                      "recall computed with it are meaningless", stacklevel=2)
+        warnings.warn(f"FID Inception with RANDOM weights (seed {seed}): for tests/demo only; "
+                      "FID/IS/precision/recall computed with it are meaningless", stacklevel=2)
         model.randomize_(seed)
         model.weights_name = f"RANDOM (seed {seed}, test only)"
     else:
@@ -248,7 +256,7 @@ def load_inception(ckpt: str | None = None, random_weights: bool = False, device
         try:
             model.load_state_dict(load_checkpoint(path, "FID Inception weights"), strict=True)
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{path} is not pytorch-fid's {os.path.basename(FID_WEIGHTS_URL)} (an Inception3 state "
-                            f"dict with 1008 classes): {str(e)[:300]}") from None
+            raise UserError(f"{path} is not pytorch-fid's {os.path.basename(FID_WEIGHTS_URL)} (an "
+                            f"Inception3 state dict with 1008 classes): {str(e)[:300]}") from None
         model.weights_name = os.path.basename(path)
     return model.to(device).float().eval().requires_grad_(False)
