@@ -3,9 +3,11 @@
 - torchrun set-up and shutdown, per-rank seeding, bf16 autocast; data parallelism: DDP, or FSDP2
   (`parallelize`) for models that do not fit a GPU, and gradient accumulation over micro-batches;
 - the flags every trainer shares, and checks of their ranges at parse time;
-- rank-0 logging to the console and to `log.jsonl` (harness.py: the rest of a training run's bookkeeping);
+- rank-0 logging to the console and to `log.jsonl`
+  (harness.py: the rest of a training run's bookkeeping);
 - atomic writes (temporary file, then rename), safe checkpoint loading, pretrained weight files;
-- the EMA of the weights; `UserError` and `script_main`: bad input is one clear line, not a traceback.
+- the EMA of the weights; `UserError` and `script_main`: bad input is one clear line,
+  not a traceback.
 """
 
 import argparse
@@ -26,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-EXIT_STOPPED = 75  # a run stopped by SIGTERM/Ctrl-C after saving (sysexits' EX_TEMPFAIL: "try again")
+# A run stopped by SIGTERM/Ctrl-C after saving (sysexits' EX_TEMPFAIL: "try again").
+EXIT_STOPPED = 75
 
 
 class UserError(Exception):
@@ -39,9 +42,10 @@ class MissingWeightsError(UserError):
 
 
 def script_main(main):
-    """Run a script's `main()`: a UserError becomes one line on stderr and exit status 2; a training run
-    stopped by a signal exits with EXIT_STOPPED, so that `train && sample` does not go on."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # no source line
+    """Run a script's `main()`: a UserError becomes one line on stderr and exit status 2; a training
+    run stopped by a signal exits with EXIT_STOPPED, so that `train && sample` does not go on."""
+    # Warnings as "warning: <message>", without the source line.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         result = main()
     except UserError as e:
@@ -53,7 +57,7 @@ def script_main(main):
     sys.exit(EXIT_STOPPED if getattr(result, "stopped", False) else 0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command lines
 
 
@@ -85,14 +89,15 @@ def in_range(lo, hi, kind=float, lo_open=False, hi_open=False):
     return parse
 
 
-def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: float, betas, ema_decay: float,
-                          optimiser: str = "AdamW", grad_clip: float | None = None,
-                          micro_batch: bool = False):
+def add_optimisation_args(p, steps: int, steps_help: str, batch_size: int, lr: float, betas,
+                          ema_decay: float, optimiser: str = "AdamW",
+                          grad_clip: float | None = None, micro_batch: bool = False):
     """The optimisation flags every trainer has, with its defaults (constant lr; AdamW: weight decay
     too; `micro_batch`: gradient accumulation, see `micro_batches`)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
-    g.add_argument("--batch_size", type=at_least(1), default=batch_size, help="global batch size (split over ranks)")
+    g.add_argument("--batch_size", type=at_least(1), default=batch_size,
+                   help="global batch size (split over ranks)")
     g.add_argument("--lr", type=in_range(0, math.inf, lo_open=True), default=lr,
                    help=f"{optimiser} learning rate (constant)")
     g.add_argument("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=betas,
@@ -122,27 +127,36 @@ def micro_batches(args, env) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_every: int, grids: str):
-    """The flags every trainer shares: device and precision, data loading, seed, log/checkpoint/grid cadence."""
+def add_runtime_args(p, num_workers: int, log_every: int, ckpt_every: int, grid_every: int,
+                     grids: str):
+    """The flags every trainer shares: device and precision, data loading, seed,
+    log/checkpoint/grid cadence."""
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: CUDA if present")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on CUDA, float32 on the CPU")
     add_compile_arg(g)
     add_fsdp_arg(g)
-    g.add_argument("--num_workers", type=at_least(0), default=num_workers, help="data loading processes per rank")
+    g.add_argument("--num_workers", type=at_least(0), default=num_workers,
+                   help="data loading processes per rank")
     g.add_argument("--seed", type=at_least(0), default=0,
                    help="seeds the weights, noise and data order")
-    g.add_argument("--log_every", type=at_least(1), default=log_every, help="steps between log lines")
-    g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every, help="steps between checkpoints")
-    g.add_argument("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt every N steps (0: never)")
-    g.add_argument("--grid_every", type=at_least(0), default=grid_every, help=f"steps between {grids} (0: never)")
+    g.add_argument("--log_every", type=at_least(1), default=log_every,
+                   help="steps between log lines")
+    g.add_argument("--ckpt_every", type=at_least(1), default=ckpt_every,
+                   help="steps between checkpoints")
+    g.add_argument("--keep_every", type=at_least(0), default=0,
+                   help="also keep ckpt_<step>.pt every N steps (0: never)")
+    g.add_argument("--grid_every", type=at_least(0), default=grid_every,
+                   help=f"steps between {grids} (0: never)")
     return g
 
 
 def add_compile_arg(p):
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="torch.compile the networks (auto: on CUDA, where it pays; the CPU stays eager)")
+                   help="torch.compile the networks (auto: on CUDA, where it pays; "
+                        "the CPU stays eager)")
 
 
 def add_fsdp_arg(p):
@@ -168,7 +182,7 @@ def check_writable(path: str, what: str):
         raise UserError(f"cannot write the {what} {path}: {e.strerror}") from None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed set-up
 
 
@@ -211,7 +225,8 @@ class DistEnv:
 
 
 def setup_distributed(device: str = "auto") -> DistEnv:
-    """Join the `torchrun` process group (NCCL on CUDA, gloo on CPU); `device` is auto, cuda or cpu."""
+    """Join the `torchrun` process group (NCCL on CUDA, gloo on CPU); `device` is auto,
+    cuda or cpu."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -220,7 +235,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-        # TF32 for the float32 parts (losses, norms); fid.py keeps its features in true float32 itself.
+        # TF32 for the float32 parts (losses, norms); fid.py keeps its features in true float32.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
@@ -263,11 +278,13 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun (gradients all-reduced in backward), else the module."""
+    """DistributedDataParallel under torchrun (gradients all-reduced in backward),
+    else the module."""
     if not env.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    device_ids = [env.local_rank] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -349,14 +366,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints, pretrained weights
 
 
 def atomic_write(path: str, write):
-    """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full disk never
-    leaves a half-written file. Temporary files of an earlier, killed writer of `path` are removed
-    first. A failed write (a full disk, a read-only folder) is a UserError; the old file stays."""
+    """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full
+    disk never leaves a half-written file. Temporary files of an earlier, killed writer of `path`
+    are removed first. A failed write (a full disk, a read-only folder) is a UserError; the old file
+    stays."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):
@@ -390,7 +408,8 @@ def load_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not read the {what} {path} ({e}); delete it if it is damaged") from None
+        raise UserError(f"could not read the {what} {path} ({e}); "
+                        "delete it if it is damaged") from None
 
 
 def refuse_sharded(path: str, what: str):
@@ -403,7 +422,8 @@ def refuse_sharded(path: str, what: str):
 
 
 def load_checkpoint(path: str, what: str = "checkpoint"):
-    """torch.load on the CPU with weights_only=True: tensors and plain containers only, never code."""
+    """torch.load on the CPU with weights_only=True: tensors and
+    plain containers only, never code."""
     refuse_sharded(path, what)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
@@ -412,11 +432,12 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
     except Exception as e:  # truncated, not a torch file, or a pickle of foreign objects
         text = str(e)
         if "Unsupported global" in text:  # name the object, without PyTorch's advice to allow it
-            why = "it holds a " + text.split("Unsupported global: GLOBAL ")[1].split(" ")[0] + " object, not only tensors"
+            global_name = text.split("Unsupported global: GLOBAL ")[1].split(" ")[0]
+            why = "it holds a " + global_name + " object, not only tensors"
         else:
             why = f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0] if text else ''}"
-        raise UserError(f"could not read {what} {path} ({why}). Is it a complete file written by this project "
-                        "(or the official weights)?") from None
+        raise UserError(f"could not read {what} {path} ({why}). Is it a complete file written by "
+                        "this project (or the official weights)?") from None
 
 
 def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
@@ -446,15 +467,16 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # EMA of the weights
 
 
 class EMA:
-    """Exponential moving average of a model's trainable weights, kept as a frozen copy of the model:
-    ema <- decay * ema + (1 - decay) * weights after every step. It is what we evaluate and export
-    (smoother than the raw weights late in training). Frozen parameters stay as they were copied.
-    Under FSDP the copy is sharded as the model is (`parallelize`); each rank updates its shards."""
+    """Exponential moving average of a model's trainable weights, kept as a frozen copy of the
+    model: ema <- decay * ema + (1 - decay) * weights after every step. It is what we evaluate and
+    export (smoother than the raw weights late in training). Frozen parameters stay as they were
+    copied. Under FSDP the copy is sharded as the model is (`parallelize`); each rank updates its
+    shards."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -477,13 +499,14 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The training-run harness
 
 
 class Logger:
     """Prints on rank 0 (through tqdm, so progress bars stay intact) and appends one JSON object per
-    `log()` call to `<run_dir>/log.jsonl`; step records also go to TensorBoard when it is installed."""
+    `log()` call to `<run_dir>/log.jsonl`; step records also go to TensorBoard
+    when it is installed."""
 
     def __init__(self, env: DistEnv, run_dir: str | None = None):
         self.enabled = env.is_main

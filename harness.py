@@ -35,8 +35,9 @@ def rng_states(env: DistEnv) -> list[dict]:
 
 
 def set_rng_states(states: list[dict], env: DistEnv):
-    """Restore this rank's RNG state. A rank the checkpoint did not have (resumed on more ranks) gets a seed
-    drawn from a saved state and its rank: a copy of another rank's would repeat that rank's noise."""
+    """Restore this rank's RNG state. A rank the checkpoint did not have (resumed on more ranks)
+    gets a seed drawn from a saved state and its rank: a copy of another rank's would repeat that
+    rank's noise."""
     if env.rank < len(states):
         torch.set_rng_state(states[env.rank]["torch"])
         if "cuda" in states[env.rank] and env.device.type == "cuda":
@@ -47,8 +48,9 @@ def set_rng_states(states: list[dict], env: DistEnv):
 
 
 class NonFiniteGuard:
-    """Remembers on the device the first step with a non-finite loss: `update` needs no host sync;
-    `check`, before anything is logged or saved, stops the run, so no checkpoint is written after it."""
+    """Remembers on the device the first step with a non-finite loss: `update` needs no host
+    sync; `check`, before anything is logged or saved, stops the run, so no checkpoint is written
+    after it."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -62,8 +64,9 @@ class NonFiniteGuard:
         if env.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() >= 0:
-            raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no checkpoint was "
-                            f"written after it; the last good one is {ckpt_path}. {advice}")
+            raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no "
+                            f"checkpoint was written after it; the last good one is {ckpt_path}. "
+                            f"{advice}")
 
 
 class StopSignal:
@@ -72,11 +75,13 @@ class StopSignal:
 
     def __init__(self, every: int = 10):
         self.requested, self.every = False, every
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def should_stop(self, env: DistEnv, step: int) -> bool:
-        """Under DDP all ranks must agree, which is a host sync, so they compare flags every `every`
-        steps (not only at log steps: torchrun kills its workers 30 s after forwarding a SIGTERM)."""
+        """Under DDP all ranks must agree, which is a host sync, so they compare flags every
+        `every` steps (not only at log steps: torchrun kills its workers 30 s after
+        forwarding a SIGTERM)."""
         if env.distributed and step % self.every:
             return False
         return env.any(self.requested)
@@ -89,7 +94,8 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: saving a checkpoint "
+        name = signal.Signals(signum).name
+        print(f"\n[rank {os.environ.get('RANK', 0)}] received {name}: saving a checkpoint "
               "and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
 
@@ -99,30 +105,30 @@ class Run:
         with Run(env, args, run_dir, identity, state, ...) as run:
             start = run.resume() if args.resume else 0
             for step in range(start, args.steps):
-                ...                                    # batch, loss, backward, optimiser step, EMA
-                run.record(loss=loss, **parts)         # device values: summed, NaN-watched, no host sync
+                ...                              # batch, loss, backward, optimiser step, EMA
+                run.record(loss=loss, **parts)   # device values: summed, NaN-watched, no host sync
                 done = step + 1
                 if run.due(args.log_every, done):
-                    run.log(done, lr=...)              # means over ranks -> console, log.jsonl, TensorBoard
-                stop = run.stop_requested(done)        # SIGTERM/Ctrl-C, agreed by all ranks
+                    run.log(done, lr=...)        # ranks' means -> console, log.jsonl, TensorBoard
+                stop = run.stop_requested(done)  # SIGTERM/Ctrl-C, agreed by all ranks
                 if run.due(args.ckpt_every, done) or stop:
-                    run.save(done)                     # ckpt.pt or ckpt/ (+ kept copies)
+                    run.save(done)               # ckpt.pt or ckpt/ (+ kept copies)
                 if stop:
                     break
 
     `identity` (e.g. kind, stage, architecture) goes into every checkpoint and must match on
     `--resume`; `state` maps names to the parts with a state dict (models, EMA, optimisers, data
-    position), which a checkpoint saves with every rank's RNG and `resume` restores exactly. `log` and
-    `save` refuse to go past a non-finite recorded value. Leaving the `with` block closes the progress
-    bar and the signal handlers and, after a run that was not interrupted by an error, draws the
-    curves; after a sharded (--fsdp) run that reached its last step, it writes export.pt, the single
-    file that sample.py loads (checkpoints.export). `stopped` is True after a SIGTERM/Ctrl-C stop
-    (script_main then exits with EXIT_STOPPED).
+    position), which a checkpoint saves with every rank's RNG and `resume` restores exactly. `log`
+    and `save` refuse to go past a non-finite recorded value. Leaving the `with` block closes the
+    progress bar and the signal handlers and, after a run that was not interrupted by an error,
+    draws the curves; after a sharded (--fsdp) run that reached its last step, it writes export.pt,
+    the single file that sample.py loads (checkpoints.export). `stopped` is True after a
+    SIGTERM/Ctrl-C stop (script_main then exits with EXIT_STOPPED).
     """
 
-    def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict | None = None,
-                 batch_size: int = 1, skipped=None, nan_advice: str = "", show=("loss",),
-                 flops_per_image: int | None = None):
+    def __init__(self, env, args, run_dir: str, identity: dict, state: dict,
+                 meta: dict | None = None, batch_size: int = 1, skipped=None, nan_advice: str = "",
+                 show=("loss",), flops_per_image: int | None = None):
         self.env, self.args, self.dir, self.total = env, args, run_dir, args.steps
         self.identity, self.state, self.meta = identity, state, meta or {}
         self.batch_size, self.flops_per_image = batch_size, flops_per_image
@@ -161,8 +167,8 @@ class Run:
         ckpt = self.checkpoint.read()
         differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
         if differ:
-            raise UserError(f"{self.ckpt_path} comes from a different run: "
-                            + "; ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
+            why = "; ".join(f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
+            raise UserError(f"{self.ckpt_path} comes from a different run: " + why
                             + " (other architecture flags, or other latents/tokenizer?)")
         opts = [p for p in self.state.values() if isinstance(p, torch.optim.Optimizer)]
         hyper = [[{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
@@ -182,8 +188,9 @@ class Run:
         return ckpt["step"]
 
     def record(self, **values: torch.Tensor):
-        """This step's scalar device tensors: summed on the device for the next log line (no host sync)
-        and watched for NaN/inf. A value may be missing in some steps (GAN terms before the GAN)."""
+        """This step's scalar device tensors: summed on the device for the next log line (no host
+        sync) and watched for NaN/inf. A value may be missing in some steps
+        (GAN terms before the GAN)."""
         step = self.pbar.n + 1
         self.guard.update(torch.stack([v.detach().float() for v in values.values()]), step)
         for k, v in values.items():
@@ -217,7 +224,8 @@ class Run:
             record.update({"mfu": mfu} if mfu else {})
         skipped = self.skipped()
         self.logger.log({**record, "skipped_files": skipped} if skipped else record)
-        self.pbar.set_postfix_str(" ".join(f"{k} {record[k]:.4g}" for k in self.show if k in record))
+        postfix = " ".join(f"{k} {record[k]:.4g}" for k in self.show if k in record)
+        self.pbar.set_postfix_str(postfix)
         self._sums, self._t0, self._n = {}, time.time(), 0
         if self.logger.path and time.time() - self._drawn > 60:  # redrawn at most once a minute
             self._draw_curves()
@@ -258,8 +266,9 @@ class Run:
 
     def _log_event(self, event: str, step: int):
         args = self.args
-        self.logger.log({"event": event, "step": step, "args": vars(args), **{
-            k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}})
+        plain = (str, int, float, bool, type(None))
+        meta = {k: v for k, v in self.meta.items() if isinstance(v, plain)}
+        self.logger.log({"event": event, "step": step, "args": vars(args), **meta})
 
     def _draw_curves(self):
         self._drawn = time.time()

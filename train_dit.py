@@ -1,4 +1,5 @@
-"""Train a LightningDiT on the aligned tokenizer's latents with flow matching (dit.py: model and loss).
+"""Train a LightningDiT on the aligned tokenizer's latents with flow matching
+(dit.py: model and loss).
 
 Two steps, both under `torchrun` or plain `python`:
 
@@ -36,9 +37,9 @@ from sample import decode_to_uint8, sample_latents
 from baselines import load_tokenizer
 from tokenizer import latent_fingerprint
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
-# Row 2i is image i, row 2i+1 its horizontal flip. meta.json is written last: it marks a complete set.
+# Row 2i is image i, row 2i+1 its horizontal flip. meta.json, written last, marks a complete set.
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -49,8 +50,8 @@ class LatentDataset(torch.utils.data.Dataset):
         if not os.path.isfile(meta_path):
             hint = (" (latents.npy is there: the extraction did not finish, run --extract again)"
                     if os.path.exists(os.path.join(folder, "latents.npy")) else "")
-            raise UserError(f"no extracted latents in {folder!r}{hint}: run "
-                            "`train_dit.py --extract --tokenizer ... --data ... --latents DIR` first")
+            raise UserError(f"no extracted latents in {folder!r}{hint}: run `train_dit.py "
+                            "--extract --tokenizer ... --data ... --latents DIR` first")
         self.meta = load_json(meta_path, "latent metadata")
         if self.meta["num_latents"] == 0:
             raise UserError(f"{folder!r} holds no latents")
@@ -98,8 +99,8 @@ def extract_latents(args, env):
     bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, tok.config["image_size"], demo_images=args.demo_images)
     if not dataset.num_classes:
-        raise UserError(f"{args.data!r} has no class subfolders: the class-conditional DiT needs labels "
-                        "(one subfolder per class, as in ImageNet's train/)")
+        raise UserError(f"{args.data!r} has no class subfolders: the class-conditional DiT needs "
+                        "labels (one subfolder per class, as in ImageNet's train/)")
     n, shape = len(dataset), tok.latent_shape
     os.makedirs(args.latents, exist_ok=True)
     paths = {k: os.path.join(args.latents, f"{k}.npy") for k in ("latents", "labels")}
@@ -107,18 +108,21 @@ def extract_latents(args, env):
     if env.is_main:
         if os.path.exists(meta_path):
             os.remove(meta_path)  # the set is incomplete until we write it again
-        np.lib.format.open_memmap(paths["latents"], mode="w+", dtype=np.float16, shape=(2 * n, *shape))
+        np.lib.format.open_memmap(paths["latents"], mode="w+", dtype=np.float16,
+                                  shape=(2 * n, *shape))
         np.lib.format.open_memmap(paths["labels"], mode="w+", dtype=np.int64, shape=(2 * n,))
     env.barrier()
     latents = np.load(paths["latents"], mmap_mode="r+")
     labels = np.load(paths["labels"], mmap_mode="r+")
-    loader = eval_loader(dataset, args.batch_size, env, args.num_workers)  # this rank: images rank::world
+    # This rank: images rank::world.
+    loader = eval_loader(dataset, args.batch_size, env, args.num_workers)
     mine = np.arange(env.rank, n, env.world_size)
     done = 0
     for images, y in tqdm(loader, desc="extract", disable=not env.is_main):
         x = to_model_range(images, env.device)
         with autocast(env.device, bf16):
-            z = tok.encode(torch.cat([x, x.flip(-1)]))  # one pass over images and mirrors: (2B, C, h, w)
+            # One pass over images and mirrors: (2B, C, h, w).
+            z = tok.encode(torch.cat([x, x.flip(-1)]))
         z = torch.stack(z.chunk(2), dim=1)  # (B, 2, C, h, w): image i, then its mirror
         rows = (2 * mine[done: done + len(images)])[:, None] + np.arange(2)  # (B, 2): 2i, 2i + 1
         latents[rows.ravel()] = z.float().flatten(0, 1).cpu().numpy().astype(np.float16)
@@ -130,68 +134,86 @@ def extract_latents(args, env):
     env.barrier()
     skipped = count_skipped(dataset, env)
     if env.is_main:
-        # Per-channel mean/std of a fixed random ~10K latents (enough for two moments per channel).
+        # Per-channel mean/std of a fixed random ~10K latents (enough for two moments).
         all_latents = np.load(paths["latents"], mmap_mode="r")
         pick = np.sort(np.random.default_rng(0).permutation(2 * n)[: args.stats_samples])
         sample = torch.from_numpy(all_latents[pick].astype(np.float64))  # (K, C, h, w)
-        meta = {"num_latents": 2 * n, "latent_shape": list(shape), "num_classes": dataset.num_classes,
-                "classes": dataset.classes, "tokenizer_config": tok.config, "tokenizer_fingerprint": fingerprint,
-                "tokenizer": os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer,
-                "data": args.data or "demo",
-                "mean": sample.mean(dim=(0, 2, 3)).tolist(), "std": sample.std(dim=(0, 2, 3)).tolist()}
+        tokenizer = (os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer)
+                     else args.tokenizer)
+        meta = {"num_latents": 2 * n, "latent_shape": list(shape),
+                "num_classes": dataset.num_classes, "classes": dataset.classes,
+                "tokenizer_config": tok.config, "tokenizer_fingerprint": fingerprint,
+                "tokenizer": tokenizer, "data": args.data or "demo",
+                "mean": sample.mean(dim=(0, 2, 3)).tolist(),
+                "std": sample.std(dim=(0, 2, 3)).tolist()}
         save_json(meta, meta_path)
-        log.info(f"{2 * n} latents of shape {tuple(shape)} ({n} images and their flips) -> {args.latents}")
+        log.info(f"{2 * n} latents of shape {tuple(shape)} ({n} images and their flips) -> "
+                 f"{args.latents}")
         if skipped:
             log.info(f"{skipped} unreadable image files were skipped (see the warnings above)")
     env.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--latents", default="runs/latents", help="folder of extracted latents")
-    p.add_argument("--run_dir", default="runs/dit", help="where ckpt.pt, log.jsonl and sample grids go")
+    p.add_argument("--run_dir", default="runs/dit",
+                   help="where ckpt.pt, log.jsonl and sample grids go")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
     p.add_argument("--export", action="store_true", help="only write <run_dir>/export.pt (for "
                    "sample.py) from the run's sharded --fsdp checkpoint, in one process")
     g = p.add_argument_group("latent extraction (--extract)")
-    g.add_argument("--extract", action="store_true", help="encode --data with --tokenizer into --latents, then stop")
-    g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="tokenizer to encode with: "
-                   "our tokenizer.pt, a diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint")
-    g.add_argument("--image_size", type=at_least(8), help="image size for a baseline tokenizer (default 256; ours: "
-                   "its own)")
-    g.add_argument("--data", help="image folder with class subfolders (default: the built-in demo set)")
-    g.add_argument("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
-    g.add_argument("--stats_samples", type=at_least(2), default=10_000, help="latents used for the mean/std")
+    g.add_argument("--extract", action="store_true",
+                   help="encode --data with --tokenizer into --latents, then stop")
+    g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt",
+                   help="tokenizer to encode with: our tokenizer.pt, a diffusers AutoencoderKL "
+                        "(folder or hub name) or a VA-VAE checkpoint")
+    g.add_argument("--image_size", type=at_least(8),
+                   help="image size for a baseline tokenizer (default 256; ours: its own)")
+    g.add_argument("--data",
+                   help="image folder with class subfolders (default: the built-in demo set)")
+    g.add_argument("--demo_images", type=at_least(1), default=512,
+                   help="size of the built-in demo set")
+    g.add_argument("--stats_samples", type=at_least(2), default=10_000,
+                   help="latents used for the mean/std")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="XL/1", choices=sorted(dit.DiT_models), help="size/patch")
-    g.add_argument("--qknorm", action="store_true", help="QK-norm (long runs: avoids NaN loss spikes)")
-    g.add_argument("--hidden_size", type=at_least(4), help="override the named size's width (small demos)")
+    g.add_argument("--qknorm", action="store_true",
+                   help="QK-norm (long runs: avoids NaN loss spikes)")
+    g.add_argument("--hidden_size", type=at_least(4),
+                   help="override the named size's width (small demos)")
     g.add_argument("--depth", type=at_least(1), help="override the named size's depth")
     g.add_argument("--num_heads", type=at_least(1), help="override the named size's head count")
-    g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute blocks in backward (less memory)")
     add_optimisation_args(p, steps=80_000, steps_help="80K steps at batch 1024 = 64 ImageNet "
                           "epochs", batch_size=1024, lr=2e-4, betas=(0.9, 0.95), ema_decay=0.9999,
                           grad_clip=0.0, micro_batch=True)
-    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
+    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000,
+                         grids="sample grids")
     g.add_argument("--grid_cfg", type=at_least(0.0, float), default=1.0,
                    help="CFG scale of the sample grids")
     return p.parse_args(argv)
 
 
 def model_args(args, dataset: LatentDataset) -> dict:
-    """build_dit(args.model, **model_args): the latent shape and class count come from the latents."""
+    """build_dit(args.model, **model_args): the latent shape and class count
+    come from the latents."""
     channels, size, _ = dataset.meta["latent_shape"]
-    kw = dict(input_size=size, in_channels=channels, num_classes=dataset.meta["num_classes"], use_qknorm=args.qknorm)
-    kw.update({k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads") if getattr(args, k) is not None})
+    kw = dict(input_size=size, in_channels=channels, num_classes=dataset.meta["num_classes"],
+              use_qknorm=args.qknorm)
+    overrides = ("hidden_size", "depth", "num_heads")
+    kw.update({k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     return kw
 
 
 def train(args, env):
-    dataset = LatentDataset(args.latents)  # first: a missing latent folder fails before anything is written
+    # First: a missing latent folder fails before anything is written.
+    dataset = LatentDataset(args.latents)
     seed_everything(args.seed, env.rank)
     device, bf16 = env.device, use_bf16(args.precision, env.device)
     micro, accum = micro_batches(args, env)  # samples per forward, forwards per optimiser step
@@ -204,21 +226,21 @@ def train(args, env):
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     ema = EMA(model, args.ema_decay)
     train_model = parallelize(model, ema, env, args)  # DDP, or FSDP: both sharded in place
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                            fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay, fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
     # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
     grid = SampleGrid(dataset, env, bf16, args.grid_cfg) if args.grid_every else None
-    meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config", "tokenizer_fingerprint",
-                                             "classes")}
+    meta_keys = ("tokenizer", "tokenizer_config", "tokenizer_fingerprint", "classes")
+    meta = {k: dataset.meta.get(k) for k in meta_keys}
     epoch = len(dataset) / 2  # samples per epoch: each image has two latents (and its flip)
+    nan_advice = ("Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should "
+                  "use --qknorm (LightningDiT without QK-norm is known to spike to NaN).")
     with Run(env, args, args.run_dir, meta={"latent_stats": stats, **meta},
              identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches},
              batch_size=args.batch_size, show=("loss", "img_per_s"),
-             flops_per_image=flops_per_image,
-             nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should "
-                        "use --qknorm (LightningDiT without QK-norm is known to spike to NaN).") as run:
+             flops_per_image=flops_per_image, nan_advice=nan_advice) as run:
         run.info(f"LightningDiT-{args.model} {kwargs}: {millions:.1f}M parameters"
                  + (f", sharded ({args.fsdp})" if args.fsdp else "") + f"; {len(dataset)} "
                  f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
@@ -227,11 +249,11 @@ def train(args, env):
         for step in range(start, args.steps):
             losses = 0
             for i in range(accum):  # micro-batches (gradient_sync: when gradients are reduced)
-                z, y = next(data)
-                x1 = (z.to(device, non_blocking=True).float() - mean) / std  # normalised (B, C, h, w)
+                z, y = (t.to(device, non_blocking=True) for t in next(data))
+                x1 = (z.float() - mean) / std  # normalised (B, C, h, w)
                 with gradient_sync(train_model, i == accum - 1):
                     with autocast(device, bf16):
-                        loss, parts = dit.flow_matching_loss(train_model, x1, y.to(device, non_blocking=True))
+                        loss, parts = dit.flow_matching_loss(train_model, x1, y)
                     (loss / accum).backward()  # outside autocast, as PyTorch recommends
                 losses = losses + torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
             if args.grad_clip > 0:  # the norm of all gradients, also when FSDP shards them
@@ -254,31 +276,33 @@ def train(args, env):
 
 
 class SampleGrid:
-    """16 EMA samples (fixed noise and classes) decoded by the tokenizer, to watch training. Skipped,
-    with a message, if the tokenizer named in the latents cannot be loaded. Drawn by every rank (the
-    sharded model's forward is a collective; under DDP the others would wait for rank 0 anyway),
-    written by rank 0."""
+    """16 EMA samples (fixed noise and classes) decoded by the tokenizer, to watch training.
+    Skipped, with a message, if the tokenizer named in the latents cannot be loaded. Drawn by every
+    rank (the sharded model's forward is a collective; under DDP the others would wait for rank 0
+    anyway), written by rank 0."""
 
     def __init__(self, dataset, env, bf16, cfg_scale):
         self.device, self.bf16, self.cfg_scale = env.device, bf16, cfg_scale
         self.stats = dataset.latent_stats()
         try:
-            self.tokenizer = load_tokenizer(dataset.meta["tokenizer"], dataset.meta["tokenizer_config"]["image_size"])
+            image_size = dataset.meta["tokenizer_config"]["image_size"]
+            self.tokenizer = load_tokenizer(dataset.meta["tokenizer"], image_size)
             for module in self.tokenizer.decoding_modules():
                 module.to(env.device)
         except UserError as e:
             Logger(env).info(f"no sample grids: {e}")
             self.tokenizer = None
         self.labels = torch.arange(16) % dataset.meta["num_classes"]
-        self.noise = torch.randn(16, *dataset.meta["latent_shape"], generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        self.noise = torch.randn(16, *dataset.meta["latent_shape"], generator=generator)
 
     @torch.no_grad()
     def save(self, model, step, run_dir, run):
         if self.tokenizer is None:
             return
         with autocast(self.device, self.bf16):
-            z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device), steps=30,
-                               cfg_scale=self.cfg_scale)
+            z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device),
+                               steps=30, cfg_scale=self.cfg_scale)
         path = os.path.join(run_dir, f"samples_{step:07d}.png")
         if run.env.is_main:  # decoded in float32
             save_grid(decode_to_uint8(self.tokenizer, z, self.stats), path, nrow=8)
@@ -290,7 +314,8 @@ def main(argv=None):
     if args.export:
         return checkpoints.export_run(args.run_dir)
     env = setup_distributed(args.device)
-    result = extract_latents(args, env) if args.extract else train(args, env)  # DDP lives and dies inside
+    # DDP lives and dies inside either.
+    result = extract_latents(args, env) if args.extract else train(args, env)
     cleanup_distributed()
     return result
 

@@ -1,15 +1,16 @@
-r"""Train the text-to-image model (t2i.TextToImageDiT) on image-caption data: the paper's LAION experiment,
-with the aligned tokenizer (or a baseline such as the FLUX VAE, for the comparison) and a frozen text
-encoder (text.py).
+r"""Train the text-to-image model (t2i.TextToImageDiT) on image-caption data: the paper's LAION
+experiment, with the aligned tokenizer (or a baseline such as the FLUX VAE, for the comparison) and
+a frozen text encoder (text.py).
 
     torchrun --nproc_per_node=8 train_t2i.py --captions /data/laion/shards \
         --tokenizer runs/tokenizer_laion/stage2/tokenizer.pt --model T2I-2B/1 --run_dir runs/t2i
 
 Images stream from a caption folder or WebDataset shards in aspect-ratio buckets (captions.py); each
-step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of the
-captions replaced by the empty caption (which guidance compares against), then one flow-matching step
-(dit.flow_matching_loss), with the bookkeeping of the other trainers (harness.Run). Latents are normalised per
-channel with statistics of the first --stats_samples images, kept in every checkpoint.
+step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of
+the captions replaced by the empty caption (which guidance compares against), then one
+flow-matching step (dit.flow_matching_loss), with the bookkeeping of the other trainers
+(harness.Run). Latents are normalised per channel with statistics of the first --stats_samples
+images, kept in every checkpoint.
 
 The 2B model with float32 AdamW state and an EMA needs about 40 GB per GPU under DDP (the default)
 before activations. `--fsdp` shards all of it over the ranks (common.parallelize; README: memory
@@ -46,27 +47,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--captions", help="WebDataset .tar shards, or a folder of images with .txt "
                    "captions")
-    p.add_argument("--run_dir", default="runs/t2i", help="where ckpt.pt, log.jsonl and sample grids go")
+    p.add_argument("--run_dir", default="runs/t2i",
+                   help="where ckpt.pt, log.jsonl and sample grids go")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
     p.add_argument("--export", action="store_true", help="only write <run_dir>/export.pt (for "
                    "sample.py) from the run's sharded --fsdp checkpoint, in one process")
-    p.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="our tokenizer.pt, or a diffusers "
-                   "AutoencoderKL (folder or hub name, e.g. black-forest-labs/FLUX.1-dev) or a VA-VAE checkpoint")
-    p.add_argument("--image_size", type=at_least(16), help="the square bucket's side; the buckets have about its area "
-                   "(default: the tokenizer's training size; 256 for a baseline)")
-    p.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="transformers hub name or local folder")
-    p.add_argument("--max_length", type=at_least(1), default=128, help="text tokens per caption (longer ones are cut)")
+    p.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt",
+                   help="our tokenizer.pt, or a diffusers AutoencoderKL (folder or hub name, e.g. "
+                        "black-forest-labs/FLUX.1-dev) or a VA-VAE checkpoint")
+    p.add_argument("--image_size", type=at_least(16),
+                   help="the square bucket's side; the buckets have about its area (default: the "
+                        "tokenizer's training size; 256 for a baseline)")
+    p.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER,
+                   help="transformers hub name or local folder")
+    p.add_argument("--max_length", type=at_least(1), default=128,
+                   help="text tokens per caption (longer ones are cut)")
     p.add_argument("--caption_dropout", type=in_range(0, 1), default=0.1,
                    help="share of captions replaced by the empty one")
-    p.add_argument("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
+    p.add_argument("--stats_samples", type=at_least(2), default=10_000,
+                   help="images for the latent mean/std")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default="T2I-2B/1", choices=sorted(T2I_models),
                    help="size/patch: patch 1 for our f16 latent, 2 for an f8 VAE's")
-    g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    add_optimisation_args(p, steps=100_000, steps_help="training steps (the paper compares at 100K)", batch_size=256,
-                          lr=1e-4, betas=(0.9, 0.95), ema_decay=0.9999, grad_clip=1.0,
-                          micro_batch=True)
-    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000, grids="sample grids")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute blocks in backward (less memory)")
+    add_optimisation_args(p, steps=100_000,
+                          steps_help="training steps (the paper compares at 100K)",
+                          batch_size=256, lr=1e-4, betas=(0.9, 0.95), ema_decay=0.9999,
+                          grad_clip=1.0, micro_batch=True)
+    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000,
+                         grids="sample grids")
     g.add_argument("--grid_cfg", type=at_least(0.0, float), default=4.0,
                    help="guidance scale of the sample grids")
     args = p.parse_args(argv)
@@ -92,8 +102,8 @@ class LatentStats:
 
 @torch.no_grad()
 def measure_latents(stats, args, env, tok, sizes, bf16):
-    """Fill `stats` from the first --stats_samples images (each rank its share), with rank 0's first 8
-    captions for the sample grids."""
+    """Fill `stats` from the first --stats_samples images (each rank its share), with rank 0's first
+    8 captions for the sample grids."""
     batch = min(16, args.batch_size // env.world_size)  # data that fills a training batch fills it
     stream = CaptionStream(args.captions, batch, sizes, env.rank, env.world_size, args.seed + 1)
     total, prompts = torch.zeros(3, tok.latent_shape[0], dtype=torch.float64, device=env.device), []
@@ -119,30 +129,36 @@ def train(args, env):
     tok = load_tokenizer(args.tokenizer, args.image_size)
     fingerprint = latent_fingerprint(tok)
     tok.to(device).eval().requires_grad_(False)
-    text = TextEncoder(args.text_encoder, args.max_length, device, torch.bfloat16 if bf16 else torch.float32)
-    factor = tok.config["image_size"] // tok.latent_shape[1]  # pixels per latent cell: 16 for ours, 8 for SD/FLUX
+    text_dtype = torch.bfloat16 if bf16 else torch.float32
+    text = TextEncoder(args.text_encoder, args.max_length, device, text_dtype)
+    # Pixels per latent cell: 16 for ours, 8 for SD/FLUX.
+    factor = tok.config["image_size"] // tok.latent_shape[1]
     kwargs = dict(in_channels=tok.latent_shape[0], text_dim=text.dim)
     with same_on_every_rank(args.seed):  # on the CPU
         model = build_t2i(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs)
-    sizes = buckets(args.image_size or tok.config["image_size"], factor * model.patch_size)  # whole patches
-    tokens = (sizes[len(sizes) // 2][0] // (factor * model.patch_size)) ** 2  # of the square bucket
+    patch_side = factor * model.patch_size  # in pixels
+    sizes = buckets(args.image_size or tok.config["image_size"], patch_side)  # whole patches
+    tokens = (sizes[len(sizes) // 2][0] // patch_side) ** 2  # of the square bucket
     flops_per_image = 3 * flops.t2i_forward_flops(model, tokens, args.max_length)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     ema = EMA(model, args.ema_decay)
     train_model = parallelize(model, ema, env, args)  # DDP, or FSDP: both sharded in place
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                            fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay, fused=True)
     stream = CaptionStream(args.captions, micro, sizes, env.rank, env.world_size, args.seed,
                            args.num_workers)
-    batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda", seed=args.seed)
+    batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda",
+                             seed=args.seed)
     stats = LatentStats()  # a resumed run's come from its checkpoint; a new run measures them below
-    tokenizer = os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer
+    tokenizer = (os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer)
+                 else args.tokenizer)
     with Run(env, args, args.run_dir,
              identity={"kind": "t2i", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
              meta={"tokenizer": tokenizer, "tokenizer_config": tok.config,
                    "tokenizer_fingerprint": fingerprint, "latent_factor": factor,
-                   "text_encoder": args.text_encoder, "max_length": args.max_length, "buckets": sizes},
+                   "text_encoder": args.text_encoder, "max_length": args.max_length,
+                   "buckets": sizes},
              batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
              flops_per_image=flops_per_image, show=("loss", "img_per_s"),
              nan_advice="Resume with --resume and a lower --lr.") as run:
@@ -154,7 +170,7 @@ def train(args, env):
         start = run.resume() if args.resume else 0
         if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
             measure_latents(stats, args, env, tok, sizes, bf16)
-        mean, std = (stats.mean.to(device).view(1, -1, 1, 1), stats.std.to(device).view(1, -1, 1, 1))
+        mean, std = (s.to(device).view(1, -1, 1, 1) for s in (stats.mean, stats.std))
         data = iter(batches)
         for step in range(start, args.steps):
             losses = 0
