@@ -28,14 +28,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp",
+                    ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
 
 def is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Decoding and cropping
 
 
@@ -71,7 +72,8 @@ def center_crop_arr(pil_image: Image.Image, height: int, width: int | None = Non
     while pil_image.size[0] >= 2 * width and pil_image.size[1] >= 2 * height:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = max(height / pil_image.size[1], width / pil_image.size[0])
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
     arr = np.array(pil_image)
     top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
     return arr[top: top + height, left: left + width]
@@ -85,19 +87,22 @@ def load_image(path: str, image_size: int) -> np.ndarray:
 
 
 def to_model_range(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, 3, H, W) batch -> float32 in [-1, 1] on `device` (non-blocking from pinned memory)."""
+    """uint8 (B, 3, H, W) batch -> float32 in [-1, 1] on `device`
+    (non-blocking from pinned memory)."""
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float images in [-1, 1] -> uint8, rounded to nearest: what DiT/LightningDiT's uint8 cast of
-    `127.5 x + 128` amounts to (ADM's sampler truncates `127.5 (x + 1)`, half a grey level darker)."""
+    `127.5 x + 128` amounts to (ADM's sampler truncates `127.5 (x + 1)`, half a grey level
+    darker)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def _hflip_decision(seed: int, epoch: int, index: int) -> bool:
-    """The random flip of sample `index` in `epoch`: a pure function of its arguments, so it does not
-    depend on which worker loads the sample, and a resumed run flips exactly as the original did."""
+    """The random flip of sample `index` in `epoch`: a pure function of its arguments, so it does
+    not depend on which worker loads the sample, and a resumed run flips exactly as the original
+    did."""
     return bool(np.random.default_rng([seed, epoch, index]).random() < 0.5)
 
 
@@ -123,7 +128,7 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # HWC -> CHW uint8
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Datasets
 
 
@@ -156,16 +161,19 @@ class ImageFolder(_FlipMixin, Dataset):
                 if not files:
                     empty.append(name)
             if empty and self.samples:
-                warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images ({', '.join(empty[:5])}"
-                              f"{', ...' if len(empty) > 5 else ''}); they keep their labels, so the others do too")
+                listed = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+                warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images "
+                              f"({listed}); they keep their labels, so the others do too")
         else:
             self.classes = None
             self.samples = [(f, -1) for f in flat]
         if not self.samples:
-            raise UserError(f"no images found in {root!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise UserError(f"no images found in {root!r}: expected image files ({extensions}) "
                             "directly in it or in one subfolder per class")
-        # One flag per file, shared with the DataLoader workers (they inherit it at creation): the files
-        # that failed to decode, so each is warned about and counted once, whichever worker or epoch meets it.
+        # One flag per file, shared with the DataLoader workers (they inherit it at creation): the
+        # files that failed to decode, so each is warned about and counted once, whichever worker or
+        # epoch meets it.
         self._unreadable = multiprocessing.Array("b", len(self.samples))
 
     @property
@@ -193,22 +201,25 @@ class ImageFolder(_FlipMixin, Dataset):
                     first = not self._unreadable[i]
                     self._unreadable[i] = 1
                 if first:
-                    warnings.warn(f"skipping unreadable image {path} (the next readable one stands in): {e}",
-                                  stacklevel=2)
+                    warnings.warn(f"skipping unreadable image {path} (the next readable one stands "
+                                  f"in): {e}", stacklevel=2)
                 continue
             return _to_tensor(self._maybe_flip(arr, index)), label
-        raise UserError(f"none of the {len(self.samples)} files in {self.root!r} could be read as an image")
+        raise UserError(f"none of the {len(self.samples)} files in {self.root!r} could be read as "
+                        "an image")
 
 
 class DemoShapes(_FlipMixin, Dataset):
-    """A built-in, procedurally drawn image set with labels and captions, so that the whole method runs
-    on a laptop with no download. Class k is a shape (disc, square, triangle, ring, ...), drawn in one of
-    four named colours, left, centre or right, on a light or dark background, with a little random
-    size and position: easy to tell apart, every image different, and each one described exactly by
-    its caption ("a red disc on the left, dark background"). Image i is a pure function of (seed, i)."""
+    """A built-in, procedurally drawn image set with labels and captions, so that the whole method
+    runs on a laptop with no download. Class k is a shape (disc, square, triangle, ring, ...), drawn
+    in one of four named colours, left, centre or right, on a light or dark background, with a
+    little random size and position: easy to tell apart, every image different, and each one
+    described exactly by its caption ("a red disc on the left, dark background"). Image i is a pure
+    function of (seed, i)."""
 
     CLASSES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star")
-    COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+    COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+               "yellow": (240, 210, 40)}
     BACKGROUNDS = {"light": (232, 232, 224), "dark": (45, 45, 55)}
     POSITIONS = {"left": 0.32, "centre": 0.5, "right": 0.68}
 
@@ -216,7 +227,8 @@ class DemoShapes(_FlipMixin, Dataset):
                  hflip: bool = False, seed: int = 0):
         if not 1 <= num_classes <= len(self.CLASSES):
             raise UserError(f"the demo set has 1..{len(self.CLASSES)} classes, not {num_classes}")
-        self.num_images, self.image_size, self.hflip, self.seed = num_images, image_size, hflip, seed
+        self.num_images, self.image_size = num_images, image_size
+        self.hflip, self.seed = hflip, seed
         self.classes = list(self.CLASSES[:num_classes])
 
     @property
@@ -227,13 +239,17 @@ class DemoShapes(_FlipMixin, Dataset):
         return self.num_images
 
     def params(self, index: int) -> dict:
-        """What image `index` shows: its class, colour, background and position, by name and in numbers."""
+        """What image `index` shows: its class, colour, background and position, by name and in
+        numbers."""
         rng = np.random.default_rng([self.seed, 12345, index])
         pick = lambda table: list(table)[rng.integers(len(table))]  # noqa: E731
-        colour, background, position = pick(self.COLOURS), pick(self.BACKGROUNDS), pick(self.POSITIONS)
-        return dict(label=index % self.num_classes, shape=self.classes[index % self.num_classes], colour=colour,
-                    background=background, position=position, radius=rng.uniform(0.24, 0.3),
-                    cx=self.POSITIONS[position] + rng.uniform(-0.03, 0.03), cy=rng.uniform(0.45, 0.55))
+        colour, background = pick(self.COLOURS), pick(self.BACKGROUNDS)
+        position = pick(self.POSITIONS)
+        label = index % self.num_classes
+        return dict(label=label, shape=self.classes[label], colour=colour, background=background,
+                    position=position, radius=rng.uniform(0.24, 0.3),
+                    cx=self.POSITIONS[position] + rng.uniform(-0.03, 0.03),
+                    cy=rng.uniform(0.45, 0.55))
 
     def caption(self, index: int) -> str:
         p = self.params(index)
@@ -262,7 +278,8 @@ class DemoShapes(_FlipMixin, Dataset):
         elif p["shape"] == "diamond":
             draw.polygon(corners, fill=fg)
         else:  # star: a diamond's corners joined by a smaller one's, turned 45 degrees
-            inner = [(cx + 0.4 * r * dx, cy + 0.4 * r * dy) for dx, dy in ((0.7, -0.7), (0.7, 0.7), (-0.7, 0.7), (-0.7, -0.7))]
+            diagonals = ((0.7, -0.7), (0.7, 0.7), (-0.7, 0.7), (-0.7, -0.7))
+            inner = [(cx + 0.4 * r * dx, cy + 0.4 * r * dy) for dx, dy in diagonals]
             draw.polygon([pt for pair in zip(corners, inner) for pt in pair], fill=fg)
         return np.asarray(img.resize((self.image_size, self.image_size), resample=Image.LANCZOS))
 
@@ -270,8 +287,8 @@ class DemoShapes(_FlipMixin, Dataset):
         return _to_tensor(self._maybe_flip(self.render(index), index)), index % self.num_classes
 
     def save(self, folder: str):
-        """Write the set as PNGs in one subfolder per class, each with its caption in a .txt file of the
-        same name: an ImageFolder that the training scripts and FID read."""
+        """Write the set as PNGs in one subfolder per class, each with its caption in a .txt file of
+        the same name: an ImageFolder that the training scripts and FID read."""
         for i in range(len(self)):
             stem = os.path.join(folder, self.classes[i % self.num_classes], f"{i:06d}")
             os.makedirs(os.path.dirname(stem), exist_ok=True)
@@ -301,7 +318,7 @@ def build_dataset(path: str | None, image_size: int, hflip: bool = False, seed: 
     return ImageFolder(path, image_size, hflip=hflip, seed=seed)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Batching over ranks and epochs
 
 
@@ -331,31 +348,35 @@ class Batches:
 
     def __init__(self, dataset, batch_size: int, dist_env, seed: int = 0, num_workers: int = 4,
                  shuffle: bool = True):
-        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
-        self.sampler = DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
-                                          shuffle=shuffle, seed=seed, drop_last=False)
+        self.dataset, self.batch_size = dataset, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.sampler = DistributedSampler(dataset, num_replicas=dist_env.world_size,
+                                          rank=dist_env.rank, shuffle=shuffle, seed=seed,
+                                          drop_last=False)
         self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
         if self.steps_per_epoch == 0:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                             f"({batch_size} per rank x {dist_env.world_size} ranks); lower the batch size")
+                            f"({batch_size} per rank x {dist_env.world_size} ranks); lower the "
+                            "batch size")
         self.global_batch = batch_size * dist_env.world_size
         self.pin_memory = dist_env.device.type == "cuda"
         self.epoch = 0
         self.batch_in_epoch = 0
 
     def state_dict(self):
-        # Samples consumed by all ranks together: the same position whatever the number of ranks or the
-        # batch size (rank r reads positions r, r + W, ... of the epoch's shared permutation).
+        # Samples consumed by all ranks together: the same position whatever the number of ranks or
+        # the batch size (rank r reads positions r, r + W, ... of the epoch's shared permutation).
         return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * self.global_batch}
 
     def load_state_dict(self, state):
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["samples_in_epoch"] // self.global_batch
         if state["samples_in_epoch"] % self.global_batch:
-            warnings.warn("resuming with another global batch size: the position in the epoch is rounded down "
-                          f"to a whole batch ({state['samples_in_epoch']} samples -> {self.batch_in_epoch} batches)")
-        # A finished epoch (perhaps on other ranks, whose padding can make it longer than ours here):
-        # go on with the next one, as the uninterrupted run does.
+            warnings.warn("resuming with another global batch size: the position in the epoch is "
+                          f"rounded down to a whole batch ({state['samples_in_epoch']} samples -> "
+                          f"{self.batch_in_epoch} batches)")
+        # A finished epoch (perhaps on other ranks, whose padding can make it longer than ours
+        # here): go on with the next one, as the uninterrupted run does.
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
@@ -365,8 +386,8 @@ class Batches:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             sampler = _SkipFirst(self.sampler, self.batch_in_epoch * self.batch_size)
-            # A generator of its own: otherwise creating the iterator draws from the global RNG, and a
-            # resumed run (which creates it at a different point) would see other training noise.
+            # A generator of its own: otherwise creating the iterator draws from the global RNG, and
+            # a resumed run (which creates it at a different point) would see other training noise.
             loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=4 if self.num_workers else None,
@@ -378,17 +399,18 @@ class Batches:
             self.batch_in_epoch = 0
 
 
-def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4, skip: int = 0) -> DataLoader:
-    """One pass over `dataset` in order, split over ranks without padding (every image once); each rank
-    leaves out the first `skip` images of its share (a resumed pass)."""
+def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4,
+                skip: int = 0) -> DataLoader:
+    """One pass over `dataset` in order, split over ranks without padding (every image once); each
+    rank leaves out the first `skip` images of its share (a resumed pass)."""
     indices = list(range(dist_env.rank, len(dataset), dist_env.world_size))[skip:]
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=dist_env.device.type == "cuda")
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
-    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` images per row, 2-px white gaps; images
-    smaller than 64 px are enlarged (nearest neighbour) so that the grid can be looked at."""
+    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` images per row, 2-px white gaps;
+    images smaller than 64 px are enlarged (nearest neighbour) so that the grid can be looked at."""
     scale = max(1, 64 // images.shape[-2])
     images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, _, h, w = images.shape
@@ -402,29 +424,34 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
     Image.fromarray(canvas).save(path)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images in memory and in ADM .npz files (fid.py's sources besides folders)
 
 
 def as_nchw_uint8(images) -> torch.Tensor:
-    """A batch as a uint8 (B, 3, H, W) tensor: numpy arrays are NHWC (ADM's .npz layout), torch tensors
-    NCHW (what data.py produces)."""
+    """A batch as a uint8 (B, 3, H, W) tensor: numpy arrays are NHWC (ADM's .npz layout), torch
+    tensors NCHW (what data.py produces)."""
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] != 3:
-            hint = " It looks like NCHW: ADM's layout is NHWC." if images.ndim == 4 and images.shape[1] == 3 else ""
-            raise UserError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}.{hint}")
+            looks_nchw = images.ndim == 4 and images.shape[1] == 3
+            hint = " It looks like NCHW: ADM's layout is NHWC." if looks_nchw else ""
+            raise UserError(f"expected uint8 images of shape (N, H, W, 3), got "
+                            f"{images.shape}.{hint}")
         if not (images.flags.writeable and images.flags.c_contiguous):
             images = np.array(images)  # memory maps are read-only; torch wants writable memory
         t = torch.from_numpy(images).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
-            raise UserError(f"expected a uint8 tensor of shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise UserError("expected a uint8 tensor of shape (B, 3, H, W), got "
+                            f"{tuple(images.shape)}")
         t = images
     else:
-        raise UserError(f"expected uint8 images as a numpy array or torch tensor, got {type(images).__name__}")
+        raise UserError("expected uint8 images as a numpy array or torch tensor, got "
+                        f"{type(images).__name__}")
     if t.dtype != torch.uint8:
-        raise UserError(f"expected uint8 images in 0..255, got {t.dtype}: FID is defined on the quantised images "
-                        "you would save. Convert model outputs in [-1, 1] with data.to_uint8(x).")
+        raise UserError(f"expected uint8 images in 0..255, got {t.dtype}: FID is defined on the "
+                        "quantised images you would save. Convert model outputs in [-1, 1] with "
+                        "data.to_uint8(x).")
     return t
 
 
@@ -450,28 +477,33 @@ class ArrayImages(Dataset):
 
 
 class NpzImages:
-    """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous share a
-    batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory, on any rank."""
+    """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous
+    share a batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory, on any
+    rank."""
 
     def __init__(self, path: str):
         self.path = path
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
             self.shape, self.dtype = _npy_header(f)
         if self.dtype.hasobject:
-            raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes of images of "
-                            "different sizes: crop them to one size first, or put them in a folder")
+            raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes "
+                            "of images of different sizes: crop them to one size first, or put "
+                            "them in a folder")
         if len(self.shape) == 0 or self.shape[0] == 0:
             raise UserError(f"{path}: 'arr_0' has shape {self.shape}, no images")
-        as_nchw_uint8(np.zeros((1, *self.shape[1:]), dtype=self.dtype))  # layout and dtype, without reading
+        # check the layout and dtype, without reading
+        as_nchw_uint8(np.zeros((1, *self.shape[1:]), dtype=self.dtype))
         self.image_hw = tuple(self.shape[1:3])
 
     def __len__(self):
         return self.shape[0]
 
     def batches(self, batch_size: int, dist_env, skip: int = 0):
-        """This rank's images [N r / W, N (r + 1) / W), less its first `skip`, in batches of (b, H, W, 3)."""
+        """This rank's images [N r / W, N (r + 1) / W), less its first `skip`, in batches of
+        (b, H, W, 3)."""
         n, item = len(self), int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        start, stop = n * dist_env.rank // dist_env.world_size, n * (dist_env.rank + 1) // dist_env.world_size
+        rank, world = dist_env.rank, dist_env.world_size
+        start, stop = n * rank // world, n * (rank + 1) // world
         start += skip
         with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
             _npy_header(f)
@@ -483,16 +515,19 @@ class NpzImages:
 
 def _npy_header(f):
     """(shape, dtype) from the header of a .npy stream, which is left at the start of the data."""
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran_order, dtype = read(f)
     if fortran_order:
-        raise UserError("arr_0 is stored in Fortran order; save the images with np.savez(path, arr_0=images)")
+        raise UserError("arr_0 is stored in Fortran order; save the images with "
+                        "np.savez(path, arr_0=images)")
     return shape, dtype
 
 
 def first_image_size(root: str) -> int:
-    """Short side of the first readable image under `root` (sorted walk): a folder's default crop size."""
+    """Short side of the first readable image under `root` (sorted walk): a folder's default
+    crop size."""
     from PIL import Image
 
     for dirpath, dirnames, names in os.walk(root, followlinks=True):

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_write, check_writable,
-                    cleanup_distributed, save_json, script_main, setup_distributed)
+from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_write,
+                    check_writable, cleanup_distributed, save_json, script_main, setup_distributed)
 from data import (ArrayImages, ImageFolder, NpzImages, as_nchw_uint8, count_skipped, eval_loader,
                   first_image_size)
 from frechet import FIDStatistics, Moments, frechet_distance  # noqa: F401 (fid.frechet_distance)
@@ -46,8 +46,8 @@ from text import clip_score_npz, read_prompts
 
 @contextlib.contextmanager
 def exact_float32(device: torch.device):
-    """True float32 in the body: no autocast (a caller's bf16 context would change the features) and no
-    TF32 (the training scripts turn it on; its 10-bit mantissa moves FID)."""
+    """True float32 in the body: no autocast (a caller's bf16 context would change the features)
+    and no TF32 (the training scripts turn it on; its 10-bit mantissa moves FID)."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -57,7 +57,7 @@ def exact_float32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image sources: a folder, an ADM .npz, in-memory uint8 images, or saved statistics
 
 
@@ -70,14 +70,15 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
     if os.path.isdir(path):
         return ImageFolder(path, image_size or first_image_size(path))
     if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz (arr_0) or a "
-                        "statistics .npz (mu, sigma)")
+        raise UserError(f"{path} does not exist: expected a folder of images, an ADM .npz (arr_0) "
+                        "or a statistics .npz (mu, sigma)")
     try:
         npz = np.load(path, allow_pickle=False)
         files = npz.files
     except Exception as e:
-        raise UserError(f"could not read {path} as an .npz file ({type(e).__name__}: {e}); expected a folder of "
-                        "images, an ADM .npz (arr_0, uint8 NHWC) or a statistics .npz (mu, sigma)") from None
+        raise UserError(f"could not read {path} as an .npz file ({type(e).__name__}: {e}); "
+                        "expected a folder of images, an ADM .npz (arr_0, uint8 NHWC) or a "
+                        "statistics .npz (mu, sigma)") from None
     with npz:
         if "mu" in files and "sigma" in files and not (from_images and "arr_0" in files):
             stats = FIDStatistics.load(path, npz)
@@ -87,22 +88,25 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
         if "mu" in files:
             log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
         return NpzImages(path)
-    raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM and sample.py write "
-                    "them) or 'mu' and 'sigma' (statistics, as fid.py --save_stats writes them)")
+    raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM and "
+                    "sample.py write them) or 'mu' and 'sigma' (statistics, as fid.py --save_stats "
+                    "writes them)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Feature extraction
 
 
 def gather_rows(local: torch.Tensor, dist_env: DistEnv, interleaved: bool) -> torch.Tensor:
-    """Every rank's rows of a 2-D float tensor, concatenated, on every rank. Ranks may hold different
-    numbers of rows (an empty rank does not know the width), so counts and widths go first.
-    `interleaved`: rank r held items r, r + W, ... (data.eval_loader): rows go back in dataset order."""
+    """Every rank's rows of a 2-D float tensor, concatenated, on every rank. Ranks may hold
+    different numbers of rows (an empty rank does not know the width), so counts and widths go
+    first. `interleaved`: rank r held items r, r + W, ... (data.eval_loader): rows go back in
+    dataset order."""
     if not dist_env.distributed:
         return local
     world = dist_env.world_size
-    shape = torch.tensor([local.shape[0], local.shape[1] if local.shape[0] else 0], device=dist_env.device)
+    shape = torch.tensor([local.shape[0], local.shape[1] if local.shape[0] else 0],
+                         device=dist_env.device)
     shapes = [torch.zeros_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape)
     counts, width = [int(s[0]) for s in shapes], max(int(s[1]) for s in shapes)
@@ -157,8 +161,9 @@ def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = 
     with exact_float32(device), tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
                                      disable=not (progress and dist_env.is_main)) as bar:
         for batch in batches:
-            batch = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels) from ImageFolder
-            x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
+            # (images, labels) from ImageFolder; x: (B, 3, H, W) in [0, 1]
+            batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)
             for rows, out in zip(columns, model(x, spatial=True) if spatial else model(x)):
                 rows.append(out.float().cpu())
             bar.update(x.shape[0])
@@ -168,12 +173,12 @@ def compute_activations(images, model: FIDInception, dist_env: DistEnv | None = 
         raise UserError("no images to compute features of (an empty folder, array or loader?)")
     skipped = count_skipped(batches.dataset if interleaved else None, dist_env)
     if skipped and dist_env.is_main:
-        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable neighbour (see "
-                      "the warnings above); remove or repair them for an exact FID")
+        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable "
+                      "neighbour (see the warnings above); remove or repair them for an exact FID")
     return tuple(c.numpy() for c in columns)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -184,38 +189,46 @@ def inception_score(logits, split_size: int = 5000) -> tuple[float, float]:
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise UserError(f"inception_score needs (N, classes) logits, got {tuple(logits.shape)}")
-    log_p = F.log_softmax(logits, dim=1)  # log p(y|x): log space avoids log(0) for confident samples
+    # log p(y|x): log space avoids log(0) for confident samples
+    log_p = F.log_softmax(logits, dim=1)
     scores = []
     for part in log_p.split(split_size):
-        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log p(y) of this part
+        # log p(y) of this part
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])
         scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 
 def _knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     """Distance from each point to its k-th nearest neighbour in the same set, (N,)."""
-    radii = [torch.cdist(x[i: i + batch_size], x).kthvalue(k + 1, dim=1).values  # k + 1: skip the point itself
+    # k + 1: skip the point itself
+    radii = [torch.cdist(x[i: i + batch_size], x).kthvalue(k + 1, dim=1).values
              for i in range(0, x.shape[0], batch_size)]
     return torch.cat(radii)
 
 
 @torch.inference_mode()
-def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024, device=None) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) with k = 3, as ADM's evaluator: each set's
-    manifold is the union of balls around its points reaching the k-th nearest neighbour. Precision:
-    the fraction of fake points inside the real manifold; recall: real points inside the fake one.
-    Distances are computed a block of rows at a time (ADM uses float16 where it fits; we use float32)."""
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
+                     device=None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k = 3, as ADM's evaluator: each
+    set's manifold is the union of balls around its points reaching the k-th nearest neighbour.
+    Precision: the fraction of fake points inside the real manifold; recall: real points inside the
+    fake one. Distances are computed a block of rows at a time (ADM uses float16 where it fits; we
+    use float32)."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device) if device else torch.device(default_device)
     real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) <= k:
-        raise UserError(f"precision_recall needs (N, D) features of equal D and more than k={k} points per set, "
-                        f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+    well_formed = real.ndim == 2 and fake.ndim == 2 and real.shape[1] == fake.shape[1]
+    if not well_formed or min(len(real), len(fake)) <= k:
+        raise UserError(f"precision_recall needs (N, D) features of equal D and more than k={k} "
+                        f"points per set, got {tuple(real.shape)} and {tuple(fake.shape)}")
     with exact_float32(device):
         radius_real, radius_fake = _knn_radii(real, k, batch_size), _knn_radii(fake, k, batch_size)
         fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)
         real_in_fake = torch.zeros(len(real), dtype=torch.bool, device=device)
-        for i in range(0, len(real), batch_size):  # one pass over all real-fake distances serves both
+        # one pass over all real-fake distances serves both
+        for i in range(0, len(real), batch_size):
             d = torch.cdist(real[i: i + batch_size], fake)  # (b, N_fake)
             fake_in_real |= (d <= radius_real[i: i + batch_size, None]).any(0)
             real_in_fake[i: i + batch_size] = (d <= radius_fake[None, :]).any(1)
@@ -223,18 +236,20 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """10 log10(255^2 / MSE) in dB of uint8 images (B, 3, H, W), one value per image (+inf if equal)."""
+    """10 log10(255^2 / MSE) in dB of uint8 images (B, 3, H, W), one value per image
+    (+inf if equal)."""
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(255.0 ** 2 / mse)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) of uint8 images (B, 3, H, W), one value per image: local
-    means, variances and covariance under an 11x11 Gaussian window (sigma 1.5), constants (0.01 * 255)^2
-    and (0.03 * 255)^2, averaged over the valid positions and the channels."""
+    """Structural similarity (Wang et al. 2004) of uint8 images (B, 3, H, W), one value per image:
+    local means, variances and covariance under an 11x11 Gaussian window (sigma 1.5), constants
+    (0.01 * 255)^2 and (0.03 * 255)^2, averaged over the valid positions and the channels."""
     a, b = a.double(), b.double()
     C = a.shape[1]
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64, device=a.device) - 5) ** 2) / (2 * 1.5 ** 2))
+    offsets = torch.arange(11, dtype=torch.float64, device=a.device) - 5
+    g = torch.exp(-(offsets ** 2) / (2 * 1.5 ** 2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(C, 1, 11, 11)  # one window per channel
 
     def blur(x):  # local weighted mean at the 'valid' positions: (B, C, H - 10, W - 10)
@@ -243,17 +258,20 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    denominator = (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)
+    ssim_map = numerator / denominator
     return ssim_map.flatten(1).mean(1)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Whole-set statistics and samples vs reference
 
 
 @torch.inference_mode()
-def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str, batch_size: int = 50,
-                       num_workers: int = 4, save_every: int = 50_000) -> FIDStatistics | None:
+def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str,
+                       batch_size: int = 50, num_workers: int = 4,
+                       save_every: int = 50_000) -> FIDStatistics | None:
     """Pool and spatial statistics of a large set (e.g. the 1.28M ImageNet training images) written
     to `out`, without holding its features: each rank folds its share into Moments and saves them
     every `save_every` images to <out>.partial/, from where a killed run resumes (with as many
@@ -291,7 +309,8 @@ def dataset_statistics(source, model: FIDInception, dist_env: DistEnv, out: str,
                                          dynamic_ncols=True) as bar:
             for batch in batches:
                 batch = batch[0] if isinstance(batch, (list, tuple)) else batch
-                x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+                # (B, 3, H, W)
+                x = as_nchw_uint8(batch).to(device, non_blocking=True).float().div_(255)
                 pool, _, spatial = model(x, spatial=True)  # (B, 2048), (B, 1008), (B, 2023)
                 moments[0].add(pool)
                 moments[1].add(spatial)
@@ -333,8 +352,9 @@ def _check_statistics(stats: FIDStatistics, what: str, dims, prc: bool, sfid: bo
                             f"{kind} features have {want}: statistics of another network or layer")
 
 
-def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env: DistEnv | None = None,
-             batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
+def evaluate(samples, reference, *, model: FIDInception | None = None,
+             dist_env: DistEnv | None = None, batch_size: int = 50, num_workers: int = 4,
+             prc: bool = False, sfid: bool = True,
              reference_from_images: bool = False, image_size: int | None = None,
              inception_ckpt: str | None = None, random_inception: bool = False,
              save_stats: str | None = None, progress: bool = True, log=None) -> dict:
@@ -363,11 +383,13 @@ def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env:
         if isinstance(src, FIDStatistics):
             _check_statistics(src, what, getattr(model, "dims", None), prc, sfid)
     stored = isinstance(reference, FIDStatistics)
-    hw = [getattr(s, "image_hw", None) or ((s.image_size,) * 2 if isinstance(s, ImageFolder) else None)
+    hw = [getattr(s, "image_hw", None)
+          or ((s.image_size,) * 2 if isinstance(s, ImageFolder) else None)
           for s in (samples, reference.images if stored else reference)]
     if None not in hw and hw[0] != hw[1]:
-        log(f"warning: samples are {hw[0][0]}x{hw[0][1]} but the reference images {hw[1][0]}x{hw[1][1]}; both are "
-            "resized to 299x299, but FID across resolutions is not a like-for-like comparison")
+        log(f"warning: samples are {hw[0][0]}x{hw[0][1]} but the reference images "
+            f"{hw[1][0]}x{hw[1][1]}; both are resized to 299x299, but FID across resolutions is "
+            "not a like-for-like comparison")
     # A reference of stored statistics is featurised only for precision/recall, from its images.
     ref_images = reference if not stored else (
         reference.images if prc and reference.features is None else None)
@@ -412,14 +434,15 @@ def evaluate(samples, reference, *, model: FIDInception | None = None, dist_env:
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM .npz or statistics "
-                   ".npz each); or one path with --save_stats to only write its statistics")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM "
+                   ".npz or statistics .npz each); or one path with --save_stats to only write its "
+                   "statistics")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--save_stats", help="write the reference statistics (mu, sigma, mu_s, sigma_s; "
                    "+ features with --prc) here when they are computed from images")
@@ -428,22 +451,30 @@ def parse_args(argv=None):
     p.add_argument("--reference_from_images", action="store_true", help="featurise a reference "
                    "batch's images (arr_0) here, not its stored mu/sigma (both sides: one network)")
     p.add_argument("--no_sfid", action="store_true", help="no sFID (for a reference without mu_s)")
-    p.add_argument("--prc", action="store_true", help="also precision and recall (k=3; costs N^2 distances)")
-    p.add_argument("--batch_size", type=at_least(1), default=50, help="images per forward pass per rank")
-    p.add_argument("--num_workers", type=at_least(0), default=4, help="image decoding workers for folders")
-    p.add_argument("--image_size", type=at_least(1), help="centre-crop size for folders (default: the first "
-                   "image's short side; 256 for ImageNet)")
-    p.add_argument("--inception_ckpt", help=f"local {os.path.basename(FID_WEIGHTS_URL)} (default: the torch.hub "
-                   "cache, else download)")
-    p.add_argument("--random_inception", action="store_true", help="random Inception weights: tests/demo only")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
-    p.add_argument("--clip_model", help="also the CLIP score of SAMPLES (a text-to-image .npz) with this transformers "
-                   "CLIP (hub name or folder), e.g. openai/clip-vit-large-patch14")
-    p.add_argument("--prompts", metavar="FILE", help="with --clip_model: the prompt file the samples were drawn from")
+    p.add_argument("--prc", action="store_true",
+                   help="also precision and recall (k=3; costs N^2 distances)")
+    p.add_argument("--batch_size", type=at_least(1), default=50,
+                   help="images per forward pass per rank")
+    p.add_argument("--num_workers", type=at_least(0), default=4,
+                   help="image decoding workers for folders")
+    p.add_argument("--image_size", type=at_least(1), help="centre-crop size for folders (default: "
+                   "the first image's short side; 256 for ImageNet)")
+    p.add_argument("--inception_ckpt", help=f"local {os.path.basename(FID_WEIGHTS_URL)} (default: "
+                   "the torch.hub cache, else download)")
+    p.add_argument("--random_inception", action="store_true",
+                   help="random Inception weights: tests/demo only")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA if present")
+    p.add_argument("--clip_model", help="also the CLIP score of SAMPLES (a text-to-image .npz) "
+                   "with this transformers CLIP (hub name or folder), e.g. "
+                   "openai/clip-vit-large-patch14")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="with --clip_model: the prompt file the samples were drawn from")
     args = p.parse_args(argv)
-    if not (len(args.paths) == 2 or (len(args.paths) == 1 and (args.save_stats or args.clip_model))):
-        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its statistics, or with "
-                "--clip_model for the CLIP score only)")
+    one_path_ok = len(args.paths) == 1 and (args.save_stats or args.clip_model)
+    if not (len(args.paths) == 2 or one_path_ok):
+        p.error("give SAMPLES and REFERENCE (or one path with --save_stats to only write its "
+                "statistics, or with --clip_model for the CLIP score only)")
     if bool(args.clip_model) != bool(args.prompts):
         p.error("--clip_model and --prompts go together")
     return args
@@ -474,7 +505,8 @@ def main(argv=None):
         if path and dist_env.is_main:
             check_writable(path, what)  # now, not after the work
     clip_only = len(args.paths) == 1 and not args.save_stats
-    model = None if clip_only else load_inception(args.inception_ckpt, args.random_inception, dist_env.device)
+    model = None if clip_only else load_inception(args.inception_ckpt, args.random_inception,
+                                                  dist_env.device)
     extract = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     if clip_only:
         result = {"samples": args.paths[0]}
@@ -493,13 +525,14 @@ def main(argv=None):
                                        save_every=args.save_every, **extract)
         result = None
         if dist_env.is_main:
-            result = {"images": args.paths[0], "num_images": stats.num_images, "statistics": args.save_stats,
-                      "inception_weights": model.weights_name}
+            result = {"images": args.paths[0], "num_images": stats.num_images,
+                      "statistics": args.save_stats, "inception_weights": model.weights_name}
             log(f"statistics of {stats.num_images} images written to {args.save_stats}")
     else:
-        result = evaluate(args.paths[0], args.paths[1], model=model, dist_env=dist_env, prc=args.prc,
-                          sfid=not args.no_sfid, reference_from_images=args.reference_from_images,
-                          image_size=args.image_size, save_stats=args.save_stats, log=log, **extract)
+        result = evaluate(args.paths[0], args.paths[1], model=model, dist_env=dist_env,
+                          prc=args.prc, sfid=not args.no_sfid, image_size=args.image_size,
+                          reference_from_images=args.reference_from_images,
+                          save_stats=args.save_stats, log=log, **extract)
         result = {"samples": args.paths[0], "reference_path": args.paths[1], **result}
         log(result_line(result))
     if args.clip_model and dist_env.is_main:

@@ -1,5 +1,6 @@
-"""fid.py: the FID Inception against pytorch-fid, the metrics against closed forms and the ADM formulas,
-statistics files, input checks, and the CLI under torchrun (random Inception weights: no download)."""
+"""fid.py: the FID Inception against pytorch-fid, the metrics against closed forms and the ADM
+formulas, statistics files, input checks, and the CLI under torchrun (random Inception weights: no
+download)."""
 
 import json
 import math
@@ -45,30 +46,33 @@ def random_uint8_images(n, h=64, w=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The network
 
 
 def test_layout_equals_pytorch_fid_inception3(inception, pytorch_fid_inception):
-    """Same parameter names, shapes and order as the Inception3 that pt_inception-2015-12-05 was saved
-    from (566 entries, incl. fc), so the real file loads with strict=True both ways."""
+    """Same parameter names, shapes and order as the Inception3 that pt_inception-2015-12-05 was
+    saved from (566 entries, incl. fc), so the real file loads with strict=True both ways."""
     full, _ = pytorch_fid_inception
     ours, theirs = inception.state_dict(), full.state_dict()
     assert len(ours) == 566
-    assert [(k, v.shape, v.dtype) for k, v in ours.items()] == [(k, v.shape, v.dtype) for k, v in theirs.items()]
+    assert ([(k, v.shape, v.dtype) for k, v in ours.items()]
+            == [(k, v.shape, v.dtype) for k, v in theirs.items()])
     fid.FIDInception().load_state_dict(theirs, strict=True)
     assert all(m.eps == 0.001 for m in inception.modules() if isinstance(m, nn.BatchNorm2d))
     assert all(m.bias is None for m in inception.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_features_equal_pytorch_fid(inception, pytorch_fid_inception):
-    """uint8 images through compute_activations (-> [0, 1], resized to 299 inside) give pytorch-fid's
-    pool features for the same weights; logits = pool @ fc.weight^T (IS logits, no bias)."""
+    """uint8 images through compute_activations (-> [0, 1], resized to 299 inside) give
+    pytorch-fid's pool features for the same weights; logits = pool @ fc.weight^T (IS logits, no
+    bias)."""
     _, wrapper = pytorch_fid_inception
     images = random_uint8_images(2, 64, 80)
     feats, logits = fid.compute_activations(images, inception, batch_size=2, progress=False)
     with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 255  # as pytorch-fid's ToTensor
+        # as pytorch-fid's ToTensor
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 255
         theirs = wrapper(x)[0].flatten(1).numpy()
     assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
     assert feats.dtype == np.float32 and np.isfinite(feats).all()
@@ -83,7 +87,8 @@ def test_load_inception_from_file_and_errors(inception, tmp_path, monkeypatch):
     torch.save(inception.state_dict(), path)
     model = fid.load_inception(ckpt=str(path))
     assert model.weights_name == "pt_inception.pth" and not model.training
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), inception.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), inception.state_dict().values()))
     bad = {k: v for k, v in inception.state_dict().items() if k != "fc.bias"}
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="is not pytorch-fid"):
@@ -99,7 +104,7 @@ def test_load_inception_from_file_and_errors(inception, tmp_path, monkeypatch):
         fid.load_inception()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Frechet distance
 
 
@@ -122,12 +127,14 @@ def test_frechet_diagonal_closed_form():
     b[5:15] = 0.0
     mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_keeps_small_genuine_variances():
-    """Full rank but ill-conditioned (variances from 10 down to 1e-8), commuting: the closed form again.
-    Small eigenvalues are real here, not round-off, and must not be dropped (that biases FID upwards)."""
+    """Full rank but ill-conditioned (variances from 10 down to 1e-8), commuting: the closed form
+    again. Small eigenvalues are real here, not round-off, and must not be dropped (that biases FID
+    upwards)."""
     rng = np.random.default_rng(0)
     d = 256
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
@@ -135,11 +142,13 @@ def test_frechet_keeps_small_genuine_variances():
     b = a * rng.uniform(0.5, 1.5, d)
     s1, s2 = (q * a) @ q.T, (q * b) @ q.T
     expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s2) == pytest.approx(expected, abs=1e-6)
+    got = fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s2)
+    assert got == pytest.approx(expected, abs=1e-6)
     assert fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s1) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytorch-fid passes scipy's deprecated `disp`
+# pytorch-fid passes scipy's deprecated `disp`
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_frechet_matches_pytorch_fid_when_well_conditioned():
     mu1, s1 = gaussian_stats(500, 64, 2)
     mu2, s2 = gaussian_stats(500, 64, 3, scale=1.3)
@@ -150,15 +159,17 @@ def test_frechet_matches_pytorch_fid_when_well_conditioned():
 
 
 def test_frechet_finite_on_rank_deficient_covariances():
-    """10 samples in 256 dims (rank <= 9): finite, >= 0, symmetric, and 0 for identical statistics."""
+    """10 samples in 256 dims (rank <= 9): finite, >= 0, symmetric, and 0 for identical
+    statistics."""
     mu1, s1 = gaussian_stats(10, 256, 4)
     mu2, s2 = gaussian_stats(10, 256, 5)
     d12, d21 = fid.frechet_distance(mu1, s1, mu2, s2), fid.frechet_distance(mu2, s2, mu1, s1)
     assert np.isfinite(d12) and d12 > 0
     assert d12 == pytest.approx(d21, rel=1e-8)
     assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
-    # 4 samples in 1024 dims: the square roots of ~1020 round-off eigenvalues must not add up to a visible
-    # error. Equal covariances, means 1/32 apart in every dimension: FID = 1024 / 32^2 = 1 exactly.
+    # 4 samples in 1024 dims: the square roots of ~1020 round-off eigenvalues must not add up to a
+    # visible error. Equal covariances, means 1/32 apart in every dimension: FID = 1024 / 32^2 = 1
+    # exactly.
     mu, s = gaussian_stats(4, 1024, 6, scale=3.0)
     assert fid.frechet_distance(mu, s, mu + 1 / 32, s) == pytest.approx(1.0, rel=1e-6)
 
@@ -177,7 +188,8 @@ def test_statistics_from_features():
     feats = np.random.default_rng(7).normal(size=(5000, 64)).astype(np.float32)  # > 1 chunk of 4096
     stats = fid.FIDStatistics.from_features(feats)
     np.testing.assert_allclose(stats.mu, feats.astype(np.float64).mean(0), atol=1e-12)
-    np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64), rowvar=False), atol=1e-10)
+    np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64), rowvar=False),
+                               atol=1e-10)
     with pytest.warns(UserWarning, match="rank-deficient"):
         fid.FIDStatistics.from_features(feats[:20])
     with pytest.raises(UserError, match="at least 2"):
@@ -187,7 +199,7 @@ def test_statistics_from_features():
         fid.FIDStatistics.from_features(feats)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inception Score and precision/recall
 
 
@@ -234,7 +246,8 @@ def test_precision_recall():
     real = rng.normal(size=(70, 16)).astype(np.float32)
     fake = (rng.normal(size=(55, 16)) * 0.7 + 0.4).astype(np.float32)
     got = fid.precision_recall(real, fake, k=3, batch_size=8, device="cpu")  # several row blocks
-    assert got == pytest.approx(brute_force_precision_recall(real.astype(np.float64), fake.astype(np.float64), 3))
+    expected = brute_force_precision_recall(real.astype(np.float64), fake.astype(np.float64), 3)
+    assert got == pytest.approx(expected)
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert fid.precision_recall(real, real, device="cpu") == (1.0, 1.0)
     assert fid.precision_recall(real, real + 100, device="cpu") == (0.0, 0.0)
@@ -242,7 +255,7 @@ def test_precision_recall():
         fid.precision_recall(real[:3], fake, device="cpu")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inputs, statistics files, extraction plumbing (stub network)
 
 
@@ -253,10 +266,10 @@ def test_npz_sources(tmp_path):
     for name in ("stored.npz", "compressed.npz"):
         src = fid.load_source(str(tmp_path / name))
         assert isinstance(src, fid.NpzImages) and len(src) == 5 and src.image_hw == (24, 32)
-        # Each of 1, 2 or 3 ranks streams a contiguous share; in rank order they are the whole array.
+        # 1, 2 or 3 ranks each stream a contiguous share; in rank order they are the whole array.
         for world in (1, 2, 3):
-            shares = [np.concatenate(list(src.batches(2, DistEnv(r, r, world, torch.device("cpu")))))
-                      for r in range(world)]
+            envs = [DistEnv(r, r, world, torch.device("cpu")) for r in range(world)]
+            shares = [np.concatenate(list(src.batches(2, env))) for env in envs]
             assert np.array_equal(np.concatenate(shares), images)
     # An ADM reference batch: its stored statistics, with its images beside them (for precision/
     # recall); with from_images (--reference_from_images), only its images.
@@ -316,7 +329,8 @@ def test_statistics_file_round_trip(tmp_path):
     # pytorch-fid's own statistics files (mu, sigma only) are read too.
     np.savez(tmp_path / "pytorch_fid.npz", mu=stats.mu, sigma=stats.sigma)
     back = fid.load_source(str(tmp_path / "pytorch_fid.npz"))
-    assert back.features is None and back.num_images == -1 and np.array_equal(back.sigma, stats.sigma)
+    assert back.features is None and back.num_images == -1
+    assert np.array_equal(back.sigma, stats.sigma)
     # ADM's spatial statistics (mu_s, sigma_s) are read, and written back under the same keys.
     np.savez(tmp_path / "adm_stats.npz", mu=stats.mu, sigma=stats.sigma, mu_s=stats.mu[:7],
              sigma_s=2 * np.eye(7))
@@ -331,8 +345,8 @@ def test_statistics_file_round_trip(tmp_path):
 
 
 def test_activations_inputs_agree():
-    """A numpy NHWC array, a torch NCHW tensor, a Dataset and an iterable of batches give the same rows
-    in the same order."""
+    """A numpy NHWC array, a torch NCHW tensor, a Dataset and an iterable of batches give the same
+    rows in the same order."""
     model = StubInception()
     images = random_uint8_images(7, 16, 16)
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -350,8 +364,9 @@ def test_a_folder_with_an_unreadable_file_is_reported(tmp_path):
         Image.fromarray(random_uint8_images(1, 16, 16, seed=i)[0]).save(tmp_path / f"{i}.png")
     (tmp_path / "1.png").write_bytes(b"truncated")
     with pytest.warns(UserWarning) as caught:
-        pools, _ = fid.compute_activations(str(tmp_path), StubInception(), batch_size=2, num_workers=0,
-                                           progress=False)  # no workers: their warnings would escape pytest
+        # no workers: their warnings would escape pytest
+        pools, _ = fid.compute_activations(str(tmp_path), StubInception(), batch_size=2,
+                                           num_workers=0, progress=False)
     messages = [str(w.message) for w in caught]
     assert any("unreadable image" in m and "1.png" in m for m in messages)  # named when met
     assert any("1 unreadable files were replaced" in m for m in messages)  # counted at the end
@@ -359,7 +374,8 @@ def test_a_folder_with_an_unreadable_file_is_reported(tmp_path):
 
 
 def test_extraction_stays_float32_under_a_callers_bf16_autocast():
-    """A training script may call evaluate() inside its bf16 autocast, with TF32 on; features must not change."""
+    """A training script may call evaluate() inside its bf16 autocast, with TF32 on; features must
+    not change."""
     model = StubInception()
     images = random_uint8_images(4, 16, 16)
     plain = fid.compute_activations(images, model, progress=False)[0]
@@ -381,38 +397,44 @@ def test_extraction_stays_float32_under_a_callers_bf16_autocast():
 def test_evaluate_with_saved_reference_statistics(tmp_path):
     model = StubInception()
     samples, reference = random_uint8_images(120, seed=1), random_uint8_images(160, seed=2)
-    direct = fid.evaluate(samples, reference, model=model, prc=True, save_stats=str(tmp_path / "ref.npz"),
-                          progress=False)
+    direct = fid.evaluate(samples, reference, model=model, prc=True,
+                          save_stats=str(tmp_path / "ref.npz"), progress=False)
     reused = fid.evaluate(samples, str(tmp_path / "ref.npz"), model=model, prc=True, progress=False)
     assert direct["reference"] == "160 reference images featurised here"
     assert reused.pop("reference") == f"the stored statistics of {tmp_path / 'ref.npz'}"
     assert reused == {k: v for k, v in direct.items() if k != "reference"}
     batches = [torch.from_numpy(samples).permute(0, 3, 1, 2)[i: i + 50] for i in range(0, 120, 50)]
-    as_batches = fid.evaluate(batches, str(tmp_path / "ref.npz"), model=model, prc=True, progress=False)
+    as_batches = fid.evaluate(batches, str(tmp_path / "ref.npz"), model=model, prc=True,
+                              progress=False)
     assert as_batches["fid"] == pytest.approx(direct["fid"], rel=1e-6)
-    assert set(direct) >= {"fid", "inception_score", "precision", "recall", "num_samples", "num_reference"}
+    assert set(direct) >= {"fid", "inception_score", "precision", "recall", "num_samples",
+                           "num_reference"}
     assert direct["inception_score_splits"] == 1  # ADM: parts of 5000
     assert direct["num_reference"] == 160
-    # Without --prc the statistics file has no features, and asking for precision/recall says what to do.
+    # Without --prc the statistics file has no features, and asking for precision/recall says what
+    # to do.
     stats = fid.load_source(str(tmp_path / "ref.npz"))
-    fid.FIDStatistics(stats.mu, stats.sigma, stats.num_images).save(str(tmp_path / "ref_nofeat.npz"))
+    no_features = str(tmp_path / "ref_nofeat.npz")
+    fid.FIDStatistics(stats.mu, stats.sigma, stats.num_images).save(no_features)
     with pytest.raises(UserError, match="--prc --save_stats"):
-        fid.evaluate(samples, str(tmp_path / "ref_nofeat.npz"), model=model, prc=True, progress=False)
+        fid.evaluate(samples, no_features, model=model, prc=True, progress=False)
 
 
 def test_cli_statistics_only_and_usage_errors(tmp_path, monkeypatch):
-    """`fid.py PATH --save_stats OUT` writes statistics that evaluate() accepts for either side (stub net)."""
+    """`fid.py PATH --save_stats OUT` writes statistics that evaluate() accepts for either side
+    (stub net)."""
     monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: StubInception())
     np.savez(tmp_path / "a.npz", arr_0=random_uint8_images(100, 16, 16, seed=3))
     np.savez(tmp_path / "b.npz", arr_0=random_uint8_images(90, 16, 16, seed=4))
     for name in ("a", "b"):
-        out = fid.main([str(tmp_path / f"{name}.npz"), "--save_stats", str(tmp_path / f"{name}_stats.npz"), "--prc",
-                        "--device", "cpu", "--json", str(tmp_path / f"{name}.json")])
+        out = fid.main([str(tmp_path / f"{name}.npz"), "--save_stats",
+                        str(tmp_path / f"{name}_stats.npz"), "--prc", "--device", "cpu",
+                        "--json", str(tmp_path / f"{name}.json")])
         assert out["num_images"] == json.load(open(tmp_path / f"{name}.json"))["num_images"]
-    from_stats = fid.evaluate(str(tmp_path / "a_stats.npz"), str(tmp_path / "b_stats.npz"), model=StubInception(),
-                              prc=True, progress=False)
-    from_images = fid.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), model=StubInception(), prc=True,
-                               progress=False)
+    from_stats = fid.evaluate(str(tmp_path / "a_stats.npz"), str(tmp_path / "b_stats.npz"),
+                              model=StubInception(), prc=True, progress=False)
+    from_images = fid.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                               model=StubInception(), prc=True, progress=False)
     assert "inception_score" not in from_stats  # statistics have no logits
     for key in ("fid", "precision", "recall", "num_samples", "num_reference"):
         assert from_stats[key] == from_images[key]
@@ -424,7 +446,7 @@ def test_cli_statistics_only_and_usage_errors(tmp_path, monkeypatch):
         fid.main([str(tmp_path / "wrong.npz"), str(tmp_path / "wrong.npz"), "--device", "cpu"])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The CLI with the random-weight Inception: 1 process vs torchrun with 2, and saved statistics
 
 
@@ -438,17 +460,21 @@ def tiny_sets(tmp_path_factory):
 
 
 def test_cli_one_process_then_torchrun_on_saved_statistics(tiny_sets):
-    """`fid.py samples.npz ref_folder --save_stats ref.npz` in one process, then the same samples against
-    the written statistics under torchrun with 2 ranks: same FID, IS and precision/recall."""
+    """`fid.py samples.npz ref_folder --save_stats ref.npz` in one process, then the same samples
+    against the written statistics under torchrun with 2 ranks: same FID, IS and
+    precision/recall."""
     root = tiny_sets
-    common_args = ["--random_inception", "--prc", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+    common_args = ["--random_inception", "--prc", "--batch_size", "4", "--num_workers", "0",
+                   "--device", "cpu"]
     with pytest.warns(UserWarning) as caught:
-        one = fid.main([str(root / "samples.npz"), str(root / "ref"), *common_args, "--json", str(root / "one.json"),
+        one = fid.main([str(root / "samples.npz"), str(root / "ref"), *common_args,
+                        "--json", str(root / "one.json"),
                         "--save_stats", str(root / "ref_stats.npz")])
     said = " ".join(str(w.message) for w in caught)
     assert "RANDOM weights" in said and "4 images < 2048 feature dimensions" in said
     assert json.load(open(root / "one.json"))["fid"] == one["fid"]
-    assert one["inception_weights"].startswith("RANDOM") and one["num_samples"] == one["num_reference"] == 4
+    assert one["inception_weights"].startswith("RANDOM")
+    assert one["num_samples"] == one["num_reference"] == 4
     assert np.isfinite(one["fid"]) and 0 <= one["precision"] <= 1 and one["inception_score"] >= 1
 
     run_torchrun(["fid.py", str(root / "samples.npz"), str(root / "ref_stats.npz"), *common_args,
@@ -461,7 +487,7 @@ def test_cli_one_process_then_torchrun_on_saved_statistics(tiny_sets):
     assert two["num_reference"] == 4
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reconstruction metrics
 
 
@@ -493,7 +519,9 @@ def test_ssim_matches_an_independent_computation():
             mp, mq = f(p), f(q)
             vp, vq, cpq = f(p * p) - mp ** 2, f(q * q) - mq ** 2, f(p * q) - mp * mq
             c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-            vals.append((((2 * mp * mq + c1) * (2 * cpq + c2)) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))).mean())
+            numerator = (2 * mp * mq + c1) * (2 * cpq + c2)
+            denominator = (mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)
+            vals.append((numerator / denominator).mean())
         return np.mean(vals)
 
     got = fid.ssim(a, b)
