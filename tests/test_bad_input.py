@@ -1,4 +1,4 @@
-"""Bad input never gives a wrong result (issue 22): the probes of a demanding user, one test per
+"""Bad input never gives a wrong result: the probes of a demanding user, one test per
 defect, on tiny random models. A wrong result, a lost file or a run that cannot resume is a
 UserError instead (one line naming the file or flag, and the fix), or a warning where the input
 can still be used."""

@@ -14,7 +14,7 @@ from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, Visi
                  flow_matching_loss, get_2d_sincos_pos_embed)
 from flops import forward_flops_per_image, training_flops_per_image
 
-# Key lists dumped from the reference implementation (copied from the project's shared/reference).
+# Key lists dumped from the reference implementation's state dicts.
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
             num_classes=10)
@@ -116,7 +116,7 @@ def test_sincos_pos_embed_matches_formula():
 
 
 def rope_angle(token, channel, head_dim, grid):
-    """Angle of channel `channel` of token `token`, straight from the SPEC's wording."""
+    """Angle of channel `channel` of token `token`, from VisionRoPE's definition."""
     half = head_dim // 2
     pos = token // grid if channel < half else token % grid  # first half: row; second half: column
     j = (channel % half) // 2  # frequencies repeated twice: f0, f0, f1, f1, ...
