@@ -2,10 +2,10 @@
 tokenizer, of the LightningDiT and of the text-to-image model, sampling, and FID feature extraction
 next to pytorch-fid's.
 
-    python bench.py                                  # all parts; CUDA if present, else small CPU configs
-    python bench.py --part dit --vs_official ~/LightningDiT    # ours next to the official code, same step
-    python bench.py --part dit --batch_size 64 128 256         # a batch-size sweep
-    python bench.py --part dit --compile off --precision fp32 --no_fused --attention math   # the plain path
+    python bench.py                            # all parts; CUDA if present, else small CPU configs
+    python bench.py --part dit --vs_official ~/LightningDiT  # ours and the official code, same step
+    python bench.py --part dit --batch_size 64 128 256       # a batch-size sweep
+    python bench.py --part dit --compile off --precision fp32 --no_fused --attention math  # plain
     python bench.py --part t2i --compile regional       # each block compiled: a faster first step
     python bench.py --part tokenizer --profile out/     # + torch.profiler tables and Chrome traces
     python bench.py --part dit --part t2i --max_batch --memory_gib 80   # largest batch in 80 GB
@@ -15,21 +15,21 @@ FLOP/s / the GPU's dense bf16 peak (flops.py). Timing: --warmup steps not timed,
 synchronised before and after each timed repeat of --iters steps, the median of --repeats repeats.
 
 FLOP counts (what "model FLOPs" means here):
-- LightningDiT: flops.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied to
-  every token) x tokens + 2 x (conditioning weights) + depth x 4 x tokens^2 x width (attention).
+- LightningDiT: flops.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied
+  to every token) x tokens + 2 x (conditioning weights) + depth x 4 x tokens^2 x width (attention).
 - tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
-  and attention, forward and backward; LPIPS, discriminator and the adaptive-weight gradients included).
+  and attention, forward and backward; LPIPS, discriminator, adaptive-weight gradients included).
 - sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
 - text-to-image: 3 x flops.t2i_forward_flops (each stream's weights on its own tokens, the joint
   attention); t2i_e2e (train_t2i.py's whole step, with the frozen tokenizer and text encoder) too.
 
 Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
-Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer conv nets),
---no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward), --grad_checkpointing
-(DiT: less memory, more compute). Default batches fit an 80 GB GPU. `--part t2i --fsdp` shards the
-text-to-image model as `train_t2i.py --fsdp` does (common.parallelize), here over one GPU: its cost
-next to DDP's, whose step it otherwise is.
+Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer
+conv nets), --no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward),
+--grad_checkpointing (DiT: less memory, more compute). Default batches fit an 80 GB GPU.
+`--part t2i --fsdp` shards the text-to-image model as `train_t2i.py --fsdp` does
+(common.parallelize), here over one GPU: its cost next to DDP's, whose step it otherwise is.
 
 Each row also gives the time of the first step (compilation, lazy initialisation): `first_step_s`.
 --profile DIR writes, for each part after its timing, torch.profiler's operator table of two more
@@ -39,8 +39,8 @@ batch, then bisecting; --memory_gib caps the GPU memory, e.g. 80 on a 141 GB H20
 
 --vs_official PATH times a checkout of hustvl/LightningDiT (github.com/hustvl/LightningDiT; it needs
 timm and einops) in the same process and protocol: its XL/1 as its config trains it (SwiGLU, RoPE,
-RMSNorm, its own @torch.compile pieces), the same flow-matching loss and batch, foreach AdamW and its
-per-parameter EMA loop, as its train.py does; then the ratio of images/s and of peak memory.
+RMSNorm, its own @torch.compile pieces), the same flow-matching loss and batch, foreach AdamW and
+its per-parameter EMA loop, as its train.py does; then the ratio of images/s and of peak memory.
 """
 
 import argparse
@@ -60,15 +60,16 @@ import t2i
 from common import (EMA, DistEnv, add_fsdp_arg, at_least, autocast, cleanup_distributed,
                     parallelize, unwrap, use_bf16, use_compile)
 
-# Default sizes: the paper's on CUDA; small ones on CPU so that everything finishes in about a minute.
+# Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
     "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=128, latent=(32, 16, 16),
                  tok={}, tok_batch=32, image_size=256, sample_batch=128, fid_batch=250,
                  t2i="T2I-2B/1", t2i_text=(128, 4096), t2i_batch=32),
-    "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8), dit_batch=8,
-                latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
-                tok_batch=2, image_size=64, sample_batch=8, fid_batch=4, t2i="T2I-tiny/1", t2i_text=(16, 64),
-                t2i_batch=4),
+    "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8),
+                dit_batch=8, latent=(32, 8, 8),
+                tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1), tok_batch=2,
+                image_size=64, sample_batch=8, fid_batch=4,
+                t2i="T2I-tiny/1", t2i_text=(16, 64), t2i_batch=4),
 }
 # The frozen text encoder of t2i_e2e, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
 T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
@@ -88,13 +89,11 @@ def timed(step, device, warmup: int, iters: int, repeats: int, profile: str | No
             first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append((time.perf_counter() - start) / iters)
     if profile:
         profile_steps(step, device, profile)
@@ -107,9 +106,8 @@ def synchronize(device):
 
 
 def profile_steps(step, device, prefix: str, steps: int = 2):
-    """torch.profiler over `steps` calls of `step`: the operator table (totals over the steps)
-    sorted by GPU time on CUDA, CPU time on the CPU, to PREFIX.txt; the Chrome trace to
-    PREFIX.json.gz."""
+    """torch.profiler over `steps` calls of `step`: the operator table (summed over them), sorted by
+    GPU time on CUDA, CPU time on the CPU, to PREFIX.txt; the Chrome trace to PREFIX.json.gz."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -158,44 +156,49 @@ def report(name, args, device, batch, seconds, flops_per_image=None, **extra):
     """A row of results; `seconds` per step, or (seconds, first step's seconds) from timed."""
     seconds, first = seconds if isinstance(seconds, tuple) else (seconds, None)
     img_s = batch / seconds
-    row = {"part": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds, "peak_mem_gib": peak_memory_gib(device),
-           "first_step_s": first, **extra}
+    row = {"part": name,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "batch": batch, "img_per_s": img_s, "ms_per_step": 1000 * seconds,
+           "peak_mem_gib": peak_memory_gib(device), "first_step_s": first, **extra}
     mfu = model_flops.mfu(img_s, flops_per_image, device) if flops_per_image else None
     if mfu:
         row["mfu"] = mfu
     mfu = f"  MFU {mfu:.1%}" if mfu else ""
-    memory = "peak" if device.type == "cuda" else "process peak RSS"  # on the CPU it never goes down
+    memory = "peak" if device.type == "cuda" else "process peak RSS"  # on the CPU it never drops
     print(f"{name:28s} {img_s:10.1f} img/s  {row['ms_per_step']:9.1f} ms/step  "
           f"{memory} {row['peak_mem_gib']:.2f} GiB{mfu}", flush=True)
     return row
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parts
 
 
 def bench_dit(args, cfg, device, bf16, B):
     """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update; with
     --vs_official, the official model's step next to it."""
-    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], grad_checkpointing=args.grad_checkpointing,
+    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
+                          grad_checkpointing=args.grad_checkpointing,
                           **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device)
     flops = model_flops.training_flops_per_image(model)
     ema = EMA(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0,
+                            fused=not args.no_fused)
     train_model = compiled(model, args, device)
-    rows = [report(f"dit {cfg['dit']} train", args, device, B, dit_step_seconds(train_model, ema.update, opt, args,
-                   cfg, device, bf16, B, "dit"), flops, gflops_per_image=flops / 1e9)]
+    seconds = dit_step_seconds(train_model, ema.update, opt, args, cfg, device, bf16, B, "dit")
+    rows = [report(f"dit {cfg['dit']} train", args, device, B, seconds, flops,
+                   gflops_per_image=flops / 1e9)]
     if args.vs_official:
         del model, ema, opt, train_model
         official = official_lightningdit(args.vs_official, cfg).to(device)
         ema_params = {n: p.detach().clone() for n, p in official.named_parameters()}
 
-        def official_ema(model, decay=0.9999):  # the loop of its train.py: per parameter, mul_ then add_
+        def official_ema(model, decay=0.9999):  # its train.py's loop: per parameter, mul_ then add_
             for name, p in model.named_parameters():
                 ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
 
-        opt = torch.optim.AdamW(official.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0)  # foreach
+        opt = torch.optim.AdamW(official.parameters(), lr=2e-4, betas=(0.9, 0.95),
+                                weight_decay=0)  # foreach
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -225,13 +228,13 @@ def dit_step_seconds(model, ema_update, opt, args, cfg, device, bf16, B, name):
 
 
 def official_lightningdit(path: str, cfg: dict):
-    """The official LightningDiT of the same size from a checkout at `path`, configured as its released
-    XL config trains it. Its models/rmsnorm.py imports fairscale without using it: empty modules stand in."""
+    """The official LightningDiT of the same size from a checkout at `path`, as its released XL
+    config trains it. Its models/rmsnorm.py imports fairscale (unused): empty modules stand in."""
     import sys
     import types
 
-    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel", "fairscale.nn.model_parallel.initialize",
-                 "fairscale.nn.model_parallel.layers"):
+    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel",
+                 "fairscale.nn.model_parallel.initialize", "fairscale.nn.model_parallel.layers"):
         sys.modules.setdefault(name, types.ModuleType(name))
     for name in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
         setattr(sys.modules["fairscale.nn.model_parallel.layers"], name, None)
@@ -239,12 +242,14 @@ def official_lightningdit(path: str, cfg: dict):
     try:
         from models.lightningdit import LightningDiT_models
     except ImportError as e:
-        raise SystemExit(f"--vs_official {path}: cannot import its models/lightningdit.py ({e}); it needs a "
-                         "checkout of github.com/hustvl/LightningDiT and the timm and einops packages")
+        raise SystemExit(f"--vs_official {path}: cannot import its models/lightningdit.py ({e}); "
+                         "it needs a checkout of github.com/hustvl/LightningDiT and the timm and "
+                         "einops packages")
     finally:
         sys.path.remove(os.path.abspath(path))
-    kw = dict(input_size=cfg["latent"][1], in_channels=cfg["latent"][0], use_swiglu=True, use_rope=True,
-              use_rmsnorm=True, use_qknorm=False, **{k: v for k, v in cfg["dit_kw"].items() if k != "input_size"})
+    size_kw = {k: v for k, v in cfg["dit_kw"].items() if k != "input_size"}
+    kw = dict(input_size=cfg["latent"][1], in_channels=cfg["latent"][0], use_swiglu=True,
+              use_rope=True, use_rmsnorm=True, use_qknorm=False, **size_kw)
     name = f"LightningDiT-{cfg['dit']}"
     if "hidden_size" in kw:  # the small CPU configuration: the class itself, not a named size
         return sys.modules["models.lightningdit"].LightningDiT(patch_size=int(cfg["dit"][-1]), **kw)
@@ -252,10 +257,10 @@ def official_lightningdit(path: str, cfg: dict):
 
 
 def bench_tokenizer(args, cfg, device, bf16, B):
-    """One tokenizer training step of each stage, with LPIPS and the GAN on (the costliest phase)."""
+    """One tokenizer training step per stage, with LPIPS and the GAN on (the costliest phase)."""
     from tokenizer import build_lpips
 
-    lpips = build_lpips(random_backbone=True).to(device)  # the backbone's weights do not change its speed
+    lpips = build_lpips(random_backbone=True).to(device)  # the weights do not change its speed
     return [bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B) for stage in (1, 2, 3)]
 
 
@@ -263,7 +268,8 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
     """The step of train_tokenizer.py: tokenizer loss and update, EMA, discriminator update."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tokenizer import AlignedTokenizer, PatchGAN, hinge_d_loss, semantic_reference, set_trainable, tokenizer_loss
+    from tokenizer import (AlignedTokenizer, PatchGAN, hinge_d_loss, semantic_reference,
+                           set_trainable, tokenizer_loss)
 
     torch.manual_seed(0)
     model = AlignedTokenizer({**cfg["tok"], "image_size": cfg["image_size"]}).to(device)
@@ -276,7 +282,8 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
     if args.compile == "regional" or use_compile(args.compile, device):  # networks = regions
         for net in (model.encoder, model.decoder, disc):
             net.compile()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.9), fused=not args.no_fused)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, 1e-4, (0.5, 0.9), fused=not args.no_fused)
     opt_d = torch.optim.Adam(disc.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
     ema = EMA(model, 0.999)
     x = torch.rand(B, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
@@ -304,13 +311,13 @@ def bench_tokenizer_stage(stage, lpips, args, cfg, device, bf16, B):
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.warmup, args.iters, args.repeats,
                     profile_path(args, f"tokenizer stage{stage}", B))
-    return report(f"tokenizer stage {stage} train", args, device, B, seconds, flops, gflops_per_image=flops / 1e9)
+    return report(f"tokenizer stage {stage} train", args, device, B, seconds, flops,
+                  gflops_per_image=flops / 1e9)
 
 
 def bench_sampling(args, cfg, device, bf16, B):
-    """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding.
-
-    The 30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
+    """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding. The
+    30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
     import sample
     from tokenizer import AlignedTokenizer
 
@@ -336,12 +343,12 @@ def bench_sampling(args, cfg, device, bf16, B):
     t30, _ = timed(lambda: run(30), device, 1, 1, args.repeats, profile_path(args, "sample30", B))
     t_decode, _ = timed(decode, device, 1, 1, args.repeats)
     per_step = t30 / 29
-    flops = 2 * model_flops.forward_flops_per_image(model)  # per step and image: conditional + unconditional rows
+    flops = 2 * model_flops.forward_flops_per_image(model)  # per step and image: both CFG rows
     rows = []
     for steps in (250, 30):
         seconds = per_step * (steps - 1) + t_decode
-        rows.append(report(f"sample cfg {steps} steps", args, device, B, seconds, flops * (steps - 1),
-                           hours_for_50k=50_000 / (B / seconds) / 3600))
+        rows.append(report(f"sample cfg {steps} steps", args, device, B, seconds,
+                           flops * (steps - 1), hours_for_50k=50_000 / (B / seconds) / 3600))
     return rows
 
 
@@ -358,38 +365,38 @@ class TwoPass(torch.nn.Module):
 
 
 def bench_fid(args, cfg, device, bf16, B):
-    """Inception features (always float32) of 256 px images: ours and pytorch-fid's, same weights, same
-    images, alternating, best of --repeats passes each."""
+    """Inception features (always float32) of 256 px images: ours and pytorch-fid's, same weights,
+    same images, alternating, best of --repeats passes each."""
     import tempfile
 
     import fid
     import pytorch_fid.inception
 
     ours = fid.load_inception(random_weights=True, device=device)
-    with tempfile.TemporaryDirectory() as home:  # pytorch-fid reads its weight file from the torch.hub cache
-        os.makedirs(os.path.join(home, "hub", "checkpoints"))
-        torch.save(ours.state_dict(), os.path.join(home, "hub", "checkpoints", os.path.basename(fid.FID_WEIGHTS_URL)))
+    with tempfile.TemporaryDirectory() as home:
+        os.makedirs(os.path.join(home, "hub", "checkpoints"))  # pytorch-fid reads its weights here
+        torch.save(ours.state_dict(),
+                   os.path.join(home, "hub", "checkpoints", os.path.basename(fid.FID_WEIGHTS_URL)))
         old_home, os.environ["TORCH_HOME"] = os.environ.get("TORCH_HOME"), home
         try:
-            theirs = pytorch_fid.inception.InceptionV3([3]).to(device).eval()  # block 3: the 2048-d pool
+            theirs = pytorch_fid.inception.InceptionV3([3]).to(device).eval()  # [3]: 2048-d pool
         finally:
             if old_home is None:
                 del os.environ["TORCH_HOME"]
             else:
                 os.environ["TORCH_HOME"] = old_home
-    images = torch.rand(B * args.iters, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(B * args.iters, 3, 256, 256, generator=generator).to(device)
     batches = images.split(B)
     extract = {"ours": lambda b: ours(b)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
     seconds, feats = {name: [] for name in extract}, {}
     with torch.inference_mode(), fid.exact_float32(device):
-        for i in range(args.repeats + 1):  # the first round is a warm-up
-            for name in list(extract) if i % 2 else list(extract)[::-1]:  # alternate: drifting load hits both
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+        for i in range(args.repeats + 1):  # round 0: warm-up; alternating: drifting load hits both
+            for name in list(extract) if i % 2 else list(extract)[::-1]:
+                synchronize(device)
                 start = time.perf_counter()
                 feats[name] = torch.cat([extract[name](b) for b in batches])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
     ours_s, theirs_s = (min(seconds[k][1:]) / len(batches) for k in ("ours", "pytorch_fid"))
     return [report("fid features", args, device, B, ours_s, pytorch_fid_img_per_s=B / theirs_s,
@@ -398,9 +405,9 @@ def bench_fid(args, cfg, device, bf16, B):
 
 
 def bench_t2i(args, cfg, device, bf16, B):
-    """One training step of the text-to-image model (2B on CUDA) on the square bucket: flow-matching loss,
-    backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are not timed (as for
-    the LightningDiT, whose latents are precomputed): their outputs are random tensors of the right shape."""
+    """One training step of the text-to-image model (2B on CUDA) on the square bucket: flow-matching
+    loss, backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are untimed
+    (like the LightningDiT's precomputed latents): random tensors of the right shape stand in."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model, flops, train = t2i_training_step(args, cfg, device, bf16)
     x1 = torch.randn(B, C, H, W, device=device)
@@ -417,7 +424,8 @@ def t2i_training_step(args, cfg, device, bf16):
     """The text-to-image model, its training FLOPs per image and train(x1, text): one step of
     train_t2i.py on latents x1 and text = (states, mask)."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
-    model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim, grad_checkpointing=args.grad_checkpointing)
+    model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim,
+                          grad_checkpointing=args.grad_checkpointing)
     flops = 3 * model_flops.t2i_forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
     if args.fsdp:  # as train_t2i.py --fsdp: sharded (over one GPU here), each block compiled
@@ -425,7 +433,8 @@ def t2i_training_step(args, cfg, device, bf16):
     else:
         train_model = compiled(model.to(device), args, device)
         ema.model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=not args.no_fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
+                            fused=not args.no_fused)
 
     def train(x1, text):
         with autocast(device, bf16), attention_backend(args.attention):
@@ -522,19 +531,24 @@ BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=sorted(PARTS), action="append", help="what to measure (repeatable; default all)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=sorted(PARTS), action="append",
+                   help="what to measure (repeatable; default all)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--batch_size", type=at_least(1), nargs="+", help="batch(es) to measure (several: a sweep; "
-                   "default: each part's own, fitting an 80 GB GPU)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
+    p.add_argument("--batch_size", type=at_least(1), nargs="+", help="batch(es) to measure "
+                   "(several: a sweep; default: each part's own, fitting an 80 GB GPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 on CUDA")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off", "regional"),
                    help="torch.compile the whole model (on; auto: on CUDA), each of its blocks "
                    "(regional: compiles one block, a faster first step; the tokenizer: its "
                    "networks), or nothing")
     add_fsdp_arg(p)  # the text-to-image step only
-    p.add_argument("--vs_official", metavar="PATH", help="a checkout of hustvl/LightningDiT to time next to ours")
-    p.add_argument("--no_fused", action="store_true", help="plain (for-each) Adam/AdamW instead of fused")
+    p.add_argument("--vs_official", metavar="PATH",
+                   help="a checkout of hustvl/LightningDiT to time next to ours")
+    p.add_argument("--no_fused", action="store_true",
+                   help="plain (for-each) Adam/AdamW instead of fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--no_tf32", action="store_true")

@@ -1,5 +1,5 @@
-"""The GPU fast paths give the results of the plain float32 path (within bf16 tolerance where bf16 is
-involved), checked on the CPU: bf16 autocast, SDPA vs reference attention, fused optimisers,
+"""The GPU fast paths give the results of the plain float32 path (within bf16 tolerance where bf16
+is involved), checked on the CPU: bf16 autocast, SDPA vs reference attention, fused optimisers,
 torch.compile (also of FSDP-sharded blocks), channels-last, batched CFG; and the benchmark command
 runs."""
 
@@ -19,7 +19,8 @@ from conftest import randomize_
 from tokenizer import AlignedTokenizer, PatchGAN, build_lpips, tokenizer_loss
 
 CPU = torch.device("cpu")
-TINY_DIT = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+TINY_DIT = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=64, depth=2, num_heads=4,
+                num_classes=5)
 
 
 def tiny_dit(seed=0):
@@ -48,7 +49,8 @@ def test_dit_bf16_autocast_matches_fp32():
     loss32, grads32 = dit_loss_and_grads(model)
     loss16, grads16 = dit_loss_and_grads(model, bf16=True)
     assert loss16.dtype == torch.float32 and abs(loss16 - loss32) / loss32 < 2e-2
-    assert rel_err(torch.cat([g.flatten() for g in grads16]), torch.cat([g.flatten() for g in grads32])) < 5e-2
+    assert rel_err(torch.cat([g.flatten() for g in grads16]),
+                   torch.cat([g.flatten() for g in grads32])) < 5e-2
 
 
 def plain_attention(qk, v, cos, sin):
@@ -122,13 +124,14 @@ def test_fused_adamw_equals_foreach():
     for fused in (True, False):
         model = tiny_dit().train()
         model.y_embedder.dropout_prob = 0.0
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=fused,
+                                foreach=not fused)
         for _ in range(3):
             dit_loss_and_grads(model)
             opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # updates are ~1e-3: equal to float precision
+    for a, b in zip(*runs):  # updates are ~1e-3: equal to float precision
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_compile_matches_eager():
@@ -183,7 +186,8 @@ def test_fsdp_compiled_blocks_with_checkpointing_match_eager():
             ema.update(model)
             losses.append(loss.item())
         state = ema.state_dict()  # DTensors under FSDP, but for the buffers (RoPE tables)
-        emas.append({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()})
+        emas.append({k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                     for k, v in state.items()})
     cleanup_distributed()
     torch.testing.assert_close(losses[:3], losses[3:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emas[0], emas[1], rtol=1e-4, atol=1e-5)  # Adam amplifies rounding
@@ -205,8 +209,9 @@ def tokenizer_parts(model, disc, lpips, x, bf16=False):
 
 def test_tokenizer_channels_last_and_bf16_match_fp32():
     torch.manual_seed(0)
-    model = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1))
-    disc = PatchGAN(8).eval()  # eval: BatchNorm uses fixed statistics, so repeated calls are comparable
+    model = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32,
+                                  decoder_res_blocks=1))
+    disc = PatchGAN(8).eval()  # eval: BatchNorm's fixed statistics make repeated calls comparable
     lpips = build_lpips(random_backbone=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     ref = tokenizer_parts(model, disc, lpips, x)
@@ -218,8 +223,9 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     bf16 = tokenizer_parts(model, disc, lpips, x, bf16=True)
     for k in ("l1", "lpips", "g_loss"):
         assert abs(bf16[k] - ref[k]) / ref[k].abs() < 2e-2, k
-    # The adaptive GAN weight is a ratio of two gradient norms taken in bf16, so it moves by a few per
-    # cent; at this random init w_g * g_loss dominates the total loss, so the parts are compared, not the total.
+    # The adaptive GAN weight is a ratio of two gradient norms taken in bf16, so it moves by a few
+    # per cent; at this random init w_g * g_loss dominates the total loss, so the parts are
+    # compared, not the total.
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
@@ -264,13 +270,16 @@ def test_largest_batch_doubles_then_bisects(capsys):
 
 
 FAKE_OFFICIAL = """
-import fairscale.nn.model_parallel.initialize as fs_init  # the official models/rmsnorm.py imports these
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+# the official models/rmsnorm.py imports these
+import fairscale.nn.model_parallel.initialize as fs_init
+from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, ParallelEmbedding,
+                                                RowParallelLinear)
 
 import dit
 
 
-class LightningDiT(dit.LightningDiT):  # the official constructor's flags, checked as bench.py must set them
+# the official constructor's flags, checked as bench.py must set them
+class LightningDiT(dit.LightningDiT):
     def __init__(self, use_swiglu, use_rope, use_rmsnorm, use_qknorm, **kwargs):
         assert use_swiglu and use_rope and use_rmsnorm and not use_qknorm
         super().__init__(**kwargs)
@@ -281,15 +290,17 @@ LightningDiT_models = {}
 
 
 def test_benchmark_against_an_official_checkout(tmp_path):
-    """--vs_official imports a checkout's models/lightningdit.py (with fairscale stood in) and times its
-    step next to ours. A stand-in checkout here: the real one needs timm and einops, not dependencies."""
+    """--vs_official imports a checkout's models/lightningdit.py (with fairscale stood in) and times
+    its step next to ours. A stand-in checkout here: the real one needs timm and einops, not
+    dependencies."""
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "__init__.py").write_text("")
     (tmp_path / "models" / "lightningdit.py").write_text(FAKE_OFFICIAL)
-    rows = bench.main(["--part", "dit", "--device", "cpu", "--warmup", "0", "--iters", "1", "--repeats", "1",
-                       "--batch_size", "2", "3", "--vs_official", str(tmp_path)])
-    assert [(r["part"], r["batch"]) for r in rows] == [("dit B/1 train", 2), ("official LightningDiT train", 2),
-                                                        ("dit B/1 train", 3), ("official LightningDiT train", 3)]
+    rows = bench.main(["--part", "dit", "--device", "cpu", "--warmup", "0", "--iters", "1",
+                       "--repeats", "1", "--batch_size", "2", "3", "--vs_official", str(tmp_path)])
+    expected = [("dit B/1 train", 2), ("official LightningDiT train", 2),
+                ("dit B/1 train", 3), ("official LightningDiT train", 3)]
+    assert [(r["part"], r["batch"]) for r in rows] == expected
     assert all(r["speedup_vs_official"] > 0 for r in rows[::2])
 
 

@@ -24,8 +24,9 @@ from harness import set_rng_states
 from baselines import load_tokenizer
 from tokenizer import AlignedTokenizer
 
-TINY_DIT = ["--model", "B/1", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--batch_size", "8",
-            "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--grid_every", "0", "--lr", "1e-3"]
+TINY_DIT = ["--model", "B/1", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "1",
+            "--grid_every", "0", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,12 @@ def latents(tmp_path_factory):
     torch.manual_seed(0)
     tok = AlignedTokenizer(dict(encoder="tiny", image_size=32, decoder_ch=32, decoder_res_blocks=1))
     tok_path = str(root / "tokenizer.pt")
-    torch.save({"kind": "tokenizer", "stage": 2, "config": tok.config, "model": tok.state_dict()}, tok_path)
+    torch.save({"kind": "tokenizer", "stage": 2, "config": tok.config, "model": tok.state_dict()},
+               tok_path)
     folder = str(root / "latents")
-    train_dit.main(["--extract", "--tokenizer", tok_path, "--latents", folder, "--demo_images", "24",
-                    "--batch_size", "5", "--num_workers", "0", "--device", "cpu"])
+    train_dit.main(["--extract", "--tokenizer", tok_path, "--latents", folder,
+                    "--demo_images", "24", "--batch_size", "5", "--num_workers", "0",
+                    "--device", "cpu"])
     return tok_path, folder
 
 
@@ -54,7 +57,8 @@ def read_log(run_dir):
 def test_extraction_stores_image_and_flip_and_stats(latents):
     tok_path, folder = latents
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert meta["num_latents"] == 48 and meta["latent_shape"] == [32, 2, 2] and meta["num_classes"] == 4
+    assert meta["num_latents"] == 48 and meta["latent_shape"] == [32, 2, 2]
+    assert meta["num_classes"] == 4
     z = np.load(os.path.join(folder, "latents.npy"))
     labels = np.load(os.path.join(folder, "labels.npy"))
     assert z.dtype == np.float16 and z.shape == (48, 32, 2, 2)
@@ -74,7 +78,8 @@ def test_extraction_stores_image_and_flip_and_stats(latents):
 def test_two_rank_extraction_equals_one_rank(latents, tmp_path):
     tok_path, folder = latents
     run_torchrun(["train_dit.py", "--extract", "--tokenizer", tok_path, "--latents", str(tmp_path),
-                  "--demo_images", "24", "--batch_size", "5", "--num_workers", "0", "--device", "cpu"])
+                  "--demo_images", "24", "--batch_size", "5", "--num_workers", "0",
+                  "--device", "cpu"])
     for name in ("latents.npy", "labels.npy"):
         np.testing.assert_array_equal(np.load(tmp_path / name), np.load(os.path.join(folder, name)))
 
@@ -82,13 +87,16 @@ def test_two_rank_extraction_equals_one_rank(latents, tmp_path):
 def test_loss_decreases_and_checkpoint_is_complete(latents, tmp_path):
     _, folder = latents
     run = str(tmp_path)
-    train_dit.main(["--latents", folder, "--run_dir", run, "--steps", "600", *TINY_DIT, "--log_every", "50"])
+    train_dit.main(["--latents", folder, "--run_dir", run, "--steps", "600", *TINY_DIT,
+                    "--log_every", "50"])
     log = read_log(run)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
     model, meta = sample.load_dit(os.path.join(run, "ckpt.pt"))
     assert meta["step"] == 600 and meta["model_args"]["in_channels"] == 32
-    assert set(meta["latent_stats"]) == {"mean", "std"} and meta["latent_stats"]["mean"].shape == (32,)
-    assert meta["tokenizer"].endswith("tokenizer.pt") and meta["classes"] == ["disc", "square", "triangle", "ring"]
+    assert set(meta["latent_stats"]) == {"mean", "std"}
+    assert meta["latent_stats"]["mean"].shape == (32,)
+    assert meta["tokenizer"].endswith("tokenizer.pt")
+    assert meta["classes"] == ["disc", "square", "triangle", "ring"]
 
 
 def test_resume_equals_uninterrupted_run(latents, tmp_path):
@@ -110,8 +118,8 @@ def test_resume_equals_uninterrupted_run(latents, tmp_path):
 
 
 def test_resume_on_more_ranks_gives_every_rank_its_own_noise():
-    """A checkpoint of 2 ranks resumed on 4: ranks 0 and 1 continue their streams exactly; ranks 2 and 3
-    get new ones (a copy of rank 0's or 1's stream would repeat its noise and timesteps)."""
+    """A checkpoint of 2 ranks resumed on 4: ranks 0 and 1 continue their streams exactly; ranks 2
+    and 3 get new ones (a copy of rank 0's or 1's stream would repeat its noise and timesteps)."""
     saved = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -147,15 +155,18 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monke
 def test_bad_inputs_have_clear_messages(latents, tmp_path):
     tok_path, folder = latents
     with pytest.raises(UserError, match="run `train_dit.py --extract"):
-        train_dit.main(["--latents", str(tmp_path / "empty"), "--run_dir", str(tmp_path / "r"), *TINY_DIT])
+        train_dit.main(["--latents", str(tmp_path / "empty"), "--run_dir", str(tmp_path / "r"),
+                        *TINY_DIT])
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "latents.npy").write_bytes(b"")
     with pytest.raises(UserError, match="did not finish"):
         train_dit.main(["--latents", str(tmp_path / "half"), *TINY_DIT])
     run = str(tmp_path / "run")
     train_dit.main(["--latents", folder, "--run_dir", run, "--steps", "1", *TINY_DIT])
-    with pytest.raises(UserError, match="different run: model_args is .*'depth': 1.* there but .*'depth': 2"):
-        train_dit.main(["--latents", folder, "--run_dir", run, "--resume", *TINY_DIT, "--depth", "2"])
+    with pytest.raises(UserError, match="different run: model_args is .*'depth': 1.* there "
+                       "but .*'depth': 2"):
+        train_dit.main(["--latents", folder, "--run_dir", run, "--resume", *TINY_DIT,
+                        "--depth", "2"])
     with pytest.raises(UserError, match="pass --resume"):
         train_dit.main(["--latents", folder, "--run_dir", run, *TINY_DIT])
     # Latents of another tokenizer (64 channels) do not fit the checkpoint's model.
@@ -166,15 +177,16 @@ def test_bad_inputs_have_clear_messages(latents, tmp_path):
     (other / "meta.json").write_text(json.dumps(meta))
     np.save(other / "latents.npy", np.zeros((48, 64, 2, 2), np.float16))
     np.save(other / "labels.npy", np.zeros(48, np.int64))
-    with pytest.raises(UserError, match="in_channels.: 32.* there but .*in_channels.: 64.*other latents"):
+    with pytest.raises(UserError,
+                       match="in_channels.: 32.* there but .*in_channels.: 64.*other latents"):
         train_dit.main(["--latents", str(other), "--run_dir", run, "--resume", *TINY_DIT])
     flat = tmp_path / "flat"  # images without class subfolders
     flat.mkdir()
     for i in range(2):
         Image.fromarray(DemoShapes(2, 32).render(i)).save(flat / f"{i}.png")
     with pytest.raises(UserError, match="no class subfolders"):
-        train_dit.main(["--extract", "--tokenizer", tok_path, "--data", str(flat), "--latents", str(tmp_path / "l2"),
-                        "--device", "cpu", "--num_workers", "0"])
+        train_dit.main(["--extract", "--tokenizer", tok_path, "--data", str(flat),
+                        "--latents", str(tmp_path / "l2"), "--device", "cpu", "--num_workers", "0"])
     with pytest.raises(UserError, match="is not a LightningDiT checkpoint"):
         sample.load_dit(tok_path)
 
@@ -183,8 +195,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
     _, folder = latents
     run = str(tmp_path)
     args = ["train_dit.py", "--latents", folder, "--run_dir", run, *TINY_DIT]
-    proc = subprocess.Popen([sys.executable, *args, "--steps", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, *args, "--steps", "1000000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     log = os.path.join(run, "log.jsonl")
     wait_for_log(log, '"step": 1,')
     proc.send_signal(signal.SIGTERM)
@@ -201,8 +214,9 @@ def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path
     stop within a few steps (not at the next log step) and save."""
     _, folder = latents
     run = str(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dit.py",
-           "--latents", folder, "--run_dir", run, *TINY_DIT, "--log_every", "1000000", "--steps", "1000000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train_dit.py", "--latents", folder, "--run_dir", run, *TINY_DIT,
+           "--log_every", "1000000", "--steps", "1000000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     log = os.path.join(run, "log.jsonl")
@@ -215,7 +229,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path
     assert step % 10 == 0 and 0 < step < 1000000
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sharded training (--fsdp): FSDP2 and DCP checkpoints
 
 
