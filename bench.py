@@ -14,28 +14,23 @@ For each part: images/s, peak memory, and on CUDA the model FLOPs utilisation (M
 FLOP/s / the GPU's dense bf16 peak (flops.py). Timing: --warmup steps not timed, CUDA
 synchronised before and after each timed repeat of --iters steps, the median of --repeats repeats.
 
-FLOP counts (what "model FLOPs" means here):
-- LightningDiT: flops.training_flops_per_image = 3 x forward, forward = 2 x (matmul weights applied
-  to every token) x tokens + 2 x (conditioning weights) + depth x 4 x tokens^2 x width (attention).
-- tokenizer: counted by torch.utils.flop_counter over one real training step (matmuls, convolutions
-  and attention, forward and backward; LPIPS, discriminator, adaptive-weight gradients included).
-- sampling: (steps - 1) DiT forwards per image, doubled with CFG; decoding is timed but not counted.
-- text-to-image: 3 x flops.t2i_forward_flops (each stream's weights on its own tokens, the joint
-  attention); t2i_e2e (train_t2i.py's whole step, with the frozen tokenizer and text encoder) too.
+FLOP counts: the LightningDiT's and the text-to-image model's as flops.py defines them (also for
+t2i_e2e, train_t2i.py's whole step with the frozen tokenizer and text encoder); the tokenizer's by
+torch.utils.flop_counter over one real training step (LPIPS, discriminator, adaptive-weight
+gradients included); sampling: (steps - 1) DiT forwards per image, doubled with CFG.
 
 Each fast path can be switched off to measure what it brings: --compile off (torch.compile, on by
 default on CUDA as in the training scripts), --precision fp32 (bf16 autocast), --no_fused (fused
 Adam/AdamW), --attention math (the SDPA flash/efficient kernels), --channels_last (tokenizer
 conv nets), --no_tf32, --cfg_two_pass (CFG as two forwards instead of one batched forward),
 --grad_checkpointing (DiT: less memory, more compute). Default batches fit an 80 GB GPU.
-`--part t2i --fsdp` shards the text-to-image model as `train_t2i.py --fsdp` does
-(common.parallelize), here over one GPU: its cost next to DDP's, whose step it otherwise is.
+`--part t2i --fsdp` shards the text-to-image model as `train_t2i.py --fsdp` does, over one GPU.
 
-Each row also gives the time of the first step (compilation, lazy initialisation): `first_step_s`.
---profile DIR writes, for each part after its timing, torch.profiler's operator table of two more
-steps (sorted by GPU time on CUDA, CPU time on the CPU) and their Chrome trace (chrome://tracing,
-Perfetto). --max_batch finds the largest batch that fits on the GPU (doubling from the default
-batch, then bisecting; --memory_gib caps the GPU memory, e.g. 80 on a 141 GB H200).
+Each row also gives the first step's time (compiling included, `first_step_s`). --profile DIR
+writes, for each part after its timing, torch.profiler's operator table of two more steps (sorted
+by GPU time on CUDA, CPU time on the CPU) and their Chrome trace (chrome://tracing, Perfetto).
+--max_batch finds the largest batch that fits on the GPU (doubling from the default batch, then
+bisecting; --memory_gib caps the GPU memory, e.g. 80 on a 141 GB H200).
 
 --vs_official PATH times a checkout of hustvl/LightningDiT (github.com/hustvl/LightningDiT; it needs
 timm and einops) in the same process and protocol: its XL/1 as its config trains it (SwiGLU, RoPE,
