@@ -311,6 +311,10 @@ def parallelize(model: torch.nn.Module, ema: "EMA", env: DistEnv, args) -> torch
     warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
     shard_model(model, mesh, bf16, compile_blocks=compiled)
     shard_model(ema.model, mesh, bf16)
+    # FSDP keeps a root's parameters gathered after a forward until its backward, which the EMA
+    # never runs (it only draws sample grids): reshard them, or the next EMA update meets whole
+    # tensors where it expects this rank's shards.
+    ema.model.set_reshard_after_forward(True)
     return model
 
 

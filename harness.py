@@ -52,18 +52,20 @@ class NonFiniteGuard:
     sync; `check`, before anything is logged or saved, stops the run, so no checkpoint is written
     after it."""
 
+    NONE = 2 ** 62  # no bad step yet: above every step, so that the ranks' minimum is the first
+
     def __init__(self, device: torch.device):
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), self.NONE, dtype=torch.long, device=device)
 
     def update(self, values: torch.Tensor, step: int):
-        bad = (self.first_bad < 0) & ~torch.isfinite(values.detach()).all()
+        bad = (self.first_bad == self.NONE) & ~torch.isfinite(values.detach()).all()
         self.first_bad = torch.where(bad, step, self.first_bad)
 
     def check(self, env: DistEnv, ckpt_path: str, advice: str):
         bad = self.first_bad.clone()
         if env.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        if bad.item() != self.NONE:
             raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no "
                             f"checkpoint was written after it; the last good one is {ckpt_path}. "
                             f"{advice}")
@@ -151,7 +153,7 @@ class Run:
         self.stop = StopSignal()  # from here on, SIGTERM/Ctrl-C mean "save and stop"
         self.stopped, self._sums, self._drawn, self._first = False, {}, 0.0, True
         self.pbar = tqdm(total=self.total, disable=not env.is_main, dynamic_ncols=True)
-        self._t0, self._n = time.time(), 0
+        self.step, self._t0, self._n = 0, time.time(), 0  # steps done (every rank counts them)
         if not args.resume:
             self._log_event("start", 0)
 
@@ -185,14 +187,15 @@ class Run:
         # records of those steps (`read_log` keeps the last).
         self._log_event("resume", ckpt["step"])
         self.pbar.update(ckpt["step"])
+        self.step, self._t0 = ckpt["step"], time.time()  # the first step's time: from here
         return ckpt["step"]
 
     def record(self, **values: torch.Tensor):
         """This step's scalar device tensors: summed on the device for the next log line (no host
         sync) and watched for NaN/inf. A value may be missing in some steps
         (GAN terms before the GAN)."""
-        step = self.pbar.n + 1
-        self.guard.update(torch.stack([v.detach().float() for v in values.values()]), step)
+        self.step += 1
+        self.guard.update(torch.stack([v.detach().float() for v in values.values()]), self.step)
         for k, v in values.items():
             s, n = self._sums.get(k, (0.0, 0))
             self._sums[k] = (s + v.detach().float(), n + 1)
@@ -286,7 +289,9 @@ def read_log(path: str) -> list[dict]:
             except ValueError:
                 warnings.warn(f"{path}: line {number} is damaged (an interrupted write?); skipped")
                 continue
-            if r.get("event") == "resume":
+            if r.get("event") == "start":  # a new run in this folder (an earlier one left no
+                by_step = {}                # checkpoint): its records replace all earlier ones
+            elif r.get("event") == "resume":
                 by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
             elif "step" in r and "event" not in r:
                 by_step[r["step"]] = r

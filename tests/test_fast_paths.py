@@ -165,8 +165,8 @@ def test_regional_compilation_compiles_one_block_for_all():
 def test_fsdp_compiled_blocks_with_checkpointing_match_eager():
     """common.parallelize with --fsdp (a process group of one) and --compile on: each block's
     forward compiled inside FSDP's hooks, recomputed in backward (gradient checkpointing); three
-    AdamW steps give the eager unsharded model's losses and EMA. Compiling takes ~30 s on 2 cores
-    with a cold cache."""
+    AdamW steps give the eager unsharded model's losses and EMA, also when the EMA model draws (a
+    sample grid's forward) between updates. Compiling takes ~30 s on 2 cores with a cold cache."""
     env, losses, emas = DistEnv(0, 0, 1, CPU), [], []
     for fsdp, compile in ((None, "off"), ("shard", "on")):
         model = randomize_(dit.LightningDiT(**TINY_DIT, grad_checkpointing=True), scale=0.05)
@@ -184,6 +184,8 @@ def test_fsdp_compiled_blocks_with_checkpointing_match_eager():
             opt.step()
             opt.zero_grad()
             ema.update(model)
+            with torch.no_grad():  # as a sample grid does; then the next update must still work
+                ema.model(x1, torch.full((6,), 0.5), y)
             losses.append(loss.item())
         state = ema.state_dict()  # DTensors under FSDP, but for the buffers (RoPE tables)
         emas.append({k: v.full_tensor() if hasattr(v, "full_tensor") else v
