@@ -149,24 +149,25 @@ class ImageFolder(_FlipMixin, Dataset):
         entries = sorted(os.scandir(root), key=lambda e: e.name)
         class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
         flat = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
-        self.samples: list[tuple[str, int]] = []
-        if class_dirs:
-            self.classes, empty = class_dirs, []
-            for label, name in enumerate(class_dirs):
-                files = sorted(
-                    os.path.join(dirpath, f)
-                    for dirpath, _, names in os.walk(os.path.join(root, name), followlinks=True)
-                    for f in names if is_image_file(f))
-                self.samples += [(f, label) for f in files]
-                if not files:
-                    empty.append(name)
-            if empty and self.samples:
-                listed = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
-                warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images "
-                              f"({listed}); they keep their labels, so the others do too")
+        per_class = [sorted(os.path.join(folder, f)
+                            for folder, _, names in os.walk(os.path.join(root, name),
+                                                            followlinks=True)
+                            for f in names if is_image_file(f)) for name in class_dirs]
+        nested = sum(map(len, per_class))
+        if flat and nested:
+            raise UserError(f"{root!r} holds {len(flat)} images directly and {nested} in "
+                            "subfolders: is it a flat folder or one subfolder per class? Move "
+                            "the images to one level")
+        if nested:
+            self.classes = class_dirs
+            self.samples = [(f, label) for label, files in enumerate(per_class) for f in files]
         else:
-            self.classes = None
-            self.samples = [(f, -1) for f in flat]
+            self.classes, self.samples = None, [(f, -1) for f in flat]
+        empty = [name for name, files in zip(class_dirs, per_class) if not files]
+        if nested and empty:
+            listed = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+            warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images ({listed}); "
+                          "they keep their labels, so the others do too")
         if not self.samples:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise UserError(f"no images found in {root!r}: expected image files ({extensions}) "
@@ -211,11 +212,9 @@ class ImageFolder(_FlipMixin, Dataset):
 
 class DemoShapes(_FlipMixin, Dataset):
     """A built-in, procedurally drawn image set with labels and captions, so that the whole method
-    runs on a laptop with no download. Class k is a shape (disc, square, triangle, ring, ...), drawn
-    in one of four named colours, left, centre or right, on a light or dark background, with a
-    little random size and position: easy to tell apart, every image different, and each one
-    described exactly by its caption ("a red disc on the left, dark background"). Image i is a pure
-    function of (seed, i)."""
+    runs on a laptop with no download: class k is a shape in one of four colours, left, centre or
+    right, on a light or dark background, each image described by its caption ("a red disc on the
+    left, dark background"). Image i is a pure function of (seed, i)."""
 
     CLASSES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star")
     COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -231,16 +230,13 @@ class DemoShapes(_FlipMixin, Dataset):
         self.hflip, self.seed = hflip, seed
         self.classes = list(self.CLASSES[:num_classes])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    num_classes = property(lambda self: len(self.classes))
 
     def __len__(self):
         return self.num_images
 
     def params(self, index: int) -> dict:
-        """What image `index` shows: its class, colour, background and position, by name and in
-        numbers."""
+        """What image `index` shows, by name and in numbers."""
         rng = np.random.default_rng([self.seed, 12345, index])
         pick = lambda table: list(table)[rng.integers(len(table))]  # noqa: E731
         colour, background = pick(self.COLOURS), pick(self.BACKGROUNDS)
@@ -256,8 +252,7 @@ class DemoShapes(_FlipMixin, Dataset):
         return f"a {p['colour']} {p['shape']} on the {p['position']}, {p['background']} background"
 
     def render(self, index: int) -> np.ndarray:
-        """Image `index` as HxWx3 uint8, drawn 4x larger and downsampled, for smooth edges."""
-        p, s = self.params(index), 4 * self.image_size
+        p, s = self.params(index), 4 * self.image_size  # drawn 4x larger, for smooth edges
         img = Image.new("RGB", (s, s), self.BACKGROUNDS[p["background"]])
         draw, fg = ImageDraw.Draw(img), self.COLOURS[p["colour"]]
         r, cx, cy = s * p["radius"], s * p["cx"], s * p["cy"]
@@ -287,8 +282,7 @@ class DemoShapes(_FlipMixin, Dataset):
         return _to_tensor(self._maybe_flip(self.render(index), index)), index % self.num_classes
 
     def save(self, folder: str):
-        """Write the set as PNGs in one subfolder per class, each with its caption in a .txt file of
-        the same name: an ImageFolder that the training scripts and FID read."""
+        """PNGs in one subfolder per class, each with its caption in a .txt file beside it."""
         for i in range(len(self)):
             stem = os.path.join(folder, self.classes[i % self.num_classes], f"{i:06d}")
             os.makedirs(os.path.dirname(stem), exist_ok=True)
@@ -297,15 +291,15 @@ class DemoShapes(_FlipMixin, Dataset):
                 f.write(self.caption(i) + "\n")
 
 
-def count_skipped(dataset, dist_env) -> int:
+def count_skipped(dataset, env) -> int:
     """How many files of `dataset` were skipped as unreadable so far, on any rank (a file met on two
     ranks counts once). A collective under DDP: every rank must call it."""
     dataset = getattr(dataset, "dataset", dataset)  # a Subset's underlying set
     if not isinstance(dataset, ImageFolder):  # the demo set has no files
         return 0
-    if not dist_env.distributed:
+    if not env.distributed:
         return int(dataset.unreadable.sum())
-    flags = torch.from_numpy(dataset.unreadable.astype(np.uint8)).to(dist_env.device)
+    flags = torch.from_numpy(dataset.unreadable.astype(np.uint8)).to(env.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return int(flags.sum())
 
@@ -322,22 +316,6 @@ def build_dataset(path: str | None, image_size: int, hflip: bool = False, seed: 
 # Batching over ranks and epochs
 
 
-class _SkipFirst(torch.utils.data.Sampler):
-    """A sampler without its first `skip` indices (to resume in the middle of an epoch)."""
-
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it)
-        yield from it
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-
 class Batches:
     """Endless iterator of (images uint8 (B,3,H,W), labels (B,)) over epochs, for training.
 
@@ -346,20 +324,20 @@ class Batches:
     so a resumed run sees exactly the batches an uninterrupted one would have.
     """
 
-    def __init__(self, dataset, batch_size: int, dist_env, seed: int = 0, num_workers: int = 4,
+    def __init__(self, dataset, batch_size: int, env, seed: int = 0, num_workers: int = 4,
                  shuffle: bool = True):
         self.dataset, self.batch_size = dataset, batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.sampler = DistributedSampler(dataset, num_replicas=dist_env.world_size,
-                                          rank=dist_env.rank, shuffle=shuffle, seed=seed,
+        self.sampler = DistributedSampler(dataset, num_replicas=env.world_size,
+                                          rank=env.rank, shuffle=shuffle, seed=seed,
                                           drop_last=False)
         self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
         if self.steps_per_epoch == 0:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                            f"({batch_size} per rank x {dist_env.world_size} ranks); lower the "
+                            f"({batch_size} per rank x {env.world_size} ranks); lower the "
                             "batch size")
-        self.global_batch = batch_size * dist_env.world_size
-        self.pin_memory = dist_env.device.type == "cuda"
+        self.global_batch = batch_size * env.world_size
+        self.pin_memory = env.device.type == "cuda"
         self.epoch = 0
         self.batch_in_epoch = 0
 
@@ -385,7 +363,8 @@ class Batches:
             self.sampler.set_epoch(self.epoch)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
-            sampler = _SkipFirst(self.sampler, self.batch_in_epoch * self.batch_size)
+            # this rank's share of the epoch's permutation, less the batches already consumed
+            sampler = list(self.sampler)[self.batch_in_epoch * self.batch_size:]
             # A generator of its own: otherwise creating the iterator draws from the global RNG, and
             # a resumed run (which creates it at a different point) would see other training noise.
             loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=True,
@@ -399,13 +378,13 @@ class Batches:
             self.batch_in_epoch = 0
 
 
-def eval_loader(dataset, batch_size: int, dist_env, num_workers: int = 4,
+def eval_loader(dataset, batch_size: int, env, num_workers: int = 4,
                 skip: int = 0) -> DataLoader:
     """One pass over `dataset` in order, split over ranks without padding (every image once); each
     rank leaves out the first `skip` images of its share (a resumed pass)."""
-    indices = list(range(dist_env.rank, len(dataset), dist_env.world_size))[skip:]
+    indices = list(range(env.rank, len(dataset), env.world_size))[skip:]
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size, shuffle=False,
-                      num_workers=num_workers, pin_memory=dist_env.device.type == "cuda")
+                      num_workers=num_workers, pin_memory=env.device.type == "cuda")
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):

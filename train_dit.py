@@ -13,8 +13,8 @@ instead of one per epoch, and the tokenizer's decoder can still be refined after
 because the latent space no longer changes. Latents are normalised per channel with the mean/std of
 ~10K of them (stored with the latents and in every checkpoint, so sampling can undo it).
 
-`--fsdp` shards the model, gradients, AdamW state and EMA over the ranks (as train_t2i.py does;
-XL/1 fits a GPU with DDP, the default); `--export` then writes the single file sample.py loads.
+`--fsdp` shards the model, gradients, AdamW state and EMA over the ranks (XL/1 fits a GPU with
+DDP, the default); `--export` then writes the single file sample.py loads.
 """
 
 import argparse
@@ -24,20 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import dit
-import flops
-from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args,
-                    add_runtime_args, at_least, autocast, cleanup_distributed, gradient_sync,
-                    load_json, micro_batches, parallelize, same_on_every_rank, save_json,
-                    script_main, seed_everything, setup_distributed, use_bf16)
-from harness import Run
+from baselines import load_tokenizer
+from common import (EMA, HelpFormatter, Logger, Run, UserError, at_least, autocast,
+                    cleanup_distributed, due, export, gradient_sync, in_range, load_json,
+                    micro_batches, parallelize, same_on_every_rank, save_json, script_main,
+                    setup_distributed, use_bf16)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
-from baselines import load_tokenizer
 from tokenizer import latent_fingerprint
 
-# --------------------------------------------------------------------------------------------------
 # Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
 # Row 2i is image i, row 2i+1 its horizontal flip. meta.json, written last, marks a complete set.
 
@@ -154,103 +150,104 @@ def extract_latents(args, env):
     env.barrier()
 
 
-# --------------------------------------------------------------------------------------------------
-# Training
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--latents", default="runs/latents", help="folder of extracted latents")
-    p.add_argument("--run_dir", default="runs/dit",
-                   help="where ckpt.pt, log.jsonl and sample grids go")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
-    p.add_argument("--export", action="store_true", help="only write <run_dir>/export.pt (for "
-                   "sample.py) from the run's sharded --fsdp checkpoint, in one process")
-    g = p.add_argument_group("latent extraction (--extract)")
-    g.add_argument("--extract", action="store_true",
-                   help="encode --data with --tokenizer into --latents, then stop")
-    g.add_argument("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt",
-                   help="tokenizer to encode with: our tokenizer.pt, a diffusers AutoencoderKL "
-                        "(folder or hub name) or a VA-VAE checkpoint")
-    g.add_argument("--image_size", type=at_least(8),
-                   help="image size for a baseline tokenizer (default 256; ours: its own)")
-    g.add_argument("--data",
-                   help="image folder with class subfolders (default: the built-in demo set)")
-    g.add_argument("--demo_images", type=at_least(1), default=512,
-                   help="size of the built-in demo set")
-    g.add_argument("--stats_samples", type=at_least(2), default=10_000,
-                   help="latents used for the mean/std")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="XL/1", choices=sorted(dit.DiT_models), help="size/patch")
-    g.add_argument("--qknorm", action="store_true",
-                   help="QK-norm (long runs: avoids NaN loss spikes)")
-    g.add_argument("--hidden_size", type=at_least(4),
-                   help="override the named size's width (small demos)")
-    g.add_argument("--depth", type=at_least(1), help="override the named size's depth")
-    g.add_argument("--num_heads", type=at_least(1), help="override the named size's head count")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute blocks in backward (less memory)")
-    add_optimisation_args(p, steps=80_000, steps_help="80K steps at batch 1024 = 64 ImageNet "
-                          "epochs", batch_size=1024, lr=2e-4, betas=(0.9, 0.95), ema_decay=0.9999,
-                          grad_clip=0.0, micro_batch=True)
-    g = add_runtime_args(p, num_workers=4, log_every=100, ckpt_every=5000, grid_every=5000,
-                         grids="sample grids")
-    g.add_argument("--grid_cfg", type=at_least(0.0, float), default=1.0,
-                   help="CFG scale of the sample grids")
+    add = p.add_argument
+    add("--latents", default="runs/latents", help="folder of extracted latents")
+    add("--run_dir", default="runs/dit", help="where ckpt.pt, log.jsonl and sample grids go")
+    add("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
+    add("--export", nargs="?", const="", metavar="CKPT_DIR", help="only write the file sample.py "
+        "loads from a sharded --fsdp checkpoint, in one process: <run_dir>/ckpt (default) -> "
+        "export.pt, a kept ckpt_<step> -> export_<step>.pt")
+    # latent extraction
+    add("--extract", action="store_true", help="encode --data with --tokenizer into --latents")
+    add("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="our tokenizer.pt, a "
+        "diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint")
+    add("--image_size", type=at_least(8), help="a baseline tokenizer's (default 256)")
+    add("--data", help="image folder with class subfolders (default: the built-in demo set)")
+    add("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
+    add("--stats_samples", type=at_least(2), default=10_000, help="latents for the mean/std")
+    # model
+    add("--model", default="XL/1", choices=sorted(dit.DiT_models), help="size/patch")
+    add("--qknorm", action="store_true", help="QK-norm (long runs: avoids NaN loss spikes)")
+    for flag in ("--hidden_size", "--depth", "--num_heads"):
+        add(flag, type=at_least(1), help="override the named size's (small demos)")
+    add("--grad_checkpointing", action="store_true", help="recompute blocks in backward")
+    # optimisation: LightningDiT's recipe (constant lr, no weight decay)
+    add("--steps", type=at_least(1), default=80_000, help="80K at batch 1024 = 64 epochs")
+    add("--batch_size", type=at_least(1), default=1024, help="global (split over the ranks)")
+    add("--micro_batch", type=at_least(1), help="samples per forward on a rank; below its share "
+        "of --batch_size: gradient accumulation (default: none)")
+    add("--lr", type=in_range(0, lo_open=True), default=2e-4, help="AdamW learning rate")
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95))
+    add("--weight_decay", type=in_range(0), default=0.0)
+    add("--grad_clip", type=in_range(0), default=0.0, help="max gradient norm (0: off)")
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999)
+    # runtime
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
+    add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
+    add("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"), help="shard weights, "
+        "gradients, AdamW state and EMA over the ranks (FSDP2) instead of a copy per GPU (DDP); "
+        "hybrid: shard within a node, replicate across nodes. Checkpoints: <run_dir>/ckpt/")
+    add("--num_workers", type=at_least(0), default=4, help="data loading processes per rank")
+    add("--seed", type=at_least(0), default=0, help="seeds weights, noise and data order")
+    add("--log_every", type=at_least(1), default=100)
+    add("--ckpt_every", type=at_least(1), default=5000)
+    add("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step> (0: never)")
+    add("--grid_every", type=at_least(0), default=5000, help="steps between sample grids (0: off)")
+    add("--grid_cfg", type=in_range(0), default=1.0, help="CFG scale of the sample grids")
     return p.parse_args(argv)
 
 
 def model_args(args, dataset: LatentDataset) -> dict:
-    """build_dit(args.model, **model_args): the latent shape and class count
-    come from the latents."""
+    """build_dit(args.model, **model_args): the latent shape and classes come from the latents."""
     channels, size, _ = dataset.meta["latent_shape"]
     kw = dict(input_size=size, in_channels=channels, num_classes=dataset.meta["num_classes"],
               use_qknorm=args.qknorm)
-    overrides = ("hidden_size", "depth", "num_heads")
-    kw.update({k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
+    kw.update({k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads")
+               if getattr(args, k) is not None})
     return kw
 
 
 def train(args, env):
-    # First: a missing latent folder fails before anything is written.
-    dataset = LatentDataset(args.latents)
-    seed_everything(args.seed, env.rank)
+    dataset = LatentDataset(args.latents)  # first: a missing latent folder fails before any write
+    torch.manual_seed(args.seed + env.rank)  # each rank its own noise and timesteps
     device, bf16 = env.device, use_bf16(args.precision, env.device)
-    micro, accum = micro_batches(args, env)  # samples per forward, forwards per optimiser step
+    micro, accum = micro_batches(args, env)  # samples per forward, forwards per step
     stats = dataset.latent_stats()
     mean, std = (stats[k].to(device).view(1, -1, 1, 1) for k in ("mean", "std"))
     kwargs = model_args(args, dataset)
     with same_on_every_rank(args.seed):  # on the CPU
         model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs)
-    flops_per_image = flops.training_flops_per_image(model)
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, args.ema_decay)
     train_model = parallelize(model, ema, env, args)  # DDP, or FSDP: both sharded in place
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay, fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
-    # Built before a resume restores the RNG: building the tokenizer draws random initial weights.
-    grid = SampleGrid(dataset, env, bf16, args.grid_cfg) if args.grid_every else None
-    meta_keys = ("tokenizer", "tokenizer_config", "tokenizer_fingerprint", "classes")
-    meta = {k: dataset.meta.get(k) for k in meta_keys}
+    # Loaded before a resume restores the RNG: building the tokenizer draws random initial weights.
+    grid_tok = grid_tokenizer(dataset.meta, env) if args.grid_every else None
+    meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config",
+                                             "tokenizer_fingerprint", "classes")}
     epoch = len(dataset) / 2  # samples per epoch: each image has two latents (and its flip)
-    nan_advice = ("Resume with --resume and a lower --lr or --grad_clip 1.0; long runs should "
-                  "use --qknorm (LightningDiT without QK-norm is known to spike to NaN).")
     with Run(env, args, args.run_dir, meta={"latent_stats": stats, **meta},
              identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches},
              batch_size=args.batch_size, show=("loss", "img_per_s"),
-             flops_per_image=flops_per_image, nan_advice=nan_advice) as run:
-        run.info(f"LightningDiT-{args.model} {kwargs}: {millions:.1f}M parameters"
-                 + (f", sharded ({args.fsdp})" if args.fsdp else "") + f"; {len(dataset)} "
-                 f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x {micro}")
-        start = run.resume() if args.resume else 0
+             flops_per_image=6 * params * model.x_embedder.num_patches,  # forward + backward
+             nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs "
+                        "should use --qknorm (LightningDiT without it is known to spike).") as run:
+        run.logger.info(f"LightningDiT-{args.model} {kwargs}: {params / 1e6:.1f}M parameters"
+                        + (f", sharded ({args.fsdp})" if args.fsdp else "") + f"; {len(dataset)} "
+                        f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x "
+                        f"{micro}")
         data = iter(batches)
-        for step in range(start, args.steps):
+        for step in range(run.resume() if args.resume else 0, args.steps):
             losses = 0
-            for i in range(accum):  # micro-batches (gradient_sync: when gradients are reduced)
+            for i in range(accum):  # micro-batches; the gradients are reduced on the last
                 z, y = (t.to(device, non_blocking=True) for t in next(data))
-                x1 = (z.float() - mean) / std  # normalised (B, C, h, w)
+                x1 = (z.float() - mean) / std  # normalised latents (B, C, h, w)
                 with gradient_sync(train_model, i == accum - 1):
                     with autocast(device, bf16):
                         loss, parts = dit.flow_matching_loss(train_model, x1, y)
@@ -261,58 +258,53 @@ def train(args, env):
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update(model)
-            run.record(**dict(zip(("loss", "mse", "cos"), losses)))
             done = step + 1
-            if run.due(args.log_every, done):
+            run.record(done, **dict(zip(("loss", "mse", "cos"), losses)))
+            if due(args.log_every, done, args.steps):
                 run.log(done, lr=opt.param_groups[0]["lr"], epoch=done * args.batch_size / epoch)
-            if grid and run.due(args.grid_every, done):
-                grid.save(ema.model, done, args.run_dir, run)
+            if grid_tok and due(args.grid_every, done, args.steps):
+                save_sample_grid(ema.model, grid_tok, dataset.meta, stats, args, done, run.logger,
+                                 bf16)
             stop = run.stop_requested(done)
-            if run.due(args.ckpt_every, done) or stop:
+            if due(args.ckpt_every, done, args.steps) or stop:
                 run.save(done)
             if stop:
                 break
     return run
 
 
-class SampleGrid:
-    """16 EMA samples (fixed noise and classes) decoded by the tokenizer, to watch training.
-    Skipped, with a message, if the tokenizer named in the latents cannot be loaded. Drawn by every
-    rank (the sharded model's forward is a collective; under DDP the others would wait for rank 0
-    anyway), written by rank 0."""
+def grid_tokenizer(meta: dict, env):
+    """The tokenizer named in the latents, for the sample grids; None, with a message, if it cannot
+    be loaded (the training goes on without grids)."""
+    try:
+        tokenizer = load_tokenizer(meta["tokenizer"], meta["tokenizer_config"]["image_size"])
+    except UserError as e:
+        Logger(env).info(f"no sample grids: {e}")
+        return None
+    for module in tokenizer.decoding_modules():
+        module.to(env.device)
+    return tokenizer
 
-    def __init__(self, dataset, env, bf16, cfg_scale):
-        self.device, self.bf16, self.cfg_scale = env.device, bf16, cfg_scale
-        self.stats = dataset.latent_stats()
-        try:
-            image_size = dataset.meta["tokenizer_config"]["image_size"]
-            self.tokenizer = load_tokenizer(dataset.meta["tokenizer"], image_size)
-            for module in self.tokenizer.decoding_modules():
-                module.to(env.device)
-        except UserError as e:
-            Logger(env).info(f"no sample grids: {e}")
-            self.tokenizer = None
-        self.labels = torch.arange(16) % dataset.meta["num_classes"]
-        generator = torch.Generator().manual_seed(0)
-        self.noise = torch.randn(16, *dataset.meta["latent_shape"], generator=generator)
 
-    @torch.no_grad()
-    def save(self, model, step, run_dir, run):
-        if self.tokenizer is None:
-            return
-        with autocast(self.device, self.bf16):
-            z = sample_latents(model, self.labels.to(self.device), self.noise.to(self.device),
-                               steps=30, cfg_scale=self.cfg_scale)
-        path = os.path.join(run_dir, f"samples_{step:07d}.png")
-        if run.env.is_main:  # decoded in float32
-            save_grid(decode_to_uint8(self.tokenizer, z, self.stats), path, nrow=8)
-        run.info(f"EMA samples (30 steps, cfg {self.cfg_scale}) -> {path}")
+@torch.no_grad()
+def save_sample_grid(model, tokenizer, meta, stats, args, step, logger, bf16):
+    """16 EMA samples of fixed noise and classes, 30 steps, decoded by the tokenizer: drawn by every
+    rank (a sharded model's forward is a collective), written by rank 0."""
+    device = next(model.parameters()).device
+    labels = (torch.arange(16) % meta["num_classes"]).to(device)
+    noise = torch.randn(16, *meta["latent_shape"], generator=torch.Generator().manual_seed(0))
+    with autocast(device, bf16):
+        z = sample_latents(model, labels, noise.to(device), steps=30, cfg_scale=args.grid_cfg)
+    path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
+    if logger.enabled:  # rank 0; decoded in float32
+        save_grid(decode_to_uint8(tokenizer, z, stats), path, nrow=8)
+    logger.info(f"EMA samples (30 steps, cfg {args.grid_cfg}) -> {path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.export:
-        return checkpoints.export_run(args.run_dir)
+    if args.export is not None:
+        return export(args.export or os.path.join(args.run_dir, "ckpt"))
     env = setup_distributed(args.device)
     # DDP lives and dies inside either.
     result = extract_latents(args, env) if args.extract else train(args, env)

@@ -15,16 +15,14 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import fid
 from baselines import load_tokenizer
-from common import (EMA, HelpFormatter, Logger, UserError, add_optimisation_args, add_runtime_args,
-                    at_least, autocast, check_writable, cleanup_distributed, refuse_sharded,
-                    save_checkpoint,
-                    save_json, script_main, seed_everything, setup_distributed, use_bf16,
-                    use_compile, wrap_ddp)
-from harness import Run
+from common import (EMA, HelpFormatter, Logger, Run, UserError, at_least, autocast,
+                    check_writable, cleanup_distributed, due, in_range, save_checkpoint, save_json,
+                    script_main, setup_distributed, use_bf16, use_compile, wrap_ddp)
 from data import (Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range,
                   to_uint8)
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips,
@@ -37,77 +35,67 @@ ARCH_FLAGS = ("encoder", "latent_channels", "adapter_hidden", "image_size", "dec
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), help="which training stage to run")
-    p.add_argument("--eval", action="store_true",
-                   help="evaluate a tokenizer (PSNR, SSIM, LPIPS, rFID) instead")
-    p.add_argument("--run_dir", default="runs/tokenizer", help="stage N writes <run_dir>/stage{N}/")
-    p.add_argument("--data", default=None,
-                   help="image folder (class subfolders or flat); default: built-in demo set")
-    p.add_argument("--init", default=None, help="stage 2/3: the tokenizer to start from "
-                   "(default <run_dir>/stage{N-1}/tokenizer.pt)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue this stage from <run_dir>/stage{N}/ckpt.pt")
-    g = p.add_argument_group("architecture (stage 1; later stages inherit it)")
-    g.add_argument("--encoder", help="dinov2_vit{s,b,l}14[_reg], or tiny (random; tests) "
-                   "(default dinov2_vitl14)")
-    g.add_argument("--latent_channels", type=at_least(1),
-                   help="latent width (default 32; the paper also tries 64)")
-    g.add_argument("--adapter_hidden", type=at_least(1),
-                   help="adapter MLP hidden width (default: encoder width)")
-    g.add_argument("--image_size", type=at_least(16),
-                   help="training resolution, a multiple of 16 (default 256)")
-    g.add_argument("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
-    g.add_argument("--decoder_ch_mult", type=lambda s: tuple(at_least(1)(c) for c in s.split(",")),
-                   help="decoder width multipliers (default 1,1,2,2,4)")
-    g.add_argument("--decoder_res_blocks", type=at_least(1),
-                   help="residual blocks per level, LDM's convention: the decoder builds this + 1 "
-                   "per level on its way up (default 2, so 3)")
-    g = p.add_argument_group("pretrained weights")
-    g.add_argument("--encoder_ckpt",
-                   help="local DINOv2 .pth (default: torch.hub cache, else download)")
-    g.add_argument("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: torch.hub "
-                   "cache, else download)")
-    g.add_argument("--random_encoder", action="store_true",
-                   help="random DINOv2 weights (demo and tests only)")
-    g.add_argument("--random_lpips", action="store_true",
-                   help="random LPIPS VGG backbone (demo and tests only)")
-    g = add_optimisation_args(p, steps=50_000, steps_help="training steps of this stage",
-                              batch_size=256, lr=1e-4, betas=(0.5, 0.9), ema_decay=0.999,
-                              optimiser="Adam")  # VA-VAE's recipe
-    weight = at_least(0.0, float)  # loss weights: 0 turns a term off; a negative one maximises it
-    g.add_argument("--lpips_weight", type=weight, default=1.0,
-                   help="weight of LPIPS next to L1 (0: no LPIPS)")
-    g.add_argument("--disc_weight", type=weight, default=0.5,
-                   help="scale of the adaptive GAN weight")
-    g.add_argument("--disc_start", type=at_least(0),
-                   help="step the GAN starts at (default: 20%% of --steps)")
-    g.add_argument("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
-    g.add_argument("--sp_weight", type=weight, default=1.0,
-                   help="stage 2: weight of L_sp (the paper: 1 on ImageNet, 3 on text-to-image)")
-    g.add_argument("--sp_loss", choices=("mse", "cosine"), default="mse",
-                   help="stage 2: form of L_sp")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute the encoder's blocks in backward (stage 2: less memory, ~30%% "
-                   "more compute)")
-    g.add_argument("--channels_last", action="store_true",
-                   help="channels-last memory format for the conv nets")
-    g.add_argument("--demo_images", type=at_least(1), default=512,
-                   help="size of the built-in demo set")
-    add_runtime_args(p, num_workers=8, log_every=50, ckpt_every=2000, grid_every=1000,
-                     grids="reconstruction grids")
-    g = p.add_argument_group("evaluation (--eval)")
-    g.add_argument("--tokenizer", help="tokenizer to evaluate (default "
-                   "<run_dir>/stage3/tokenizer.pt); also a diffusers AutoencoderKL (folder or "
-                   "hub name) or a VA-VAE checkpoint, at --image_size (default 256)")
-    g.add_argument("--eval_images", type=at_least(1), help="evaluate on the first N images only")
-    g.add_argument("--eval_batch_size", type=at_least(1), default=32,
-                   help="images per forward pass per rank")
-    g.add_argument("--rfid", action="store_true",
-                   help="also compute rFID (needs the Inception weights)")
-    g.add_argument("--inception_ckpt", help="local pt_inception-2015-12-05-6726825d.pth for rFID")
-    g.add_argument("--random_inception", action="store_true",
-                   help="random Inception for rFID (tests only)")
-    g.add_argument("--json", help="write the metrics to this JSON file")
+    add = p.add_argument
+    add("--stage", type=int, choices=(1, 2, 3), help="which training stage to run")
+    add("--eval", action="store_true", help="evaluate a tokenizer (PSNR, SSIM, LPIPS, rFID)")
+    add("--run_dir", default="runs/tokenizer", help="stage N writes <run_dir>/stage{N}/")
+    add("--data", help="image folder (class subfolders or flat); default: built-in demo set")
+    add("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
+    add("--init", help="stage 2/3: the tokenizer to start from (default "
+        "<run_dir>/stage{N-1}/tokenizer.pt)")
+    add("--resume", action="store_true", help="continue from <run_dir>/stage{N}/ckpt.pt")
+    # architecture (stage 1; later stages inherit it)
+    add("--encoder", help="dinov2_vit{s,b,l}14[_reg], or tiny (random; tests) (default "
+        "dinov2_vitl14)")
+    add("--latent_channels", type=at_least(1), help="latent width (default 32)")
+    add("--adapter_hidden", type=at_least(1), help="adapter hidden width (default: encoder's)")
+    add("--image_size", type=at_least(16), help="training resolution, a multiple of 16 (256)")
+    add("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
+    add("--decoder_ch_mult", type=lambda s: tuple(at_least(1)(c) for c in s.split(",")),
+        help="decoder width multipliers (default 1,1,2,2,4)")
+    add("--decoder_res_blocks", type=at_least(1), help="residual blocks per level, LDM's "
+        "convention: the decoder builds this + 1 per level on its way up (default 2, so 3)")
+    # pretrained weights
+    add("--encoder_ckpt", help="local DINOv2 .pth (default: torch.hub cache, else download)")
+    add("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: as above)")
+    add("--random_encoder", action="store_true", help="random DINOv2 (demo and tests only)")
+    add("--random_lpips", action="store_true", help="random LPIPS VGG (demo and tests only)")
+    # optimisation: VA-VAE's recipe (Adam, constant lr)
+    add("--steps", type=at_least(1), default=50_000, help="training steps of this stage")
+    add("--batch_size", type=at_least(1), default=256, help="global (split over the ranks)")
+    add("--lr", type=in_range(0, lo_open=True), default=1e-4)
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.5, 0.9))
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.999)
+    # the loss: a weight of 0 turns its term off (a negative one would maximise it)
+    add("--lpips_weight", type=in_range(0), default=1.0, help="weight of LPIPS next to L1")
+    add("--disc_weight", type=in_range(0), default=0.5, help="scale of the adaptive GAN weight")
+    add("--disc_start", type=at_least(0), help="the GAN's first step (default: 20%% of --steps)")
+    add("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
+    add("--sp_weight", type=in_range(0), default=1.0, help="stage 2: weight of L_sp (the paper: "
+        "1 on ImageNet, 3 on text-to-image)")
+    add("--sp_loss", choices=("mse", "cosine"), default="mse", help="stage 2: form of L_sp")
+    add("--grad_checkpointing", action="store_true", help="recompute the encoder's blocks in "
+        "backward (stage 2: less memory, ~30%% more compute)")
+    add("--channels_last", action="store_true", help="channels-last layout for the conv nets")
+    # runtime
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
+    add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
+    add("--num_workers", type=at_least(0), default=8, help="data loading processes per rank")
+    add("--seed", type=at_least(0), default=0, help="seeds weights, noise and data order")
+    add("--log_every", type=at_least(1), default=50)
+    add("--ckpt_every", type=at_least(1), default=2000)
+    add("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt (0: never)")
+    add("--grid_every", type=at_least(0), default=1000, help="steps between reconstruction grids")
+    # evaluation (--eval)
+    add("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt); also "
+        "a diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint, at --image_size")
+    add("--eval_images", type=at_least(1), help="evaluate on the first N images only")
+    add("--eval_batch_size", type=at_least(1), default=32, help="images per forward per rank")
+    add("--rfid", action="store_true", help="also rFID (needs the Inception weights)")
+    add("--inception_ckpt", help="local pt_inception-2015-12-05-6726825d.pth for rFID")
+    add("--random_inception", action="store_true", help="random Inception (tests only)")
+    add("--json", help="write the metrics to this JSON file")
     args = p.parse_args(argv)
     if args.stage is None and not args.eval:
         p.error("give --stage 1, 2 or 3 (or --eval)")
@@ -128,7 +116,6 @@ def build_tokenizer(args, log):
     else:
         previous = os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt")
         init = os.path.abspath(args.init or previous)
-        refuse_sharded(init, "tokenizer")
         if not os.path.isfile(init):
             raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
                             f"but {init} does not exist: run --stage {args.stage - 1} first (same "
@@ -153,20 +140,10 @@ def build_tokenizer(args, log):
     return model, init, random_encoder
 
 
-def train(args, env):
-    seed_everything(args.seed, env.rank)
-    device, bf16 = env.device, use_bf16(args.precision, env.device)
-    if args.fsdp:
-        raise UserError("train_tokenizer.py does not shard (--fsdp is for train_dit.py and "
-                        "train_t2i.py): the tokenizer fits a GPU under DDP (the default); drop "
-                        "--fsdp")
-    if args.batch_size % env.world_size:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
-                        f"{env.world_size} ranks")
-    disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
-    model, init, random_encoder = build_tokenizer(args, Logger(env).info)
-    set_trainable(model, args.stage)
-    # frozen stage-1 encoder + adapter
+def build_loss_nets(model, args, device):
+    """The model on the device, and what its loss needs: the frozen stage-1 encoder + adapter
+    (stage 2's semantic reference), LPIPS and the PatchGAN; compiled in place where it pays (the
+    state-dict names do not change)."""
     ref = semantic_reference(model).to(device) if args.stage == 2 else None
     lpips = (build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device)
              if args.lpips_weight else None)
@@ -175,6 +152,22 @@ def train(args, env):
     if args.channels_last:
         model.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
+    if use_compile(args.compile, device):
+        for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
+            net.compile()
+    return ref, lpips, disc
+
+
+def train(args, env):
+    torch.manual_seed(args.seed + env.rank)  # each rank its own noise
+    device, bf16 = env.device, use_bf16(args.precision, env.device)
+    if args.batch_size % env.world_size:
+        raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
+                        f"{env.world_size} ranks")
+    disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
+    model, init, random_encoder = build_tokenizer(args, Logger(env).info)
+    set_trainable(model, args.stage)
+    ref, lpips, disc = build_loss_nets(model, args, device)
     ema = EMA(model, args.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, args.lr, tuple(args.betas), fused=True)
@@ -185,15 +178,10 @@ def train(args, env):
                       num_workers=args.num_workers)
     run_dir = os.path.join(args.run_dir, f"stage{args.stage}")
     grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0]
-                               for i in range(8)])  # 8 classes
-    if use_compile(args.compile, device):  # in place: the state-dict names do not change
-        for net in (model.encoder, model.decoder, disc, *([ref.encoder] if ref else [])):
-            net.compile()
+                               for i in range(8)])  # 8 images spread over the set
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
     weights = dict(lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
                    sp_weight=args.sp_weight, sp_loss=args.sp_loss)
-    # nothing in the tokenizer behaves differently in eval mode; the PatchGAN's BatchNorm does
-    model.train()
     identity = {"kind": "tokenizer", "stage": args.stage, "config": model.config}
     state = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
     with Run(env, args, run_dir, identity=identity, state=state,
@@ -203,12 +191,11 @@ def train(args, env):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         data_source = args.data or f"the built-in demo set ({len(dataset)} images)"
-        run.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters train "
-                 f"({', '.join(TRAINABLE[args.stage])}); latent {model.latent_shape}; "
-                 f"GAN from step {disc_start}; data: {data_source}")
-        start = run.resume() if args.resume else 0
+        run.logger.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M "
+                        f"parameters train ({', '.join(TRAINABLE[args.stage])}); latent "
+                        f"{model.latent_shape}; GAN from step {disc_start}; data: {data_source}")
         data = iter(batches)
-        for step in range(start, args.steps):
+        for step in range(run.resume() if args.resume else 0, args.steps):
             x = to_model_range(next(data)[0], device)  # (B, 3, H, W) in [-1, 1]
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -227,14 +214,14 @@ def train(args, env):
                 opt_d.zero_grad(set_to_none=True)
                 parts["d_loss"].backward()
                 opt_d.step()
-            run.record(**parts)
             done = step + 1
-            if run.due(args.log_every, done):
+            run.record(done, **parts)
+            if due(args.log_every, done, args.steps):
                 run.log(done, lr=opt.param_groups[0]["lr"])
-            if env.is_main and run.due(args.grid_every, done):
-                save_recon_grid(ema.model, grid_images, run_dir, done, run, bf16)
+            if env.is_main and due(args.grid_every, done, args.steps):
+                save_recon_grid(ema.model, grid_images, run_dir, done, run.logger, bf16)
             stop = run.stop_requested(done)
-            if run.due(args.ckpt_every, done) or stop:
+            if due(args.ckpt_every, done, args.steps) or stop:
                 run.save(done)
             if stop:
                 break
@@ -244,19 +231,44 @@ def train(args, env):
         save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": model.config,
                          "ema": ema.state_dict(), "init": init, "random_encoder": random_encoder,
                          "args": vars(args)}, path)
-        run.info(f"exported the EMA tokenizer to {path}")
+        run.logger.info(f"exported the EMA tokenizer to {path}")
     return run
 
 
 @torch.no_grad()
-def save_recon_grid(model, images, run_dir, step, run, bf16):
+def save_recon_grid(model, images, run_dir, step, logger, bf16):
     """Top row: the images; bottom row: their reconstructions by the EMA tokenizer."""
     device = next(model.parameters()).device
     with autocast(device, bf16):
         x_hat, _ = model(to_model_range(images, device))
     path = os.path.join(run_dir, f"recon_{step:07d}.png")
     save_grid(torch.cat([images, to_uint8(x_hat).cpu()]), path, nrow=len(images))
-    run.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
+    logger.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """10 log10(255^2 / MSE) in dB of uint8 images (B, 3, H, W), per image (+inf if equal)."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) of uint8 images (B, 3, H, W), per image: local
+    means, variances and covariance under an 11x11 Gaussian window (sigma 1.5), constants
+    (0.01 * 255)^2 and (0.03 * 255)^2, averaged over the valid positions and the channels."""
+    a, b = a.double(), b.double()
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=a.device) - 5) ** 2 / 4.5)
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
+
+    def blur(x):  # local weighted means at the 'valid' positions: (B, C, H - 10, W - 10)
+        return F.conv2d(x, window, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+                / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    return ssim_map.flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -284,7 +296,7 @@ def evaluate(args, env):
         with autocast(env.device, bf16):
             recon = to_uint8(model(x)[0])
         lp = lpips(recon.float() / 127.5 - 1, x).double()
-        totals += torch.stack([fid.psnr(real, recon).sum(), fid.ssim(real, recon).sum(), lp.sum(),
+        totals += torch.stack([psnr(real, recon).sum(), ssim(real, recon).sum(), lp.sum(),
                                lp.new_tensor(len(x))])
         if inception is not None:
             for name, batch in (("real", real), ("recon", recon)):
@@ -293,12 +305,13 @@ def evaluate(args, env):
     if env.distributed:
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
-    psnr, ssim, lp = (totals[i].item() / n for i in range(3))
+    mean_psnr, mean_ssim, mean_lpips = (totals[i].item() / n for i in range(3))
     baseline = f"{model.config.get('kind')} {model.config.get('source')}"
     encoder = model.config.get("encoder", baseline)
     if model.random_encoder:
         encoder += " (grown from RANDOM weights)"
-    metrics = {"tokenizer": path, "images": int(n), "psnr": psnr, "ssim": ssim, "lpips": lp,
+    metrics = {"tokenizer": path, "images": int(n), "psnr": mean_psnr, "ssim": mean_ssim,
+               "lpips": mean_lpips,
                "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16", "encoder": encoder,
                "skipped_files": count_skipped(dataset, env)}
     # eval_loader gave rank r the images r, r + W, ...: restore the dataset order

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import cleanup_distributed, seed_everything, setup_distributed
+from common import cleanup_distributed, setup_distributed
 from data import Batches, DemoShapes, ImageFolder, count_skipped, eval_loader
 
 
@@ -21,9 +21,9 @@ class Indexed(DemoShapes):
 
 def main(out_path, folder):
     env = setup_distributed("cpu")
-    seed_everything(0, env.rank)
+    torch.manual_seed(env.rank)
     assert env.world_size == 2 and dist.get_backend() == "gloo"
-    batches = Batches(Indexed(32, 8), batch_size=4, dist_env=env, seed=0, num_workers=1)
+    batches = Batches(Indexed(32, 8), batch_size=4, env=env, seed=0, num_workers=1)
     it = iter(batches)
     seen = torch.cat([next(it)[1] for _ in range(batches.steps_per_epoch)]).tolist()
     images = ImageFolder(folder, 8)

@@ -4,11 +4,11 @@ number of ranks with the one it was read from (--keep_every keeps the copy)."""
 
 import sys
 
-import harness
+import common
 import train_dit
 from common import script_main
 
-resume = harness.Run.resume
+resume = common.Run.resume
 
 
 def resume_and_save(run):
@@ -18,5 +18,5 @@ def resume_and_save(run):
 
 
 if __name__ == "__main__":
-    harness.Run.resume = resume_and_save
+    common.Run.resume = resume_and_save
     script_main(lambda: train_dit.main(sys.argv[1:]))

@@ -25,9 +25,8 @@ import train_t2i
 import train_tokenizer
 from baselines import load_diffusers_vae
 from captions import CaptionStream, buckets, list_shards, read_shard
-from common import DistEnv, Logger, UserError, load_checkpoint, save_checkpoint
+from common import DistEnv, Logger, UserError, load_checkpoint, read_log, save_checkpoint
 from dit import build_dit
-from harness import read_log
 from t2i import build_t2i
 from text import (
     TextEncoder,

@@ -216,3 +216,13 @@ def test_torchrun_two_ranks_see_disjoint_samples(tmp_path):
     a, b = set(shards[0]), set(shards[1])
     assert len(a) == len(shards[0]) and a.isdisjoint(b) and len(a | b) == 32
     assert [r["skipped"] for r in ranks] == [1, 1]  # met by one rank, counted on both
+
+
+def test_images_both_flat_and_in_subfolders_are_refused(tmp_path):
+    for i in range(5):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "thumbs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "thumbs" / f"{i}.png")
+    with pytest.raises(UserError, match="holds 5 images directly and 2 in subfolders"):
+        ImageFolder(str(tmp_path), 8)

@@ -1,4 +1,4 @@
-"""The run harness and the scripts' shared plumbing (harness.py, common.py), checked end to end:
+"""The run harness and the scripts' shared plumbing (common.py), checked end to end:
 
 - counts (steps, batch sizes, cadences) are refused when the command line is parsed, naming the
   flag;
@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-import harness
+import common
 import fid
 import sample
 import train_dit
@@ -295,7 +295,7 @@ def test_resume_marks_the_log_and_read_log_keeps_the_latest_records(latents, tmp
     resume_at = next(i for i, r in enumerate(lines) if r.get("event") == "resume")
     assert [r["step"] for r in lines[:resume_at] if "event" not in r] == [1, 2, 3]
     assert [r["step"] for r in lines[resume_at:] if "event" not in r] == [3, 4]
-    records = harness.read_log(str(run / "log.jsonl"))
+    records = common.read_log(str(run / "log.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     later_step3 = next(r for r in lines[resume_at:] if r.get("step") == 3 and "event" not in r)
     earlier_step3 = next(r for r in lines[:resume_at] if r.get("step") == 3 and "event" not in r)
@@ -306,7 +306,7 @@ def test_resume_marks_the_log_and_read_log_keeps_the_latest_records(latents, tmp
     # the abandoned step 4 must not stay in the log.
     shutil.copy(run / "ckpt_0000002.pt", run / "ckpt.pt")
     train_dit.main([*args, "--steps", "3", "--resume"])
-    records = harness.read_log(str(run / "log.jsonl"))
+    records = common.read_log(str(run / "log.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
@@ -335,7 +335,7 @@ def test_curves_png_and_tensorboard(latents, tmp_path, monkeypatch):
     curves = Image.open(run / "curves.png")
     assert curves.size[0] >= 600 and len(np.unique(np.asarray(curves))) > 2  # panels were drawn
     assert {("loss", 1), ("lr", 3), ("img_per_s", 2)} <= set(scalars)
-    records = harness.read_log(str(run / "log.jsonl"))
+    records = common.read_log(str(run / "log.jsonl"))
     assert all(r["lr"] == 1e-3 for r in records)
 
 
@@ -343,7 +343,7 @@ def test_plot_curves_draws_values_that_start_late(tmp_path):
     """The GAN terms only exist from the discriminator's start: they get a panel too."""
     records = [{"step": s, "loss": 1.0 / s, **({"d_loss": 0.5} if s > 2 else {})}
                for s in range(1, 6)]
-    harness.plot_curves(records, str(tmp_path / "c.png"))
+    common.plot_curves(records, str(tmp_path / "c.png"))
     width, height = Image.open(tmp_path / "c.png").size
     assert (width, height) == (2 * 300, 170)  # two panels in one row
 
@@ -429,7 +429,7 @@ def test_load_checkpoint_names_a_truncated_file(tmp_path):
 
 def logged_a_step(log):
     try:
-        return bool(harness.read_log(str(log)))
+        return bool(common.read_log(str(log)))
     except (OSError, ValueError):  # not there yet, or a line half written
         return False
 
@@ -453,4 +453,4 @@ def test_ctrl_c_saves_and_exits_with_exit_stopped(latents, tmp_path):
     assert "Traceback" not in out, out[-3000:]
     step = load_checkpoint(str(run / "ckpt.pt"))["step"]
     assert 1 <= step < 1000000
-    assert harness.read_log(str(log))[-1]["step"] <= step
+    assert common.read_log(str(log))[-1]["step"] <= step
