@@ -421,17 +421,18 @@ class Checkpoint:
         opts = [p for p in self.state.values() if isinstance(p, torch.optim.Optimizer)]
         hyper = [[{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
                   for g in opt.param_groups] for opt in opts]
-        ckpt = (read_sharded(self.path) if self.sharded else
+        ckpt = (train_state(self.path) if self.sharded else
                 load_checkpoint(self.path, "training checkpoint to resume"))
         differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
         if differ:
             raise UserError(f"{self.path} comes from a different run: " + "; ".join(
                 f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
                 + " (other architecture flags, or other latents/tokenizer?)")
-        if self.sharded:  # each rank reads what its shards need
-            read_sharded(self.path, self.state)
+        sharded = {n: p for n, p in self.state.items() if self.sharded and isinstance(p, SHARDED)}
+        if sharded:
+            load_shards(self.path, sharded)
         for name, part in self.state.items():
-            if not (self.sharded and isinstance(part, SHARDED)):
+            if name not in sharded:
                 part.load_state_dict(ckpt[name])
         for opt, groups in zip(opts, hyper):
             for group, h in zip(opt.param_groups, groups):
@@ -509,49 +510,51 @@ def dcp_state(parts: dict) -> dict:
             for name, p in parts.items()}
 
 
-def read_sharded(folder: str, parts: dict | None = None) -> dict:
-    """train_state.pt of a sharded checkpoint; with `parts`, their sharded tensors loaded in place
-    from its DCP files; with neither, in one process, the EMA's tensors whole, under "ema". A
-    damaged or incomplete folder is one line naming the kept copy to fall back to."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
+@contextlib.contextmanager
+def reading(folder: str):
+    """A sharded checkpoint read in the body: a damaged or incomplete one (a missing or truncated
+    shard, .metadata or train_state.pt) is one line naming the kept copy to fall back to."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     try:
-        ckpt = torch.load(os.path.join(folder, TRAIN_STATE), map_location="cpu", weights_only=True)
-        if parts is None:
-            reader = dcp.FileSystemReader(folder)
-            ckpt["ema"] = {k[4:]: torch.empty(m.size, dtype=m.properties.dtype)
-                           for k, m in reader.read_metadata().state_dict_metadata.items()
-                           if k.startswith("ema.") and isinstance(m, TensorStorageMetadata)}
-            with warnings.catch_warnings():  # DCP's note that it reads in one process, as meant
-                warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                dcp.load({"ema": ckpt["ema"]}, storage_reader=reader, no_dist=True)
-            return ckpt
-        sharded = {n: p for n, p in parts.items() if isinstance(p, SHARDED)}
-        state = dcp_state(sharded)
-        dcp.load(state, checkpoint_id=folder)
-    except Exception as e:  # a missing or truncated shard, .metadata or train_state.pt
+        yield
+    except (Exception, CheckpointException) as e:
         kept = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(
             folder))), "ckpt_*[0-9]")))
         fix = (f"the last kept copy is {kept[-1]}: move it to {folder} to go on from there"
                if kept else "and no copy kept with --keep_every to fall back to")
         raise UserError(f"the sharded checkpoint {folder} is damaged or incomplete "
                         f"({type(e).__name__}); {fix}") from None
-    model = next(p for p in sharded.values() if isinstance(p, torch.nn.Module))
-    for name, part in sharded.items():
+
+
+def train_state(folder: str) -> dict:
+    with reading(folder):
+        return torch.load(os.path.join(folder, TRAIN_STATE), map_location="cpu", weights_only=True)
+
+
+def load_shards(folder: str, parts: dict):
+    """The sharded parts' tensors, loaded in place from a DCP folder: each rank reads what its
+    shards need, whatever the number of ranks that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = dcp_state(parts)
+    with reading(folder):
+        dcp.load(state, checkpoint_id=folder)
+    model = next(p for p in parts.values() if isinstance(p, torch.nn.Module))
+    for name, part in parts.items():
         if isinstance(part, torch.optim.Optimizer):
             set_optimizer_state_dict(model, part, state[name])
         else:
             set_model_state_dict(part.model if isinstance(part, EMA) else part, state[name])
-    return ckpt
 
 
 def export(folder: str) -> str:
     """`--export [FOLDER]`: the file sample.py loads (identity, latent statistics, step and the EMA
     weights whole; no training state) from a sharded checkpoint: <run_dir>/ckpt/ -> export.pt, a
-    kept ckpt_<step>/ -> export_<step>.pt beside it. It only reads (a run may be saving meanwhile);
-    one full copy of the EMA in CPU memory."""
+    kept ckpt_<step>/ -> export_<step>.pt beside it. It only reads (a run may be saving meanwhile),
+    in one process: one full copy of the EMA in CPU memory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # not a run's end
         raise UserError("--export reads the checkpoint in one process: run it with python, not "
                         "torchrun")
@@ -559,10 +562,17 @@ def export(folder: str) -> str:
     if not os.path.isdir(folder):
         raise UserError(f"no sharded (--fsdp) checkpoint folder {folder} to export: give "
                         "<run_dir>/ckpt or a kept <run_dir>/ckpt_<step>")
-    ckpt = read_sharded(folder)
-    name = os.path.basename(folder).replace("ckpt", "export", 1) + ".pt"
-    path = os.path.join(os.path.dirname(os.path.abspath(folder)), name)
-    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("rng", "data")}, path)
+    ckpt = {k: v for k, v in train_state(folder).items() if k not in ("rng", "data")}
+    with reading(folder), warnings.catch_warnings():  # DCP's note that it reads in one process
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        reader = dcp.FileSystemReader(folder)
+        ckpt["ema"] = {k[4:]: torch.empty(m.size, dtype=m.properties.dtype)
+                       for k, m in reader.read_metadata().state_dict_metadata.items()
+                       if k.startswith("ema.") and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"ema": ckpt["ema"]}, storage_reader=reader, no_dist=True)
+    path = os.path.join(os.path.dirname(os.path.abspath(folder)),
+                        os.path.basename(folder).replace("ckpt", "export", 1) + ".pt")
+    save_checkpoint(ckpt, path)
     print(f"EMA weights of step {ckpt['step']} for sample.py -> {path}")
     return path
 
