@@ -28,13 +28,11 @@ from common import UserError
 
 
 def flow_matching_loss(model, x1, y, generator=None):
-    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,).
-
-    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains: most samples near t = 0.5);
-    eps ~ N(0, I); x_t = t x1 + (1 - t) eps; target v = x1 - eps; loss = MSE(v_pred, v) + mean over
-    positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast.
-    `generator` makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached:
-    no host sync)."""
+    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,):
+    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains: most t near 0.5), eps ~ N(0, I),
+    x_t = t x1 + (1 - t) eps, target v = x1 - eps; loss = MSE(v_pred, v) + the mean over positions
+    of 1 - cos(v_pred, v) over channels, in float32 even under bf16 autocast. Returns (loss,
+    {"mse", "cos"} detached: no host sync)."""
     B = x1.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
     eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
@@ -91,8 +89,8 @@ class LightningDiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for i in (0, 2):
+            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
         # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero
         # output layer, so the initial model predicts v = 0 exactly.
         for m in [*(b.adaLN_modulation[-1] for b in self.blocks),
@@ -150,8 +148,10 @@ class LightningDiTBlock(nn.Module):
         return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
 
     def attention_input(self, x, mods):
-        """Attention.heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE)."""
-        return self.attn.heads(modulate(self.norm1(x), mods[0], mods[1]))
+        """split_heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE yet;
+        QK-norm comes before it, as in the reference)."""
+        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        return split_heads(qkv, self.attn.num_heads, self.attn.q_norm, self.attn.k_norm)
 
     def residuals(self, x, attn, mods):
         """x + gated attention output (B, N, D, heads joined), then + the gated MLP branch."""
@@ -176,8 +176,7 @@ class FinalLayer(nn.Module):
 
 class Attention(nn.Module):
     """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the
-    attention logits, which prevents the loss spikes of very long runs), the output projection. The
-    block applies 2D RoPE and fused SDPA between them."""
+    attention logits, which prevents the loss spikes of very long runs), the output projection."""
 
     def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
         super().__init__()
@@ -187,11 +186,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-
-    def heads(self, x):
-        """(B, N, C) -> q and k stacked, qk (B, N, 2, heads, head_dim), and v (B, N, heads,
-        head_dim). QK-norm comes before RoPE, as in the reference."""
-        return split_heads(self.qkv(x), self.num_heads, self.q_norm, self.k_norm)
 
 
 def split_heads(qkv, num_heads: int, q_norm, k_norm):
@@ -218,8 +212,7 @@ def attention(qk, v, cos, sin, attn_mask=None):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 * dim) keeps a 4x MLP's
-    parameter count."""
+    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 dim) keeps a 4x MLP's size."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -233,9 +226,8 @@ class SwiGLU(nn.Module):
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then
-    cast to the compute dtype: the input's, as in the reference, or under autocast bf16, so that
-    what follows (modulation, the next matmul) runs in bf16 instead of being promoted to float32
-    by the weight."""
+    cast to the compute dtype: the input's, as in the reference, or bf16 under autocast, so that
+    what follows runs in bf16 instead of being promoted to float32 by the weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -263,8 +255,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
-        assert input_size % patch_size == 0, (f"input_size {input_size} is not a multiple of "
-                                              f"patch {patch_size}")
+        assert input_size % patch_size == 0, f"input {input_size} is not a multiple of {patch_size}"
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -285,8 +276,7 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int = 256,
-                           max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
         half = dim // 2
         i = torch.arange(half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(-math.log(max_period) * i / half)  # f_i, (half,)
@@ -300,8 +290,7 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class label -> vector. Row `num_classes` of the table is the null class of classifier-free
     guidance: in training each label becomes null with probability `dropout_prob`, so that one model
-    learns both p(x|y) and p(x). force_drop_ids == 1 makes those rows null
-    (instead of random drops)."""
+    learns both p(x|y) and p(x); force_drop_ids == 1 makes those rows null instead."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -318,32 +307,25 @@ class LabelEmbedder(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens in row-major order: the
-    first half of the channels encodes the column, the second half the row, each half
-    [sin(p w_k), cos(p w_k)] with w_k = 1e4^(-k / (D/4)); computed in float64, returned in
-    float32."""
+    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens row-major: the first half
+    of the channels encodes the column, the second the row, each [sin(p w_k), cos(p w_k)] with
+    w_k = 1e4^(-k / (D/4)); computed in float64, returned in float32."""
     assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     k = torch.arange(embed_dim // 4, dtype=torch.float64)
     omega = 1.0 / 10000 ** (k / (embed_dim / 4))  # w_k, (D/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
-
-    def emb_1d(p):  # (N,) -> (N, D/2)
-        angles = p.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([emb_1d(cols), emb_1d(rows)], dim=1).float()  # (N, D)
+    angles = [p.reshape(-1, 1) * omega for p in (cols, rows)]  # 2 x (N, D/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
 class VisionRoPE(nn.Module):
-    """2D axial rotary position embedding of q and k: the first head_dim/2 channels rotate with the
-    token's row, the last head_dim/2 with its column, at f_j = 1e4^(-2j / (head_dim/2)),
-    j < head_dim/4, one frequency per pair of adjacent channels (2i, 2i+1). The (N, head_dim)
-    cos/sin tables are persistent buffers because the reference checkpoints hold them."""
+    """The rope_tables of a square grid, as persistent buffers: the reference checkpoints hold
+    them."""
 
-    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, grid_size: int):
         super().__init__()
-        cos, sin = rope_tables(head_dim, grid_size, grid_size, theta)
+        cos, sin = rope_tables(head_dim, grid_size, grid_size)
         self.register_buffer("freqs_cos", cos)
         self.register_buffer("freqs_sin", sin)
 
@@ -351,13 +333,12 @@ class VisionRoPE(nn.Module):
         """(cos, sin) in the compute dtype: under autocast q and k stay bf16 (not promoted)."""
         return self.freqs_cos.to(dtype), self.freqs_sin.to(dtype)
 
-    def forward(self, x):  # (B, N, ..., head_dim)
-        return apply_rope(x, *self.tables(x.dtype))
-
 
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
-    """cos and sin (rows*cols, head_dim), float32, of the 2D RoPE angles of a rows x cols grid,
-    row-major."""
+    """2D axial rotary position embedding: cos and sin (rows*cols, head_dim), float32, of a rows x
+    cols grid, row-major. The first head_dim/2 channels rotate with the token's row, the last
+    head_dim/2 with its column, at f_j = theta^(-2j / (head_dim/2)), j < head_dim/4, one frequency
+    per pair of adjacent channels (2i, 2i+1)."""
     assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
     half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
     freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)
@@ -372,18 +353,6 @@ def apply_rope(x, cos, sin):
     shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # broadcast over B, heads, ...
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
     return x * cos.view(shape) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.view(shape)
-
-
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: torch.compile each block of the model's block lists instead of the
-    whole model. The blocks of one class share one compiled graph (their weights are its inputs),
-    so the first step compiles one block, not the whole model; the embeddings, the final layer and
-    the loss stay eager. In place; returns the model. compile_kwargs go to torch.compile."""
-    for blocks in model.children():
-        if isinstance(blocks, nn.ModuleList):
-            for block in blocks:
-                block.compile(**compile_kwargs)
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
