@@ -45,14 +45,13 @@ from common import (EMA, DistEnv, autocast, cleanup_distributed, parallelize, un
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
-    "cuda": dict(dit="XL/1", dit_kw={}, dit_batch=128, latent=(32, 16, 16),
-                 tok={}, tok_batch=32, image_size=256, sample_batch=128, fid_batch=250,
-                 t2i="T2I-2B/1", t2i_text=(128, 4096), t2i_batch=32),
+    "cuda": dict(dit="XL/1", dit_kw={}, latent=(32, 16, 16), tok={}, image_size=256,
+                 t2i="T2I-2B/1", t2i_text=(128, 4096),
+                 batch=dict(dit=128, tokenizer=32, sample=128, fid=250, t2i=32, t2i_e2e=32)),
     "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8),
-                dit_batch=8, latent=(32, 8, 8),
-                tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1), tok_batch=2,
-                image_size=64, sample_batch=8, fid_batch=4,
-                t2i="T2I-tiny/1", t2i_text=(16, 64), t2i_batch=4),
+                latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
+                image_size=64, t2i="T2I-tiny/1", t2i_text=(16, 64),
+                batch=dict(dit=8, tokenizer=2, sample=8, fid=4, t2i=4, t2i_e2e=4)),
 }
 # The frozen text encoder of t2i_e2e, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
 T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
@@ -118,7 +117,6 @@ def timed(step, device, args, profile=None, warmup=None, iters=None):
     untimed ones, seconds of the first call or None). With --profile DIR, two more calls under
     torch.profiler: the operator table (by GPU time on CUDA, else CPU time) to DIR/PROFILE.txt,
     the Chrome trace (chrome://tracing, Perfetto) to DIR/PROFILE.json.gz."""
-    from torch.profiler import ProfilerActivity
     warmup, iters = args.warmup if warmup is None else warmup, iters or args.iters
     first, times = None, []
     for i in range(warmup):
@@ -135,19 +133,19 @@ def timed(step, device, args, profile=None, warmup=None, iters=None):
         sync(device)
         times.append((time.perf_counter() - start) / iters)
     if profile and args.profile:
-        cuda, prefix = device.type == "cuda", os.path.join(args.profile, profile)
-        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-        with torch.profiler.profile(activities=activities) as prof:
+        cuda, path = device.type == "cuda", os.path.join(args.profile, profile)
+        kind = torch.profiler.ProfilerActivity
+        with torch.profiler.profile(activities=[kind.CPU] + [kind.CUDA] * cuda) as prof:
             for _ in range(2):
                 step()
             sync(device)
         os.makedirs(args.profile, exist_ok=True)
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-        with open(prefix + ".txt", "w") as f:
+        with open(path + ".txt", "w") as f:
             f.write(f"2 steps; {sort}\n" + prof.key_averages().table(
                 sort_by=sort, row_limit=80, max_name_column_width=120))
-        prof.export_chrome_trace(prefix + ".json.gz")
-        print(f"profile of 2 steps: {prefix}.txt, {prefix}.json.gz", flush=True)
+        prof.export_chrome_trace(path + ".json.gz")
+        print(f"profile of 2 steps: {path}.txt, {path}.json.gz", flush=True)
     return statistics.median(times), first
 
 
@@ -161,12 +159,11 @@ def report(name, device, batch, seconds, flops_per_image=None, **extra):
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     row = {"part": name, "device": gpu, "batch": batch, "img_per_s": batch / seconds,
            "ms_per_step": 1000 * seconds, "peak_mem_gib": peak, "first_step_s": first, **extra}
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 0)
     if flops_per_image:
-        row["gflops_per_image"] = flops_per_image / 1e9
-        if peak_flops:
-            row["mfu"] = row["img_per_s"] * flops_per_image / peak_flops
-    print(f"{name:28s} {row['img_per_s']:10.1f} img/s  {row['ms_per_step']:9.1f} ms/step  "
+        row.update(gflops_per_image=flops_per_image / 1e9,
+                   **{"mfu": batch / seconds * flops_per_image / peak_flops} if peak_flops else {})
+    print(f"{name:28s} {batch / seconds:10.1f} img/s  {1000 * seconds:9.1f} ms/step  "
           f"{'peak' if cuda else 'process peak RSS'} {peak:.2f} GiB"
           + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
     return row
@@ -176,12 +173,15 @@ def report(name, device, batch, seconds, flops_per_image=None, **extra):
 # Parts
 
 
+def build_dit(cfg, device, **kwargs):
+    kwargs = {"input_size": cfg["latent"][1], **cfg["dit_kw"], **kwargs}
+    return dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], **kwargs).to(device)
+
+
 def bench_dit(args, cfg, device, bf16, B):
     """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update; with
     --vs_official, the official model's step next to it."""
-    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
-                          grad_checkpointing=args.grad_checkpointing,
-                          **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device)
+    model = build_dit(cfg, device, grad_checkpointing=args.grad_checkpointing)
     x1 = torch.randn(B, *cfg["latent"], device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     flops = 3 * forward_flops(model, model.num_patches)
@@ -206,7 +206,24 @@ def bench_dit(args, cfg, device, bf16, B):
         return [ours]
     del model, opt
     reset_memory(device)
-    official = official_lightningdit(args.vs_official, cfg, sizes).to(device)
+    # The official model of the same sizes, as its XL config trains it. Its models/rmsnorm.py
+    # imports fairscale (unused): empty modules stand in.
+    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel",
+                 "fairscale.nn.model_parallel.initialize", "fairscale.nn.model_parallel.layers"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    for name in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
+        setattr(sys.modules["fairscale.nn.model_parallel.layers"], name, None)
+    sys.path.insert(0, os.path.abspath(args.vs_official))
+    try:
+        from models.lightningdit import LightningDiT
+    except ImportError as e:
+        raise SystemExit(f"--vs_official: cannot import {args.vs_official}/models/lightningdit.py "
+                         f"({e}); it needs a checkout of hustvl/LightningDiT, timm and einops")
+    finally:
+        sys.path.remove(os.path.abspath(args.vs_official))
+    official = LightningDiT(input_size=cfg["latent"][1], in_channels=cfg["latent"][0],
+                            use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False,
+                            **sizes).to(device)
     ema = {n: p.detach().clone() for n, p in official.named_parameters()}
 
     def official_ema(model, decay=0.9999):  # its train.py's loop: per parameter, mul_ then add_
@@ -220,26 +237,6 @@ def bench_dit(args, cfg, device, bf16, B):
     print(f"ours / official: {ours['speedup_vs_official']:.2f}x images/s, "
           f"{ours['peak_mem_gib'] / theirs['peak_mem_gib']:.2f}x peak memory", flush=True)
     return [ours, theirs]
-
-
-def official_lightningdit(path: str, cfg: dict, sizes: dict):
-    """The official LightningDiT of our model's sizes from a checkout at `path`, as its released XL
-    config trains it. Its models/rmsnorm.py imports fairscale (unused): empty modules stand in."""
-    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel",
-                 "fairscale.nn.model_parallel.initialize", "fairscale.nn.model_parallel.layers"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    for name in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
-        setattr(sys.modules["fairscale.nn.model_parallel.layers"], name, None)
-    sys.path.insert(0, os.path.abspath(path))
-    try:
-        from models.lightningdit import LightningDiT
-    except ImportError as e:
-        raise SystemExit(f"--vs_official {path}: cannot import its models/lightningdit.py ({e}); "
-                         "it needs a checkout of hustvl/LightningDiT, timm and einops")
-    finally:
-        sys.path.remove(os.path.abspath(path))
-    return LightningDiT(input_size=cfg["latent"][1], in_channels=cfg["latent"][0], use_swiglu=True,
-                        use_rope=True, use_rmsnorm=True, use_qknorm=False, **sizes)
 
 
 def bench_tokenizer(args, cfg, device, bf16, B):
@@ -300,8 +297,7 @@ def bench_sampling(args, cfg, device, bf16, B):
     import sample
     from tokenizer import AlignedTokenizer
 
-    model = dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0],
-                          **{"input_size": cfg["latent"][1], **cfg["dit_kw"]}).to(device).eval()
+    model = build_dit(cfg, device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
     net = compiled(model, args, device)
     net = TwoPass(net) if args.cfg_two_pass else net  # CFG as two forwards (what batching saves)
@@ -390,7 +386,33 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
                             fused=not args.no_fused)
     mask = torch.arange(L, device=device).expand(B, L) < L // 2  # half of the tokens: padding
     x1, states = torch.randn(B, C, H, W, device=device), torch.randn(B, L, text_dim, device=device)
-    encode = t2i_encoders(cfg, device, bf16, B, mask) if e2e else lambda: (x1, (states, mask))
+
+    def encode():
+        return x1, (states, mask)
+
+    if e2e:
+        import transformers
+
+        from data import to_model_range
+        from tokenizer import AlignedTokenizer
+
+        t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
+                                   vocab_size=32128)
+        with torch.device(device):
+            text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else
+                                                              torch.float32)
+        tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
+        for net in (text_encoder, tok):
+            net.eval().requires_grad_(False)
+        images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+        ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+
+        @torch.no_grad()
+        def encode():
+            with autocast(device, bf16):
+                z = tok.encode(to_model_range(images, device))
+                states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
 
     def step():
         with autocast(device, bf16):
@@ -411,35 +433,6 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
           flush=True)
     return [report(f"t2i {cfg['t2i']} train_t2i step", device, B, seconds, flops,
                    encoders_ms=1000 * encoders, encoders_share=share)]
-
-
-def t2i_encoders(cfg, device, bf16, B, mask):
-    """encode() -> (latents, (text states, mask)) of random uint8 images and token ids by the
-    frozen tokenizer and a random T5 encoder."""
-    import transformers
-
-    from data import to_model_range
-    from tokenizer import AlignedTokenizer
-
-    H, W = cfg["latent"][1:]
-    t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
-                               vocab_size=32128)
-    with torch.device(device):
-        text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
-    text_encoder.eval().requires_grad_(False)
-    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device).eval()
-    tok.requires_grad_(False)
-    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-    ids = torch.randint(0, t5.vocab_size, mask.shape, device=device)
-
-    @torch.no_grad()
-    def encode():
-        with autocast(device, bf16):
-            z = tok.encode(to_model_range(images, device))
-            states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
-
-    return encode
 
 
 def largest_batch(fits, start: int) -> int:
@@ -466,8 +459,6 @@ def run_part(part, args, cfg, device, bf16, batch):
 
 PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "fid": bench_fid,
          "t2i": bench_t2i, "t2i_e2e": partial(bench_t2i, e2e=True)}
-BATCH = {"dit": "dit_batch", "tokenizer": "tok_batch", "sample": "sample_batch", "fid": "fid_batch",
-         "t2i": "t2i_batch", "t2i_e2e": "t2i_batch"}
 
 
 def parse_args(argv=None):
@@ -487,13 +478,13 @@ def parse_args(argv=None):
                    help="the text-to-image model sharded as by train_t2i.py --fsdp, over one GPU")
     p.add_argument("--vs_official", metavar="PATH",
                    help="a checkout of hustvl/LightningDiT to time next to ours")
-    p.add_argument("--no_fused", action="store_true", help="for-each Adam/AdamW, not fused")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"),
                    help="math: PyTorch's reference attention (materialises the N x N scores)")
-    p.add_argument("--channels_last", action="store_true", help="the tokenizer's conv nets")
-    p.add_argument("--cfg_two_pass", action="store_true", help="CFG as two forwards, not one")
-    for flag in ("--no_tf32", "--grad_checkpointing", "--max_batch"):
-        p.add_argument(flag, action="store_true")
+    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"),
+                       ("--channels_last", "the tokenizer's conv nets"),
+                       ("--cfg_two_pass", "CFG as two forwards, not one"), ("--no_tf32", None),
+                       ("--grad_checkpointing", None), ("--max_batch", "CUDA only")):
+        p.add_argument(flag, action="store_true", help=help)
     p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
@@ -527,11 +518,11 @@ def main(argv=None):
         for part in args.part or PARTS:
             if args.max_batch:
                 batch = largest_batch(lambda b: run_part(part, probe, cfg, device, bf16, b)
-                                      is not None, cfg[BATCH[part]])
+                                      is not None, cfg["batch"][part])
                 print(f"{part}: largest batch that fits: {batch}", flush=True)
                 rows.append({"part": part, "max_batch": batch, "memory_gib": args.memory_gib,
                              "device": torch.cuda.get_device_name(device)})
-            for batch in [] if args.max_batch else args.batch_size or [cfg[BATCH[part]]]:
+            for batch in [] if args.max_batch else args.batch_size or [cfg["batch"][part]]:
                 rows += (run_part(part, args, cfg, device, bf16, batch)  # a sweep goes on
                          or [{"part": part, "batch": batch, "out_of_memory": True}])
     if args.json:

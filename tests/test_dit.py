@@ -219,7 +219,7 @@ def test_block_matches_manual_computation(qknorm):
     model = randomize_(tiny(use_qknorm=qknorm)).eval()
     blk = model.blocks[0]
     x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
-    out = blk(x, c, model.feat_rope.tables(torch.float32))
+    out = blk(x, c, (model.feat_rope.freqs_cos, model.feat_rope.freqs_sin))
     ref = manual_block(blk, x.double(), c.double(), grid=4, qknorm=qknorm)
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
 
