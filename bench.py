@@ -45,12 +45,13 @@ from common import (EMA, DistEnv, autocast, cleanup_distributed, parallelize, un
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
-    "cuda": dict(dit="XL/1", dit_kw={}, latent=(32, 16, 16), tok={}, image_size=256,
-                 t2i="T2I-2B/1", t2i_text=(128, 4096),
+    "cuda": dict(dit="XL/1", dit_kw=dict(input_size=16, in_channels=32), latent=(32, 16, 16),
+                 tok={}, image_size=256, t2i="T2I-2B/1", t2i_text=(128, 4096),
                  batch=dict(dit=128, tokenizer=32, sample=128, fid=250, t2i=32, t2i_e2e=32)),
-    "cpu": dict(dit="B/1", dit_kw=dict(hidden_size=128, depth=2, num_heads=4, input_size=8),
-                latent=(32, 8, 8), tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1),
-                image_size=64, t2i="T2I-tiny/1", t2i_text=(16, 64),
+    "cpu": dict(dit="B/1", dit_kw=dict(input_size=8, in_channels=32, hidden_size=128, depth=2,
+                                       num_heads=4), latent=(32, 8, 8),
+                tok=dict(encoder="tiny", decoder_ch=32, decoder_res_blocks=1), image_size=64,
+                t2i="T2I-tiny/1", t2i_text=(16, 64),
                 batch=dict(dit=8, tokenizer=2, sample=8, fid=4, t2i=4, t2i_e2e=4)),
 }
 # The frozen text encoder of t2i_e2e, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
@@ -113,10 +114,8 @@ def reset_memory(device):
 
 
 def timed(step, device, args, profile=None, warmup=None, iters=None):
-    """(median seconds per call of `step` over --repeats blocks of --iters calls after --warmup
-    untimed ones, seconds of the first call or None). With --profile DIR, two more calls under
-    torch.profiler: the operator table (by GPU time on CUDA, else CPU time) to DIR/PROFILE.txt,
-    the Chrome trace (chrome://tracing, Perfetto) to DIR/PROFILE.json.gz."""
+    """(median seconds per call of `step`, seconds of the first call or None). With --profile DIR:
+    two more calls' operator table (by GPU time on CUDA) and Chrome trace to DIR/PROFILE.*."""
     warmup, iters = args.warmup if warmup is None else warmup, iters or args.iters
     first, times = None, []
     for i in range(warmup):
@@ -159,10 +158,11 @@ def report(name, device, batch, seconds, flops_per_image=None, **extra):
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     row = {"part": name, "device": gpu, "batch": batch, "img_per_s": batch / seconds,
            "ms_per_step": 1000 * seconds, "peak_mem_gib": peak, "first_step_s": first, **extra}
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 0)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     if flops_per_image:
-        row.update(gflops_per_image=flops_per_image / 1e9,
-                   **{"mfu": batch / seconds * flops_per_image / peak_flops} if peak_flops else {})
+        row["gflops_per_image"] = flops_per_image / 1e9
+    if flops_per_image and peak_flops:
+        row["mfu"] = batch / seconds * flops_per_image / peak_flops
     print(f"{name:28s} {batch / seconds:10.1f} img/s  {1000 * seconds:9.1f} ms/step  "
           f"{'peak' if cuda else 'process peak RSS'} {peak:.2f} GiB"
           + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
@@ -173,15 +173,11 @@ def report(name, device, batch, seconds, flops_per_image=None, **extra):
 # Parts
 
 
-def build_dit(cfg, device, **kwargs):
-    kwargs = {"input_size": cfg["latent"][1], **cfg["dit_kw"], **kwargs}
-    return dit.build_dit(cfg["dit"], in_channels=cfg["latent"][0], **kwargs).to(device)
-
-
 def bench_dit(args, cfg, device, bf16, B):
     """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update; with
     --vs_official, the official model's step next to it."""
-    model = build_dit(cfg, device, grad_checkpointing=args.grad_checkpointing)
+    model = dit.build_dit(cfg["dit"], **cfg["dit_kw"], grad_checkpointing=args.grad_checkpointing)
+    model.to(device)
     x1 = torch.randn(B, *cfg["latent"], device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     flops = 3 * forward_flops(model, model.num_patches)
@@ -263,8 +259,8 @@ def bench_tokenizer(args, cfg, device, bf16, B):
         if args.compile == "regional" or use_compile(args.compile, device):  # networks = regions
             for net in (model.encoder, model.decoder, disc):
                 net.compile()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(trainable, 1e-4, (0.5, 0.9), fused=not args.no_fused)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.5, 0.9),
+                               fused=not args.no_fused)
         opt_d = torch.optim.Adam(disc.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
         ema = EMA(model, 0.999)
 
@@ -297,7 +293,7 @@ def bench_sampling(args, cfg, device, bf16, B):
     import sample
     from tokenizer import AlignedTokenizer
 
-    model = build_dit(cfg, device).eval()
+    model = dit.build_dit(cfg["dit"], **cfg["dit_kw"]).to(device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
     net = compiled(model, args, device)
     net = TwoPass(net) if args.cfg_two_pass else net  # CFG as two forwards (what batching saves)
@@ -366,12 +362,10 @@ def bench_fid(args, cfg, device, bf16, B):
 
 def bench_t2i(args, cfg, device, bf16, B, e2e=False):
     """One train_t2i.py step of the text-to-image model (2B on CUDA) on the square bucket: loss,
-    backward, gradient clipping, AdamW, EMA. The frozen tokenizer and text encoder are untimed (as
-    the LightningDiT's precomputed latents): random tensors of the right shape stand in. With
-    `e2e` (part t2i_e2e) they run in the step: the tokenizer encodes uint8 images, the text encoder
-    (T5-XXL's on CUDA, random weights from its config: no download) token ids (the tokenising of
-    captions is left out); then also the two alone, their share of the step. MFU counts the
-    trained model's FLOPs."""
+    backward, gradient clipping, AdamW, EMA, on random latents and text states. With `e2e`
+    (t2i_e2e) the frozen tokenizer and text encoder (T5-XXL's on CUDA, random weights: no
+    download) compute them in the step from uint8 images and token ids; then also the two alone,
+    their share of the step. MFU counts the trained model's FLOPs."""
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim,
                           grad_checkpointing=args.grad_checkpointing)

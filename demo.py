@@ -41,14 +41,14 @@ PROMPTS = ["a red disc in the centre, light background", "a blue ring on the lef
            "a yellow triangle in the centre, dark background"]
 
 
-def run(log_path: str, *cmd: str, result=None):
-    """Run `python CMD` as a subprocess: its output (progress bars included) goes to the console
-    and the log file; then a one-line result."""
-    print(f"\n$ {shlex.join([sys.executable, *cmd])}", flush=True)
+def run(log_path: str, cmd: str, *paths: str, result=None):
+    """Run `python CMD PATHS` (CMD split at spaces, PATHS as they are) as a subprocess: its output
+    (progress bars included) goes to the console and the log file; then a one-line result."""
+    argv = [sys.executable, *cmd.split(), *paths]
+    print(f"\n$ {shlex.join(argv)}", flush=True)
     start = time.time()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
@@ -108,7 +108,7 @@ def main(argv=None):
     cfg, out = PRESETS["tiny" if args.tiny else "demo"], args.out
     os.makedirs(out, exist_ok=True)
     log, t_start = os.path.join(out, "demo.log"), time.time()
-    common = ["--device", args.device, "--num_workers", "0"]  # few small images: no workers
+    common = f"--device {args.device} --num_workers 0"  # few small images: no worker processes
     real_encoder, real_vgg, real_inception = pretrained(args.tiny)
     data = os.path.join(out, "demo_data")  # written once, one subfolder per class
     if not os.path.isdir(data):
@@ -117,49 +117,44 @@ def main(argv=None):
 
     # 1. The tokenizer, three stages (each from the previous stage's export), then its metrics.
     tok_dir = os.path.join(out, "tokenizer")
-    weights = ["--encoder", "dinov2_vits14"] if real_encoder else ["--encoder", "tiny",
-                                                                   "--random_encoder"]
+    encoder = "--encoder dinov2_vits14" if real_encoder else "--encoder tiny --random_encoder"
+    lpips = "" if real_vgg else "--lpips_weight 0"  # a random VGG measures nothing
     for stage, steps in zip((1, 2, 3), cfg["tok_steps"]):
         stage_dir = os.path.join(tok_dir, f"stage{stage}")
-        run(log, "train_tokenizer.py", "--stage", str(stage), "--data", data, "--run_dir", tok_dir,
-            "--steps", str(steps), "--batch_size", str(cfg["tok_batch"]), "--lr", "2e-3",
-            "--betas", "0.9", "0.99", "--ema_decay", "0.99", "--log_every", "50",
-            "--grid_every", str(steps), "--image_size", str(cfg["image_size"]), "--decoder_ch",
-            "32", "--decoder_res_blocks", "1", "--disc_ch", "32", *weights,
-            *([] if real_vgg else ["--lpips_weight", "0"]), *common, *resume(stage_dir),
+        run(log, f"train_tokenizer.py --stage {stage} --steps {steps} --batch_size "
+            f"{cfg['tok_batch']} --lr 2e-3 --betas 0.9 0.99 --ema_decay 0.99 --log_every 50 "
+            f"--grid_every {steps} --image_size {cfg['image_size']} --decoder_ch 32 "
+            f"--decoder_res_blocks 1 --disc_ch 32 {encoder} {lpips} {common}", "--data", data,
+            "--run_dir", tok_dir, *resume(stage_dir),
             result=lambda d=stage_dir: last_losses(d))
     recon_json = os.path.join(tok_dir, "eval.json")
-    run(log, "train_tokenizer.py", "--eval", "--tokenizer",
-        os.path.join(tok_dir, "stage3", "tokenizer.pt"), "--data", data, "--eval_images", "64",
-        "--json", recon_json, *([] if real_vgg else ["--random_lpips"]), *common,
-        result=lambda: "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, LPIPS {lpips:.3f} ({lpips_backbone} "
-                       "backbone)".format(**json.load(open(recon_json))))
+    run(log, f"train_tokenizer.py --eval --eval_images 64 {'' if real_vgg else '--random_lpips'} "
+        f"{common}", "--tokenizer", os.path.join(tok_dir, "stage3", "tokenizer.pt"), "--data", data,
+        "--json", recon_json, result=lambda: "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, LPIPS "
+        "{lpips:.3f} ({lpips_backbone} backbone)".format(**json.load(open(recon_json))))
     if args.t2i:
         return text_to_image(args, cfg, tok_dir, log, common, t_start)
 
     # 2. Latents of the stage-2 tokenizer (stage 3 does not change them), then the LightningDiT.
     latents, dit_dir = os.path.join(out, "latents"), os.path.join(out, "dit")
-    run(log, "train_dit.py", "--extract", "--tokenizer",
-        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--data", data, "--latents", latents,
-        "--batch_size", "64", *common)
-    run(log, "train_dit.py", "--latents", latents, "--run_dir", dit_dir, "--model", "B/1",
-        "--hidden_size", str(cfg["dit_hidden"]), "--depth", str(cfg["dit_depth"]),
-        "--num_heads", "4", "--steps", str(cfg["dit_steps"]), "--batch_size", str(cfg["dit_batch"]),
-        "--lr", "1e-3", "--ema_decay", "0.995", "--log_every", "100",
-        "--grid_every", str(cfg["dit_steps"]), "--grid_cfg", "1.5", *common, *resume(dit_dir),
-        result=lambda: last_losses(dit_dir))
+    run(log, f"train_dit.py --extract --batch_size 64 {common}", "--tokenizer",
+        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--data", data, "--latents", latents)
+    run(log, f"train_dit.py --model B/1 --hidden_size {cfg['dit_hidden']} --depth "
+        f"{cfg['dit_depth']} --num_heads 4 --steps {cfg['dit_steps']} --batch_size "
+        f"{cfg['dit_batch']} --lr 1e-3 --ema_decay 0.995 --log_every 100 --grid_every "
+        f"{cfg['dit_steps']} --grid_cfg 1.5 {common}", "--latents", latents, "--run_dir", dit_dir,
+        *resume(dit_dir), result=lambda: last_losses(dit_dir))
 
     # 3. Samples with guidance, decoded by the stage-3 tokenizer (sample.py's default), beside the
     # checkpoint, where `python sample.py --cfg 1.5` also writes; then FID.
     ckpt, samples = os.path.join(dit_dir, "ckpt.pt"), os.path.join(dit_dir, "samples")
-    sampling = ["--ckpt", ckpt, "--cfg", "1.5", "--steps", str(cfg["sample_steps"]),
-                "--device", args.device]
-    run(log, "sample.py", *sampling, "--classes", "0,1,2,3", "--num_samples", "16")
+    sampling = f"sample.py --cfg 1.5 --steps {cfg['sample_steps']} --device {args.device}"
+    run(log, f"{sampling} --classes 0,1,2,3 --num_samples 16", "--ckpt", ckpt)
     fid_samples, fid_json = os.path.join(samples, "fid"), os.path.join(out, "fid.json")
-    run(log, "sample.py", *sampling, "--npz", "--num_samples", str(cfg["samples"]),
-        "--out", fid_samples)
-    run(log, "fid.py", os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json,
-        *([] if real_inception else ["--random_inception"]), *common,
+    run(log, f"{sampling} --npz --num_samples {cfg['samples']}", "--ckpt", ckpt, "--out",
+        fid_samples)
+    run(log, f"fid.py {'' if real_inception else '--random_inception'} {common}",
+        os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json,
         result=lambda: "FID {fid:.2f} ({inception_weights} Inception)".format(
             **json.load(open(fid_json))))
     print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
@@ -183,18 +178,17 @@ def text_to_image(args, cfg, tok_dir, log, common, t_start):
     if not os.path.isdir(encoder):
         save_random_text_encoder(encoder)
     print(f"text encoder: a small RANDOM byte-level T5 in {encoder}")
-    run(log, "train_t2i.py", "--captions", os.path.join(out, "demo_data"), "--tokenizer",
-        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--text_encoder", encoder,
-        "--max_length", "64", "--model", "T2I-tiny/1", "--steps", str(cfg["t2i_steps"]),
-        "--batch_size", str(cfg["t2i_batch"]), "--lr", "1e-3", "--ema_decay", "0.995",
-        "--stats_samples", str(cfg["images"]), "--log_every", "100",
-        "--grid_every", str(cfg["t2i_steps"]), "--run_dir", run_dir, *common, *resume(run_dir),
+    run(log, f"train_t2i.py --max_length 64 --model T2I-tiny/1 --steps {cfg['t2i_steps']} "
+        f"--batch_size {cfg['t2i_batch']} --lr 1e-3 --ema_decay 0.995 --stats_samples "
+        f"{cfg['images']} --log_every 100 --grid_every {cfg['t2i_steps']} {common}",
+        "--captions", os.path.join(out, "demo_data"), "--text_encoder", encoder, "--tokenizer",
+        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--run_dir", run_dir, *resume(run_dir),
         result=lambda: last_losses(run_dir))
     prompts = os.path.join(out, "demo_prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")
-    run(log, "sample_t2i.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts,
-        "--num_samples", "16", "--cfg", "4", "--steps", "50", "--device", args.device)
+    run(log, f"sample_t2i.py --num_samples 16 --cfg 4 --steps 50 --device {args.device}", "--ckpt",
+        os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts)
     print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
           f"  samples of the prompts in {prompts}, in turn: "
           f"{run_dir}/samples/grid_cfg4_steps50.png\n"
