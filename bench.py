@@ -379,34 +379,14 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
                             fused=not args.no_fused)
     mask = torch.arange(L, device=device).expand(B, L) < L // 2  # half of the tokens: padding
-    x1, states = torch.randn(B, C, H, W, device=device), torch.randn(B, L, text_dim, device=device)
-
-    def encode():
-        return x1, (states, mask)
-
     if e2e:
-        import transformers
+        encode = frozen_encoders(cfg, device, bf16, mask)
+    else:  # random latents and text states (precomputed, as the LightningDiT's latents)
+        x1 = torch.randn(B, C, H, W, device=device)
+        states = torch.randn(B, L, text_dim, device=device)
 
-        from data import to_model_range
-        from tokenizer import AlignedTokenizer
-
-        t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
-                                   vocab_size=32128)
-        with torch.device(device):
-            text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else
-                                                              torch.float32)
-        tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
-        for net in (text_encoder, tok):
-            net.eval().requires_grad_(False)
-        images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-        ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
-
-        @torch.no_grad()
         def encode():
-            with autocast(device, bf16):
-                z = tok.encode(to_model_range(images, device))
-                states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
+            return x1, (states, mask)
 
     def step():
         with autocast(device, bf16):
@@ -427,6 +407,35 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
           flush=True)
     return [report(f"t2i {cfg['t2i']} train_t2i step", device, B, seconds, flops,
                    encoders_ms=1000 * encoders, encoders_share=share)]
+
+
+def frozen_encoders(cfg, device, bf16, mask):
+    """encode() -> (latents, (text states, mask)) of random uint8 images and token ids by the
+    frozen tokenizer and a random T5 encoder (T5-XXL's on CUDA, built from its config)."""
+    import transformers
+
+    from data import to_model_range
+    from tokenizer import AlignedTokenizer
+
+    (B, L), (H, W) = mask.shape, cfg["latent"][1:]
+    t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
+                               vocab_size=32128)
+    with torch.device(device):
+        text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
+    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
+    for net in (text_encoder, tok):
+        net.eval().requires_grad_(False)
+    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+    ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+
+    @torch.no_grad()
+    def encode():
+        with autocast(device, bf16):
+            z = tok.encode(to_model_range(images, device))
+            states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
+
+    return encode
 
 
 def largest_batch(fits, start: int) -> int:
