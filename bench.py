@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dit
 import t2i
-from common import (EMA, DistEnv, autocast, cleanup_distributed, parallelize, unwrap, use_bf16,
-                    use_compile)
+from common import (EMA, DistEnv, HelpFormatter, autocast, cleanup_distributed, parallelize,
+                    unwrap, use_bf16, use_compile)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
@@ -465,8 +465,7 @@ PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_samplin
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--part", choices=sorted(PARTS), action="append",
                    help="what to measure (repeatable; default all)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -486,12 +485,13 @@ def parse_args(argv=None):
     for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"),
                        ("--channels_last", "the tokenizer's conv nets"),
                        ("--cfg_two_pass", "CFG as two forwards, not one"), ("--no_tf32", None),
-                       ("--grad_checkpointing", None), ("--max_batch", "CUDA only")):
+                       ("--grad_checkpointing", None),
+                       ("--max_batch", "find the largest batch that fits (CUDA only)")):
         p.add_argument(flag, action="store_true", help=help)
     p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (their median)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--profile", metavar="DIR",
                    help="also profile two steps of each part: operator tables, Chrome traces")

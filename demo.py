@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from common import MissingWeightsError, pretrained_file
+from common import HelpFormatter, MissingWeightsError, pretrained_file
 from harness import read_log
 
 # Sizes and schedules: images, tokenizer steps per stage, DiT width/depth/steps, FID samples.
@@ -92,9 +92,8 @@ def pretrained(tiny: bool) -> list[bool]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs", help="output folder (default runs/, as sample.py's)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="runs", help="output folder (sample.py looks in runs/)")
     p.add_argument("--tiny", action="store_true", help="tiny, fast and meaningless (for tests)")
     p.add_argument("--t2i", action="store_true", help="a text-to-image model after the tokenizer")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
