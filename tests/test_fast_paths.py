@@ -232,7 +232,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
 
 
 @pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i", "t2i_e2e",
-                                  "t2i --fsdp"])
+                                  "t2i --fsdp", "sample --attention math --cfg_two_pass"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", *part.split(), "--device", "cpu", "--warmup", "0", "--iters", "1",
