@@ -7,22 +7,14 @@
     python demo.py --tiny  # the same, tiny and meaningless (about a minute; what the tests run)
     python demo.py --t2i   # the tokenizer, then a text-to-image model on the demo captions instead
 
-With --t2i the tokenizer's latents train a tiny text-to-image model (train_t2i.py) on the captions
-that describe every demo image ("a red disc on the left, dark background"), about 2 more minutes,
-and sample.py draws new prompts. Its text encoder is a small RANDOM byte-level T5 (text.py): the
-captions come from a closed vocabulary, and random features of different captions still differ.
+--t2i trains a tiny text-to-image model (train_t2i.py) on the demo images' captions ("a red disc on
+the left, dark background") with a small RANDOM byte-level T5 as text encoder (text.py; random
+features of different captions still differ), and sample_t2i.py draws new prompts.
 
-Each step is the real command-line script, printed before it runs, with its progress bar and a
-one-line result; everything also goes to runs/demo.log. Any step can be re-run by hand or scaled up
-to ImageNet (README). Running the demo again continues where it stopped: finished training stages
-are resumed (and only re-exported); the quick steps run again.
-
-Pretrained weights (DINOv2 ViT-S/14 for the encoder, VGG16 for LPIPS, the FID Inception) are
-downloaded into the torch.hub cache when there is internet. Offline, the demo says so and uses
-random stand-ins: a small random ViT as the encoder, no LPIPS (a random VGG measures nothing
-perceptual, and it would cost most of the time) and a random Inception (so the FID is meaningless).
-The demo images are small (32 px, a 2x2x32 latent) so that the method visibly works on a CPU in
-minutes.
+Each step is the real script, printed before it runs, with its progress and a one-line result,
+also logged to runs/demo.log. Run again, the demo resumes finished training stages and reruns the
+quick steps. Offline, random stand-ins (it says so) replace the pretrained weights: a small ViT for
+DINOv2, no LPIPS (a random VGG measures nothing) and a random Inception (a meaningless FID).
 """
 
 import argparse
@@ -33,67 +25,77 @@ import subprocess
 import sys
 import time
 
-from common import MissingWeightsError, pretrained_file
+from common import HelpFormatter, MissingWeightsError, pretrained_file
 from harness import read_log
 
-# Sizes and schedules: images, their size, tokenizer steps per stage, DiT width/depth/steps,
-# FID samples.
-PRESETS = {
-    "demo": dict(images=256, image_size=32, tok_steps=(1200, 600, 300), tok_batch=16,
-                 dit_hidden=128, dit_depth=4, dit_steps=3000, dit_batch=64,
-                 samples=128, sample_steps=250, t2i_steps=1500, t2i_batch=32),
-    "tiny": dict(images=32, image_size=32, tok_steps=(4, 2, 2), tok_batch=4,
-                 dit_hidden=32, dit_depth=1, dit_steps=20, dit_batch=8,
-                 samples=8, sample_steps=4, t2i_steps=4, t2i_batch=8),
-}
+# Sizes and schedules: images, tokenizer steps per stage, DiT width/depth/steps, FID samples.
+PRESETS = {"demo": dict(images=256, image_size=32, tok_steps=(1200, 600, 300), tok_batch=16,
+                        dit_hidden=128, dit_depth=4, dit_steps=3000, dit_batch=64, samples=128,
+                        sample_steps=250, t2i_steps=1500, t2i_batch=32),
+           "tiny": dict(images=32, image_size=32, tok_steps=(4, 2, 2), tok_batch=4, dit_hidden=32,
+                        dit_depth=1, dit_steps=20, dit_batch=8, samples=8, sample_steps=4,
+                        t2i_steps=4, t2i_batch=8)}
 # The text-to-image demo's prompts: combinations that may or may not be in the 256 training images.
 PROMPTS = ["a red disc in the centre, light background", "a blue ring on the left, dark background",
            "a green square on the right, light background",
            "a yellow triangle in the centre, dark background"]
 
 
-def available(url: str, what: str) -> bool:
-    """Is the pretrained file in the torch.hub cache, or can it be downloaded there now?"""
-    try:
-        pretrained_file(url, None, what, "")
-        return True
-    except MissingWeightsError:
-        return False
-
-
-def run(cmd: list[str], log_path: str, result=None):
-    """Run one step as a subprocess: its output (progress bars included) goes to the console and
-    the log file; then a one-line result."""
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
+def run(log_path: str, cmd: str, *paths: str, result=None):
+    """Run `python CMD PATHS` (CMD split at spaces, PATHS as they are) as a subprocess: its output
+    (progress bars included) goes to the console and the log file; then a one-line result."""
+    argv = [sys.executable, *cmd.split(), *paths]
+    print(f"\n$ {shlex.join(argv)}", flush=True)
     start = time.time()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             log.write(chunk)
     if proc.wait():
-        sys.exit(f"step failed (exit {proc.returncode}): see its output above, also in "
-                 f"{log_path}")
+        sys.exit(f"step failed (exit {proc.returncode}): see its output above, also in {log_path}")
     print(f"==> done in {time.time() - start:.0f} s" + (f": {result()}" if result else ""),
           flush=True)
 
 
 def last_losses(run_dir: str) -> str:
     record = read_log(os.path.join(run_dir, "log.jsonl"))[-1]
-    keys = ("loss", "l1", "lpips", "sp", "mse")
-    return ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record)
+    return ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "l1", "lpips", "sp", "mse")
+                     if k in record)
+
+
+def resume(run_dir: str) -> list[str]:
+    return ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+
+
+def pretrained(tiny: bool) -> list[bool]:
+    """Is each pretrained file (the encoder's, LPIPS's VGG16, the FID Inception) in the torch.hub
+    cache, or can it be downloaded there now? Never for --tiny."""
+    from inception import FID_WEIGHTS_URL
+    from tokenizer import VGG16_URL, dinov2_url
+
+    def available(url, what):
+        try:
+            return not tiny and bool(pretrained_file(url, None, what, ""))
+        except MissingWeightsError:
+            return False
+
+    found = [available(dinov2_url("dinov2_vits14"), "DINOv2 ViT-S/14"),
+             available(VGG16_URL, "VGG16 for LPIPS"), available(FID_WEIGHTS_URL, "FID Inception")]
+    print("encoder:", "DINOv2 ViT-S/14 (pretrained)" if found[0] else "a small RANDOM ViT "
+          "(dinov2_vits14_pretrain.pth not in the torch.hub cache, and no download)")
+    print("LPIPS:", "VGG16 (pretrained)" if found[1] else
+          "off (no pretrained VGG16: a random one measures nothing)")
+    print("FID Inception:", "pretrained" if found[2] else "RANDOM (the FID below is meaningless)")
+    return found
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs",
-                   help="output folder (default runs/, where sample.py looks)")
-    p.add_argument("--tiny", action="store_true",
-                   help="a tiny, fast and meaningless pipeline (for tests)")
-    p.add_argument("--t2i", action="store_true",
-                   help="after the tokenizer, a text-to-image model on the captions")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="runs", help="output folder (sample.py looks in runs/)")
+    p.add_argument("--tiny", action="store_true", help="tiny, fast and meaningless (for tests)")
+    p.add_argument("--t2i", action="store_true", help="a text-to-image model after the tokenizer")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     return p.parse_args(argv)
 
@@ -101,127 +103,95 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from data import DemoShapes
-    from inception import FID_WEIGHTS_URL
-    from tokenizer import VGG16_URL, dinov2_url
 
-    cfg, out, py = PRESETS["tiny" if args.tiny else "demo"], args.out, sys.executable
+    cfg, out = PRESETS["tiny" if args.tiny else "demo"], args.out
     os.makedirs(out, exist_ok=True)
-    log_path = os.path.join(out, "demo.log")
-    # Few small images: no worker processes.
-    common = ["--device", args.device, "--num_workers", "0"]
-    t_start = time.time()
-
-    # Pretrained weights where they can be had (never for --tiny), random stand-ins otherwise.
-    real_encoder = not args.tiny and available(dinov2_url("dinov2_vits14"), "DINOv2 ViT-S/14")
-    real_vgg = not args.tiny and available(VGG16_URL, "VGG16 for LPIPS")
-    real_inception = not args.tiny and available(FID_WEIGHTS_URL, "FID Inception")
-    weights = (["--encoder", "dinov2_vits14"] if real_encoder
-               else ["--encoder", "tiny", "--random_encoder"])
-    lpips = [] if real_vgg else ["--lpips_weight", "0"]
-    print("encoder:", "DINOv2 ViT-S/14 (pretrained)" if real_encoder else
-          "a small RANDOM ViT (dinov2_vits14_pretrain.pth not in the torch.hub cache, "
-          "and no download)")
-    print("LPIPS:", "VGG16 (pretrained)" if real_vgg else
-          "off (no pretrained VGG16: a random one measures nothing)")
-    print("FID Inception:", "pretrained" if real_inception else
-          "RANDOM (the FID below is meaningless)")
-
-    # Written once as an image folder, one subfolder per class.
-    data = os.path.join(out, "demo_data")
+    log, t_start = os.path.join(out, "demo.log"), time.time()
+    common = f"--device {args.device} --num_workers 0"  # few small images: no worker processes
+    real_encoder, real_vgg, real_inception = pretrained(args.tiny)
+    data = os.path.join(out, "demo_data")  # written once, one subfolder per class
     if not os.path.isdir(data):
         DemoShapes(cfg["images"], cfg["image_size"], num_classes=4).save(data)
     print(f"data: {cfg['images']} images of 4 classes, {cfg['image_size']} px, in {data}")
 
     # 1. The tokenizer, three stages (each from the previous stage's export), then its metrics.
     tok_dir = os.path.join(out, "tokenizer")
-    arch = ["--image_size", str(cfg["image_size"]), "--decoder_ch", "32",
-            "--decoder_res_blocks", "1", "--disc_ch", "32"]
+    encoder = "--encoder dinov2_vits14" if real_encoder else "--encoder tiny --random_encoder"
+    lpips = "" if real_vgg else "--lpips_weight 0"  # a random VGG measures nothing
     for stage, steps in zip((1, 2, 3), cfg["tok_steps"]):
         stage_dir = os.path.join(tok_dir, f"stage{stage}")
-        resume = ["--resume"] if os.path.exists(os.path.join(stage_dir, "ckpt.pt")) else []
-        run([py, "train_tokenizer.py", "--stage", str(stage), "--data", data, "--run_dir", tok_dir,
-             "--steps", str(steps), "--batch_size", str(cfg["tok_batch"]), "--lr", "2e-3",
-             "--betas", "0.9", "0.99", "--ema_decay", "0.99", "--log_every", "50",
-             "--grid_every", str(steps), *arch, *weights, *lpips, *common, *resume], log_path,
-            lambda d=stage_dir: last_losses(d))
+        run(log, f"train_tokenizer.py --stage {stage} --steps {steps} --batch_size "
+            f"{cfg['tok_batch']} --lr 2e-3 --betas 0.9 0.99 --ema_decay 0.99 --log_every 50 "
+            f"--grid_every {steps} --image_size {cfg['image_size']} --decoder_ch 32 "
+            f"--decoder_res_blocks 1 --disc_ch 32 {encoder} {lpips} {common}", "--data", data,
+            "--run_dir", tok_dir, *resume(stage_dir),
+            result=lambda d=stage_dir: last_losses(d))
     recon_json = os.path.join(tok_dir, "eval.json")
-    stage3_tokenizer = os.path.join(tok_dir, "stage3", "tokenizer.pt")
-    random_lpips = [] if real_vgg else ["--random_lpips"]
-    run([py, "train_tokenizer.py", "--eval", "--tokenizer", stage3_tokenizer, "--data", data,
-         "--eval_images", "64", "--json", recon_json, *random_lpips, *common], log_path,
-        lambda: "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, LPIPS {lpips:.3f} ({lpips_backbone} "
-                "backbone)".format(**json.load(open(recon_json))))
-
+    run(log, f"train_tokenizer.py --eval --eval_images 64 {'' if real_vgg else '--random_lpips'} "
+        f"{common}", "--tokenizer", os.path.join(tok_dir, "stage3", "tokenizer.pt"), "--data", data,
+        "--json", recon_json, result=lambda: "PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, LPIPS "
+        "{lpips:.3f} ({lpips_backbone} backbone)".format(**json.load(open(recon_json))))
     if args.t2i:
-        return text_to_image(args, cfg, tok_dir, log_path, common, t_start)
+        return text_to_image(args, cfg, tok_dir, log, common, t_start)
 
     # 2. Latents of the stage-2 tokenizer (stage 3 does not change them), then the LightningDiT.
     latents, dit_dir = os.path.join(out, "latents"), os.path.join(out, "dit")
-    stage2_tokenizer = os.path.join(tok_dir, "stage2", "tokenizer.pt")
-    run([py, "train_dit.py", "--extract", "--tokenizer", stage2_tokenizer, "--data", data,
-         "--latents", latents, "--batch_size", "64", *common], log_path)
-    resume = ["--resume"] if os.path.exists(os.path.join(dit_dir, "ckpt.pt")) else []
-    run([py, "train_dit.py", "--latents", latents, "--run_dir", dit_dir, "--model", "B/1",
-         "--hidden_size", str(cfg["dit_hidden"]), "--depth", str(cfg["dit_depth"]),
-         "--num_heads", "4", "--steps", str(cfg["dit_steps"]),
-         "--batch_size", str(cfg["dit_batch"]), "--lr", "1e-3", "--ema_decay", "0.995",
-         "--log_every", "100", "--grid_every", str(cfg["dit_steps"]), "--grid_cfg", "1.5",
-         *common, *resume], log_path, lambda: last_losses(dit_dir))
+    run(log, f"train_dit.py --extract --batch_size 64 {common}", "--tokenizer",
+        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--data", data, "--latents", latents)
+    run(log, f"train_dit.py --model B/1 --hidden_size {cfg['dit_hidden']} --depth "
+        f"{cfg['dit_depth']} --num_heads 4 --steps {cfg['dit_steps']} --batch_size "
+        f"{cfg['dit_batch']} --lr 1e-3 --ema_decay 0.995 --log_every 100 --grid_every "
+        f"{cfg['dit_steps']} --grid_cfg 1.5 {common}", "--latents", latents, "--run_dir", dit_dir,
+        *resume(dit_dir), result=lambda: last_losses(dit_dir))
 
-    # 3. Samples with classifier-free guidance, decoded by the stage-3 tokenizer (sample.py's
-    # default when there is one), beside the checkpoint, where `python sample.py --cfg 1.5` also
-    # writes; then FID.
+    # 3. Samples with guidance, decoded by the stage-3 tokenizer (sample.py's default), beside the
+    # checkpoint, where `python sample.py --cfg 1.5` also writes; then FID.
     ckpt, samples = os.path.join(dit_dir, "ckpt.pt"), os.path.join(dit_dir, "samples")
-    sampling = ["--ckpt", ckpt, "--cfg", "1.5", "--steps", str(cfg["sample_steps"]),
-                "--device", args.device]
-    run([py, "sample.py", *sampling, "--classes", "0,1,2,3", "--num_samples", "16"], log_path)
-    fid_samples = os.path.join(samples, "fid")
-    run([py, "sample.py", *sampling, "--npz", "--num_samples", str(cfg["samples"]),
-         "--out", fid_samples], log_path)
-    fid_json = os.path.join(out, "fid.json")
-    random_inception = [] if real_inception else ["--random_inception"]
-    run([py, "fid.py", os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json,
-         *random_inception, "--device", args.device, "--num_workers", "0"], log_path,
-        lambda: "FID {fid:.2f} ({inception_weights} Inception)".format(**json.load(open(fid_json))))
-
-    grid = f"grid_cfg1.5_steps{cfg['sample_steps']}.png"
-    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:")
-    print(f"  reconstructions (top: input, bottom: tokenizer): {tok_dir}/stage3/recon_*.png")
-    print(f"  samples, 4 per class (disc, ring, square, triangle): {samples}/{grid}")
-    print(f"  loss curves: {tok_dir}/stage*/curves.png, {dit_dir}/curves.png")
-    print(f"  metrics: {recon_json}, {fid_json}; every step's output: {log_path}")
-    ckpt_arg = "" if out == "runs" else f" --ckpt {ckpt}"
-    print("Then, for more samples: python sample.py --cfg 1.5" + ckpt_arg)
+    sampling = f"sample.py --cfg 1.5 --steps {cfg['sample_steps']} --device {args.device}"
+    run(log, f"{sampling} --classes 0,1,2,3 --num_samples 16", "--ckpt", ckpt)
+    fid_samples, fid_json = os.path.join(samples, "fid"), os.path.join(out, "fid.json")
+    run(log, f"{sampling} --npz --num_samples {cfg['samples']}", "--ckpt", ckpt, "--out",
+        fid_samples)
+    run(log, f"fid.py {'' if real_inception else '--random_inception'} {common}",
+        os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json,
+        result=lambda: "FID {fid:.2f} ({inception_weights} Inception)".format(
+            **json.load(open(fid_json))))
+    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
+          f"  reconstructions (top: input, bottom: tokenizer): {tok_dir}/stage3/recon_*.png\n"
+          f"  samples, 4 per class (disc, ring, square, triangle): "
+          f"{samples}/grid_cfg1.5_steps{cfg['sample_steps']}.png\n"
+          f"  loss curves: {tok_dir}/stage*/curves.png, {dit_dir}/curves.png\n"
+          f"  metrics: {recon_json}, {fid_json}; every step's output: {log}\n"
+          "Then, for more samples: python sample.py --cfg 1.5"
+          + ("" if out == "runs" else f" --ckpt {ckpt}"))
 
 
-def text_to_image(args, cfg, tok_dir, log_path, common, t_start):
+def text_to_image(args, cfg, tok_dir, log, common, t_start):
     """2'. A tiny text-to-image model on the stage-2 tokenizer's latents of the captioned demo
     images, then samples of PROMPTS with guidance against the empty caption, decoded by the stage-3
     tokenizer."""
     from text import save_random_text_encoder
 
-    out, py = args.out, sys.executable
+    out = args.out
     encoder, run_dir = os.path.join(out, "text_encoder"), os.path.join(out, "t2i")
     if not os.path.isdir(encoder):
         save_random_text_encoder(encoder)
     print(f"text encoder: a small RANDOM byte-level T5 in {encoder}")
-    resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
-    run([py, "train_t2i.py", "--captions", os.path.join(out, "demo_data"), "--tokenizer",
-         os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--text_encoder", encoder,
-         "--max_length", "64", "--model", "T2I-tiny/1", "--steps", str(cfg["t2i_steps"]),
-         "--batch_size", str(cfg["t2i_batch"]), "--lr", "1e-3", "--ema_decay", "0.995",
-         "--stats_samples", str(cfg["images"]), "--log_every", "100",
-         "--grid_every", str(cfg["t2i_steps"]), "--run_dir", run_dir, *common, *resume], log_path,
-        lambda: last_losses(run_dir))
+    run(log, f"train_t2i.py --max_length 64 --model T2I-tiny/1 --steps {cfg['t2i_steps']} "
+        f"--batch_size {cfg['t2i_batch']} --lr 1e-3 --ema_decay 0.995 --stats_samples "
+        f"{cfg['images']} --log_every 100 --grid_every {cfg['t2i_steps']} {common}",
+        "--captions", os.path.join(out, "demo_data"), "--text_encoder", encoder, "--tokenizer",
+        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--run_dir", run_dir, *resume(run_dir),
+        result=lambda: last_losses(run_dir))
     prompts = os.path.join(out, "demo_prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")
-    run([py, "sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts,
-         "--num_samples", "16", "--cfg", "4", "--steps", "50", "--device", args.device], log_path)
-    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:")
-    print(f"  samples of the prompts in {prompts}, in turn: "
-          f"{run_dir}/samples/grid_cfg4_steps50.png")
-    print(f"  loss curves: {run_dir}/curves.png; every step's output: {log_path}")
+    run(log, f"sample_t2i.py --num_samples 16 --cfg 4 --steps 50 --device {args.device}", "--ckpt",
+        os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts)
+    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
+          f"  samples of the prompts in {prompts}, in turn: "
+          f"{run_dir}/samples/grid_cfg4_steps50.png\n"
+          f"  loss curves: {run_dir}/curves.png; every step's output: {log}")
 
 
 if __name__ == "__main__":

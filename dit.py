@@ -9,8 +9,7 @@ learns to generate such latents by flow matching. The paper uses XL/1: patch 1, 
     a block: RMSNorm -> attention (qkv bias, optional QK-norm, 2D RoPE) -> RMSNorm -> SwiGLU, each
     branch modulated and gated by AdaLN-Zero from c = t_emb + y_emb
 
-Parameter names and conventions follow the public LightningDiT code (hustvl/LightningDiT), so that
-its checkpoints load with strict=True.
+Parameter names and conventions follow hustvl/LightningDiT: its checkpoints load with strict=True.
 """
 
 import math
@@ -23,18 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 from common import UserError
 
-# --------------------------------------------------------------------------------------------------
-# Flow matching
+# Flow matching ------------------------------------------------------------------------------------
 
 
 def flow_matching_loss(model, x1, y, generator=None):
-    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,).
-
-    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains: most samples near t = 0.5);
-    eps ~ N(0, I); x_t = t x1 + (1 - t) eps; target v = x1 - eps; loss = MSE(v_pred, v) + mean over
-    positions of (1 - cos(v_pred, v)) over channels, in float32 even under bf16 autocast.
-    `generator` makes t and eps reproducible. Returns (loss, {"mse", "cos"} detached:
-    no host sync)."""
+    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,):
+    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains), eps ~ N(0, I), x_t = t x1 +
+    (1 - t) eps, v = x1 - eps; loss = MSE(v_pred, v) + mean over positions of 1 - cos(v_pred, v)
+    over channels, in float32 under autocast. Returns (loss, {"mse", "cos"} detached: no sync)."""
     B = x1.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
     eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
@@ -47,14 +42,12 @@ def flow_matching_loss(model, x1, y, generator=None):
     return mse + cos, {"mse": mse.detach(), "cos": cos.detach()}
 
 
-# --------------------------------------------------------------------------------------------------
-# The model
+# The model ----------------------------------------------------------------------------------------
 
 
 class LightningDiT(nn.Module):
-    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W); the defaults are XL/1
-    on the paper's 32x16x16 latent. `grad_checkpointing` recomputes each block in the backward pass
-    (less activation memory, about a third more compute)."""
+    """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W), by default XL/1 on
+    32x16x16. `grad_checkpointing` recomputes blocks in backward: less memory, ~1/3 more compute."""
 
     def __init__(self, input_size: int = 16, patch_size: int = 1, in_channels: int = 32,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
@@ -84,15 +77,14 @@ class LightningDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)  # (N, D)
-        self.pos_embed.copy_(pos_embed.unsqueeze(0))
+        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)[None])
         # The patch embedding is a linear map of each flattened patch: initialised like one.
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for i in (0, 2):
+            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
         # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero
         # output layer, so the initial model predicts v = 0 exactly.
         for m in [*(b.adaLN_modulation[-1] for b in self.blocks),
@@ -101,13 +93,14 @@ class LightningDiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y, force_drop_ids=None):
-        """x_t (B, C, H, W); t (B,) or scalar in [0, 1]; labels y (B,), y == num_classes for the
-        null class. Returns the velocity (B, C, H, W)."""
+        """x_t (B, C, H, W), t (B,) or scalar in [0, 1], labels y (B,) (num_classes: the null class)
+        -> the velocity (B, C, H, W)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
-        rope = self.feat_rope.tables(compute_dtype(x))  # cast once, not in every block
+        dtype = compute_dtype(x)  # under autocast q and k stay bf16; cast once, not in every block
+        rope = self.feat_rope.freqs_cos.to(dtype), self.feat_rope.freqs_sin.to(dtype)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, rope, use_reentrant=False)
@@ -127,8 +120,7 @@ def modulate(x, shift, scale):
 
 class LightningDiTBlock(nn.Module):
     """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates
-    start at zero, so a deep network starts shallow and stable and learns how much each block
-    contributes."""
+    start at zero: a deep network starts shallow and stable, and learns what each block adds."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  use_qknorm: bool = False):
@@ -150,8 +142,9 @@ class LightningDiTBlock(nn.Module):
         return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
 
     def attention_input(self, x, mods):
-        """Attention.heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE)."""
-        return self.attn.heads(modulate(self.norm1(x), mods[0], mods[1]))
+        """split_heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE yet)."""
+        qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        return split_heads(qkv, self.attn.num_heads, self.attn.q_norm, self.attn.k_norm)
 
     def residuals(self, x, attn, mods):
         """x + gated attention output (B, N, D, heads joined), then + the gated MLP branch."""
@@ -176,8 +169,7 @@ class FinalLayer(nn.Module):
 
 class Attention(nn.Module):
     """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the
-    attention logits, which prevents the loss spikes of very long runs), the output projection. The
-    block applies 2D RoPE and fused SDPA between them."""
+    attention logits, which prevents the loss spikes of very long runs), the output projection."""
 
     def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
         super().__init__()
@@ -188,16 +180,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x):
-        """(B, N, C) -> q and k stacked, qk (B, N, 2, heads, head_dim), and v (B, N, heads,
-        head_dim). QK-norm comes before RoPE, as in the reference."""
-        return split_heads(self.qkv(x), self.num_heads, self.q_norm, self.k_norm)
-
 
 def split_heads(qkv, num_heads: int, q_norm, k_norm):
-    """The qkv matmul's output (B, N, 3 * D) -> qk (B, N, 2, heads, head_dim) and v. Tokens stay
-    first, as the matmul writes them: without QK-norm both are views (no copy), and RoPE then
-    rotates q and k in one pass over qk."""
+    """The qkv matmul's output (B, N, 3 * D) -> qk (B, N, 2, heads, head_dim) and v, tokens first
+    as the matmul writes them (views without QK-norm, which precedes RoPE as in the reference)."""
     B, N, _ = qkv.shape
     qkv = qkv.view(B, N, 3, num_heads, -1)
     qk, v = qkv[:, :, :2], qkv[:, :, 2]
@@ -208,9 +194,8 @@ def split_heads(qkv, num_heads: int, q_norm, k_norm):
 
 def attention(qk, v, cos, sin, attn_mask=None):
     """RoPE on q and k, then softmax(q k^T / sqrt(head_dim)) v; qk (B, N, 2, heads, head_dim) and
-    v (B, N, heads, head_dim) -> (B, N, heads * head_dim). SDPA wants (B, heads, N, head_dim): it
-    gets transposed views, which its kernels read as they are, so the heads are never copied into
-    that order, and its output, laid out tokens first, joins its heads without a copy."""
+    v (B, N, heads, head_dim) -> (B, N, heads * head_dim). SDPA gets (B, heads, N, head_dim) as
+    transposed views, which its kernels read as they are: the heads are never copied."""
     q, k = apply_rope(qk, cos, sin).unbind(2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask)
@@ -218,8 +203,7 @@ def attention(qk, v, cos, sin, attn_mask=None):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 * dim) keeps a 4x MLP's
-    parameter count."""
+    """w3(silu(a) * b) with [a, b] = w12(x); hidden = int(2/3 * 4 dim) keeps a 4x MLP's size."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -233,9 +217,7 @@ class SwiGLU(nn.Module):
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then
-    cast to the compute dtype: the input's, as in the reference, or under autocast bf16, so that
-    what follows (modulation, the next matmul) runs in bf16 instead of being promoted to float32
-    by the weight."""
+    in compute_dtype: bf16 under autocast, so that what follows is not promoted to float32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -254,8 +236,7 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
 
 
-# --------------------------------------------------------------------------------------------------
-# Embeddings of the inputs: patches, time, class, positions
+# Embeddings of the inputs: patches, time, class, positions ----------------------------------------
 
 
 class PatchEmbed(nn.Module):
@@ -263,8 +244,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
-        assert input_size % patch_size == 0, (f"input_size {input_size} is not a multiple of "
-                                              f"patch {patch_size}")
+        assert input_size % patch_size == 0, f"input {input_size} is not a multiple of {patch_size}"
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -278,15 +258,13 @@ class TimestepEmbedder(nn.Module):
     SiLU, Linear. t is the raw flow time in [0, 1], not x1000 as in DDPM-style DiT: the reference
     (SiT, LightningDiT) trains this way, so its checkpoints only make sense with raw t."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int):
         super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+        self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int = 256,
-                           max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
         half = dim // 2
         i = torch.arange(half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(-math.log(max_period) * i / half)  # f_i, (half,)
@@ -294,14 +272,13 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
     def forward(self, t):  # (B,) -> (B, D)
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t))
 
 
 class LabelEmbedder(nn.Module):
     """Class label -> vector. Row `num_classes` of the table is the null class of classifier-free
     guidance: in training each label becomes null with probability `dropout_prob`, so that one model
-    learns both p(x|y) and p(x). force_drop_ids == 1 makes those rows null
-    (instead of random drops)."""
+    learns both p(x|y) and p(x); force_drop_ids == 1 makes those rows null instead."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -309,55 +286,40 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, force_drop_ids=None):  # (B,) long -> (B, D)
+        if force_drop_ids is None and self.training and self.dropout_prob > 0:
+            force_drop_ids = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
         if force_drop_ids is not None:
             labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
-        elif self.training and self.dropout_prob > 0:
-            labels = torch.where(torch.rand(labels.shape, device=labels.device) < self.dropout_prob,
-                                 self.num_classes, labels)
         return self.embedding_table(labels)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens in row-major order: the
-    first half of the channels encodes the column, the second half the row, each half
-    [sin(p w_k), cos(p w_k)] with w_k = 1e4^(-k / (D/4)); computed in float64, returned in
-    float32."""
+    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens row-major: the first half
+    of the channels encodes the column, the second the row, each [sin(p w_k), cos(p w_k)] with
+    w_k = 1e4^(-k / (D/4)); computed in float64, returned in float32."""
     assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     k = torch.arange(embed_dim // 4, dtype=torch.float64)
     omega = 1.0 / 10000 ** (k / (embed_dim / 4))  # w_k, (D/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
-
-    def emb_1d(p):  # (N,) -> (N, D/2)
-        angles = p.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([emb_1d(cols), emb_1d(rows)], dim=1).float()  # (N, D)
+    angles = [p.reshape(-1, 1) * omega for p in (cols, rows)]  # 2 x (N, D/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
 class VisionRoPE(nn.Module):
-    """2D axial rotary position embedding of q and k: the first head_dim/2 channels rotate with the
-    token's row, the last head_dim/2 with its column, at f_j = 1e4^(-2j / (head_dim/2)),
-    j < head_dim/4, one frequency per pair of adjacent channels (2i, 2i+1). The (N, head_dim)
-    cos/sin tables are persistent buffers because the reference checkpoints hold them."""
+    """rope_tables of a square grid as persistent buffers (the reference checkpoints hold them)."""
 
-    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, grid_size: int):
         super().__init__()
-        cos, sin = rope_tables(head_dim, grid_size, grid_size, theta)
+        cos, sin = rope_tables(head_dim, grid_size, grid_size)
         self.register_buffer("freqs_cos", cos)
         self.register_buffer("freqs_sin", sin)
 
-    def tables(self, dtype):
-        """(cos, sin) in the compute dtype: under autocast q and k stay bf16 (not promoted)."""
-        return self.freqs_cos.to(dtype), self.freqs_sin.to(dtype)
-
-    def forward(self, x):  # (B, N, ..., head_dim)
-        return apply_rope(x, *self.tables(x.dtype))
-
 
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
-    """cos and sin (rows*cols, head_dim), float32, of the 2D RoPE angles of a rows x cols grid,
-    row-major."""
+    """2D axial RoPE: cos and sin (rows*cols, head_dim), float32, of a rows x cols grid, row-major.
+    The first head_dim/2 channels rotate with the token's row, the last with its column, at
+    f_j = theta^(-2j / (head_dim/2)), j < head_dim/4, one per pair of channels (2i, 2i+1)."""
     assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
     half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
     freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)
@@ -374,25 +336,11 @@ def apply_rope(x, cos, sin):
     return x * cos.view(shape) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.view(shape)
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: torch.compile each block of the model's block lists instead of the
-    whole model. The blocks of one class share one compiled graph (their weights are its inputs),
-    so the first step compiles one block, not the whole model; the embeddings, the final layer and
-    the loss stay eager. In place; returns the model. compile_kwargs go to torch.compile."""
-    for blocks in model.children():
-        if isinstance(blocks, nn.ModuleList):
-            for block in blocks:
-                block.compile(**compile_kwargs)
-    return model
-
-
-# --------------------------------------------------------------------------------------------------
-# Configurations
+# Configurations -----------------------------------------------------------------------------------
 
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
-DiT_models = {f"{size}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h,
-                                     patch_size=p)
-              for size, (d, w, h) in _SIZES.items() for p in (1, 2)}
+DiT_models = {f"{s}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
+              for s, (d, w, h) in _SIZES.items() for p in (1, 2)}
 
 
 def build_dit(name: str, **kwargs):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from common import UserError
 from conftest import randomize_
-from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, build_dit,
-                 flow_matching_loss, get_2d_sincos_pos_embed)
-from flops import forward_flops_per_image, training_flops_per_image
+from bench import forward_flops
+from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, apply_rope,
+                 build_dit, flow_matching_loss, get_2d_sincos_pos_embed, rope_tables)
 
 # Key lists dumped from the reference implementation's state dicts.
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
@@ -116,7 +116,7 @@ def test_sincos_pos_embed_matches_formula():
 
 
 def rope_angle(token, channel, head_dim, grid):
-    """Angle of channel `channel` of token `token`, from VisionRoPE's definition."""
+    """Angle of channel `channel` of token `token`, from rope_tables' definition."""
     half = head_dim // 2
     pos = token // grid if channel < half else token % grid  # first half: row; second half: column
     j = (channel % half) // 2  # frequencies repeated twice: f0, f0, f1, f1, ...
@@ -137,7 +137,11 @@ def test_rope_tables_match_formula():
 
 def test_rope_is_a_rotation_of_adjacent_pairs():
     head_dim, grid = 8, 3
-    rope = VisionRoPE(head_dim, grid)
+    cos, sin = rope_tables(head_dim, grid, grid)
+
+    def rope(x):
+        return apply_rope(x, cos, sin)
+
     x = torch.randn(2, grid * grid, 3, head_dim, dtype=torch.float64)  # (B, N, heads, head_dim)
     out = rope(x.float()).double()
     for token in range(grid * grid):
@@ -215,7 +219,7 @@ def test_block_matches_manual_computation(qknorm):
     model = randomize_(tiny(use_qknorm=qknorm)).eval()
     blk = model.blocks[0]
     x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
-    out = blk(x, c, model.feat_rope.tables(torch.float32))
+    out = blk(x, c, (model.feat_rope.freqs_cos, model.feat_rope.freqs_sin))
     ref = manual_block(blk, x.double(), c.double(), grid=4, qknorm=qknorm)
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
 
@@ -287,15 +291,14 @@ def test_flops_per_image():
     # Math SDPA = counted bmm.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, 8, 8), torch.rand(B), torch.tensor([0, 1, 2]))
-    assert counter.get_total_flops() == B * forward_flops_per_image(model)
-    assert training_flops_per_image(model) == 3 * forward_flops_per_image(model)
+    assert counter.get_total_flops() == B * forward_flops(model, model.num_patches)
     with torch.device("meta"):
         xl = build_dit("XL/1", input_size=16, in_channels=32)
     N, D, L = 256, 1152, 28
     per_token = 3 * D * D + D * D + D * 2 * 3072 + 3072 * D  # qkv, proj, w12, w3
     per_layer = 2 * N * per_token + 2 * D * 6 * D + 4 * N * N * D
     expected = L * per_layer + 2 * N * (32 * D + D * 32) + 2 * (256 * D + D * D + D * 2 * D)
-    assert forward_flops_per_image(xl) == expected
+    assert forward_flops(xl, N) == expected
 
 
 # --------------------------------------------------------------------------------------------------

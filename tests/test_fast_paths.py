@@ -143,7 +143,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_regional_compilation_compiles_one_block_for_all():
-    """dit.compile_blocks: each block compiled, one graph shared by the blocks, the eager results.
+    """bench.compile_blocks: each block compiled, one graph shared by the blocks, the eager results.
     (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++ build here.)"""
     import torch._dynamo.utils
 
@@ -152,7 +152,7 @@ def test_regional_compilation_compiles_one_block_for_all():
     loss, grads = dit_loss_and_grads(model)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    dit.compile_blocks(model, backend="aot_eager")
+    bench.compile_blocks(model, backend="aot_eager")
     assert list(model.state_dict()) == list(tiny_dit().state_dict())  # no _orig_mod prefixes
     loss_c, grads_c = dit_loss_and_grads(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two blocks, one graph
@@ -232,7 +232,7 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
 
 
 @pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "fid", "t2i", "t2i_e2e",
-                                  "t2i --fsdp"])
+                                  "t2i --fsdp", "sample --attention math --cfg_two_pass"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", *part.split(), "--device", "cpu", "--warmup", "0", "--iters", "1",
