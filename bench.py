@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dit
 import t2i
-from common import (EMA, DistEnv, HelpFormatter, autocast, cleanup_distributed, parallelize,
-                    unwrap, use_bf16, use_compile)
+from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
+                    parallelize, unwrap, use_bf16, use_compile)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
@@ -58,10 +58,6 @@ CONFIGS = {
 T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
               "cpu": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets ("H100 PCIe" before "H100").
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "B200": 2250e12}
-
-
 def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
     """Model FLOPs of one image's forward pass through the LightningDiT (text_tokens = 0) or
     t2i.TextToImageDiT: 2 per matmul weight (Linear, Conv2d) and token it sees, plus attention's

@@ -713,13 +713,15 @@ def due(every: int, done: int, steps: int) -> bool:
     return bool(every) and (done % every == 0 or done == steps)
 
 
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "4090": 165}  # dense
+# dense bf16 FLOP/s (the first name that the GPU's contains)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "B200": 2250e12}
 
 
 def peak_flops(env: DistEnv) -> float | None:
     """The dense bf16 FLOP/s of all the job's GPUs, where the GPU is known (for the MFU)."""
     name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
-    peak = next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     return peak * env.world_size if peak else None
 
 

@@ -25,8 +25,7 @@ import subprocess
 import sys
 import time
 
-from common import HelpFormatter, MissingWeightsError, pretrained_file
-from harness import read_log
+from common import HelpFormatter, MissingWeightsError, pretrained_file, read_log
 
 # Sizes and schedules: images, tokenizer steps per stage, DiT width/depth/steps, FID samples.
 PRESETS = {"demo": dict(images=256, image_size=32, tok_steps=(1200, 600, 300), tok_batch=16,

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 import fid
-import flops
+import bench
 import sample
 import t2i
 import train_t2i
@@ -23,7 +23,7 @@ from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, par
 from common import UserError, load_checkpoint
 from conftest import randomize_, run_script, run_torchrun, save_tokenizer
 from data import DemoShapes
-from harness import read_log
+from common import read_log
 from text import TextEncoder, clip_score, save_random_clip, save_random_text_encoder
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def test_2b_config_size_and_flops():
     model, B, (h, w), L = randomize_(tiny_t2i(2)), 3, (6, 10), 6
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, h, w), torch.rand(B), text_batch(B, L, (2, 4, 6)))
-    assert counter.get_total_flops() == B * flops.t2i_forward_flops(model, h * w // 4, L)
+    assert counter.get_total_flops() == B * bench.forward_flops(model, h * w // 4, L)
 
 
 # --------------------------------------------------------------------------------------------------
