@@ -45,11 +45,6 @@ def parse_args(argv=None):
         p.error("--clip_model scores an .npz of --prompts FILE: add --npz (or --score NPZ)")
     if not (args.prompt or args.prompts):
         p.error("give --prompt TEXT or --prompts FILE")
-    args.prompt_file, args.prompts = args.prompts, (read_prompts(args.prompts) if args.prompts
-                                                    else [args.prompt])
-    if args.num_samples is None:  # a prompt file's lines once each, or 16 (50K) of one prompt
-        args.num_samples = len(args.prompts) if args.prompt_file else (50_000 if args.npz else 16)
-    args.out = args.out or sample.default_out(args)
     return args
 
 
@@ -80,6 +75,11 @@ def t2i_sampler(args, env) -> sample.Sampler:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.prompt_file, args.prompts = args.prompts, (read_prompts(args.prompts) if args.prompts
+                                                    else [args.prompt])
+    if args.num_samples is None:  # a prompt file's lines once each, or 16 (50K) of one prompt
+        args.num_samples = len(args.prompts) if args.prompt_file else (50_000 if args.npz else 16)
+    args.out = args.out or sample.default_out(args)
     env = setup_distributed(args.device)
     log = Logger(env).info
     path = args.score or sample.run(t2i_sampler(args, env), log)
