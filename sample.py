@@ -1,19 +1,15 @@
-"""Sampling: a class-conditional LightningDiT (train_dit.py) and the tokenizer's decoder turn noise
-into images. Text-to-image models: sample_t2i.py.
-
-  noise (B, 32, 16, 16) at t = 0 -> the ODE dx/dt = v(x, t, y) integrated to t = 1 (Euler or Heun)
-  on a shifted time grid, with classifier-free guidance (CFG) -> undo the latent normalisation of
-  training -> tokenizer decoder -> image
+"""Sampling: noise (B, 32, 16, 16) at t = 0 -> the ODE dx/dt = v(x, t, y) of a class-conditional
+LightningDiT (train_dit.py), integrated to t = 1 (Euler or Heun) on a shifted time grid with
+classifier-free guidance -> undo the latent normalisation -> tokenizer decoder -> image.
 
   python sample.py --cfg 1.5                                 # a PNG grid of 16 random classes
   torchrun --nproc_per_node=8 sample.py --npz --cfg 1.5      # 50K samples as ADM's .npz, for fid.py
 
-As in the LightningDiT code, `--steps N` is N time points from 0 to 1 (N - 1 model evaluations, the
-paper's "250 steps"), and the shift s = 0.3 puts more of them near the noise. LightningDiT's
-published protocol guides only the first 3 latent channels and only for t >= 0.10
-(`--cfg_channels 3 --cfg_interval_start 0.10`, best w about 10); the default guides every channel.
-Sample i's noise and label come from a generator seeded by (--seed, i), so any number of ranks gives
-the same samples, and `--npz` writes fixed-size shards from which an interrupted run resumes.
+As in LightningDiT's code, `--steps N` is N time points (N - 1 model evaluations, the paper's "250
+steps"); the shift s = 0.3 puts more of them near the noise; its protocol guides only the first 3
+latent channels for t >= 0.10 (`--cfg_channels 3 --cfg_interval_start 0.10`, w about 10). Sample i's
+noise and label come from (--seed, i): any number of ranks gives the same samples, and `--npz`
+resumes from fixed-size shards. Text-to-image models: sample_t2i.py.
 """
 
 import argparse
@@ -100,8 +96,7 @@ def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, sh
 
 
 def _generator(seed: int, index: int, stream: int) -> torch.Generator:
-    """SeedSequence mixes (seed, index, stream) so that neighbouring seeds and indices give
-    unrelated streams (stream 0: noise, 1: label)."""
+    """Unrelated streams for neighbouring seeds and indices (stream 0: noise, 1: label)."""
     state = np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2 ** 63 - 1))
 
@@ -127,18 +122,14 @@ def denormalize(z, latent_stats):
 
 @torch.no_grad()
 def decode_to_uint8(tokenizer, z_norm, latent_stats) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w), decoded in float32 (a
-    small share of the time, and it sets the final pixels)."""
+    """Normalised latents (B, C, h, w) -> uint8 images (B, 3, 16h, 16w), decoded in float32."""
     with torch.autocast(z_norm.device.type, enabled=False):
         return to_uint8(tokenizer.decode(denormalize(z_norm.float(), latent_stats)))
 
 
-SCRIPTS = {"dit": ("a class-conditional", "sample.py"), "t2i": ("a text-to-image", "sample_t2i.py")}
-
-
 def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
-    """(model in eval mode, with its EMA or raw weights; the rest of the checkpoint: `latent_stats`,
-    `tokenizer`, ...) from a train_dit.py checkpoint (train_t2i.py's: kind "t2i", its `build`)."""
+    """(model with its EMA or raw weights, in eval mode; the rest of the checkpoint) of train_dit.py
+    (train_t2i.py: kind "t2i" and its `build`)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, ".metadata")):  # a file of a sharded (--fsdp) checkpoint
         raise UserError(f"{path} is part of a sharded (--fsdp) checkpoint, without whole weights: "
@@ -147,10 +138,10 @@ def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
                         "alike)")
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if found in SCRIPTS and found != kind:
-        raise UserError(f"{path} is {SCRIPTS[found][0]} checkpoint: use {SCRIPTS[found][1]}")
-    if found != kind:
-        raise UserError(f"{path} is not a LightningDiT checkpoint of this project (kind: {found})")
+    if found != kind:  # the other kind is named with its script
+        raise UserError({"dit": f"{path} is a class-conditional checkpoint: use sample.py",
+                         "t2i": f"{path} is a text-to-image checkpoint: use sample_t2i.py"}.get(
+            found, f"{path} is not a LightningDiT checkpoint of this project (kind: {found})"))
     weights = "ema" if ema else "model"
     if weights not in ckpt:
         raise UserError(f"{path} has no '{weights}' weights"
@@ -161,8 +152,8 @@ def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
 
 
 def refined_tokenizer(path: str | None) -> str | None:
-    """`path`'s stage-3 refinement (<run>/stage3/tokenizer.pt, started from `path`), which decodes
-    the same latents better, when there is one; else `path`."""
+    """<run>/stage3/tokenizer.pt if it was refined from `path` (it decodes the same latents
+    better), else `path`."""
     folder = os.path.dirname(os.path.abspath(path)) if path and os.path.isfile(path) else ""
     if os.path.basename(folder) not in ("stage1", "stage2"):  # a baseline or another layout
         return path
@@ -197,8 +188,8 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool, kind="dit", bu
         raise UserError(f"tokenizer {path} not found (named by {ckpt} or --tokenizer): pass "
                         "--tokenizer PATH to the tokenizer whose latents the model was trained on")
     tokenizer = load_tokenizer(path, (meta.get("tokenizer_config") or {}).get("image_size"))
-    side = getattr(model, "grid_size", 0) * getattr(model, "patch_size", 0)  # 0: a text model
-    expected = (C, side, side) if side else (C,)  # a text model takes any size
+    side = getattr(model, "grid_size", 0) * getattr(model, "patch_size", 0)
+    expected = (C, side, side) if side else (C,)  # a text model (no grid) takes any size
     if tuple(tokenizer.latent_shape)[:len(expected)] != expected:
         raise UserError(f"tokenizer {path} makes latents of shape {tuple(tokenizer.latent_shape)} "
                         f"but the model in {ckpt} generates {expected}: pass the tokenizer it was "
@@ -255,7 +246,7 @@ class Sampler:
                     num_samples=a.num_samples, shard_size=a.shard_size,
                     precision="bf16" if self.bf16 else "fp32", **self.record)
 
-    def bar(self, total: int) -> tqdm:
+    def bar(self, total: int) -> tqdm:  # on rank 0
         return tqdm(total=total, unit="img", desc="sampling", disable=not self.env.is_main)
 
 
