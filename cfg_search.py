@@ -22,8 +22,8 @@ import os
 
 import fid
 import sample
-from common import (HelpFormatter, Logger, UserError, atomic_write, cleanup_distributed, in_range,
-                    load_json, save_json, script_main, setup_distributed)
+from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, cleanup_distributed,
+                    in_range, load_json, save_json, script_main, setup_distributed)
 from harness import plot_curves
 
 
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--interval_starts", type=in_range(0, 1, hi_open=True), nargs="+",
                    default=[0.0], help="guidance-interval starts t (sample.py's "
                    "--cfg_interval_start), each with every scale")
-    p.add_argument("--num_samples", type=int, default=10_000, help="samples per setting")
+    p.add_argument("--num_samples", type=at_least(2), default=10_000,  # 1 gives a NaN covariance
+                   help="samples per setting")
     p.add_argument("--out", default="runs/cfg_search", help="output folder (a subfolder a setting)")
     p.add_argument("--keep_samples", action="store_true", help="keep each setting's samples.npz")
     p.add_argument("--classes", type=sample.class_ids, help="as sample.py's (default: random)")
