@@ -133,8 +133,8 @@ def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, ".metadata")):  # a file of a sharded (--fsdp) checkpoint
         raise UserError(f"{path} is part of a sharded (--fsdp) checkpoint, without whole weights: "
-                        f"sample from {os.path.dirname(folder)}/export.pt, written when the run "
-                        "ends or by `python train_dit.py --export --run_dir RUN` (train_t2i.py "
+                        f"sample from {os.path.dirname(folder)}/export.pt, written at the end of "
+                        "the run or by `python train_dit.py --export --run_dir RUN` (train_t2i.py "
                         "alike)")
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -172,8 +172,7 @@ def refined_tokenizer(path: str | None) -> str | None:
 def load_models(ckpt: str, tokenizer_path: str | None, ema: bool, kind="dit", build=build_dit):
     """(model, tokenizer, checkpoint metadata) on the CPU, checked against each other."""
     if not os.path.exists(ckpt):
-        raise UserError(f"no checkpoint at {ckpt}: train one first (python train_{kind}.py) or "
-                        "pass --ckpt")
+        raise UserError(f"{ckpt}: train one first (python train_{kind}.py) or pass --ckpt")
     model, meta = load_dit(ckpt, ema, kind, build)
     stats, C = meta.get("latent_stats"), model.in_channels
     if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
@@ -320,10 +319,8 @@ def run_npz(sampler: Sampler, log) -> str:
 def run(sampler: Sampler, log) -> str | None:
     """`--npz`, or a PNG grid of --num_samples samples drawn by rank 0: the file's path."""
     a = sampler.args
-    log(f"step {sampler.meta.get('step')} ({'raw' if a.raw_weights else 'EMA'} weights), "
-        f"tokenizer {sampler.meta['tokenizer']}; cfg {a.cfg:g} (channels {a.cfg_channels or 'all'}"
-        f", from t={a.cfg_interval_start:g}), {a.solver} {a.steps} steps, shift {a.shift:g}, "
-        f"{'bf16' if sampler.bf16 else 'fp32'} on {sampler.env.device}")
+    log(", ".join(f"{k} {v}" for k, v in sampler.settings().items() if k not in ("prompts", "ckpt"))
+        + f" on {sampler.env.device}")
     if a.npz:
         path = run_npz(sampler, log)
         log(f"{a.num_samples} samples in {path} (arr_0: images NHWC uint8, arr_1: labels)")
@@ -349,8 +346,7 @@ def guidance_scale(text: str) -> float:
 def add_model_args(p, ckpt: str):
     """The model, the ODE and the hardware: the flags of every sampling script."""
     p.add_argument("--ckpt", default=ckpt, help="the training run's checkpoint (or export.pt)")
-    p.add_argument("--tokenizer", help="tokenizer.pt to decode with (default: the checkpoint's, or "
-                   "its stage-3 refinement if there is one)")
+    p.add_argument("--tokenizer", help="to decode with (default: the checkpoint's, or its stage 3)")
     p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1")
     p.add_argument("--shift", type=in_range(0, math.inf, lo_open=True), default=0.3,
                    help="time shift s; 1 = uniform grid")
