@@ -20,6 +20,7 @@ from PIL import Image
 
 import captions
 import sample
+import sample_t2i
 import train_dit
 import train_t2i
 import train_tokenizer
@@ -240,8 +241,8 @@ def t2i_checkpoint(path, tokenizer, text_encoder, text_dim):
 def test_sample_refuses_a_text_encoder_of_another_width_before_sampling(models, tmp_path):
     ckpt = t2i_checkpoint(tmp_path / "t2i.pt", str(tmp_path / "tok.pt"), models["t5"], text_dim=16)
     with pytest.raises(UserError, match="gives 32-d states, but the model in .* trained on 16-d"):
-        sample.main(["--ckpt", ckpt, "--prompt", "x", "--device", "cpu", "--steps", "2",
-                     "--out", str(tmp_path)])
+        sample_t2i.main(["--ckpt", ckpt, "--prompt", "x", "--device", "cpu", "--steps", "2",
+                         "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("arr_1,match", [(np.arange(4.0), "not float64"),

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import ROOT, run_script
 
-SCRIPTS = ("train_tokenizer", "train_dit", "train_t2i", "sample", "fid", "bench", "demo",
-           "cfg_search")
+SCRIPTS = ("train_tokenizer", "train_dit", "train_t2i", "sample", "sample_t2i", "fid", "bench",
+           "demo", "cfg_search")
 
 
 def readme():

@@ -228,13 +228,13 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
     # Resume: only the missing shard is generated again.
     os.remove(one)
     os.remove(tmp_path / "one" / "shards" / "shard_000001.npz")
-    generated, generate = [], sample.generate
+    generated, images = [], sample.Sampler.images
 
-    def recording_generate(model, tokenizer, stats, indices, *args, **kwargs):
+    def recording_images(self, indices, bar):
         generated.append(indices)
-        return generate(model, tokenizer, stats, indices, *args, **kwargs)
+        return images(self, indices, bar)
 
-    monkeypatch.setattr(sample, "generate", recording_generate)
+    monkeypatch.setattr(sample.Sampler, "images", recording_images)
     resumed = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards",
                               "--out", tmp_path / "one"))
     resumed = np.load(resumed)
@@ -245,8 +245,10 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
     sample.main(cli(tiny_files, *common, "--out", tmp_path / "one"))
     assert generated == [[4, 5]]
     other_cfg = [a if a != 2.0 else 3.0 for a in common]
-    with pytest.raises(UserError, match="other settings.*'cfg'"):
+    with pytest.raises(UserError, match="holds samples made with other settings.*'cfg'"):
         sample.main(cli(tiny_files, *other_cfg, "--out", tmp_path / "one"))
+    with pytest.raises(UserError, match="other settings.*'precision': \\('fp32', 'bf16'\\)"):
+        sample.main(cli(tiny_files, *common, "--precision", "bf16", "--out", tmp_path / "one"))
 
 
 def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
@@ -276,7 +278,7 @@ def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
     assert explicit == tiny_files["tok"]  # --tokenizer always wins
 
 
-def test_bad_inputs(tiny_files, tmp_path, monkeypatch):
+def test_bad_inputs(tiny_files, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="no latent statistics"):
         sample.main(cli(tiny_files, "--out", tmp_path, ckpt="dit_nostats"))
     with pytest.raises(UserError, match=r"latents of shape \(16, 2, 2\).*generates \(32, 2, 2\)"):
@@ -289,7 +291,32 @@ def test_bad_inputs(tiny_files, tmp_path, monkeypatch):
         sample.main(cli(tiny_files, "--tokenizer", tmp_path / "missing.pt", "--out", tmp_path))
     with pytest.raises(UserError, match="--cfg_channels must be between 1 and 32"):
         sample.main(cli(tiny_files, "--cfg", 2, "--cfg_channels", 33, "--out", tmp_path))
+    for bad in ("inf", "nan"):  # guidance of inf gave images of NaN
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--cfg", bad])
+        assert "--cfg: must be finite" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # the default --ckpt runs/dit/ckpt.pt does not exist here
     with pytest.raises(UserError, match=r"runs/dit/ckpt.pt: train one first "
                                         r"\(python train_dit.py\) or pass --ckpt"):
         sample.main(["--cfg", "1.5"])
+
+
+def test_a_file_of_a_sharded_checkpoint_points_to_export_pt(tiny_files, tmp_path):
+    """It suggested --raw_weights (which failed next) and never named export.pt."""
+    folder = tmp_path / "run" / "ckpt"  # a sharded (--fsdp) checkpoint: DCP files + train_state.pt
+    folder.mkdir(parents=True)
+    (folder / ".metadata").write_bytes(b"")
+    state = {k: v for k, v in torch.load(tiny_files["dit"]).items() if k not in ("model", "ema")}
+    torch.save(state, folder / "train_state.pt")
+    with pytest.raises(UserError) as e:
+        sample.main(["--ckpt", str(folder / "train_state.pt"), "--device", "cpu"])
+    message = str(e.value)
+    assert f"{tmp_path / 'run'}/export.pt" in message and "train_dit.py --export" in message
+    assert "--raw_weights" not in message
+
+
+def test_a_text_to_image_checkpoint_points_to_sample_t2i(tiny_files, tmp_path):
+    ckpt = torch.load(tiny_files["dit"])
+    torch.save({**ckpt, "kind": "t2i"}, tmp_path / "t2i.pt")
+    with pytest.raises(UserError, match="t2i.pt is a text-to-image checkpoint: use sample_t2i.py"):
+        sample.main(["--ckpt", str(tmp_path / "t2i.pt"), "--device", "cpu"])

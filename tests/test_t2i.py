@@ -1,9 +1,10 @@
 """Text-to-image: caption data (folders, WebDataset shards, damage, buckets, exact resume), the
 model (shapes on non-square grids, AdaLN-Zero, padding, parameter count, FLOPs), the text encoder
-and CLIP score on tiny random models, train_t2i.py (resume, 2 gloo ranks), sample.py's prompts, and
-a short training run whose samples follow the colour named in the prompt."""
+and CLIP score on tiny random models, train_t2i.py (resume, 2 gloo ranks), sample_t2i.py's prompts,
+and a short training run whose samples follow the colour named in the prompt."""
 
 import io
+import json
 import tarfile
 import warnings
 
@@ -14,16 +15,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import fid
 import bench
 import sample
+import sample_t2i
 import t2i
 import train_t2i
 from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, parse_size, read_shard
-from common import UserError, load_checkpoint
+from common import UserError, load_checkpoint, read_log
 from conftest import randomize_, run_script, run_torchrun, save_tokenizer
 from data import DemoShapes
-from common import read_log
 from text import TextEncoder, clip_score, save_random_clip, save_random_text_encoder
 
 # --------------------------------------------------------------------------------------------------
@@ -334,16 +334,15 @@ def test_clip_score_is_the_clamped_cosine_of_clips_embeddings(tmp_path):
     wide = np.random.default_rng(1).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
     score = clip_score(wide, prompts[:2], name)
     assert score == pytest.approx(clip_score(wide[:, :, 8:40], prompts[:2], name), abs=1e-4)
-    # fid.py: the CLIP score of a sample.py .npz, whose arr_1 holds each sample's prompt line.
+    # sample_t2i.py --score: the CLIP score of an .npz whose arr_1 holds each sample's prompt line.
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[::-1]) + "\n")
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5)[::-1])
-    result = fid.main([str(tmp_path / "s.npz"), "--clip_model", name,
-                       "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu"])
-    assert result["clip_score"] == pytest.approx(expected.item(), abs=1e-4)
+    score = ["--score", str(tmp_path / "s.npz"), "--clip_model", name,
+             "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu"]
+    assert sample_t2i.main(score)["clip_score"] == pytest.approx(expected.item(), abs=1e-4)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5) + 3)
     with pytest.raises(UserError, match="refers to prompt line 7, but .* has 5"):
-        fid.main([str(tmp_path / "s.npz"), "--clip_model", name,
-                  "--prompts", str(tmp_path / "prompts.txt")])
+        sample_t2i.main(score)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +375,7 @@ def test_train_t2i_writes_a_complete_run(t2i_run):
     assert ckpt["latent_factor"] == 16 and ckpt["max_length"] == 48
     assert [tuple(b) for b in ckpt["buckets"]] == [(32, 32)]
     assert ckpt["latent_stats"]["mean"].shape == (32,) and len(ckpt["latent_stats"]["prompts"]) == 8
-    model, meta = sample.load_dit(str(run / "ckpt.pt"))
+    model, meta = sample.load_dit(str(run / "ckpt.pt"), kind="t2i", build=t2i.build_t2i)
     assert isinstance(model, t2i.TextToImageDiT) and meta["model_args"]["text_dim"] == 32
 
 
@@ -407,25 +406,42 @@ def test_two_process_gloo_t2i_training_and_resume(t2i_run, demo_captions, t5, tm
     assert len(load_checkpoint(str(b / "ckpt.pt"))["data"]["ranks"]) == 2
 
 
-def test_sample_prompts_sizes_npz_and_bad_input(t2i_run, tmp_path, capsys):
+def test_sample_prompts_sizes_npz_clip_score_and_bad_input(t2i_run, tmp_path, capsys):
     tok, run = t2i_run
     ckpt = str(run / "ckpt.pt")
     base = ["--ckpt", ckpt, "--device", "cpu", "--steps", "3", "--cfg", "4"]
-    grid = sample.main([*base, "--prompt", "a red disc in the centre", "--num_samples", "3",
-                        "--out", str(tmp_path)])
+    grid = sample_t2i.main([*base, "--prompt", "a red disc in the centre", "--num_samples", "3",
+                            "--out", str(tmp_path)])
     assert Image.open(grid).size == (3 * 66 - 2, 64)
     (tmp_path / "prompts.txt").write_text("a red disc\n\na blue ring on the left\n")
-    npz = sample.main([*base, "--prompts", str(tmp_path / "prompts.txt"), "--npz",
-                       "--num_samples", "5", "--out", str(tmp_path / "npz")])
+    npz = sample_t2i.main([*base, "--prompts", str(tmp_path / "prompts.txt"), "--npz",
+                           "--num_samples", "5", "--out", str(tmp_path / "npz")])
     with np.load(npz) as data:
         assert data["arr_0"].shape == (5, 32, 32, 3) and data["arr_1"].tolist() == [0, 1, 0, 1, 0]
+    # The CLIP score of the samples just drawn (read back, not drawn again), beside them.
+    clip = save_random_clip(str(tmp_path / "clip"), image_size=32)
+    result = sample_t2i.main([*base, "--prompts", str(tmp_path / "prompts.txt"), "--npz",
+                              "--num_samples", "5", "--out", str(tmp_path / "npz"),
+                              "--clip_model", clip])
+    with np.load(npz) as data:
+        prompts = ["a red disc", "a blue ring on the left"]
+        expected = clip_score(data["arr_0"], [prompts[i] for i in data["arr_1"]], clip)
+    assert result["clip_score"] == pytest.approx(expected, abs=1e-4)
+    assert json.load(open(tmp_path / "npz" / "clip_score.json")) == result
+    (tmp_path / "prompts.txt").write_text("a red disc\na green ring on the left\n")
+    with pytest.raises(UserError, match="holds samples made with other settings.*'prompts'"):
+        sample_t2i.main([*base, "--prompts", str(tmp_path / "prompts.txt"), "--npz",
+                         "--num_samples", "5", "--out", str(tmp_path / "npz")])
     with pytest.raises(UserError, match="--size 64x64 is not one of the buckets: 32x32"):
-        sample.main([*base, "--prompt", "x", "--size", "64x64"])
-    with pytest.raises(UserError, match="text-to-image model: give --prompt"):
-        sample.main([*base, "--out", str(tmp_path)])
+        sample_t2i.main([*base, "--prompt", "x", "--size", "64x64"])
+    with pytest.raises(SystemExit):
+        sample_t2i.main([*base, "--out", str(tmp_path)])
+    assert "give --prompt TEXT or --prompts FILE" in capsys.readouterr().err
     with pytest.raises(UserError, match="holds no prompts"):
         (tmp_path / "empty.txt").write_text("\n \n")
-        sample.main([*base, "--prompts", str(tmp_path / "empty.txt")])
+        sample_t2i.main([*base, "--prompts", str(tmp_path / "empty.txt")])
+    with pytest.raises(UserError, match="is a text-to-image checkpoint: use sample_t2i.py"):
+        sample.main(["--ckpt", ckpt, "--device", "cpu"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,7 +476,7 @@ def test_prompts_that_differ_in_colour_give_samples_of_that_colour(t5, tmp_path,
     mean = {}
     for colour in ("red", "green", "blue", "yellow"):
         (tmp_path / "p.txt").write_text(f"a {colour} disc in the centre, light background\n")
-        npz = sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"),
+        npz = sample_t2i.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"),
                            "--prompts", str(tmp_path / "p.txt"), "--npz", "--num_samples", "8",
                            "--steps", "20", "--cfg", "4", "--device", "cpu",
                            "--out", str(tmp_path / colour)])
@@ -483,7 +499,7 @@ def test_fsdp_matches_ddp_over_20_steps_and_its_export_samples(t2i_run, demo_cap
                                                                  tmp_path):
     """2 gloo ranks, 2 micro-batches of 2 per rank and step: FSDP (with gradient checkpointing, and
     the sample grid drawn by both ranks) gives DDP's losses within FSDP_TOLERANCE, 20 steps; its
-    export.pt holds DDP's EMA weights within that tolerance, and sample.py draws from it."""
+    export.pt holds DDP's EMA weights within that tolerance, and sample_t2i.py draws from it."""
     tok, _ = t2i_run
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     args = ["--tokenizer", tok, "--steps", 20, "--micro_batch", 2, "--ckpt_every", 10]
@@ -502,8 +518,8 @@ def test_fsdp_matches_ddp_over_20_steps_and_its_export_samples(t2i_run, demo_cap
     train_t2i.main(["--export", "--run_dir", str(fsdp)])  # again from the checkpoint: the same
     assert all(torch.equal(v, load_checkpoint(str(fsdp / "export.pt"))["ema"][k])
                for k, v in exported["ema"].items())
-    grid = sample.main(["--ckpt", str(fsdp / "export.pt"), "--device", "cpu", "--steps", "3",
-                        "--prompt", "a red disc", "--num_samples", "2", "--out", str(tmp_path)])
+    grid = sample_t2i.main(["--ckpt", str(fsdp / "export.pt"), "--device", "cpu", "--steps", "3",
+                            "--prompt", "a red disc", "--num_samples", "2", "--out", str(tmp_path)])
     assert Image.open(grid).size == (2 * 66 - 2, 64)
     with pytest.raises(UserError, match="fsdp/ckpt is a sharded .* use its run's .*fsdp/export.pt"):
-        sample.main(["--ckpt", str(fsdp / "ckpt"), "--device", "cpu", "--prompt", "x"])
+        sample_t2i.main(["--ckpt", str(fsdp / "ckpt"), "--device", "cpu", "--prompt", "x"])
