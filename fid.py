@@ -50,10 +50,7 @@ def exact_float32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-# --------------------------------------------------------------------------------------------------
-# Gaussian statistics of the features and the Frechet distance between them
-
-
+# ---- Gaussian statistics of the features, and the Frechet distance between them -----------------
 class Moments:
     """Count, mean and scatter S = sum (x - mean)(x - mean)^T of feature rows in float64, merged a
     batch at a time by Chan et al.'s pairwise update: as exact as two passes over the data (float32
@@ -130,7 +127,7 @@ class FIDStatistics:
                                 preprocess=preprocess)
 
     def save(self, path: str):
-        """ADM's keys (also a pytorch-fid statistics file), `num_images`, `preprocess` and the
+        """ADM's keys (so also a pytorch-fid statistics file), `num_images`, `preprocess`, and the
         features if kept, atomically."""
         arrays = {"mu": self.mu, "sigma": self.sigma, "num_images": np.int64(self.num_images),
                   "preprocess": self.preprocess}
@@ -220,10 +217,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max((diff @ diff).item() + tr1 + tr2 - 2 * tr_sqrt, 0.0)  # >= 0 but for round-off
 
 
-# --------------------------------------------------------------------------------------------------
-# Image sources: a folder, an ADM .npz, uint8 images in memory, or saved statistics
-
-
+# ---- Image sources: a folder, an ADM .npz, uint8 images in memory, or saved statistics ----------
 def as_nchw_uint8(images) -> torch.Tensor:
     """Images as uint8 (B, 3, H, W): numpy arrays are NHWC (ADM's .npz), torch tensors NCHW."""
     numpy = isinstance(images, np.ndarray)
@@ -231,10 +225,8 @@ def as_nchw_uint8(images) -> torch.Tensor:
         ok = images.flags.writeable and images.flags.c_contiguous
         images = torch.from_numpy(images if ok else np.array(images)).permute(0, 3, 1, 2)
     elif not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3):
-        nchw = numpy and images.ndim == 4 and images.shape[1] == 3
-        raise UserError(f"expected uint8 images, numpy (N, H, W, 3) or torch (N, 3, H, W), got "
-                        f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}"
-                        + (": it looks like NCHW, but ADM's layout is NHWC" if nchw else ""))
+        raise UserError(f"expected uint8 images, numpy NHWC (N, H, W, 3) or torch NCHW, got "
+                        f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
     if images.dtype != torch.uint8:
         raise UserError(f"expected uint8 images in 0..255, got {images.dtype}: FID is defined on "
                         "the quantised images you would save (data.to_uint8 makes them)")
@@ -247,7 +239,8 @@ class NpzImages:
 
     def __init__(self, path: str):
         self.path = path
-        self.shape, self.dtype = self._header()
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            self.shape, self.dtype = self._header(f)
         if self.dtype.hasobject:
             raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes "
                             "of images of different sizes: crop them to one size, or use a folder")
@@ -255,14 +248,12 @@ class NpzImages:
             raise UserError(f"{path}: 'arr_0' has shape {self.shape}, no images")
         as_nchw_uint8(np.zeros((1, *self.shape[1:]), self.dtype))  # the layout and dtype, now
 
-    def _header(self, f=None):
-        """(shape, dtype) of arr_0; an open stream `f` is left at the start of the data."""
-        if f is None:
-            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-                return self._header(f)
-        version = np.lib.format.read_magic(f)
-        shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                       else np.lib.format.read_array_header_2_0(f))
+    def _header(self, f):
+        """(shape, dtype) from the .npy stream `f`, left at the start of the data."""
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else (
+            fmt.read_array_header_2_0)
+        shape, fortran_order, dtype = read(f)
         if fortran_order:
             raise UserError(f"{self.path}: arr_0 is in Fortran order; save the images with "
                             "np.savez(path, arr_0=np.ascontiguousarray(images))")
@@ -300,27 +291,24 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
         return folder
     try:
         npz = np.load(path, allow_pickle=False)
-        npz.files  # a plain .npy has none
+        files = npz.files  # a plain .npy has none
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); expected a folder of "
                         "images, an ADM .npz (arr_0) or a statistics .npz (mu, sigma)") from None
     with npz:
-        if "mu" in npz.files and not (from_images and "arr_0" in npz.files):
+        if "mu" in files and not (from_images and "arr_0" in files):
             stats = FIDStatistics.load(path, npz)
-            stats.images = NpzImages(path) if "arr_0" in npz.files else None
+            stats.images = NpzImages(path) if "arr_0" in files else None
             return stats
-        if "arr_0" not in npz.files:
-            raise UserError(f"{path} has arrays {npz.files}; expected 'arr_0' (images, uint8 NHWC, "
-                            "as ADM and sample.py write them) or 'mu' and 'sigma' (statistics)")
-        if "mu" in npz.files:
-            log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
+    if "arr_0" not in files:
+        raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM "
+                        "and sample.py write them) or 'mu' and 'sigma' (statistics)")
+    if "mu" in files:
+        log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
     return NpzImages(path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Feature extraction
-
-
+# ---- Feature extraction -------------------------------------------------------------------------
 def gather_rows(local: torch.Tensor, env: DistEnv, interleaved: bool) -> torch.Tensor:
     """Every rank's rows of a 2-D tensor (ranks may hold different numbers), on every rank, on the
     CPU: in rank order, or with `interleaved` (rank r held items r, r + W, ...: data.eval_loader)
@@ -388,10 +376,7 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
     return tuple(c.numpy() for c in columns)
 
 
-# --------------------------------------------------------------------------------------------------
-# Metrics
-
-
+# ---- Inception Score and precision/recall -------------------------------------------------------
 def inception_score(logits, split_size: int = 5000) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) from logits (N, 1008), as ADM computes it: softmax over all 1008
     outputs, consecutive parts of `split_size` images (10 parts for 50K; the last may be shorter),
@@ -436,10 +421,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
     return fake_in_real.float().mean().item(), real_in_fake.float().mean().item()
 
 
-# --------------------------------------------------------------------------------------------------
-# Whole-set statistics and samples vs reference
-
-
+# ---- Whole-set statistics, and samples against a reference --------------------------------------
 @torch.inference_mode()
 def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batch_size: int = 50,
                        num_workers: int = 4, save_every: int = 50_000) -> FIDStatistics | None:
@@ -531,47 +513,46 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
     statistics computed here (with `prc`, with its features)."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
     log, how = log or Logger(env).info, getattr(model, "preprocess", "adm")
-    samples, reference = (load_source(os.fspath(s), image_size, log, reference_from_images)
-                          if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference))
-    for what, src in (("samples", samples), ("reference", reference)):  # before the expensive part
+    sides = [load_source(os.fspath(s), image_size, log, reference_from_images)
+             if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
+    for what, src in zip(("samples", "reference"), sides):  # before the expensive part
         if isinstance(src, FIDStatistics):
             _check_statistics(src, what, model, prc, sfid)
-    stored = isinstance(reference, FIDStatistics)
-    # Stored statistics are featurised only for precision/recall, from their images.
-    ref_images = (reference.images if prc and reference.features is None else None) if stored else (
-        reference)
     extract = dict(env=env, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    fake = None if isinstance(samples, FIDStatistics) else compute_activations(
-        samples, model, spatial=sfid, desc="sample features", **extract)
-    real = None if ref_images is None else compute_activations(
-        ref_images, model, spatial=sfid and not stored, desc="reference features", **extract)
+
+    def statistics(src, what):  # (FIDStatistics on rank 0, else None; logits or None)
+        if isinstance(src, FIDStatistics):  # featurised only for precision/recall, from its images
+            if not prc or src.features is not None:
+                return src, None
+            pool = compute_activations(src.images, model, desc=f"{what} features", **extract)[0]
+            return dataclasses.replace(src, features=pool), None
+        pool, logits, *spatial = compute_activations(src, model, spatial=sfid,
+                                                     desc=f"{what} features", **extract)
+        stats = FIDStatistics.from_features(  # float64 moments: on one rank
+            pool, prc, what, spatial[0] if sfid else None, how) if env.is_main else None
+        return stats, logits
+
+    (fake, logits), (real, _) = statistics(sides[0], "samples"), statistics(sides[1], "reference")
     result = None
     if env.is_main:
-        fake_stats = samples if fake is None else FIDStatistics.from_features(
-            fake[0], prc, "samples", fake[2] if sfid else None, how)
-        if stored:  # FID/sFID from the stored statistics; precision/recall from the images
-            real_stats = reference if real is None else dataclasses.replace(reference,
-                                                                            features=real[0])
-            described = f"the stored statistics of {reference.path or 'the given reference'}"
+        if isinstance(sides[1], FIDStatistics):
+            described = f"the stored statistics of {real.path or 'the given reference'}"
         else:
-            real_stats = FIDStatistics.from_features(real[0], prc, "reference",
-                                                     real[2] if sfid else None, how)
-            described = f"{real_stats.num_images} reference images featurised here"
+            described = f"{real.num_images} reference images featurised here"
             if save_stats:
-                real_stats.save(save_stats)
-                log(f"reference statistics ({real_stats.num_images} images) -> {save_stats}")
-        result = {"fid": fake_stats.frechet_distance(real_stats),
-                  "num_samples": fake_stats.num_images, "reference": described,
-                  "num_reference": max(real_stats.num_images, 0) or None}
+                real.save(save_stats)
+                log(f"reference statistics ({real.num_images} images) -> {save_stats}")
+        result = {"fid": fake.frechet_distance(real), "num_samples": fake.num_images,
+                  "reference": described, "num_reference": max(real.num_images, 0) or None}
         if sfid:
-            result["sfid"] = fake_stats.spatial_distance(real_stats)
-        if fake is not None:  # ADM: parts of 5000 samples (10 for 50K)
-            result["inception_score"], result["inception_score_std"] = inception_score(fake[1])
-            result["inception_score_splits"] = math.ceil(len(fake[1]) / 5000)
+            result["sfid"] = fake.spatial_distance(real)
+        if logits is not None:  # ADM: parts of 5000 samples (10 for 50K)
+            result["inception_score"], result["inception_score_std"] = inception_score(logits)
+            result["inception_score_splits"] = math.ceil(len(logits) / 5000)
         if prc:
             result["precision"], result["recall"] = precision_recall(
-                real_stats.features, fake_stats.features, device=env.device)
-            result["num_prc_reference"] = len(real_stats.features)
+                real.features, fake.features, device=env.device)
+            result["num_prc_reference"] = len(real.features)
         result.update(inception_weights=model.weights_name, preprocess=how)
     if env.distributed:  # every rank returns the same (small) dict
         box = [result]
@@ -592,10 +573,7 @@ def result_line(r: dict) -> str:
     return line + f"  ({r['num_samples']} samples vs {r['reference']}{how})"
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
+# ---- Command line -------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM "
