@@ -171,14 +171,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), the Frechet distance of two Gaussians.
 
     Not scipy.linalg.sqrtm(S1 @ S2) as pytorch-fid and ADM do: S1 S2 is not symmetric, its general
-    square root is fragile on near-singular covariances, and one NumPy/SciPy BLAS build got it wrong
-    (FIDs of 20-40 instead of 2). With R = sqrt(S1), S1 S2 = R (R S2 R) R^-1, so tr sqrt(S1 S2) =
-    sum_i sqrt(lambda_i(M)) for the symmetric PSD M = R S2 R: symmetric eigendecompositions in
-    float64. Eigenvalues of S1, S2 at round-off level count as 0, and M keeps its
-    min(rank S1, rank S2) largest (a threshold on M's, which scale like lambda(S)^2, would drop
-    genuine small variances). Two identities then check the linear algebra: a broken library
-    raises instead of printing a wrong FID.
-    """
+    square root is fragile on near-singular covariances, and one BLAS build got it wrong (FIDs of
+    20-40 instead of 2). With R = sqrt(S1), tr sqrt(S1 S2) = sum_i sqrt(lambda_i(R S2 R)), from
+    symmetric eigendecompositions in float64. Eigenvalues of S1, S2 at round-off level count as 0,
+    and R S2 R keeps its min(rank S1, rank S2) largest (a threshold on its own, which scale like
+    lambda(S)^2, would drop genuine small variances). Two identities check the linear algebra."""
     mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a, np.float64))
                         for a in (mu1, sigma1, mu2, sigma2))
     if s1.ndim != 2 or mu1.shape != mu2.shape or s1.shape != s2.shape or len(s1) != len(mu1):
@@ -326,25 +323,24 @@ def gather_rows(local: torch.Tensor, env: DistEnv, interleaved: bool) -> torch.T
     return out
 
 
-def rank_batches(images, env: DistEnv, batch_size: int, num_workers: int, skip: int = 0):
-    """(this rank's uint8 batches of a set, less its first `skip` images; whether rank r holds items
-    r, r + W, ... (a folder, decoded by worker processes) rather than a contiguous share)."""
+def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, desc: str,
+             progress: bool = True, skip: int = 0):
+    """The network's (pool, logits, spatial) features, in true float32, of each batch of this rank's
+    share of a set, less its first `skip` images. A folder's images are decoded by worker processes,
+    rank r taking items r, r + W, ... (data.eval_loader); arrays are split in contiguous shares."""
     if isinstance(images, ImageFolder):
         workers = min(num_workers, len(os.sched_getaffinity(0)))
-        return eval_loader(images, batch_size, env, num_workers=workers, skip=skip), True
-    if isinstance(images, NpzImages):
-        return images.batches(batch_size, env, skip), False
-    images = as_nchw_uint8(images)  # in memory: (N, 3, H, W)
-    n, r, w = len(images), env.rank, env.world_size
-    start, stop = n * r // w + skip, n * (r + 1) // w
-    return (images[i: min(i + batch_size, stop)] for i in range(start, stop, batch_size)), False
-
-
-def _forward(batches, model, env: DistEnv, total: int, desc: str, progress=True, done: int = 0):
-    """The network's (pool, logits, spatial) features of each uint8 batch, in true float32."""
+        batches = eval_loader(images, batch_size, env, num_workers=workers, skip=skip)
+    elif isinstance(images, NpzImages):
+        batches = images.batches(batch_size, env, skip)
+    else:  # in memory
+        images = as_nchw_uint8(images)  # (N, 3, H, W)
+        n, r, w = len(images), env.rank, env.world_size
+        start, stop = n * r // w + skip, n * (r + 1) // w
+        batches = (images[i: min(i + batch_size, stop)] for i in range(start, stop, batch_size))
     device = next(model.parameters()).device
-    bar = tqdm(total=total, initial=done, desc=desc, unit="img", dynamic_ncols=True,
-               disable=not (progress and env.is_main))
+    bar = tqdm(total=len(images), initial=skip * env.world_size, desc=desc, unit="img",
+               dynamic_ncols=True, disable=not (progress and env.is_main))
     with exact_float32(device), bar:
         for batch in batches:
             batch = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels)
@@ -362,12 +358,12 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
     whole set (split over the ranks here): a folder (ImageFolder), NpzImages, or uint8 images in
     memory (numpy NHWC or torch NCHW)."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
-    batches, interleaved = rank_batches(images, env, batch_size, num_workers)
     columns = [[], [], []]  # pool, logits, spatial: tensors per batch
-    for outputs in _forward(batches, model, env, len(images), desc, progress):
+    for outputs in _forward(images, model, env, batch_size, num_workers, desc, progress):
         for rows, out in zip(columns, outputs):
             rows.append(out.float().cpu())
-    columns = [gather_rows(torch.cat(rows) if rows else torch.zeros((0, 0)), env, interleaved)
+    folder = isinstance(images, ImageFolder)  # its rows are interleaved over the ranks
+    columns = [gather_rows(torch.cat(rows) if rows else torch.zeros((0, 0)), env, folder)
                for rows in columns[:3 if spatial else 2]]
     skipped = count_skipped(images, env)
     if skipped and env.is_main:
@@ -457,10 +453,9 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     if os.path.exists(resume):
         load(resume, moments)
     if not os.path.exists(done):
-        batches, _ = rank_batches(source, env, batch_size, num_workers, skip=moments[0].count)
         unsaved = 0
-        for pool, _, spatial in _forward(batches, model, env, len(source), "statistics",
-                                         done=moments[0].count * world):
+        for pool, _, spatial in _forward(source, model, env, batch_size, num_workers,
+                                         "statistics", skip=moments[0].count):
             moments[0].add(pool)
             moments[1].add(spatial)
             unsaved += len(pool)
@@ -577,32 +572,27 @@ def result_line(r: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE (a folder, ADM "
-                   ".npz or statistics .npz each); or one path with --save_stats to only write its "
-                   "statistics")
+                   ".npz or statistics .npz each), or one path with --save_stats")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--save_stats", help="write the reference statistics (mu, sigma, mu_s, sigma_s; "
-                   "+ features with --prc) here when they are computed from images")
-    p.add_argument("--save_every", type=int, default=50_000, help="one path with --save_stats: "
-                   "images per rank between saves of the running sums (for a resume)")
+    p.add_argument("--save_stats", help="write the statistics of REFERENCE (or of the one PATH) "
+                   "here, with the features if --prc")
+    p.add_argument("--save_every", type=int, default=50_000, help="one PATH: images per rank "
+                   "between saves of the running sums, from which a killed run resumes")
     p.add_argument("--reference_from_images", action="store_true", help="featurise a reference "
                    "batch's images (arr_0) here, not its stored mu/sigma (both sides: one network)")
     p.add_argument("--no_sfid", action="store_true", help="no sFID (for a reference without mu_s)")
-    p.add_argument("--prc", action="store_true",
-                   help="also precision and recall (k=3; costs N^2 distances)")
-    p.add_argument("--preprocess", choices=PREPROCESSING, default="adm", help="adm: TF1's bilinear "
-                   "resize and (x - 128) / 128, as ADM's evaluator (published ImageNet numbers); "
-                   "pytorch-fid: as pytorch-fid, torchmetrics and clean-fid's legacy mode")
-    p.add_argument("--batch_size", type=at_least(1), default=50,
-                   help="images per forward pass per rank")
-    p.add_argument("--num_workers", type=int, default=4, help="image decoding workers for folders")
+    p.add_argument("--prc", action="store_true", help="also precision and recall (N^2 distances)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="adm", help="adm: as ADM's "
+                   "evaluator (published ImageNet numbers); pytorch-fid: as pytorch-fid, "
+                   "torchmetrics and clean-fid's legacy mode")
+    p.add_argument("--batch_size", type=at_least(1), default=50, help="images per pass per rank")
+    p.add_argument("--num_workers", type=int, default=4, help="image decoding workers")
     p.add_argument("--image_size", type=int, help="centre-crop size for folders (default: the "
                    "first image's short side; 256 for ImageNet)")
     p.add_argument("--inception_ckpt", help=f"local {os.path.basename(FID_WEIGHTS_URL)} (default: "
                    "the torch.hub cache, else download)")
-    p.add_argument("--random_inception", action="store_true",
-                   help="random Inception weights: tests/demo only")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: CUDA if present")
+    p.add_argument("--random_inception", action="store_true", help="random weights (tests, demo)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if not (len(args.paths) == 2 or len(args.paths) == 1 and args.save_stats):
         p.error("give SAMPLES and REFERENCE, or one path with --save_stats")
