@@ -207,11 +207,9 @@ class FIDInception(nn.Module):
         else:  # pytorch-fid: [0, 1], PyTorch's bilinear (half-pixel centres), then [-1, 1]
             x = 2 * F.interpolate(x / 255, (299, 299), mode="bilinear", align_corners=False) - 1
         x = self.Conv2d_1a_3x3(x)                       # (B, 3, 299, 299) -> (B, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)                       # (B, 32, 147, 147)
-        x = self.Conv2d_2b_3x3(x)                       # (B, 64, 147, 147)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(x))   # (B, 32, 147, 147) -> (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 64, 73, 73)
-        x = self.Conv2d_3b_1x1(x)                       # (B, 80, 73, 73)
-        x = self.Conv2d_4a_3x3(x)                       # (B, 192, 71, 71)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))   # (B, 80, 73, 73) -> (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)                            # (B, 768, 17, 17)
