@@ -9,7 +9,6 @@
   pipeline runs on a laptop with no download.
 - `Batches`: an endless, resumable stream of batches over epochs, sharded over `torchrun` ranks.
 - `save_grid`: a PNG grid of images (samples, reconstructions).
-- `ArrayImages`, `NpzImages`: uint8 images in memory or in an ADM `.npz` (fid.py's other sources).
 
 Images leave the dataset as uint8 CHW tensors (4x less to copy than float32); `to_model_range`
 turns them into floats in [-1, 1] on the device.
@@ -18,7 +17,6 @@ turns them into floats in [-1, 1] on the device.
 import multiprocessing
 import os
 import warnings
-import zipfile
 
 import numpy as np
 import torch
@@ -401,120 +399,3 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
         canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img.transpose(1, 2, 0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(canvas).save(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Images in memory and in ADM .npz files (fid.py's sources besides folders)
-
-
-def as_nchw_uint8(images) -> torch.Tensor:
-    """A batch as a uint8 (B, 3, H, W) tensor: numpy arrays are NHWC (ADM's .npz layout), torch
-    tensors NCHW (what data.py produces)."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            looks_nchw = images.ndim == 4 and images.shape[1] == 3
-            hint = " It looks like NCHW: ADM's layout is NHWC." if looks_nchw else ""
-            raise UserError(f"expected uint8 images of shape (N, H, W, 3), got "
-                            f"{images.shape}.{hint}")
-        if not (images.flags.writeable and images.flags.c_contiguous):
-            images = np.array(images)  # memory maps are read-only; torch wants writable memory
-        t = torch.from_numpy(images).permute(0, 3, 1, 2)
-    elif isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise UserError("expected a uint8 tensor of shape (B, 3, H, W), got "
-                            f"{tuple(images.shape)}")
-        t = images
-    else:
-        raise UserError("expected uint8 images as a numpy array or torch tensor, got "
-                        f"{type(images).__name__}")
-    if t.dtype != torch.uint8:
-        raise UserError(f"expected uint8 images in 0..255, got {t.dtype}: FID is defined on the "
-                        "quantised images you would save. Convert model outputs in [-1, 1] with "
-                        "data.to_uint8(x).")
-    return t
-
-
-class ArrayImages(Dataset):
-    """In-memory uint8 images as a dataset of (3, H, W) tensors (numpy NHWC or torch NCHW)."""
-
-    def __init__(self, images):
-        self.images = images
-        if len(images) == 0:
-            raise UserError("no images (an empty array)")
-        as_nchw_uint8(images[:1])  # check the layout and dtype now, with a clear message
-
-    @property
-    def image_hw(self):
-        shape = self.images.shape
-        return tuple(shape[1:3]) if isinstance(self.images, np.ndarray) else tuple(shape[2:4])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return as_nchw_uint8(self.images[i: i + 1])[0]
-
-
-class NpzImages:
-    """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous
-    share a batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory, on any
-    rank."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            self.shape, self.dtype = _npy_header(f)
-        if self.dtype.hasobject:
-            raise UserError(f"{path}: 'arr_0' holds Python objects, which is what np.savez makes "
-                            "of images of different sizes: crop them to one size first, or put "
-                            "them in a folder")
-        if len(self.shape) == 0 or self.shape[0] == 0:
-            raise UserError(f"{path}: 'arr_0' has shape {self.shape}, no images")
-        # check the layout and dtype, without reading
-        as_nchw_uint8(np.zeros((1, *self.shape[1:]), dtype=self.dtype))
-        self.image_hw = tuple(self.shape[1:3])
-
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size: int, dist_env, skip: int = 0):
-        """This rank's images [N r / W, N (r + 1) / W), less its first `skip`, in batches of
-        (b, H, W, 3)."""
-        n, item = len(self), int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        rank, world = dist_env.rank, dist_env.world_size
-        start, stop = n * rank // world, n * (rank + 1) // world
-        start += skip
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            _npy_header(f)
-            f.seek(start * item, os.SEEK_CUR)
-            for i in range(start, stop, batch_size):
-                b = min(batch_size, stop - i)
-                yield np.frombuffer(f.read(b * item), self.dtype).reshape(b, *self.shape[1:])
-
-
-def _npy_header(f):
-    """(shape, dtype) from the header of a .npy stream, which is left at the start of the data."""
-    fmt = np.lib.format
-    version = fmt.read_magic(f)
-    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran_order, dtype = read(f)
-    if fortran_order:
-        raise UserError("arr_0 is stored in Fortran order; save the images with "
-                        "np.savez(path, arr_0=images)")
-    return shape, dtype
-
-
-def first_image_size(root: str) -> int:
-    """Short side of the first readable image under `root` (sorted walk): a folder's default
-    crop size."""
-    from PIL import Image
-
-    for dirpath, dirnames, names in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filter(is_image_file, names)):
-            try:
-                with Image.open(os.path.join(dirpath, name)) as img:
-                    return min(img.size)
-            except (OSError, ValueError, SyntaxError):
-                continue  # unreadable: ImageFolder warns about it and skips it
-    raise UserError(f"no readable images found in {root!r}")

@@ -1,11 +1,12 @@
-"""The FID Inception-v3: the network behind FID, IS and precision/recall (fid.py).
+"""The FID Inception-v3: the network behind FID, sFID, IS and precision/recall (fid.py).
 
-It is the 2015 TensorFlow Inception graph as pytorch-fid ported it: torchvision's Inception3 layout
-and parameter names, so pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` loads strictly, and
-the same 2048-d pool features as pytorch-fid (a test compares them), plus the 1008 logits of the
-Inception Score. What makes it the FID Inception rather than torchvision's: average pools that do
-not count the zero padding (TensorFlow's way), a max pool in Mixed_7c's pool branch (a quirk of the
-TF graph), 1008 classes, and the input resized to 299x299 and scaled to [-1, 1] inside the network.
+The 2015 TensorFlow Inception graph as pytorch-fid ported it, in torchvision's Inception3 layout,
+so that pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` loads strictly. What makes it the FID
+Inception: average pools that do not count the zero padding (TF's way), a max pool in Mixed_7c's
+pool branch, 1008 classes, and the input preprocessing inside the network. By default that is the
+TF graph's own, which ADM's evaluator (so every published ImageNet FID) runs: TF1's legacy bilinear
+resize to 299x299, then (x - 128) / 128. pytorch-fid's (PyTorch's half-pixel bilinear, then
+2 x / 255 - 1) moves the statistics of real photos by 1-5% with the same weights.
 """
 
 import math
@@ -24,23 +25,38 @@ FEATURE_DIM = 2048  # Inception pool_3 features: what FID and precision/recall a
 NUM_LOGITS = 1008   # the 2015 graph's classifier: 1000 ImageNet classes + 8 unused ones
 SPATIAL_CHANNELS = 7  # sFID: ADM's evaluator keeps the first 7 channels of TF's `mixed_6/conv`
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023, flattened per image in TF's (h, w, c) order
+PREPROCESSING = ("adm", "pytorch-fid")
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TF1's legacy ResizeBilinear (align_corners False, no half-pixel centres) of float32 images
+    (B, C, H, W) -> (B, C, *size), computed as TF computes it: output pixel i reads the input at
+    float32(i * (in / out)), two taps (the upper one clamped to the last pixel), x first, then y."""
+    def taps(n_in, n_out):  # lower and upper source index, weight of the upper
+        scale = torch.tensor(float(n_in)) / n_out  # float32, as TF's
+        src = torch.arange(n_out, dtype=torch.float32, device=x.device) * scale
+        lo = src.floor()
+        return lo.long(), src.ceil().long().clamp(max=n_in - 1), src - lo
+
+    (y0, y1, wy), (x0, x1, wx) = taps(x.shape[2], size[0]), taps(x.shape[3], size[1])
+    top, bottom = (r[..., x0] + (r[..., x1] - r[..., x0]) * wx for r in (x[:, :, y0], x[:, :, y1]))
+    return top + (bottom - top) * wy[:, None]  # (B, C, *size)
+
 
 class BasicConv2d(nn.Module):
-    """Convolution (no bias: the BatchNorm's shift replaces it) -> BatchNorm (eps 0.001, TF's) ->
+    """Convolution without bias (the BatchNorm's shift replaces it) -> BatchNorm (TF's eps) ->
     ReLU."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+    def __init__(self, in_channels, out_channels, kernel_size, **kw):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=padding, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, bias=False, **kw)
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-# TensorFlow averages over the real pixels only; PyTorch's default darkens borders
-def _avg_pool_no_pad(x):
+def _avg_pool(x):  # TensorFlow averages over the real pixels only; PyTorch's default would not
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -58,11 +74,9 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_avg_pool_no_pad(x))
-        return torch.cat([b1, b5, b3, bp], 1)  # (B, 224 + pool_features, 35, 35)
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)  # (B, 224 + pool_features, 35, 35)
 
 
 class InceptionB(nn.Module):
@@ -76,10 +90,9 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b3d, bp], 1)  # (B, 768, 17, 17)
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 768, 17, 17)
 
 
 class InceptionC(nn.Module):
@@ -87,26 +100,24 @@ class InceptionC(nn.Module):
 
     def __init__(self, in_channels, channels_7x7):
         super().__init__()
-        c7 = channels_7x7
+        c7, row, col = channels_7x7, dict(padding=(0, 3)), dict(padding=(3, 0))
         self.branch1x1 = BasicConv2d(in_channels, 192, 1)
         self.branch7x7_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), **col)
         self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), **row)
         self.branch_pool = BasicConv2d(in_channels, 192, 1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            b7d = conv(b7d)
-        bp = self.branch_pool(_avg_pool_no_pad(x))
+        for i in range(2, 6):
+            b7d = getattr(self, f"branch7x7dbl_{i}")(b7d)
+        b1, bp = self.branch1x1(x), self.branch_pool(_avg_pool(x))
         return torch.cat([b1, b7, b7d, bp], 1)  # (B, 768, 17, 17)
 
 
@@ -123,21 +134,18 @@ class InceptionD(nn.Module):
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], 1)  # (B, 1280, 8, 8)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 1280, 8, 8)
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/c (8x8): branches that split into parallel 1x3 and 3x1 convolutions. `pool` is "avg"
-    for Mixed_7b and "max" for Mixed_7c (the TF graph's last block max-pools; the weights expect
-    it)."""
+    """Mixed_7b/c (8x8): branches that split into parallel 1x3 and 3x1 convolutions. The pool
+    branch of Mixed_7c max-pools (a quirk of the TF graph; the weights expect it)."""
 
-    def __init__(self, in_channels, pool: str):
+    def __init__(self, in_channels, max_pool: bool):
         super().__init__()
-        assert pool in ("avg", "max")
-        self.pool = pool
+        self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(in_channels, 320, 1)
         self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
@@ -149,33 +157,31 @@ class InceptionE(nn.Module):
         self.branch_pool = BasicConv2d(in_channels, 192, 1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-        pooled = (_avg_pool_no_pad(x) if self.pool == "avg"
-                  else F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, b3d, bp], 1)  # (B, 320 + 768 + 768 + 192 = 2048, 8, 8)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d),
+                          self.branch_pool(pooled)], 1)  # (B, 320 + 768 + 768 + 192 = 2048, 8, 8)
 
 
 class FIDInception(nn.Module):
-    """Inception-v3 as used for FID: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048) and
-    logits (B, 1008), and with spatial=True also sFID's spatial features (B, 2023). The logits are
-    `pool @ fc.weight.T` without `fc.bias`, as the Inception Score has always been computed
-    (original IS code, ADM, torch-fidelity); `fc.bias` is kept so the file loads strictly.
+    """Inception-v3 for FID: images (B, 3, H, W) as floats 0..255 -> pool features (B, 2048), logits
+    (B, 1008) and with spatial=True sFID's features (B, 2023). The logits are `pool @ fc.weight.T`
+    without `fc.bias`, as the Inception Score has always been computed (original IS code, ADM,
+    torch-fidelity). `preprocess`: "adm" or "pytorch-fid" (the module docstring).
 
-    sFID (Nash et al. 2021, as ADM's evaluator computes it) takes the TF graph's tensor
-    `mixed_6/conv`: the TF blocks are named mixed, mixed_1, mixed_2 (5b-5d), mixed_3 (6a),
-    mixed_4..mixed_7 (6b-6e), so it is Mixed_6d's 1x1 branch after its BatchNorm and ReLU,
-    (B, 192, 17, 17). ADM keeps channels 0..6 and flattens each image of the NHWC tensor: the
-    (h, w, c) order of its stored mu_s/sigma_s."""
+    sFID (Nash et al. 2021, as ADM computes it) takes the TF graph's `mixed_6/conv`: TF names the
+    blocks mixed, mixed_1, mixed_2 (5b-5d), mixed_3 (6a), mixed_4..mixed_7 (6b-6e), so it is
+    Mixed_6d's 1x1 branch after its BatchNorm and ReLU, (B, 192, 17, 17). ADM keeps channels 0..6,
+    flattened per image in NHWC order: the (h, w, c) order of its stored mu_s/sigma_s."""
 
     dims = (FEATURE_DIM, SPATIAL_DIM)  # (pool, spatial) sizes; statistics are checked against them
 
-    def __init__(self):
+    def __init__(self, preprocess: str = "adm"):
         super().__init__()
+        assert preprocess in PREPROCESSING, preprocess
+        self.preprocess = preprocess
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -190,23 +196,20 @@ class FIDInception(nn.Module):
         self.Mixed_6d = InceptionC(768, channels_7x7=160)
         self.Mixed_6e = InceptionC(768, channels_7x7=192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
-        # says where the weights came from; set by load_inception
-        self.weights_name = "uninitialised"
+        self.weights_name = "uninitialised"  # where the weights came from; set by load_inception
 
     def forward(self, x, spatial: bool = False):
-        # Resize exactly as pytorch-fid does (bilinear, half-pixel centres, no antialiasing), then
-        # [0, 1] -> [-1, 1], the range the TF graph was trained on.
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1                                   # (B, 3, 299, 299)
-        x = self.Conv2d_1a_3x3(x)                       # (B, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)                       # (B, 32, 147, 147)
-        x = self.Conv2d_2b_3x3(x)                       # (B, 64, 147, 147)
+        if self.preprocess == "adm":  # the TF graph's own ops, as ADM's evaluator feeds it
+            x = (tf1_resize_bilinear(x, (299, 299)) - 128) / 128
+        else:  # pytorch-fid: [0, 1], PyTorch's bilinear (half-pixel centres), then [-1, 1]
+            x = 2 * F.interpolate(x / 255, (299, 299), mode="bilinear", align_corners=False) - 1
+        x = self.Conv2d_1a_3x3(x)                       # (B, 3, 299, 299) -> (B, 32, 149, 149)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(x))   # (B, 32, 147, 147) -> (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 64, 73, 73)
-        x = self.Conv2d_3b_1x1(x)                       # (B, 80, 73, 73)
-        x = self.Conv2d_4a_3x3(x)                       # (B, 192, 71, 71)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))   # (B, 80, 73, 73) -> (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)    # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)                            # (B, 768, 17, 17)
@@ -214,8 +217,7 @@ class FIDInception(nn.Module):
         # Mixed_6d's output starts with its 1x1 branch (torch.cat in InceptionC), TF's mixed_6/conv;
         # sFID keeps its first 7 channels, flattened per image in TF's NHWC order: (B, 2023).
         feats_s = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1) if spatial else None
-        x = self.Mixed_6e(x)                            # (B, 768, 17, 17)
-        x = self.Mixed_7a(x)                            # (B, 1280, 8, 8)
+        x = self.Mixed_7a(self.Mixed_6e(x))             # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))             # (B, 2048, 8, 8)
         # The same pooling op as pytorch-fid (not .mean), so the features match to the last bit.
         pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # (B, 2048)
@@ -241,10 +243,10 @@ class FIDInception(nn.Module):
 
 
 def load_inception(ckpt: str | None = None, random_weights: bool = False, device="cpu",
-                   seed: int = 0) -> FIDInception:
+                   seed: int = 0, preprocess: str = "adm") -> FIDInception:
     """The FID Inception in eval mode, float32, frozen, on `device`: weights from `ckpt`, else the
     torch.hub cache, else downloaded. random_weights=True is for tests and the offline demo only."""
-    model = FIDInception()
+    model = FIDInception(preprocess)
     if random_weights:
         warnings.warn(f"FID Inception with RANDOM weights (seed {seed}): for tests/demo only; "
                       "FID/IS/precision/recall computed with it are meaningless", stacklevel=2)

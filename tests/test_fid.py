@@ -1,6 +1,6 @@
-"""fid.py: the FID Inception against pytorch-fid, the metrics against closed forms and the ADM
-formulas, statistics files, input checks, and the CLI under torchrun (random Inception weights: no
-download)."""
+"""fid.py: the FID Inception against pytorch-fid (with pytorch-fid's preprocessing), the metrics
+against closed forms and the ADM formulas, statistics files, input checks, and the CLI under
+torchrun (random Inception weights: no download)."""
 
 import json
 import math
@@ -24,6 +24,12 @@ from data import DemoShapes
 def inception():
     with pytest.warns(UserWarning, match="RANDOM weights"):
         return fid.load_inception(random_weights=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def inception_pytorch_fid_preprocessing():
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return fid.load_inception(random_weights=True, seed=0, preprocess="pytorch-fid")
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +68,10 @@ def test_layout_equals_pytorch_fid_inception3(inception, pytorch_fid_inception):
     assert all(m.bias is None for m in inception.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_features_equal_pytorch_fid(inception, pytorch_fid_inception):
-    """uint8 images through compute_activations (-> [0, 1], resized to 299 inside) give
-    pytorch-fid's pool features for the same weights; logits = pool @ fc.weight^T (IS logits, no
-    bias)."""
+def test_features_equal_pytorch_fid(inception_pytorch_fid_preprocessing, pytorch_fid_inception):
+    """With --preprocess pytorch-fid, uint8 images through compute_activations give pytorch-fid's
+    pool features for the same weights; logits = pool @ fc.weight^T (IS logits, no bias)."""
+    inception = inception_pytorch_fid_preprocessing
     _, wrapper = pytorch_fid_inception
     images = random_uint8_images(2, 64, 80)
     feats, logits = fid.compute_activations(images, inception, batch_size=2, progress=False)
@@ -264,7 +270,7 @@ def test_npz_sources(tmp_path):
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
     for name in ("stored.npz", "compressed.npz"):
         src = fid.load_source(str(tmp_path / name))
-        assert isinstance(src, fid.NpzImages) and len(src) == 5 and src.image_hw == (24, 32)
+        assert isinstance(src, fid.NpzImages) and len(src) == 5 and src.shape[1:3] == (24, 32)
         # 1, 2 or 3 ranks each stream a contiguous share; in rank order they are the whole array.
         for world in (1, 2, 3):
             envs = [DistEnv(r, r, world, torch.device("cpu")) for r in range(world)]
@@ -299,8 +305,8 @@ def ragged_images():
     ({"arr_0": random_uint8_images(2).transpose(0, 3, 1, 2)}, "NHWC"),
     ({"arr_0": random_uint8_images(2).astype(np.float32) / 255}, "uint8"),
     ({"arr_0": ragged_images()}, "different sizes"),
-    ({"mu": np.full(2048, np.nan), "sigma": np.eye(2048)}, "NaN"),
-    ({"mu": np.zeros(2048), "sigma": np.eye(64)}, "do not fit"),
+    ({"mu": np.full(2048, np.nan), "sigma": np.eye(2048)}, "not finite statistics"),
+    ({"mu": np.zeros(2048), "sigma": np.eye(64)}, r"\(2048,\) and sigma \(64, 64\) are not"),
 ])
 def test_bad_npz_inputs(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
@@ -309,11 +315,11 @@ def test_bad_npz_inputs(tmp_path, arrays, match):
         fid.load_source(str(path))
 
 
-def test_missing_path_and_float_batches(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+def test_missing_path_and_float_images(tmp_path):
+    with pytest.raises(UserError, match="nope.npz .*No such file"):
         fid.load_source(str(tmp_path / "nope.npz"))
     with pytest.raises(UserError, match="to_uint8"):
-        fid.compute_activations([torch.rand(2, 3, 8, 8)], StubInception(), progress=False)
+        fid.compute_activations(torch.rand(2, 3, 8, 8), StubInception(), progress=False)
 
 
 def test_statistics_file_round_trip(tmp_path):
@@ -339,19 +345,22 @@ def test_statistics_file_round_trip(tmp_path):
         assert np.array_equal(again["mu_s"], stats.mu[:7])
         assert np.array_equal(again["sigma_s"], 2 * np.eye(7))
     np.savez(tmp_path / "half.npz", mu=stats.mu, sigma=stats.sigma, mu_s=stats.mu[:7])
-    with pytest.raises(UserError, match="half.npz has mu_s without sigma_s"):
+    with pytest.raises(UserError, match="half.npz: mu_s .* and sigma_s missing"):
         fid.load_source(str(tmp_path / "half.npz"))
 
 
-def test_activations_inputs_agree():
-    """A numpy NHWC array, a torch NCHW tensor, a Dataset and an iterable of batches give the same
+def test_activations_inputs_agree(tmp_path):
+    """A numpy NHWC array, a torch NCHW tensor, an ADM .npz and a folder of PNGs give the same
     rows in the same order."""
     model = StubInception()
     images = random_uint8_images(7, 16, 16)
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ref = fid.compute_activations(images, model, batch_size=3, progress=False)
-    for other in (tensor, fid.ArrayImages(tensor), list(tensor.split(2)),
-                  ((t, torch.zeros(len(t))) for t in tensor.split(4))):
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    for other in (tensor, fid.load_source(str(tmp_path / "a.npz")),
+                  fid.load_source(str(tmp_path), 16)):
         got = fid.compute_activations(other, model, batch_size=3, progress=False)
         # (float32 matmuls round differently for different batch sizes, hence the tolerance)
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
@@ -364,8 +373,8 @@ def test_a_folder_with_an_unreadable_file_is_reported(tmp_path):
     (tmp_path / "1.png").write_bytes(b"truncated")
     with pytest.warns(UserWarning) as caught:
         # no workers: their warnings would escape pytest
-        pools, _ = fid.compute_activations(str(tmp_path), StubInception(), batch_size=2,
-                                           num_workers=0, progress=False)
+        pools, _ = fid.compute_activations(fid.load_source(str(tmp_path)), StubInception(),
+                                           batch_size=2, num_workers=0, progress=False)
     messages = [str(w.message) for w in caught]
     assert any("unreadable image" in m and "1.png" in m for m in messages)  # named when met
     assert any("1 unreadable files were replaced" in m for m in messages)  # counted at the end
@@ -402,10 +411,10 @@ def test_evaluate_with_saved_reference_statistics(tmp_path):
     assert direct["reference"] == "160 reference images featurised here"
     assert reused.pop("reference") == f"the stored statistics of {tmp_path / 'ref.npz'}"
     assert reused == {k: v for k, v in direct.items() if k != "reference"}
-    batches = [torch.from_numpy(samples).permute(0, 3, 1, 2)[i: i + 50] for i in range(0, 120, 50)]
-    as_batches = fid.evaluate(batches, str(tmp_path / "ref.npz"), model=model, prc=True,
-                              progress=False)
-    assert as_batches["fid"] == pytest.approx(direct["fid"], rel=1e-6)
+    nchw = torch.from_numpy(samples).permute(0, 3, 1, 2)
+    as_tensor = fid.evaluate(nchw, str(tmp_path / "ref.npz"), model=model, prc=True,
+                             progress=False)
+    assert as_tensor["fid"] == pytest.approx(direct["fid"], rel=1e-6)
     assert set(direct) >= {"fid", "inception_score", "precision", "recall", "num_samples",
                            "num_reference"}
     assert direct["inception_score_splits"] == 1  # ADM: parts of 5000
@@ -472,7 +481,7 @@ def test_cli_one_process_then_torchrun_on_saved_statistics(tiny_sets):
     said = " ".join(str(w.message) for w in caught)
     assert "RANDOM weights" in said and "4 images < 2048 feature dimensions" in said
     assert json.load(open(root / "one.json"))["fid"] == one["fid"]
-    assert one["inception_weights"].startswith("RANDOM")
+    assert one["inception_weights"].startswith("RANDOM") and one["preprocess"] == "adm"
     assert one["num_samples"] == one["num_reference"] == 4
     assert np.isfinite(one["fid"]) and 0 <= one["precision"] <= 1 and one["inception_score"] >= 1
 
@@ -490,17 +499,30 @@ def test_cli_one_process_then_torchrun_on_saved_statistics(tiny_sets):
 # Reconstruction metrics
 
 
+# PSNR and SSIM live in train_tokenizer.py now. Until the integrator's merge moves them there, the
+# import fails in this branch: the marks say so, and must go at the merge (strict: an unexpected
+# pass fails).
+MOVED = pytest.mark.xfail(raises=ImportError, strict=True,
+                          reason="psnr/ssim move to train_tokenizer.py at the merge")
+
+
+@MOVED
 def test_psnr_closed_form():
+    from train_tokenizer import psnr
+
     a = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     b = a.clone()
     b[1] += 10  # MSE 100 -> 10 log10(255^2 / 100)
-    out = fid.psnr(a, b)
+    out = psnr(a, b)
     assert out[0] == float("inf")
     assert abs(out[1].item() - 10 * math.log10(255 ** 2 / 100)) < 1e-9
 
 
+@MOVED
 def test_ssim_matches_an_independent_computation():
     from scipy.signal import convolve2d
+
+    from train_tokenizer import ssim
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (2, 3, 24, 20), generator=g, dtype=torch.uint8)
@@ -523,8 +545,8 @@ def test_ssim_matches_an_independent_computation():
             vals.append((numerator / denominator).mean())
         return np.mean(vals)
 
-    got = fid.ssim(a, b)
+    got = ssim(a, b)
     for i in range(2):
         assert abs(got[i].item() - ref(a[i].numpy(), b[i].numpy())) < 1e-10
-    assert torch.allclose(fid.ssim(a, a), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
     assert ((got > 0) & (got < 0.99)).all()  # noisy copies: similar, not equal
