@@ -334,13 +334,14 @@ def bench_fid(args, cfg, device, bf16, B):
 
     import fid
 
-    ours = fid.load_inception(random_weights=True, device=device)
+    ours = fid.load_inception(random_weights=True, device=device, preprocess="pytorch-fid")
     with mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url",
                            lambda *_, **__: ours.state_dict()):  # our weights, not a download
         theirs = pytorch_fid.inception.InceptionV3([3]).to(device).eval()  # [3]: 2048-d pool
     images = torch.rand(B * args.iters, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     batches = images.to(device).split(B)
-    extract = {"ours": lambda b: ours(b)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
+    # ours takes 0..255 (ADM's input), pytorch-fid 0..1: the same images, the same preprocessing
+    extract = {"ours": lambda b: ours(b * 255)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
     seconds, feats = {name: [] for name in extract}, {}
     with torch.inference_mode(), fid.exact_float32(device):
         for i in range(args.repeats + 1):  # round 0: warm-up; alternating: drifting load hits both

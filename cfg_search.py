@@ -110,7 +110,7 @@ def main(argv=None):
                 continue
             path = sample.run_npz(sampler, log)
             result = fid.evaluate(path, stats if os.path.exists(stats) else args.reference,
-                                  model=inception, dist_env=env, batch_size=args.fid_batch_size,
+                                  model=inception, env=env, batch_size=args.fid_batch_size,
                                   num_workers=args.num_workers, sfid=not args.no_sfid,
                                   save_stats=stats, log=log)
             rows.append({"cfg": w, "cfg_interval_start": t, **result})

@@ -300,7 +300,7 @@ def evaluate(args, env):
                                lp.new_tensor(len(x))])
         if inception is not None:
             for name, batch in (("real", real), ("recon", recon)):
-                activations = fid.compute_activations([batch], inception, progress=False)[0]
+                activations = fid.compute_activations(batch, inception, progress=False)[0]
                 features[name].append(torch.from_numpy(activations))
     if env.distributed:
         torch.distributed.all_reduce(totals)

@@ -499,14 +499,6 @@ def test_cli_one_process_then_torchrun_on_saved_statistics(tiny_sets):
 # Reconstruction metrics
 
 
-# PSNR and SSIM live in train_tokenizer.py now. Until the integrator's merge moves them there, the
-# import fails in this branch: the marks say so, and must go at the merge (strict: an unexpected
-# pass fails).
-MOVED = pytest.mark.xfail(raises=ImportError, strict=True,
-                          reason="psnr/ssim move to train_tokenizer.py at the merge")
-
-
-@MOVED
 def test_psnr_closed_form():
     from train_tokenizer import psnr
 
@@ -518,7 +510,6 @@ def test_psnr_closed_form():
     assert abs(out[1].item() - 10 * math.log10(255 ** 2 / 100)) < 1e-9
 
 
-@MOVED
 def test_ssim_matches_an_independent_computation():
     from scipy.signal import convolve2d
 
