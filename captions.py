@@ -96,9 +96,7 @@ def read_shard(shard):
     key, parts, damage = None, {}, None
     try:
         with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
+            for member in (m for m in tar if m.isfile()):
                 stem, ext = os.path.splitext(member.name)
                 if stem != key and key is not None:
                     yield _sample(key, parts)
@@ -197,27 +195,28 @@ class CaptionStream(torch.utils.data.IterableDataset):
         """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order. Every
         sample is counted in `counts` by what became of it; the first unusable ones are named."""
         for key, image, caption in (sample for shard in shards for sample in read_shard(shard)):
-            why, size, pixels = self._read(key, image, caption)
-            counts[why or "usable"] += 1
-            if why is None:
-                yield size, pixels, caption
+            pixels = decode(key, image, caption, self.sizes)
+            counts[pixels if isinstance(pixels, str) else "usable"] += 1
+            if not isinstance(pixels, str):
+                yield pixels.shape[:2], pixels, caption
             elif warn and unusable(counts) <= 5:
                 more = " (further ones are counted, not named)" if unusable(counts) == 5 else ""
-                warnings.warn(f"skipped the sample {key}: {why}{more}")
+                warnings.warn(f"skipped the sample {key}: {pixels}{more}")
 
-    def _read(self, key, image, caption):
-        """(None, bucket, HxWx3 uint8 pixels) of a usable sample, else (why not, None, None)."""
-        if image is None or not caption:
-            why = "without a caption" if image is not None else "without an image"
-            return ("in a damaged shard" if key.endswith(":damaged") else why), None, None
-        try:
-            with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
-                if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
-                    return f"over {MAX_PIXELS / 1e6:g} megapixels", None, None
-                size = nearest_bucket(img.size[1], img.size[0], self.sizes)
-                return None, size, center_crop_arr(to_rgb(img), *size)  # finds a truncated file
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return "undecodable", None, None
+
+def decode(key, image, caption, sizes):
+    """The HxWx3 uint8 pixels of a usable sample in its bucket, else why it is unusable (a str)."""
+    if image is None or not caption:
+        why = "without a caption" if image is not None else "without an image"
+        return "in a damaged shard" if key.endswith(":damaged") else why
+    try:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+            if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                return f"over {MAX_PIXELS / 1e6:g} megapixels"
+            size = nearest_bucket(img.size[1], img.size[0], sizes)
+            return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return "undecodable"
 
 
 def unusable(counts) -> int:
