@@ -85,11 +85,9 @@ def read_prompts(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}): save it as "
-                        "UTF-8") from None
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, or not UTF-8 text
+        why = getattr(e, "strerror", e)
+        raise UserError(f"cannot read the prompt file {path} ({why})") from None
     if not prompts:
         raise UserError(f"the prompt file {path} holds no prompts")
     return prompts

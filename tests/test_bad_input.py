@@ -186,7 +186,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_message(tmp_path, monkeypat
 
 def test_a_prompt_file_that_is_not_utf8_is_one_message(tmp_path):
     (tmp_path / "p.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    with pytest.raises(UserError, match="p.txt is not UTF-8 text .*save it as UTF-8"):
+    with pytest.raises(UserError, match="prompt file .*p.txt .*'utf-8' codec can't decode"):
         read_prompts(str(tmp_path / "p.txt"))
 
 
