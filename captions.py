@@ -263,12 +263,10 @@ class CaptionBatches:
         self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
         # A generator of its own: a loader drawn from the global one would shift the training
         # noise on resume.
-        workers, generator = self.num_workers, torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers,
-                                             pin_memory=self.pin_memory, generator=generator,
-                                             prefetch_factor=2 if workers else None)
-        for batch in loader:
-            self.next_worker = (batch["worker"] + 1) % max(1, workers)
+        generator = torch.Generator().manual_seed(self.seed)
+        for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
+                                                 pin_memory=self.pin_memory, generator=generator):
+            self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
             self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
             self.skipped[batch["worker"]] = batch["skipped"]
             yield batch["images"], batch["captions"]
