@@ -182,13 +182,12 @@ class CaptionStream(torch.utils.data.IterableDataset):
                 index += 1
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
-                advice = "no sample is usable" if not counts["usable"] else (
-                    "use a smaller --batch_size (a batch takes images of one aspect-ratio "
-                    "bucket), fewer --num_workers or more data")
                 raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
                                 f"{self.batch_size} from a whole epoch of its {len(mine)} "
                                 f"shard(s), which hold {counts.total()} samples: "
-                                f"{counts['usable']} usable{found}; {advice}")
+                                f"{counts['usable']} usable{found} (a batch takes images of one "
+                                "aspect-ratio bucket); fix the data, or lower --batch_size or "
+                                "--num_workers")
             epoch, skip = epoch + 1, 0
 
     def _samples(self, shards, counts, warn: bool):

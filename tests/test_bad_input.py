@@ -327,7 +327,7 @@ def test_latent_statistics_of_a_small_caption_set_use_the_training_batch(tmp_pat
 
 def test_a_caption_set_that_makes_no_batch_says_what_it_found(tmp_path):
     data = caption_folder(tmp_path / "data", 4, captioned=0)
-    with pytest.raises(UserError, match="hold 4 samples: 0 usable, 4 without a caption; no"), \
+    with pytest.raises(UserError, match=r"hold 4 samples: 0 usable, 4 without a caption \(a"), \
             pytest.warns(UserWarning, match="without a caption"):
         next(iter(CaptionStream(data, 2, buckets(64, 16))))
 
