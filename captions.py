@@ -85,13 +85,16 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image or
-    a caption is given with None for it. A damaged tar ends its shard with a warning and
-    (key, None, None)."""
+    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image
+    has None for it, one without a caption "". A damaged tar ends its shard with a warning and
+    (key, None, None). Captions are read as utf-8-sig: Windows editors begin a UTF-8 file with a
+    byte-order mark, which would otherwise stay in the caption."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
-            yield image, image, caption_text(txt) if os.path.isfile(txt) else None
+            caption = (open(txt, encoding="utf-8-sig", errors="replace").read().strip()
+                       if os.path.isfile(txt) else "")
+            yield image, image, caption
         return
     key, parts, damage = None, {}, None
     try:
@@ -120,16 +123,7 @@ def read_shard(shard):
 
 def _sample(key, parts):
     image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-    return key, image, caption_text(parts[".txt"]) if ".txt" in parts else None
-
-
-def caption_text(source) -> str:
-    """A caption from a .txt file's path or bytes. utf-8-sig: Windows editors begin a UTF-8 file
-    with a byte-order mark, which would otherwise stay in the caption."""
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            source = f.read()
-    return source.decode("utf-8-sig", errors="replace").strip()
+    return key, image, parts.get(".txt", b"").decode("utf-8-sig", errors="replace").strip()
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
@@ -162,12 +156,11 @@ class CaptionStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.first_worker) % workers
         reader, readers = self.rank * workers + worker, self.world * workers
         epoch, skip = self.start.get(worker, (0, 0))
-        first = None  # what became of the samples of the first epoch read: "skipped"
+        first = counts = collections.Counter()  # what became of the first epoch's samples
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             mine = [self.shards[i] for i in order[reader::readers]]
-            buffers, index, counts = {}, 0, collections.Counter()
-            first = counts if first is None else first
+            buffers, index = {}, 0
             for size, pixels, caption in self._samples(mine, counts, warn=counts is first):
                 buffer = buffers.setdefault(size, [])
                 buffer.append((pixels, caption))
@@ -178,7 +171,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
                     images = torch.from_numpy(np.stack([p for p, _ in buffer]))  # (B, H, W, 3)
                     yield {"images": images.permute(0, 3, 1, 2), "captions": [c for _, c in buffer],
                            "worker": worker, "epoch": epoch, "index": index,
-                           "skipped": unusable(first)}
+                           "skipped": first.total() - first["usable"]}
                 index += 1
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
@@ -188,7 +181,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
                                 f"{counts['usable']} usable{found} (a batch takes images of one "
                                 "aspect-ratio bucket); fix the data, or lower --batch_size or "
                                 "--num_workers")
-            epoch, skip = epoch + 1, 0
+            epoch, skip, counts = epoch + 1, 0, collections.Counter()
 
     def _samples(self, shards, counts, warn: bool):
         """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order. Every
@@ -198,8 +191,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
             counts[pixels if isinstance(pixels, str) else "usable"] += 1
             if not isinstance(pixels, str):
                 yield pixels.shape[:2], pixels, caption
-            elif warn and unusable(counts) <= 5:
-                more = " (further ones are counted, not named)" if unusable(counts) == 5 else ""
+            elif warn and (skipped := counts.total() - counts["usable"]) <= 5:
+                more = " (further ones are counted, not named)" if skipped == 5 else ""
                 warnings.warn(f"skipped the sample {key}: {pixels}{more}")
 
 
@@ -218,10 +211,6 @@ def decode(key, image, caption, sizes):
         return "undecodable"
 
 
-def unusable(counts) -> int:
-    return counts.total() - counts["usable"]
-
-
 class CaptionBatches:
     """The training side of a CaptionStream: an endless iterator of batches whose state_dict() holds
     every rank's worker positions, so that `--resume` continues exactly (with the same ranks and
@@ -235,8 +224,7 @@ class CaptionBatches:
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
     def state_dict(self):
-        """A collective under DDP (the ranks' positions differ, and rank 0 writes the
-        checkpoint)."""
+        """A collective under DDP: the ranks' positions differ, and rank 0 saves them."""
         ranks = [{"position": dict(self.position), "next_worker": self.next_worker}]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             mine, ranks = ranks[0], [None] * self.stream.world
@@ -271,8 +259,7 @@ class CaptionBatches:
             yield batch["images"], batch["captions"]
 
     def count_skipped(self, env) -> int:
-        """Samples skipped so far on all ranks (a collective under DDP), counted since the run
-        (re)started."""
+        """Samples skipped on all ranks since the run (re)started; a collective under DDP."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
         if env.distributed:
             torch.distributed.all_reduce(total)
