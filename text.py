@@ -36,12 +36,12 @@ def from_pretrained(cls, name: str, what: str, offline: str = OFFLINE, **kwargs)
         if not os.path.isdir(name):
             raise UserError(f"the {what} folder {name} does not exist")
         offline = ""
-    is_model = issubclass(cls, torch.nn.Module)  # then also asked what was not in the files
+    is_model = issubclass(cls, torch.nn.Module)
+    report = {"output_loading_info": True} if is_model else {}  # what was not in the files
     verbosity = library.utils.logging.get_verbosity()
     library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
     try:
-        loaded = cls.from_pretrained(name, **kwargs, **({"output_loading_info": True} if is_model
-                                                         else {}))
+        loaded = cls.from_pretrained(name, **kwargs, **report)
     except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise UserError(f"could not load the {what} {name!r} ({why}){offline}") from None
@@ -164,11 +164,10 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
 
 
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
-    """CLIP score of sample.py's text-to-image .npz, whose arr_1 is each sample's line in the
-    prompt file."""
-    again = "sample it with sample.py --npz --prompts FILE"
+    """CLIP score of sample_t2i.py's .npz, whose arr_1 is each sample's line in the prompt file."""
+    again = "sample it with sample_t2i.py --npz --prompts FILE"
     if not (samples.endswith(".npz") and os.path.isfile(samples)):
-        raise UserError(f"the CLIP score needs sample.py's .npz: {again}, not {samples}")
+        raise UserError(f"the CLIP score needs sample_t2i.py's .npz (--npz), not {samples}")
     try:
         with np.load(samples) as data:
             if "arr_1" not in data:
@@ -176,7 +175,7 @@ def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
             images, lines = data["arr_0"], data["arr_1"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no allow_pickle advice
         why = "it holds Python objects" if "pickle" in str(e) else str(e).split(". ")[0]
-        raise UserError(f"could not read {samples} as sample.py's .npz ({why})") from None
+        raise UserError(f"could not read {samples} as sample_t2i.py's .npz ({why})") from None
     prompts = read_prompts(prompts_file)
     # arr_1 indexes the prompt lines: a float, a missing or a negative entry (which Python counts
     # from the end) would score images against other prompts than their own.
