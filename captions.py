@@ -1,23 +1,19 @@
 """Image-caption data for the text-to-image model (the paper's LAION experiment), streamed in
 batches of one aspect-ratio bucket each.
 
-Sources (`--captions PATH`):
-- a folder in which every image has a caption file of the same name (`x.jpg` + `x.txt`,
-  subfolders too);
-- WebDataset shards as img2dataset writes them for LAION: a folder of `.tar` files (or one file)
-  holding `key.jpg`, `key.txt` and an optional `key.json` per sample, read as a stream, never
-  unpacked.
+Sources (`--captions PATH`): a folder in which every image has a caption file of the same name
+(`x.jpg` + `x.txt`, subfolders too), or WebDataset shards as img2dataset writes them for LAION (a
+folder of `.tar` files, or one, holding `key.jpg`, `key.txt`...), read as a stream, never unpacked.
 An image whose caption is missing or empty, or that cannot be decoded, is skipped and counted; a
-shard cut short is read up to the damage, counted, and left.
+shard cut short is read up to the damage.
 
 Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
-... up to 2:1); each image goes to the bucket nearest its aspect ratio and is resized to cover it
-and centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled
-every epoch and dealt to ranks, then to loader workers; each worker fills one buffer per bucket and
-yields a batch when one is full. A batch says which worker made it and where in that worker's
-stream it was, so that a checkpoint records each worker's position, and a resumed run continues
-exactly: each worker makes its batches again up to that position without yielding them (decoding
-the images: a truncated one is found only so).
+... up to 2:1); each image goes to the bucket nearest its aspect ratio, resized to cover it and
+centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled every
+epoch and dealt to ranks, then to loader workers; each worker fills one buffer per bucket and yields
+a batch when one is full. A checkpoint records each worker's position (epoch, batches made); a
+resumed worker makes its batches again up to there without yielding them (decoding the images: a
+truncated one is found only so), so that it continues exactly.
 """
 
 import collections
@@ -57,10 +53,7 @@ def nearest_bucket(height: int, width: int, sizes) -> tuple[int, int]:
 
 def parse_size(text: str, sizes) -> tuple[int, int]:
     """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
-    try:
-        size = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        size = ()
+    size = tuple(int(v) if v.isdigit() else -1 for v in text.lower().split("x"))
     if size not in sizes:
         raise UserError(f"--size {text} is not one of the buckets: "
                         + ", ".join(f"{h}x{w}" for h, w in sizes))
@@ -74,11 +67,9 @@ def list_shards(path: str, readers: int = 1) -> list:
     if os.path.isfile(path):
         if path.endswith(SHARD_SUFFIXES):
             return [path]
-        raise UserError(f"--captions {path} is a file but not a WebDataset shard (.tar, .tar.gz): "
-                        "expected shards or a folder of images with .txt captions")
+        raise UserError(f"--captions {path} is a file but not a WebDataset shard (.tar, .tar.gz)")
     if not os.path.isdir(path):
-        raise UserError(f"caption data {path!r} does not exist: expected WebDataset .tar shards "
-                        "or a folder of images with .txt captions (--captions)")
+        raise UserError(f"caption data {path!r} does not exist (--captions)")
     tars = sorted(f for suffix in SHARD_SUFFIXES
                   for f in glob.glob(os.path.join(path, "**", "*" + suffix), recursive=True))
     if tars:
@@ -87,30 +78,28 @@ def list_shards(path: str, readers: int = 1) -> list:
                     for f in names if is_image_file(f))
     if not images:
         raise UserError(f"no .tar shards and no images in {path!r} (images: "
-                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                        "each with a .txt caption of the same name)")
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}, each with a .txt caption)")
     images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
     count = min(len(images), max(readers, math.ceil(len(images) / FOLDER_SHARD)))
     return [images[i::count] for i in range(count)]
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image or
-    a caption is given with None for it. A damaged tar ends its shard with a warning and
-    (key, None, None)."""
+    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image
+    has None for it, one without a caption "". A damaged tar ends its shard with a warning and
+    (key, None, None). Captions are read as utf-8-sig: Windows editors begin a UTF-8 file with a
+    byte-order mark, which would otherwise stay in the caption."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
-            caption = (open(txt, encoding="utf-8", errors="replace").read().strip()
-                       if os.path.isfile(txt) else None)
+            caption = (open(txt, encoding="utf-8-sig", errors="replace").read().strip()
+                       if os.path.isfile(txt) else "")
             yield image, image, caption
         return
-    key, parts = None, {}
+    key, parts, damage = None, {}, None
     try:
         with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
+            for member in (m for m in tar if m.isfile()):
                 stem, ext = os.path.splitext(member.name)
                 if stem != key and key is not None:
                     yield _sample(key, parts)
@@ -125,8 +114,6 @@ def read_shard(shard):
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
     except (tarfile.TarError, EOFError, OSError) as e:
         damage = e
-    else:
-        damage = None
     if key is not None:
         yield _sample(key, parts)
     if damage is not None:
@@ -136,8 +123,7 @@ def read_shard(shard):
 
 def _sample(key, parts):
     image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-    caption = parts[".txt"].decode("utf-8", errors="replace").strip() if ".txt" in parts else None
-    return key, image, caption
+    return key, image, parts.get(".txt", b"").decode("utf-8-sig", errors="replace").strip()
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
@@ -149,88 +135,80 @@ class CaptionStream(torch.utils.data.IterableDataset):
     def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1,
                  seed: int = 0, num_workers: int = 0):
         self.rank, self.world, self.seed = rank, world, seed
-        self.readers = max(1, num_workers) * world
-        self.shards = list_shards(path, self.readers)
         self.batch_size, self.sizes = batch_size, sizes
-        readers = f"{world} rank(s) x {max(1, num_workers)} loader worker(s)"
-        if len(self.shards) < self.readers:
-            raise UserError(f"{path} has {len(self.shards)} shard(s) for {readers}: every reader "
-                            "needs one; lower --num_workers or split the data")
+        readers = max(1, num_workers) * world
+        self.shards = list_shards(path, readers)
         # Known before an epoch is read: a folder's images, or for an uncompressed tar its size (an
         # image and a caption take at least 4 blocks: two headers, two of data).
         most = sum(len(s) if isinstance(s, list) else os.path.getsize(s) // (4 * tarfile.BLOCKSIZE)
                    if s.endswith(".tar") else math.inf for s in self.shards)
-        if most < self.readers * batch_size:
-            raise UserError(f"{path} holds at most {most} samples, fewer than a batch of "
-                            f"{batch_size} for each of {readers}: use a smaller --batch_size or "
-                            "fewer --num_workers")
+        if len(self.shards) < readers or most < readers * batch_size:
+            raise UserError(f"{path} has {len(self.shards)} shard(s), which hold at most {most} "
+                            f"samples, for {world} rank(s) x {max(1, num_workers)} loader "
+                            f"worker(s): each needs a shard and a batch of {batch_size}; use a "
+                            "smaller --batch_size, fewer --num_workers or more data")
         self.start = {}  # worker -> (epoch, batches of that epoch already consumed)
+        self.first_worker = 0  # the loader's worker 0 plays this worker (CaptionBatches)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.first_worker) % workers
+        reader, readers = self.rank * workers + worker, self.world * workers
         epoch, skip = self.start.get(worker, (0, 0))
-        first, self.skipped = epoch, 0
+        first = counts = collections.Counter()  # what became of the first epoch's samples
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            reader, readers = self.rank * workers + worker, self.world * workers
             mine = [self.shards[i] for i in order[reader::readers]]
-            buffers, index, counts = {}, 0, collections.Counter()
-            for size, pixels, caption in self._samples(mine, counts, warn=epoch == first):
+            buffers, index = {}, 0
+            for size, pixels, caption in self._samples(mine, counts, warn=counts is first):
                 buffer = buffers.setdefault(size, [])
                 buffer.append((pixels, caption))
-                if len(buffer) == self.batch_size:
-                    del buffers[size]
-                    self.skipped = unusable(counts) if epoch == first else self.skipped
-                    # the batches before a resume point are made again, not yielded
-                    if index >= skip:
-                        images = np.stack([p for p, _ in buffer])  # (B, H, W, 3)
-                        yield {"images": torch.from_numpy(images).permute(0, 3, 1, 2),
-                               "captions": [c for _, c in buffer], "worker": worker, "epoch": epoch,
-                               "index": index, "skipped": self.skipped}
-                    index += 1
-            self.skipped = unusable(counts) if epoch == first else self.skipped
+                if len(buffer) < self.batch_size:
+                    continue
+                del buffers[size]
+                if index >= skip:  # the batches before a resume point are made again, not yielded
+                    images = torch.from_numpy(np.stack([p for p, _ in buffer]))  # (B, H, W, 3)
+                    yield {"images": images.permute(0, 3, 1, 2), "captions": [c for _, c in buffer],
+                           "worker": worker, "epoch": epoch, "index": index,
+                           "skipped": first.total() - first["usable"]}
+                index += 1
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
-                advice = "no sample is usable" if not counts["usable"] else (
-                    "use a smaller --batch_size (a batch takes images of one aspect-ratio "
-                    "bucket), fewer --num_workers or more data")
                 raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
                                 f"{self.batch_size} from a whole epoch of its {len(mine)} "
                                 f"shard(s), which hold {counts.total()} samples: "
-                                f"{counts['usable']} usable{found}; {advice}")
-            epoch, skip = epoch + 1, 0
+                                f"{counts['usable']} usable{found} (a batch takes images of one "
+                                "aspect-ratio bucket); fix the data, or lower --batch_size or "
+                                "--num_workers")
+            epoch, skip, counts = epoch + 1, 0, collections.Counter()
 
     def _samples(self, shards, counts, warn: bool):
         """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order. Every
         sample is counted in `counts` by what became of it; the first unusable ones are named."""
-        for shard in shards:
-            for key, image, caption in read_shard(shard):
-                why, size, pixels = self._read(key, image, caption)
-                counts[why or "usable"] += 1
-                if why is None:
-                    yield size, pixels, caption
-                elif warn and unusable(counts) <= 5:
-                    more = " (further ones are counted, not named)" if unusable(counts) == 5 else ""
-                    warnings.warn(f"skipped the sample {key}: {why}{more}")
-
-    def _read(self, key, image, caption):
-        """(None, bucket, HxWx3 uint8 pixels) of a usable sample, else (why not, None, None)."""
-        if image is None or not caption:
-            why = "without a caption" if image is not None else "without an image"
-            return ("in a damaged shard" if key.endswith(":damaged") else why), None, None
-        try:
-            with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
-                if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
-                    return f"over {MAX_PIXELS / 1e6:g} megapixels", None, None
-                size = nearest_bucket(img.size[1], img.size[0], self.sizes)
-                return None, size, center_crop_arr(to_rgb(img), *size)  # finds a truncated file
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return "undecodable", None, None
+        for key, image, caption in (sample for shard in shards for sample in read_shard(shard)):
+            pixels = decode(key, image, caption, self.sizes)
+            counts[pixels if isinstance(pixels, str) else "usable"] += 1
+            if not isinstance(pixels, str):
+                yield pixels.shape[:2], pixels, caption
+            elif warn and (skipped := counts.total() - counts["usable"]) <= 5:
+                more = " (further ones are counted, not named)" if skipped == 5 else ""
+                warnings.warn(f"skipped the sample {key}: {pixels}{more}")
 
 
-def unusable(counts) -> int:
-    return counts.total() - counts["usable"]
+def decode(key, image, caption, sizes):
+    """The HxWx3 uint8 pixels of a usable sample in its bucket, else why it is unusable (a str)."""
+    if image is None or not caption:
+        why = "without a caption" if image is not None else "without an image"
+        return "in a damaged shard" if key.endswith(":damaged") else why
+    try:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+            if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                return f"over {MAX_PIXELS / 1e6:g} megapixels"
+            size = nearest_bucket(img.size[1], img.size[0], sizes)
+            return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return "undecodable"
 
 
 class CaptionBatches:
@@ -246,54 +224,43 @@ class CaptionBatches:
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
     def state_dict(self):
-        """A collective under DDP (the ranks' positions differ, and rank 0 writes the
-        checkpoint)."""
-        mine = {"position": dict(self.position), "next_worker": self.next_worker}
-        ranks = [mine]
+        """A collective under DDP: the ranks' positions differ, and rank 0 saves them."""
+        ranks = [{"position": dict(self.position), "next_worker": self.next_worker}]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * self.stream.world
+            mine, ranks = ranks[0], [None] * self.stream.world
             torch.distributed.all_gather_object(ranks, mine)
         return {"ranks": ranks, "num_workers": self.num_workers}
 
     def load_state_dict(self, state):
-        if (len(state["ranks"]), state["num_workers"]) != (self.stream.world, self.num_workers):
-            warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader "
-                          f"worker(s) instead of {len(state['ranks'])} x {state['num_workers']}: "
-                          "the data stream starts again from the beginning of the "
-                          "latest saved epoch")
-            epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
-            self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
-            self.next_worker = 0
-        else:
+        if (len(state["ranks"]), state["num_workers"]) == (self.stream.world, self.num_workers):
             mine = state["ranks"][self.stream.rank]
             self.position = {int(w): tuple(p) for w, p in mine["position"].items()}
             self.next_worker = mine["next_worker"]
+            return
+        warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader "
+                      f"worker(s) instead of {len(state['ranks'])} x {state['num_workers']}: the "
+                      "data stream starts again from the beginning of the latest saved epoch")
+        epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
+        self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
+        self.next_worker = 0
 
     def __iter__(self):
-        self.stream.start = dict(self.position)
+        # The loader takes batches from its workers in turn (in_order), starting with its worker 0:
+        # that one plays the worker whose turn it is.
+        self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
         # A generator of its own: a loader drawn from the global one would shift the training
         # noise on resume.
-        workers, generator = self.num_workers, torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers,
-                                             pin_memory=self.pin_memory, generator=generator,
-                                             prefetch_factor=2 if workers else None)
-        # a resumed loader starts with worker 0, the interrupted one maybe with another: keep the
-        # turns
-        held = {}
-        for batch in loader:
-            held[batch["worker"]] = batch
-            while self.next_worker in held:
-                batch = held.pop(self.next_worker)
-                self.next_worker = (self.next_worker + 1) % max(1, self.num_workers)
-                self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
-                self.skipped[batch["worker"]] = batch["skipped"]
-                yield batch["images"], batch["captions"]
+        generator = torch.Generator().manual_seed(self.seed)
+        for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
+                                                 pin_memory=self.pin_memory, generator=generator):
+            self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
+            self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
+            self.skipped[batch["worker"]] = batch["skipped"]
+            yield batch["images"], batch["captions"]
 
     def count_skipped(self, env) -> int:
-        """Samples skipped so far on all ranks (a collective under DDP), counted since the run
-        (re)started."""
+        """Samples skipped on all ranks since the run (re)started; a collective under DDP."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
         if env.distributed:
             torch.distributed.all_reduce(total)
         return int(total.item())
-

@@ -8,9 +8,13 @@ LightningDiT's blocks (dit.py), trained with the same flow-matching loss (train_
     final layer on the img tokens -> velocity (B, C, H, W)
 
 The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout
-is FLUX's. Our choices where the paper and FLUX differ or are silent are listed in TextToImageDiT.
+is FLUX's, with LightningDiT's blocks (RMSNorm, SwiGLU, QK-norm, 2D RoPE, AdaLN-Zero). Ours where
+the paper and FLUX differ or are silent: the conditioning vector is t_emb + an MLP of the caption's
+mean text state (FLUX uses CLIP's pooled embedding), text tokens get no rotation, there is no
+absolute position embedding, and QK-norm is on.
 """
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -19,69 +23,53 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError
 from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, attention, compute_dtype,
                  modulate, rope_tables, split_heads)
 
 
 class TextToImageDiT(nn.Module):
-    """Velocity model v(x_t, t, text) for text-to-image: (B, C, H, W) latents of any grid (the
-    aspect-ratio buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder.
-
-    `depth_double` double-stream blocks, in which text and image tokens keep their own weights but
-    attend jointly, then `depth_single` single-stream blocks over the joined sequence, each with
-    attention and MLP side by side. The blocks are LightningDiT's (RMSNorm, SwiGLU, QK-norm, 2D RoPE
-    on the image tokens, AdaLN-Zero). Ours where the paper and FLUX differ or are silent: the
-    conditioning vector is t_emb + an MLP of the caption's mean text state (FLUX uses CLIP's pooled
-    embedding), text tokens get no rotation, there is no absolute position embedding, and
-    QK-norm is on.
-    """
+    """Velocity model v(x_t, t, text) on (B, C, H, W) latents of any grid (the aspect-ratio
+    buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder:
+    `depth_double` double-stream blocks, then `depth_single` single-stream blocks."""
 
     def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728,
                  depth_double: int = 10, depth_single: int = 20, num_heads: int = 27,
                  text_dim: int = 4096, mlp_ratio: float = 4.0, use_qknorm: bool = True,
                  grad_checkpointing: bool = False):
         super().__init__()
-        self.in_channels = self.out_channels = in_channels
-        self.patch_size, self.hidden_size, self.num_heads = patch_size, hidden_size, num_heads
+        self.in_channels, self.patch_size = in_channels, patch_size
+        self.hidden_size, self.num_heads = hidden_size, num_heads
         self.depth, self.grad_checkpointing = depth_double + depth_single, grad_checkpointing
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size,
-                                    stride=patch_size)
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(),
                                        nn.Linear(hidden_size, hidden_size))
-        block_args = (hidden_size, num_heads, mlp_ratio, use_qknorm)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(*block_args) for _ in range(depth_double))
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(*block_args) for _ in range(depth_single))
+        args = (hidden_size, num_heads, mlp_ratio, use_qknorm)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(*args) for _ in range(depth_double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(*args) for _ in range(depth_single))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self):
         """Xavier linears and AdaLN-Zero as in LightningDiT, so that the initial model predicts
-        v = 0 exactly. Unlike LightningDiT, the patch embedding keeps PyTorch's default conv init
-        (ours)."""
+        v = 0 exactly; the patch embedding keeps PyTorch's default conv init (ours)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer)):
-                nn.init.zeros_(m.adaLN_modulation[-1].weight)
-                nn.init.zeros_(m.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zeroed = [m.adaLN_modulation[-1] for m in self.modules()
+                  if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer))]
+        for linear in zeroed + [self.final_layer.linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, x, t, text):
-        states, mask = text
-        B, _, H, W = x.shape
-        p, L = self.patch_size, states.shape[1]
-        h, w = H // p, W // p
+        (states, mask), (B, C, H, W), p = text, x.shape, self.patch_size
+        L, h, w = states.shape[1], H // p, W // p
         t = t.expand(B) if t.dim() == 0 else t
         img = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
         txt = self.context_embedder(states)  # (B, L, D)
@@ -101,8 +89,7 @@ class TextToImageDiT(nn.Module):
         for block in self.single_blocks:
             x = self._run(block, x, c, rope, attend)
         out = self.final_layer(x[:, L:], c)  # (B, h*w, p*p*C), each token laid out (p, q, c)
-        out = out.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(B, self.out_channels, H, W)
+        return out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
     def _run(self, block, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -117,9 +104,7 @@ MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTI
 def joint_attention(qk, v, rope, attend):
     """dit.attention over the joined text and image tokens, qk (B, L + N, 2, heads, head_dim) and v
     (B, L + N, heads, head_dim) -> (B, L + N, D)."""
-    if not qk.is_cuda:
-        return attention(qk, v, *rope, attn_mask=attend)
-    with sdpa_kernel(MASKED_SDPA_BACKENDS):
+    with sdpa_kernel(MASKED_SDPA_BACKENDS) if qk.is_cuda else nullcontext():
         return attention(qk, v, *rope, attn_mask=attend)
 
 
@@ -170,9 +155,6 @@ class SingleStreamBlock(nn.Module):
         return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
 
 
-# --------------------------------------------------------------------------------------------------
-# Configurations
-
 # Double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with
 # T5-XXL's 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for GPU
 # matrix units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
@@ -185,7 +167,4 @@ T2I_models = {f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_
 
 def build_t2i(name: str, **kwargs) -> TextToImageDiT:
     """E.g. build_t2i("T2I-2B/1", in_channels=32, text_dim=4096)."""
-    if name not in T2I_models:
-        raise UserError(f"unknown text-to-image configuration {name!r}; choose one of "
-                        f"{sorted(T2I_models)}")
     return T2I_models[name](**kwargs)

@@ -20,8 +20,6 @@ from common import UserError
 
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
 OFFLINE = (". Offline, save it on a machine with internet (`.from_pretrained(name)"
            ".save_pretrained(folder)`) and pass that folder instead")
 
@@ -34,15 +32,15 @@ def from_pretrained(cls, name: str, what: str, offline: str = OFFLINE, **kwargs)
     the advice for a hub name that cannot be loaded."""
     library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
     library.utils.logging.disable_progress_bar()
-    is_model = issubclass(cls, torch.nn.Module)
     if is_path(name):
         if not os.path.isdir(name):
             raise UserError(f"the {what} folder {name} does not exist")
         offline = ""
+    is_model = issubclass(cls, torch.nn.Module)
+    report = {"output_loading_info": True} if is_model else {}  # what was not in the files
     verbosity = library.utils.logging.get_verbosity()
     library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
     try:
-        report = {"output_loading_info": True} if is_model else {}  # what was not in the files
         loaded = cls.from_pretrained(name, **kwargs, **report)
     except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
@@ -75,24 +73,21 @@ def load_tokenizer(name: str, what: str):
     tokenizer = from_pretrained(transformers.AutoTokenizer, name, what)
     words = ["red", "blue", "disc", "ring", "left"]
     if len({tuple(ids) for ids in tokenizer(words)["input_ids"]}) < len(words):
-        raise UserError(f"the {what} in {name} maps different words to the same tokens (a "
-                        f"vocabulary of {len(tokenizer)}): its files (tokenizer.json, "
-                        "spiece.model, vocab.json...) are missing or damaged; save the tokenizer "
-                        "into that folder too (`AutoTokenizer.from_pretrained(hub_name)"
-                        ".save_pretrained(folder)`)")
+        raise UserError(f"the {what} in {name} maps different words to the same tokens: its "
+                        "files (tokenizer.json, spiece.model, vocab.json...) are missing or "
+                        "damaged; save them there (`AutoTokenizer...save_pretrained(folder)`)")
     return tokenizer
 
 
 def read_prompts(path: str) -> list[str]:
-    """The non-empty lines of a prompt file, stripped."""
+    """The non-empty lines of a prompt file, stripped. utf-8-sig: Windows editors begin a UTF-8
+    file with a byte-order mark, which would otherwise stay in the first prompt."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}): save it as "
-                        "UTF-8") from None
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, or not UTF-8 text
+        why = getattr(e, "strerror", e)
+        raise UserError(f"cannot read the prompt file {path} ({why})") from None
     if not prompts:
         raise UserError(f"the prompt file {path} holds no prompts")
     return prompts
@@ -109,19 +104,18 @@ class TextEncoder:
 
         self.name, self.max_length, self.device = name, max_length, torch.device(device)
         config = from_pretrained(transformers.AutoConfig, name, "text encoder")
-        encoders = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
-                    "clip": transformers.CLIPTextModel,
-                    "clip_text_model": transformers.CLIPTextModel}
-        cls = encoders.get(config.model_type, transformers.AutoModel)
         self.tokenizer = load_tokenizer(name, "text encoder's tokenizer")
         # Checked before the model loads and before training measures anything. T5's relative
         # positions set no limit, nor does ByT5's tokenizer (1e30): then T5's training length, 512.
         positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-        limits = [v for v in (positions, self.tokenizer.model_max_length) if v and v < 1e6]
-        limit = min(limits or [512])
+        limit = min([v for v in (positions, self.tokenizer.model_max_length) if v and v < 1e6]
+                    or [512])
         if max_length > limit:
             raise UserError(f"--max_length {max_length} is more than the {limit} tokens that the "
                             f"text encoder {name} takes")
+        # AutoModel would give T5's encoder-decoder and the whole CLIP
+        cls = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
+               "clip": transformers.CLIPTextModel}.get(config.model_type, transformers.AutoModel)
         model = from_pretrained(cls, name, "text encoder", dtype=dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.dim = getattr(self.model.config, "d_model", None) or self.model.config.hidden_size
@@ -130,11 +124,11 @@ class TextEncoder:
     def __call__(self, captions: list[str], warn: bool = False):
         if warn:  # sampling: say which prompts are cut
             lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
-            long = [c for c, n in zip(captions, lengths) if n > self.max_length]
-            for caption in dict.fromkeys(long):
-                short = caption if len(caption) <= 80 else caption[:77] + "..."
-                warnings.warn(f"prompt longer than the text encoder's {self.max_length} tokens, "
-                              f"cut there: {short!r}")
+            for caption, n in dict(zip(captions, lengths)).items():
+                if n > self.max_length:
+                    short = caption if len(caption) <= 80 else caption[:77] + "..."
+                    warnings.warn(f"prompt longer than the text encoder's {self.max_length} "
+                                  f"tokens, cut there: {short!r}")
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
                                 truncation=True, return_tensors="pt").to(self.device)
         out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
@@ -152,37 +146,28 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
     model = from_pretrained(transformers.CLIPModel, name, "CLIP model").to(device).eval()
     tokenizer = load_tokenizer(name, "CLIP tokenizer")
     size = model.config.vision_config.image_size
-    max_tokens = model.config.text_config.max_position_embeddings
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     scores = []
     for i in range(0, len(prompts), batch_size):
         x = torch.from_numpy(images[i: i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
         scale = size / min(x.shape[2:])
-        resized = (round(x.shape[2] * scale), round(x.shape[3] * scale))
-        x = F.interpolate(x, size=resized, mode="bicubic", antialias=True)
-        x = center_crop(x, size)
-        x = (x.clamp(0, 1) - mean) / std
+        H, W = round(x.shape[2] * scale), round(x.shape[3] * scale)
+        x = F.interpolate(x, size=(H, W), mode="bicubic", antialias=True)  # short side: size
+        top, left = (H - size) // 2, (W - size) // 2
+        x = (x[:, :, top: top + size, left: left + size].clamp(0, 1) - mean) / std  # centre crop
         text = tokenizer(prompts[i: i + batch_size], padding=True, truncation=True,
-                         max_length=max_tokens, return_tensors="pt").to(device)
+                         max_length=model.config.text_config.max_position_embeddings,
+                         return_tensors="pt").to(device)
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=x)
-        cos = F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
-        scores.append(100 * cos.clamp(min=0))
+        scores.append(100 * F.cosine_similarity(out.image_embeds, out.text_embeds, -1).clamp(min=0))
     return torch.cat(scores).mean().item()
 
 
-def center_crop(x, size: int):
-    """The central size x size window of (B, C, H, W) images whose short side is (about) `size`."""
-    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-    return x[:, :, top: top + size, left: left + size]
-
-
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
-    """CLIP score of sample.py's text-to-image .npz, whose arr_1 is each sample's line in the
-    prompt file."""
+    """CLIP score of sample_t2i.py's .npz, whose arr_1 is each sample's line in the prompt file."""
+    again = "sample it with sample_t2i.py --npz --prompts FILE"
     if not (samples.endswith(".npz") and os.path.isfile(samples)):
-        raise UserError("the CLIP score needs sample.py's .npz (--npz --prompts FILE), not "
-                        f"{samples}")
-    again = "sample it with sample.py --npz --prompts FILE"
+        raise UserError(f"the CLIP score needs sample_t2i.py's .npz (--npz), not {samples}")
     try:
         with np.load(samples) as data:
             if "arr_1" not in data:
@@ -190,15 +175,14 @@ def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
             images, lines = data["arr_0"], data["arr_1"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no allow_pickle advice
         why = "it holds Python objects" if "pickle" in str(e) else str(e).split(". ")[0]
-        raise UserError(f"could not read {samples} as sample.py's .npz ({why})") from None
+        raise UserError(f"could not read {samples} as sample_t2i.py's .npz ({why})") from None
     prompts = read_prompts(prompts_file)
     # arr_1 indexes the prompt lines: a float, a missing or a negative entry (which Python counts
     # from the end) would score images against other prompts than their own.
-    if lines.dtype.kind not in "iu" or lines.shape != images.shape[:1]:
+    if lines.dtype.kind not in "iu" or lines.shape != images.shape[:1] or lines.min(initial=0) < 0:
         raise UserError(f"{samples}: arr_1 must hold each image's prompt line ({len(images)} "
-                        f"integers), not {lines.dtype} of shape {lines.shape}: {again}")
-    if lines.min(initial=0) < 0:
-        raise UserError(f"{samples}: arr_1 holds a negative prompt line ({lines.min()}): {again}")
+                        f"integers from 0), not {lines.dtype} of shape {lines.shape} from "
+                        f"{lines.min(initial=0)}: {again}")
     if lines.max(initial=0) >= len(prompts):
         raise UserError(f"{samples} refers to prompt line {lines.max()}, but {prompts_file} has "
                         f"{len(prompts)}: pass the prompt file it was sampled from")
@@ -213,15 +197,10 @@ def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: 
     follow them."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
     config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim,
                                    num_layers=layers, num_heads=4, is_encoder_decoder=False,
                                    use_cache=False)
-    with torch.random.fork_rng():  # seeded, and the caller's random state untouched
-        torch.manual_seed(seed)
-        transformers.T5EncoderModel(config).save_pretrained(folder)
-    transformers.ByT5Tokenizer().save_pretrained(folder)
-    return folder
+    return save_random(transformers.T5EncoderModel, config, folder, seed)
 
 
 def save_random_clip(folder: str, dim: int = 32, image_size: int = 32, seed: int = 0) -> str:
@@ -229,15 +208,21 @@ def save_random_clip(folder: str, dim: int = 32, image_size: int = 32, seed: int
     offline."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    text = dict(vocab_size=384, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
+    layers = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                  num_attention_heads=2)
+    text = dict(layers, vocab_size=384, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
                 pad_token_id=0)
-    vision = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=image_size, patch_size=8)
+    vision = dict(layers, image_size=image_size, patch_size=8)
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
-    with torch.random.fork_rng():
+    return save_random(transformers.CLIPModel, config, folder, seed)
+
+
+def save_random(cls, config, folder: str, seed: int) -> str:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    with torch.random.fork_rng():  # seeded, and the caller's random state untouched
         torch.manual_seed(seed)
-        transformers.CLIPModel(config).save_pretrained(folder)
+        cls(config).save_pretrained(folder)
     transformers.ByT5Tokenizer().save_pretrained(folder)
     return folder

@@ -186,8 +186,21 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_message(tmp_path, monkeypat
 
 def test_a_prompt_file_that_is_not_utf8_is_one_message(tmp_path):
     (tmp_path / "p.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    with pytest.raises(UserError, match="p.txt is not UTF-8 text .*save it as UTF-8"):
+    with pytest.raises(UserError, match="prompt file .*p.txt .*'utf-8' codec can't decode"):
         read_prompts(str(tmp_path / "p.txt"))
+
+
+def test_a_byte_order_mark_stays_out_of_the_first_prompt(tmp_path):
+    """Windows editors begin UTF-8 files with a BOM: it stayed in the first prompt."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa red disc\nblue\n".encode())
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a red disc", "blue"]
+
+
+def test_a_byte_order_mark_stays_out_of_a_caption(tmp_path):
+    data = caption_folder(tmp_path / "data", 2)
+    (tmp_path / "data" / "00.txt").write_bytes("\ufeffimage 0".encode())
+    captions = [c for shard in list_shards(data) for _, _, c in read_shard(shard)]
+    assert sorted(captions) == ["image 0", "image 1"]
 
 
 def test_a_prompt_longer_than_the_encoder_is_cut_in_its_warning(models):
@@ -247,7 +260,7 @@ def test_sample_refuses_a_text_encoder_of_another_width_before_sampling(models, 
 
 @pytest.mark.parametrize("arr_1,match", [(np.arange(4.0), "not float64"),
                                          (np.arange(3), "4 integers"),
-                                         (np.array([0, 1, -1, 2]), "negative prompt line")],
+                                         (np.array([0, 1, -1, 2]), "integers from 0.* from -1")],
                          ids=["float", "short", "negative"])
 def test_clip_score_refuses_a_bad_arr_1(models, tmp_path, arr_1, match):
     """A negative index silently scored an image against the last prompt."""
@@ -314,7 +327,7 @@ def test_latent_statistics_of_a_small_caption_set_use_the_training_batch(tmp_pat
 
 def test_a_caption_set_that_makes_no_batch_says_what_it_found(tmp_path):
     data = caption_folder(tmp_path / "data", 4, captioned=0)
-    with pytest.raises(UserError, match="hold 4 samples: 0 usable, 4 without a caption; no"), \
+    with pytest.raises(UserError, match=r"hold 4 samples: 0 usable, 4 without a caption \(a"), \
             pytest.warns(UserWarning, match="without a caption"):
         next(iter(CaptionStream(data, 2, buckets(64, 16))))
 
@@ -360,7 +373,7 @@ def test_a_batch_larger_than_the_data_is_refused_before_an_epoch_is_read(tmp_pat
     data = caption_folder(tmp_path / "data", 3)
     (tmp_path / "one.tar").write_bytes(tar_bytes([("a", {".jpg": jpeg(), ".txt": b"x"})]))
     for path in (data, str(tmp_path / "one.tar")):
-        with pytest.raises(UserError, match="holds at most .* samples, fewer than a batch of 1000"):
+        with pytest.raises(UserError, match="hold at most .* samples, .*a batch of 1000000"):
             CaptionStream(path, 1_000_000, buckets(64, 16))
 
 
