@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 import common
-import harness
 import dit
 import train_dit
 import train_tokenizer
@@ -370,7 +369,7 @@ def tokenizer_run(tmp_path_factory):
 
 def test_gan_starts_at_20_percent_of_steps(tokenizer_run):
     run_dir, _ = tokenizer_run
-    records = harness.read_log(os.path.join(run_dir, "stage1", "log.jsonl"))
+    records = common.read_log(os.path.join(run_dir, "stage1", "log.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 21))
     # Record k holds step k - 1 (0-based): the GAN is on from step 4 = 20% of 20, i.e. records
     # 5..20.

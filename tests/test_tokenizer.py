@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import harness
+import common
 import train_tokenizer
 from baselines import load_tokenizer
 from common import EXIT_STOPPED, MissingWeightsError, UserError, load_checkpoint
@@ -47,7 +47,7 @@ def read_log(run_dir, stage):
     with open(path) as f:
         first = json.loads(f.readline())
     assert first["event"] == "start" and first["args"]["stage"] == stage
-    return harness.read_log(path)
+    return common.read_log(path)
 
 
 # --------------------------------------------------------------------------------------------------
