@@ -179,7 +179,12 @@ class AlignedTokenizer(nn.Module):
             raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
                             f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
                             "data.py, map with data.to_model_range)")
-        z = self.adapter(self.encoder(self.preprocess(x)))  # (B, h*w, D) -> (B, h*w, C)
+        # Contiguous, so that the trained encoder and its frozen copy (stage 2's L_sp) compute
+        # bit for bit alike: on the strided token slice, F.linear's matmul folds the batch into
+        # one mm when the weight requires grad but runs a bmm when not, and the two GEMMs can
+        # round differently (CPU-dependent).
+        tokens = self.encoder(self.preprocess(x)).contiguous()  # (B, h*w, D)
+        z = self.adapter(tokens)  # (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
 
     def decode(self, z):
