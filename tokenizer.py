@@ -21,6 +21,7 @@ The encoder keeps the official DINOv2 parameter names, so the published checkpoi
 import copy
 import hashlib
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -36,19 +37,18 @@ TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3:
 
 
 def set_trainable(model: "AlignedTokenizer", stage: int):
-    """Freeze everything, then unfreeze this stage's parts. Frozen parts build no autograd graph, so
-    stages 1 and 3 pay no backward cost (and no activation memory) for the frozen encoder."""
+    """Only this stage's parts learn. Frozen parts build no autograd graph: stages 1 and 3 pay no
+    backward cost (nor activation memory) for the frozen encoder."""
     model.requires_grad_(False)
     for name in TRAINABLE[stage]:
         getattr(model, name).requires_grad_(True)
-    # DINOv2's mask token is for its masked pre-training only: it never gets a gradient here, and
-    # DDP fails on a trainable parameter that gets none.
+    # DINOv2's mask token (for its masked pre-training) never gets a gradient here, and DDP fails
+    # on a trainable parameter that gets none.
     model.encoder.mask_token.requires_grad_(False)
 
 
 def semantic_reference(model: "AlignedTokenizer") -> "AlignedTokenizer":
-    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter, whose latent z_ref of
-    the same image the fine-tuned latent must stay close to."""
+    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter."""
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     ref.decoder = None
     return ref
@@ -78,7 +78,7 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         disc.requires_grad_(False)  # D judges here but does not learn from this loss
         parts["g_loss"] = -disc(x_hat).float().mean()
         disc.requires_grad_(True)
-        last_layer = unwrap(model).decoder.last_layer
+        last_layer = unwrap(model).decoder.conv_out.weight
         parts["w_g"] = adaptive_gan_weight(nll, parts["g_loss"], last_layer, disc_weight)
         loss = loss + parts["w_g"] * parts["g_loss"]
     parts["loss"] = loss
@@ -113,8 +113,7 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
 # --------------------------------------------------------------------------------------------------
 # The tokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_config(**overrides) -> dict:
@@ -131,10 +130,8 @@ def default_config(**overrides) -> dict:
 
 class AlignedTokenizer(nn.Module):
     """DINOv2 encoder + adapter + decoder: `encode(x) -> z`, `decode(z) -> x`, images in [-1, 1].
-
-    The latent grid is image_size / 16 (16 x 16 at 256 px): the encoder sees the image resized to
-    14 * image_size / 16 (224 at 256 px), so that its 14-px patches give that grid; the decoder
-    upsamples by 16."""
+    The latent grid is image_size / 16: the encoder sees the image resized to 14/16 of its size
+    (224 px at 256), so that its 14-px patches give that grid; the decoder upsamples by 16."""
 
     def __init__(self, config: dict, encoder: "DINOv2 | None" = None):
         super().__init__()
@@ -143,8 +140,7 @@ class AlignedTokenizer(nn.Module):
             raise UserError("image_size must be a multiple of 16 and the decoder must upsample x16 "
                             f"(5 channel multipliers), got {config['image_size']} and "
                             f"{config['decoder_ch_mult']}")
-        self.encoder = (encoder if encoder is not None
-                        else build_dinov2(config["encoder"], pretrained=False))
+        self.encoder = encoder or build_dinov2(config["encoder"], pretrained=False)
         D = self.encoder.embed_dim
         # The adapter's output is the latent: no KL, no sampling.
         self.adapter = Mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
@@ -154,8 +150,8 @@ class AlignedTokenizer(nn.Module):
         self.encoder_size = self.latent_size * self.encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # Set by load_tokenizer: the stage that trained the weights, and whether stage 1 began from
-        # a random encoder (so that later stages, extraction and evaluation can say so).
+        # Set by load_aligned_tokenizer: the stage that trained the weights, and whether stage 1
+        # began from a random encoder (so that later stages and evaluations can say so).
         self.stage, self.random_encoder = None, False
 
     @property
@@ -163,26 +159,23 @@ class AlignedTokenizer(nn.Module):
         return (self.config["latent_channels"], self.latent_size, self.latent_size)
 
     def preprocess(self, x):
-        """[-1, 1] images (B, 3, H, W) -> DINOv2 input (B, 3, 14H/16, 14W/16), ImageNet-normalised
-        (256 x 256 -> 224 x 224: 16 x 16 patches of 14 px)."""
-        patch = self.encoder.patch_size
-        size = (x.shape[-2] // 16 * patch, x.shape[-1] // 16 * patch)
+        """[-1, 1] images (B, 3, H, W) -> DINOv2's input (B, 3, 14H/16, 14W/16), normalised."""
+        size = (x.shape[-2] // 16 * self.encoder.patch_size,
+                x.shape[-1] // 16 * self.encoder.patch_size)
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (image_size: the training size;
-        other sizes and aspect ratios too, for text-to-image buckets) -> latents z
-        (B, C, H/16, W/16)."""
+        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (any aspect ratio, for the
+        text-to-image buckets) -> latents z (B, C, H/16, W/16)."""
         bad_shape = x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16
         if bad_shape or not x.is_floating_point():
             raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
                             f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
                             "data.py, map with data.to_model_range)")
-        # Contiguous, so that the trained encoder and its frozen copy (stage 2's L_sp) compute
-        # bit for bit alike: on the strided token slice, F.linear's matmul folds the batch into
-        # one mm when the weight requires grad but runs a bmm when not, and the two GEMMs can
-        # round differently (CPU-dependent).
+        # Contiguous: on the strided slice of patch tokens, F.linear runs one mm when the weight
+        # requires grad and a bmm when not, which round differently on some CPUs; then the trained
+        # encoder and its frozen copy would not agree bit for bit (L_sp > 0 at stage 2's start).
         tokens = self.encoder(self.preprocess(x)).contiguous()  # (B, h*w, D)
         z = self.adapter(tokens)  # (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
@@ -202,8 +195,8 @@ class AlignedTokenizer(nn.Module):
 
 def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
     """Our tokenizer from `ckpt`, the loaded `path`: a `tokenizer.pt` of train_tokenizer.py or its
-    `ckpt.pt` (the EMA weights either way; "model" in tokenizer.pt files written before the export
-    named them "ema"). baselines.load_tokenizer calls it for files that are ours."""
+    `ckpt.pt`, the EMA weights either way ("model" in tokenizer.pt files from before the export
+    named them "ema")."""
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
@@ -239,8 +232,7 @@ _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
                    for s, (d, n, h) in _SIZES.items()
                    for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
-# Random weights only: the demo and tests.
-TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)
+TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)  # random only: demo, tests
 
 
 def dinov2_url(name: str) -> str:
@@ -250,77 +242,46 @@ def dinov2_url(name: str) -> str:
     return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping 14x14 patches -> tokens: (B, 3, H, W) -> (B, H/14 * W/14, D)."""
-
-    def __init__(self, patch_size: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        head_dim = D // self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear: DINOv2's MLP, and the adapter (D -> hidden -> latent channels)."""
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class LayerScale(nn.Module):
-    """Learned per-channel scale of a residual branch."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm transformer block: x + attn(norm1(x)) * ls1, then x + mlp(norm2(x)) * ls2 (learned
+    per-channel scales). The dicts keep the official names (attn.qkv, ls1.gamma...)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+
+    def attention(self, x):  # multi-head self-attention, fused qkv projection
+        B, N, D = x.shape
+        qkv = self.attn.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attention(self.norm1(x)) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DINOv2(nn.Module):
     """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers
-    dropped). `mask_token` is unused (it is for DINOv2's masked pre-training) but kept: the
-    checkpoints hold it."""
+    dropped). `mask_token` (for DINOv2's masked pre-training) is unused, but the checkpoints hold
+    it."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
                  num_register_tokens: int = 0, img_size: int = 518,
@@ -337,11 +298,10 @@ class DINOv2(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, patch_size, patch_size)))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # Recompute blocks in backward: less memory when the encoder trains.
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # recompute blocks in backward: less memory in stage 2
         # Random-weight runs only (tests, demo); real runs load the official weights.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -353,33 +313,31 @@ class DINOv2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
-        """Position embeddings for an h x w patch grid, resized as the official model does: bicubic
-        in float32 with the hub's antialias flag; the plain models pass the scale factor
-        (n + 0.1) / 37 instead of a size (a historical offset that moves the sample points).
-        Returns (1, 1 + h*w, D)."""
+        """Position embeddings (1, 1 + h*w, D) for an h x w patch grid, resized as the official
+        model does: bicubic in float32 with the hub's antialias flag; the plain models pass the
+        scale factor (n + 0.1) / 37 instead of a size (a historical offset that moves the sample
+        points)."""
         pos = self.pos_embed
         M = math.isqrt(pos.shape[1] - 1)
         if h == w == M:
             return pos
         pos = pos.float()
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-        if self.interpolate_offset:
-            offset = self.interpolate_offset
-            size = dict(scale_factor=((h + offset) / M, (w + offset) / M))
-        else:
-            size = dict(size=(h, w))
+        offset = self.interpolate_offset
+        size = (dict(scale_factor=((h + offset) / M, (w + offset) / M)) if offset
+                else dict(size=(h, w)))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
     def forward(self, x):
         """Normalised images (B, 3, H, W), sides multiples of 14 -> patch tokens
-        (B, H/14*W/14, D)."""
+        (B, H/14 * W/14, D)."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, "
                              f"got {H}x{W}")
-        x = self.patch_embed(x)  # (B, N, D)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), 14x14 patches
         # No casts, as in the official model: under bf16 autocast the float32 CLS token promotes the
         # tokens to float32, and the position embeddings are added in float32.
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
@@ -406,10 +364,10 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) ->
                         "or 'tiny'")
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
-        path = pretrained_file(dinov2_url(name), ckpt, f"DINOv2 weights for {name}",
-                               "--encoder_ckpt", "--random_encoder")
+        what = f"DINOv2 weights for {name}"
+        path = pretrained_file(dinov2_url(name), ckpt, what, "--encoder_ckpt", "--random_encoder")
         try:
-            model.load_state_dict(load_checkpoint(path, f"DINOv2 weights for {name}"), strict=True)
+            model.load_state_dict(load_checkpoint(path, what), strict=True)
         except RuntimeError as e:
             raise UserError(f"{path} does not hold {name} weights (another variant?): "
                             f"{str(e)[:300]}") from None
@@ -417,10 +375,10 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# The decoder
+# The decoder: the LDM / VA-VAE convolutional decoder (baselines.py builds VA-VAE from its pieces)
 
 
-def _group_norm(ch: int) -> nn.GroupNorm:
+def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, ch, eps=1e-6)
 
 
@@ -429,8 +387,8 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.norm1, self.conv1 = _group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = _group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
@@ -439,13 +397,11 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map (used at the latent
-    resolution)."""
+    """Single-head self-attention over all positions of a feature map."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = _group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.norm, self.qkv = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
@@ -456,8 +412,7 @@ class AttnBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed
-    convolutions)."""
+    """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -468,13 +423,11 @@ class Upsample(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The convolutional decoder of the LDM / VA-VAE family: latent (B, C, h, w) -> image
-    (B, 3, 16h, 16w).
-
-    conv_in -> middle (res, attention, res) -> per level from the widest: num_res_blocks + 1
-    residual blocks (with attention after each at the latent resolution), then x2 upsampling ->
-    norm, SiLU, conv_out. The defaults (128, 1-1-2-2-4, 2) give 41.4M parameters, the LDM / VA-VAE
-    decoder's size (the paper does not give its decoder's: our choice)."""
+    """Latent (B, C, h, w) -> image (B, 3, 16h, 16w): conv_in -> middle (res, attention, res) ->
+    per level from the widest: num_res_blocks + 1 residual blocks (attention after each at the
+    latent resolution), then x2 upsampling -> norm, SiLU, conv_out. The defaults (128, 1-1-2-2-4,
+    2) give 41.4M parameters, the LDM / VA-VAE decoder's size (the paper does not give its
+    decoder's: our choice)."""
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
                  num_res_blocks: int = 2):
@@ -494,13 +447,8 @@ class Decoder(nn.Module):
             if level > 0:
                 up.append(Upsample(width))
         self.up = nn.Sequential(*up)
-        self.norm_out = _group_norm(width)
-        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """Where the adaptive GAN weight compares the two gradients."""
-        return self.conv_out.weight
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)  # the "last layer" of the GAN weight
 
     def forward(self, z):
         h = self.up(self.mid(self.conv_in(z)))  # (B, 4ch, h, w) -> (B, ch, 16h, 16w)
@@ -540,10 +488,8 @@ def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False,
                 seed: int = 0) -> nn.Module:
     """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the
     package; the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or
-    the URL). random_backbone=True (tests, demo) draws it from `seed` instead, so that runs are
-    repeatable."""
-    import warnings
-
+    the URL), never silently random: random_backbone=True (tests, demo) draws it from `seed`, so
+    that runs are repeatable."""
     import lpips
 
     with warnings.catch_warnings():  # torchvision's "'pretrained' is deprecated", from inside lpips
