@@ -12,6 +12,7 @@ used: the diffusion pipeline normalises latents per channel itself.
 
 import json
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -100,15 +101,10 @@ def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
 # VA-VAE: LDM's autoencoder, its decoder tokenizer.Decoder
 
 
-class Downsample(nn.Module):
+def downsample(ch: int) -> nn.Sequential:
     """x2: LDM pads right and bottom by one, then a stride-2 3x3 conv."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+    return nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)),
+                                     conv=nn.Conv2d(ch, ch, 3, stride=2)))
 
 
 class LDMEncoder(nn.Module):
@@ -127,7 +123,7 @@ class LDMEncoder(nn.Module):
                 if level == last:
                     down.append(AttnBlock(width))
             if level < last:
-                down.append(Downsample(width))
+                down.append(downsample(width))
         self.down = nn.Sequential(*down)
         self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width),
                                  ResnetBlock(width, width))
@@ -168,8 +164,8 @@ def _ldm_levels(layers: nn.Sequential, level: int, step: int) -> list[str]:
             kind = "block" if isinstance(m, ResnetBlock) else "attn"
             names.append(f"{level}.{kind}.{seen.count(kind)}")
             seen.append(kind)
-        else:  # a Downsample / Upsample closes the level
-            names.append(f"{level}.{type(m).__name__.lower()}")
+        else:  # the down- or upsampling that closes the level
+            names.append(f"{level}.{'downsample' if step > 0 else 'upsample'}")
             level, seen = level + step, []
     return names
 
@@ -178,10 +174,9 @@ def ldm_names(model: VAVAE) -> dict[str, list[str]]:
     """{our parameter name: its names in an LDM checkpoint}. Our flat down/up/mid lists are LDM's
     nested levels (the decoder's from the lowest resolution, LDM's last level); our fused attention
     qkv is LDM's q, k and v."""
-    top = sum(isinstance(m, Downsample) for m in model.encoder.down)
     mid = ["block_1", "attn_1", "block_2"]
     index = {"encoder.down": _ldm_levels(model.encoder.down, 0, 1), "encoder.mid": mid,
-             "decoder.up": _ldm_levels(model.decoder.up, top, -1), "decoder.mid": mid}
+             "decoder.up": _ldm_levels(model.decoder.up, 4, -1), "decoder.mid": mid}
     names = {}
     for name in model.state_dict():
         parts = name.split(".")

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import math
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,7 @@ TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3:
 
 
 def set_trainable(model: "AlignedTokenizer", stage: int):
-    """Only this stage's parts learn. Frozen parts build no autograd graph: stages 1 and 3 pay no
-    backward cost (nor activation memory) for the frozen encoder."""
+    """Only this stage's parts learn: frozen ones build no autograd graph (no backward cost)."""
     model.requires_grad_(False)
     for name in TRAINABLE[stage]:
         getattr(model, name).requires_grad_(True)
@@ -137,17 +137,15 @@ class AlignedTokenizer(nn.Module):
         super().__init__()
         self.config = config = default_config(**config)
         if config["image_size"] % 16 or len(config["decoder_ch_mult"]) != 5:
-            raise UserError("image_size must be a multiple of 16 and the decoder must upsample x16 "
-                            f"(5 channel multipliers), got {config['image_size']} and "
-                            f"{config['decoder_ch_mult']}")
+            raise UserError("image_size must be a multiple of 16 and decoder_ch_mult 5 entries "
+                            f"(x16), not {config['image_size']} and {config['decoder_ch_mult']}")
         self.encoder = encoder or build_dinov2(config["encoder"], pretrained=False)
         D = self.encoder.embed_dim
         # The adapter's output is the latent: no KL, no sampling.
-        self.adapter = Mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
+        self.adapter = mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
         self.decoder = Decoder(config["latent_channels"], config["decoder_ch"],
                                config["decoder_ch_mult"], config["decoder_res_blocks"])
         self.latent_size = config["image_size"] // 16
-        self.encoder_size = self.latent_size * self.encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # Set by load_aligned_tokenizer: the stage that trained the weights, and whether stage 1
@@ -160,8 +158,7 @@ class AlignedTokenizer(nn.Module):
 
     def preprocess(self, x):
         """[-1, 1] images (B, 3, H, W) -> DINOv2's input (B, 3, 14H/16, 14W/16), normalised."""
-        size = (x.shape[-2] // 16 * self.encoder.patch_size,
-                x.shape[-1] // 16 * self.encoder.patch_size)
+        size = [side // 16 * self.encoder.patch_size for side in x.shape[-2:]]
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
         return ((x + 1) / 2 - self.mean) / self.std
 
@@ -173,19 +170,16 @@ class AlignedTokenizer(nn.Module):
             raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
                             f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
                             "data.py, map with data.to_model_range)")
-        # Contiguous: on the strided slice of patch tokens, F.linear runs one mm when the weight
-        # requires grad and a bmm when not, which round differently on some CPUs; then the trained
-        # encoder and its frozen copy would not agree bit for bit (L_sp > 0 at stage 2's start).
+        # Contiguous: on the strided token slice F.linear runs mm with grad and bmm without, which
+        # round differently on some CPUs, and stage 2's L_sp would not start at exactly 0.
         tokens = self.encoder(self.preprocess(x)).contiguous()  # (B, h*w, D)
         z = self.adapter(tokens)  # (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
 
-    def decode(self, z):
-        """Latents (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (clamp before saving)."""
+    def decode(self, z):  # (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1]: clamp them
         return self.decoder(z)
 
-    def decoding_modules(self):
-        """What decoding needs (sampling moves only these to the GPU)."""
+    def decoding_modules(self):  # what decoding needs (sampling moves only these to the GPU)
         return [self.decoder]
 
     def forward(self, x):
@@ -194,9 +188,8 @@ class AlignedTokenizer(nn.Module):
 
 
 def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
-    """Our tokenizer from `ckpt`, the loaded `path`: a `tokenizer.pt` of train_tokenizer.py or its
-    `ckpt.pt`, the EMA weights either way ("model" in tokenizer.pt files from before the export
-    named them "ema")."""
+    """Our tokenizer from `ckpt`, the loaded `path`: train_tokenizer.py's tokenizer.pt or ckpt.pt,
+    the EMA weights either way ("model" in tokenizer.pt files from before the export said "ema")."""
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
@@ -209,13 +202,13 @@ def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
 
 
 def latent_fingerprint(tokenizer) -> str:
-    """A short hash of the weights that make the latents (all but the decoding side): latents must
-    be decoded by the tokenizer that made them, or by a refinement of its decoder (stage 3)."""
+    """A short hash of the weights that make the latents (all but the decoding side; a strided
+    sample of each tensor: fast, and enough to tell weights apart): latents must be decoded by the
+    tokenizer that made them, or by a refinement of its decoder (stage 3)."""
     decoding = {id(p) for m in tokenizer.decoding_modules() for p in m.parameters()}
     digest = hashlib.sha1()
     for name, p in tokenizer.named_parameters():
         if id(p) not in decoding:
-            # A strided sample of every tensor: enough to tell weights apart, fast.
             sample = p.detach().float().flatten()[:: max(1, p.numel() // 4096)]
             digest.update(name.encode() + sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -242,16 +235,10 @@ def dinov2_url(name: str) -> str:
     return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
 
 
-class Mlp(nn.Module):
+def mlp(dim: int, hidden: int, out_dim: int | None = None) -> nn.Sequential:
     """Linear -> GELU -> Linear: DINOv2's MLP, and the adapter (D -> hidden -> latent channels)."""
-
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
-        super().__init__()
-        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim or dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                     fc2=nn.Linear(hidden, out_dim or dim)))
 
 
 class Block(nn.Module):
@@ -260,11 +247,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim, eps=1e-6)
         self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
         self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, int(dim * mlp_ratio))
         self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
 
     def attention(self, x):  # multi-head self-attention, fused qkv projection
@@ -280,8 +266,7 @@ class Block(nn.Module):
 
 class DINOv2(nn.Module):
     """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers
-    dropped). `mask_token` (for DINOv2's masked pre-training) is unused, but the checkpoints hold
-    it."""
+    dropped). `mask_token` (for its masked pre-training) is unused, but the checkpoints hold it."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
                  num_register_tokens: int = 0, img_size: int = 518,
@@ -289,8 +274,7 @@ class DINOv2(nn.Module):
                  mlp_ratio: float = 4.0):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, embed_dim
-        self.interpolate_antialias = interpolate_antialias
-        self.interpolate_offset = interpolate_offset
+        self.antialias, self.offset = interpolate_antialias, interpolate_offset  # hub settings
         self.num_prefix = 1 + num_register_tokens  # tokens before the patches: CLS, registers
         grid = img_size // patch_size  # 37 for the hub models: 37*37 + 1 positions
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -313,30 +297,25 @@ class DINOv2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
-        """Position embeddings (1, 1 + h*w, D) for an h x w patch grid, resized as the official
-        model does: bicubic in float32 with the hub's antialias flag; the plain models pass the
-        scale factor (n + 0.1) / 37 instead of a size (a historical offset that moves the sample
-        points)."""
+        """Position embeddings (1, 1 + h*w, D) for an h x w grid, resized as the official model
+        does: bicubic in float32 with the hub's antialias flag; the plain models pass the scale
+        factor (n + 0.1) / 37, not a size (a historical offset that moves the sample points)."""
         pos = self.pos_embed
         M = math.isqrt(pos.shape[1] - 1)
         if h == w == M:
             return pos
         pos = pos.float()
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-        offset = self.interpolate_offset
-        size = (dict(scale_factor=((h + offset) / M, (w + offset) / M)) if offset
-                else dict(size=(h, w)))
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
+        a = self.offset
+        size = dict(scale_factor=((h + a) / M, (w + a) / M)) if a else dict(size=(h, w))
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.antialias, **size)
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
-    def forward(self, x):
-        """Normalised images (B, 3, H, W), sides multiples of 14 -> patch tokens
-        (B, H/14 * W/14, D)."""
+    def forward(self, x):  # normalised images (B, 3, H, W) -> patch tokens (B, H/14 * W/14, D)
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, "
-                             f"got {H}x{W}")
+            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}: {H}x{W}")
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), 14x14 patches
         # No casts, as in the official model: under bf16 autocast the float32 CLS token promotes the
         # tokens to float32, and the position embeddings are added in float32.
@@ -411,29 +390,21 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Upsample(nn.Module):
+def upsample(ch: int) -> nn.Sequential:
     """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                     conv=nn.Conv2d(ch, ch, 3, padding=1)))
 
 
 class Decoder(nn.Module):
     """Latent (B, C, h, w) -> image (B, 3, 16h, 16w): conv_in -> middle (res, attention, res) ->
-    per level from the widest: num_res_blocks + 1 residual blocks (attention after each at the
-    latent resolution), then x2 upsampling -> norm, SiLU, conv_out. The defaults (128, 1-1-2-2-4,
-    2) give 41.4M parameters, the LDM / VA-VAE decoder's size (the paper does not give its
-    decoder's: our choice)."""
+    per level from the widest: num_res_blocks + 1 residual blocks, x2 upsampling -> conv_out. The
+    defaults give 41.4M parameters, the LDM / VA-VAE decoder's (the paper does not say its own)."""
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
                  num_res_blocks: int = 2):
         super().__init__()
-        widths = [ch * m for m in ch_mult]
-        width = widths[-1]
+        widths, width = [ch * m for m in ch_mult], ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width),
                                  ResnetBlock(width, width))
@@ -445,7 +416,7 @@ class Decoder(nn.Module):
                 if level == len(ch_mult) - 1:  # global attention only where it is cheap
                     up.append(AttnBlock(width))
             if level > 0:
-                up.append(Upsample(width))
+                up.append(upsample(width))
         self.up = nn.Sequential(*up)
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, 3, 3, padding=1)  # the "last layer" of the GAN weight
@@ -484,8 +455,7 @@ class PatchGAN(nn.Module):
         return self.main(x)  # (B, 1, h', w') patch logits
 
 
-def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False,
-                seed: int = 0) -> nn.Module:
+def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False, seed: int = 0):
     """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the
     package; the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or
     the URL), never silently random: random_backbone=True (tests, demo) draws it from `seed`, so
