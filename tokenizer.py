@@ -21,6 +21,8 @@ The encoder keeps the official DINOv2 parameter names, so the published checkpoi
 import copy
 import hashlib
 import math
+import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -36,19 +38,17 @@ TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3:
 
 
 def set_trainable(model: "AlignedTokenizer", stage: int):
-    """Freeze everything, then unfreeze this stage's parts. Frozen parts build no autograd graph, so
-    stages 1 and 3 pay no backward cost (and no activation memory) for the frozen encoder."""
+    """Only this stage's parts learn: frozen ones build no autograd graph (no backward cost)."""
     model.requires_grad_(False)
     for name in TRAINABLE[stage]:
         getattr(model, name).requires_grad_(True)
-    # DINOv2's mask token is for its masked pre-training only: it never gets a gradient here, and
-    # DDP fails on a trainable parameter that gets none.
+    # DINOv2's mask token (for its masked pre-training) never gets a gradient here, and DDP fails
+    # on a trainable parameter that gets none.
     model.encoder.mask_token.requires_grad_(False)
 
 
 def semantic_reference(model: "AlignedTokenizer") -> "AlignedTokenizer":
-    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter, whose latent z_ref of
-    the same image the fine-tuned latent must stay close to."""
+    """Stage 2's reference: a frozen copy of the stage-1 encoder + adapter."""
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     ref.decoder = None
     return ref
@@ -78,7 +78,7 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         disc.requires_grad_(False)  # D judges here but does not learn from this loss
         parts["g_loss"] = -disc(x_hat).float().mean()
         disc.requires_grad_(True)
-        last_layer = unwrap(model).decoder.last_layer
+        last_layer = unwrap(model).decoder.conv_out.weight
         parts["w_g"] = adaptive_gan_weight(nll, parts["g_loss"], last_layer, disc_weight)
         loss = loss + parts["w_g"] * parts["g_loss"]
     parts["loss"] = loss
@@ -113,8 +113,7 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
 # --------------------------------------------------------------------------------------------------
 # The tokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_config(**overrides) -> dict:
@@ -131,31 +130,26 @@ def default_config(**overrides) -> dict:
 
 class AlignedTokenizer(nn.Module):
     """DINOv2 encoder + adapter + decoder: `encode(x) -> z`, `decode(z) -> x`, images in [-1, 1].
-
-    The latent grid is image_size / 16 (16 x 16 at 256 px): the encoder sees the image resized to
-    14 * image_size / 16 (224 at 256 px), so that its 14-px patches give that grid; the decoder
-    upsamples by 16."""
+    The latent grid is image_size / 16: the encoder sees the image resized to 14/16 of its size
+    (224 px at 256), so that its 14-px patches give that grid; the decoder upsamples by 16."""
 
     def __init__(self, config: dict, encoder: "DINOv2 | None" = None):
         super().__init__()
         self.config = config = default_config(**config)
         if config["image_size"] % 16 or len(config["decoder_ch_mult"]) != 5:
-            raise UserError("image_size must be a multiple of 16 and the decoder must upsample x16 "
-                            f"(5 channel multipliers), got {config['image_size']} and "
-                            f"{config['decoder_ch_mult']}")
-        self.encoder = (encoder if encoder is not None
-                        else build_dinov2(config["encoder"], pretrained=False))
+            raise UserError("image_size must be a multiple of 16 and decoder_ch_mult 5 entries "
+                            f"(x16), not {config['image_size']} and {config['decoder_ch_mult']}")
+        self.encoder = encoder or build_dinov2(config["encoder"], pretrained=False)
         D = self.encoder.embed_dim
         # The adapter's output is the latent: no KL, no sampling.
-        self.adapter = Mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
+        self.adapter = mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
         self.decoder = Decoder(config["latent_channels"], config["decoder_ch"],
                                config["decoder_ch_mult"], config["decoder_res_blocks"])
         self.latent_size = config["image_size"] // 16
-        self.encoder_size = self.latent_size * self.encoder.patch_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # Set by load_tokenizer: the stage that trained the weights, and whether stage 1 began from
-        # a random encoder (so that later stages, extraction and evaluation can say so).
+        # Set by load_aligned_tokenizer: the stage that trained the weights, and whether stage 1
+        # began from a random encoder (so that later stages and evaluations can say so).
         self.stage, self.random_encoder = None, False
 
     @property
@@ -163,31 +157,29 @@ class AlignedTokenizer(nn.Module):
         return (self.config["latent_channels"], self.latent_size, self.latent_size)
 
     def preprocess(self, x):
-        """[-1, 1] images (B, 3, H, W) -> DINOv2 input (B, 3, 14H/16, 14W/16), ImageNet-normalised
-        (256 x 256 -> 224 x 224: 16 x 16 patches of 14 px)."""
-        patch = self.encoder.patch_size
-        size = (x.shape[-2] // 16 * patch, x.shape[-1] // 16 * patch)
+        """[-1, 1] images (B, 3, H, W) -> DINOv2's input (B, 3, 14H/16, 14W/16), normalised."""
+        size = [side // 16 * self.encoder.patch_size for side in x.shape[-2:]]
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (image_size: the training size;
-        other sizes and aspect ratios too, for text-to-image buckets) -> latents z
-        (B, C, H/16, W/16)."""
+        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (any aspect ratio, for the
+        text-to-image buckets) -> latents z (B, C, H/16, W/16)."""
         bad_shape = x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16
         if bad_shape or not x.is_floating_point():
             raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
                             f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
                             "data.py, map with data.to_model_range)")
-        z = self.adapter(self.encoder(self.preprocess(x)))  # (B, h*w, D) -> (B, h*w, C)
+        # Contiguous: on the strided token slice F.linear runs mm with grad and bmm without, which
+        # round differently on some CPUs, and stage 2's L_sp would not start at exactly 0.
+        tokens = self.encoder(self.preprocess(x)).contiguous()  # (B, h*w, D)
+        z = self.adapter(tokens)  # (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
 
-    def decode(self, z):
-        """Latents (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (clamp before saving)."""
+    def decode(self, z):  # (B, C, h, w) -> images (B, 3, 16h, 16w), about [-1, 1]: clamp them
         return self.decoder(z)
 
-    def decoding_modules(self):
-        """What decoding needs (sampling moves only these to the GPU)."""
+    def decoding_modules(self):  # what decoding needs (sampling moves only these to the GPU)
         return [self.decoder]
 
     def forward(self, x):
@@ -196,9 +188,8 @@ class AlignedTokenizer(nn.Module):
 
 
 def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
-    """Our tokenizer from `ckpt`, the loaded `path`: a `tokenizer.pt` of train_tokenizer.py or its
-    `ckpt.pt` (the EMA weights either way; "model" in tokenizer.pt files written before the export
-    named them "ema"). baselines.load_tokenizer calls it for files that are ours."""
+    """Our tokenizer from `ckpt`, the loaded `path`: train_tokenizer.py's tokenizer.pt or ckpt.pt,
+    the EMA weights either way ("model" in tokenizer.pt files from before the export said "ema")."""
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
@@ -211,13 +202,13 @@ def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
 
 
 def latent_fingerprint(tokenizer) -> str:
-    """A short hash of the weights that make the latents (all but the decoding side): latents must
-    be decoded by the tokenizer that made them, or by a refinement of its decoder (stage 3)."""
+    """A short hash of the weights that make the latents (all but the decoding side; a strided
+    sample of each tensor: fast, and enough to tell weights apart): latents must be decoded by the
+    tokenizer that made them, or by a refinement of its decoder (stage 3)."""
     decoding = {id(p) for m in tokenizer.decoding_modules() for p in m.parameters()}
     digest = hashlib.sha1()
     for name, p in tokenizer.named_parameters():
         if id(p) not in decoding:
-            # A strided sample of every tensor: enough to tell weights apart, fast.
             sample = p.detach().float().flatten()[:: max(1, p.numel() // 4096)]
             digest.update(name.encode() + sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -234,8 +225,7 @@ _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
                    for s, (d, n, h) in _SIZES.items()
                    for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
-# Random weights only: the demo and tests.
-TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)
+TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)  # random only: demo, tests
 
 
 def dinov2_url(name: str) -> str:
@@ -245,77 +235,38 @@ def dinov2_url(name: str) -> str:
     return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping 14x14 patches -> tokens: (B, 3, H, W) -> (B, H/14 * W/14, D)."""
-
-    def __init__(self, patch_size: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        head_dim = D // self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class Mlp(nn.Module):
+def mlp(dim: int, hidden: int, out_dim: int | None = None) -> nn.Sequential:
     """Linear -> GELU -> Linear: DINOv2's MLP, and the adapter (D -> hidden -> latent channels)."""
-
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim or dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    """Learned per-channel scale of a residual branch."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                     fc2=nn.Linear(hidden, out_dim or dim)))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm transformer block: x + attn(norm1(x)) * ls1, then x + mlp(norm2(x)) * ls2 (learned
+    per-channel scales). The dicts keep the official names (attn.qkv, ls1.gamma...)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+
+    def attention(self, x):  # multi-head self-attention, fused qkv projection
+        B, N, D = x.shape
+        qkv = self.attn.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attention(self.norm1(x)) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DINOv2(nn.Module):
     """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers
-    dropped). `mask_token` is unused (it is for DINOv2's masked pre-training) but kept: the
-    checkpoints hold it."""
+    dropped). `mask_token` (for its masked pre-training) is unused, but the checkpoints hold it."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
                  num_register_tokens: int = 0, img_size: int = 518,
@@ -323,8 +274,7 @@ class DINOv2(nn.Module):
                  mlp_ratio: float = 4.0):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, embed_dim
-        self.interpolate_antialias = interpolate_antialias
-        self.interpolate_offset = interpolate_offset
+        self.antialias, self.offset = interpolate_antialias, interpolate_offset  # hub settings
         self.num_prefix = 1 + num_register_tokens  # tokens before the patches: CLS, registers
         grid = img_size // patch_size  # 37 for the hub models: 37*37 + 1 positions
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -332,11 +282,10 @@ class DINOv2(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, patch_size, patch_size)))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # Recompute blocks in backward: less memory when the encoder trains.
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # recompute blocks in backward: less memory in stage 2
         # Random-weight runs only (tests, demo); real runs load the official weights.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -348,33 +297,26 @@ class DINOv2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
-        """Position embeddings for an h x w patch grid, resized as the official model does: bicubic
-        in float32 with the hub's antialias flag; the plain models pass the scale factor
-        (n + 0.1) / 37 instead of a size (a historical offset that moves the sample points).
-        Returns (1, 1 + h*w, D)."""
+        """Position embeddings (1, 1 + h*w, D) for an h x w grid, resized as the official model
+        does: bicubic in float32 with the hub's antialias flag; the plain models pass the scale
+        factor (n + 0.1) / 37, not a size (a historical offset that moves the sample points)."""
         pos = self.pos_embed
         M = math.isqrt(pos.shape[1] - 1)
         if h == w == M:
             return pos
         pos = pos.float()
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-        if self.interpolate_offset:
-            offset = self.interpolate_offset
-            size = dict(scale_factor=((h + offset) / M, (w + offset) / M))
-        else:
-            size = dict(size=(h, w))
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
+        a = self.offset
+        size = dict(scale_factor=((h + a) / M, (w + a) / M)) if a else dict(size=(h, w))
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.antialias, **size)
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
-    def forward(self, x):
-        """Normalised images (B, 3, H, W), sides multiples of 14 -> patch tokens
-        (B, H/14*W/14, D)."""
+    def forward(self, x):  # normalised images (B, 3, H, W) -> patch tokens (B, H/14 * W/14, D)
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}, "
-                             f"got {H}x{W}")
-        x = self.patch_embed(x)  # (B, N, D)
+            raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}: {H}x{W}")
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), 14x14 patches
         # No casts, as in the official model: under bf16 autocast the float32 CLS token promotes the
         # tokens to float32, and the position embeddings are added in float32.
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
@@ -401,10 +343,10 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) ->
                         "or 'tiny'")
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
-        path = pretrained_file(dinov2_url(name), ckpt, f"DINOv2 weights for {name}",
-                               "--encoder_ckpt", "--random_encoder")
+        what = f"DINOv2 weights for {name}"
+        path = pretrained_file(dinov2_url(name), ckpt, what, "--encoder_ckpt", "--random_encoder")
         try:
-            model.load_state_dict(load_checkpoint(path, f"DINOv2 weights for {name}"), strict=True)
+            model.load_state_dict(load_checkpoint(path, what), strict=True)
         except RuntimeError as e:
             raise UserError(f"{path} does not hold {name} weights (another variant?): "
                             f"{str(e)[:300]}") from None
@@ -412,10 +354,10 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# The decoder
+# The decoder: the LDM / VA-VAE convolutional decoder (baselines.py builds VA-VAE from its pieces)
 
 
-def _group_norm(ch: int) -> nn.GroupNorm:
+def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, ch, eps=1e-6)
 
 
@@ -424,8 +366,8 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.norm1, self.conv1 = _group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = _group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
@@ -434,13 +376,11 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map (used at the latent
-    resolution)."""
+    """Single-head self-attention over all positions of a feature map."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = _group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.norm, self.qkv = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
@@ -450,32 +390,21 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed
-    convolutions)."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def upsample(ch: int) -> nn.Sequential:
+    """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+    return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                     conv=nn.Conv2d(ch, ch, 3, padding=1)))
 
 
 class Decoder(nn.Module):
-    """The convolutional decoder of the LDM / VA-VAE family: latent (B, C, h, w) -> image
-    (B, 3, 16h, 16w).
-
-    conv_in -> middle (res, attention, res) -> per level from the widest: num_res_blocks + 1
-    residual blocks (with attention after each at the latent resolution), then x2 upsampling ->
-    norm, SiLU, conv_out. The defaults (128, 1-1-2-2-4, 2) give 41.4M parameters, the LDM / VA-VAE
-    decoder's size (the paper does not give its decoder's: our choice)."""
+    """Latent (B, C, h, w) -> image (B, 3, 16h, 16w): conv_in -> middle (res, attention, res) ->
+    per level from the widest: num_res_blocks + 1 residual blocks, x2 upsampling -> conv_out. The
+    defaults give 41.4M parameters, the LDM / VA-VAE decoder's (the paper does not say its own)."""
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
                  num_res_blocks: int = 2):
         super().__init__()
-        widths = [ch * m for m in ch_mult]
-        width = widths[-1]
+        widths, width = [ch * m for m in ch_mult], ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width),
                                  ResnetBlock(width, width))
@@ -487,15 +416,10 @@ class Decoder(nn.Module):
                 if level == len(ch_mult) - 1:  # global attention only where it is cheap
                     up.append(AttnBlock(width))
             if level > 0:
-                up.append(Upsample(width))
+                up.append(upsample(width))
         self.up = nn.Sequential(*up)
-        self.norm_out = _group_norm(width)
-        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """Where the adaptive GAN weight compares the two gradients."""
-        return self.conv_out.weight
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)  # the "last layer" of the GAN weight
 
     def forward(self, z):
         h = self.up(self.mid(self.conv_in(z)))  # (B, 4ch, h, w) -> (B, ch, 16h, 16w)
@@ -531,14 +455,11 @@ class PatchGAN(nn.Module):
         return self.main(x)  # (B, 1, h', w') patch logits
 
 
-def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False,
-                seed: int = 0) -> nn.Module:
+def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False, seed: int = 0):
     """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the
     package; the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or
-    the URL). random_backbone=True (tests, demo) draws it from `seed` instead, so that runs are
-    repeatable."""
-    import warnings
-
+    the URL), never silently random: random_backbone=True (tests, demo) draws it from `seed`, so
+    that runs are repeatable."""
     import lpips
 
     with warnings.catch_warnings():  # torchvision's "'pretrained' is deprecated", from inside lpips

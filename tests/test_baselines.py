@@ -52,15 +52,8 @@ def reference_keys(name):
 
 def ldm_state_dict(model):
     """Our VA-VAE's weights under the official LDM names (attention's qkv split into q, k, v)."""
-    out = {}
-    for name, ldm in baselines.ldm_names(model).items():
-        value = model.state_dict()[name]
-        if name.endswith(("qkv.weight", "qkv.bias")):
-            prefix, kind = ldm.rsplit(".qkv.", 1)
-            out.update({f"{prefix}.{x}.{kind}": v for x, v in zip("qkv", value.chunk(3))})
-        else:
-            out[ldm] = value
-    return out
+    return {key: value for name, keys in baselines.ldm_names(model).items()
+            for key, value in zip(keys, model.state_dict()[name].chunk(len(keys)))}
 
 
 def test_vavae_layout_is_the_official_one():
