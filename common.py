@@ -851,16 +851,3 @@ def plot_curves(records: list[dict], path: str, x: str = "step", width: int = 30
         draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=grey)
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
-
-# TEMP-MERGE: removed once the helpers' branches are merged
-def refuse_sharded(path, what):
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        load_checkpoint(path, what)
-
-
-def add_compile_arg(p):
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
-
-
-def add_fsdp_arg(p):
-    p.add_argument("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"))
