@@ -23,8 +23,7 @@ import os
 import fid
 import sample
 from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, cleanup_distributed,
-                    in_range, load_json, save_json, script_main, setup_distributed)
-from common import plot_curves
+                    in_range, load_json, plot_curves, save_json, script_main, setup_distributed)
 
 
 def parse_args(argv=None):
@@ -33,7 +32,7 @@ def parse_args(argv=None):
                                 allow_abbrev=False)
     p.add_argument("reference", help="FID reference, as fid.py's (ADM's reference batch, "
                    "statistics, a folder or an .npz of images)")
-    p.add_argument("--cfg_scales", type=sample.guidance_scale, nargs="+", required=True,
+    p.add_argument("--cfg_scales", type=in_range(0), nargs="+", required=True,
                    help="guidance scales w")
     p.add_argument("--interval_starts", type=in_range(0, 1, hi_open=True), nargs="+",
                    default=[0.0], help="guidance-interval starts t (sample.py's "

@@ -67,7 +67,7 @@ def in_range(lo, hi=math.inf, kind=float, lo_open=False, hi_open=False):
     def parse(text):
         value = kind(text)
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         above = value > lo if lo_open else value >= lo
         if not (above and (value < hi if hi_open else value <= hi)):
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
@@ -307,7 +307,8 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
     """torch.load on the CPU with weights_only=True: tensors and plain containers, never code."""
     if os.path.isfile(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint's index
         raise UserError(f"{path} is a sharded (--fsdp) training checkpoint, not a {what} file: "
-                        f"`python train_dit.py --export {path}` (train_t2i.py alike) writes one")
+                        f"`python train_dit.py --export {path}` writes one (train_t2i.py for a "
+                        "text-to-image run)")
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
@@ -726,10 +727,9 @@ def peak_flops(env: DistEnv) -> float | None:
 
 
 class Run(contextlib.AbstractContextManager):
-    """The bookkeeping of one training run, which the trainer's loop calls step by step: `record`
-    (device values: summed, NaN-watched), `log`, `stop_requested` and `save` when due. `identity`
-    (kind, architecture) must match on --resume. Nothing is logged or saved past a non-finite
-    value. Leaving the `with` block draws the curves (and after a sharded run, writes export.pt)."""
+    """A training run's bookkeeping, which its loop calls step by step: `record` (device values,
+    NaN-watched), `log`, `stop_requested`, `save`. `identity` must match on --resume. Leaving the
+    `with` block draws the curves (and after a sharded run writes export.pt for sampling)."""
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict = None,
                  batch_size: int = 1, skipped=None, nan_advice: str = "", show=("loss",),
@@ -741,16 +741,18 @@ class Run(contextlib.AbstractContextManager):
         self.checkpoint = Checkpoint(env, args, run_dir, identity, state)
         self.logger, self.meter, self.stop = Logger(env, run_dir), Meter(env.device), StopSignal()
         self.pbar = tqdm(total=args.steps, disable=not env.is_main, dynamic_ncols=True)
-        self.stopped, self.t0, self.first_step = False, time.time(), True
+        self.stopped, self.t0, self.first_step = False, time.time(), True  # the first: not yet
+        self.about = {"args": vars(args), **{k: v for k, v in self.meta.items() if isinstance(
+            v, (str, int, float, bool))}}  # the log's start and resume records
         if not args.resume:
-            self.logger.log({"event": "start", "step": 0, "args": vars(args)})
+            self.logger.log({"event": "start", "step": 0, **self.about})
 
     def resume(self) -> int:
         """Restore every part and every rank's RNG; returns the step to go on from."""
         ckpt = self.checkpoint.load(self.env)
         self.logger.info(f"resumed at step {ckpt['step']} from {self.checkpoint.path} (saved on "
                          f"{len(ckpt['rng'])} ranks)")  # the log's re-run steps replace the old
-        self.logger.log({"event": "resume", "step": ckpt["step"], "args": vars(self.args)})
+        self.logger.log({"event": "resume", "step": ckpt["step"], **self.about})
         self.pbar.update(ckpt["step"])
         self.t0 = time.time()  # the first step's time: from here
         return ckpt["step"]
@@ -798,8 +800,7 @@ class Run(contextlib.AbstractContextManager):
         self.pbar.close()
         self.stop.restore()
         if exc_type is None:
-            skipped = self.skipped()  # a collective
-            if skipped:
+            if (skipped := self.skipped()):  # a collective: every rank calls it
                 self.logger.info(f"{skipped} unusable samples were skipped (see the warnings)")
             self.logger.draw_curves()
             if self.checkpoint.sharded and not self.stopped and self.env.is_main:

@@ -13,7 +13,6 @@ resumes from fixed-size shards. Text-to-image models: sample_t2i.py.
 """
 
 import argparse
-import math
 import os
 import time
 import warnings
@@ -336,24 +335,17 @@ def run(sampler: Sampler, log) -> str | None:
     return path if sampler.env.is_main else None
 
 
-def guidance_scale(text: str) -> float:
-    """An argparse type: a finite w >= 0 (nan or inf would give images of NaN with exit 0)."""
-    if not (math.isfinite(w := float(text)) and w >= 0):
-        raise argparse.ArgumentTypeError(f"must be finite and at least 0, got {text}")
-    return w
-
-
 def add_model_args(p, ckpt: str):
     """The model, the ODE and the hardware: the flags of every sampling script."""
     p.add_argument("--ckpt", default=ckpt, help="the training run's checkpoint (or export.pt)")
     p.add_argument("--tokenizer", help="to decode with (default: the checkpoint's, or its stage 3)")
     p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1")
-    p.add_argument("--shift", type=in_range(0, math.inf, lo_open=True), default=0.3,
+    p.add_argument("--shift", type=in_range(0, lo_open=True), default=0.3,
                    help="time shift s; 1 = uniform grid")
     p.add_argument("--solver", default="euler", choices=sorted(SOLVERS), help="ODE solver")
     p.add_argument("--cfg_channels", type=at_least(1),
                    help="guide only the first K latent channels (LightningDiT: 3; default: all)")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass per rank")
+    p.add_argument("--batch_size", type=at_least(1), default=64, help="per forward, per rank")
     p.add_argument("--seed", type=int, default=0, help="sample i's generator: seeded by (seed, i)")
     p.add_argument("--shard_size", type=int, default=1000, help="--npz: samples per shard")
     p.add_argument("--raw_weights", action="store_true", help="the raw weights, not the EMA")
@@ -366,7 +358,7 @@ def add_model_args(p, ckpt: str):
 
 def add_output_args(p):
     """One guidance setting and where its samples go (cfg_search.py sweeps these)."""
-    p.add_argument("--cfg", type=guidance_scale, default=1.0, help="guidance scale w; 1 = none")
+    p.add_argument("--cfg", type=in_range(0), default=1.0, help="guidance scale w; 1 = none")
     p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
     p.add_argument("--num_samples", type=int, help="default: 16 for a grid, 50000 with --npz")

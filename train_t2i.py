@@ -67,12 +67,14 @@ def parse_args(argv=None):
     add("--micro_batch", type=at_least(1), help="samples per forward on a rank; below its share "
         "of --batch_size: gradient accumulation (default: none)")
     add("--lr", type=in_range(0, lo_open=True), default=1e-4, help="AdamW learning rate")
-    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95))
-    add("--weight_decay", type=in_range(0), default=0.0)
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95),
+        help="optimiser betas")
+    add("--weight_decay", type=in_range(0), default=0.0, help="AdamW weight decay")
     add("--grad_clip", type=in_range(0), default=1.0, help="max gradient norm (0: off)")
-    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999)
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999,
+        help="EMA of the weights (what is sampled and exported)")
     # runtime
-    add("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
     add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
     add("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"), help="shard weights, "
@@ -80,8 +82,8 @@ def parse_args(argv=None):
         "hybrid: shard within a node, replicate across nodes. Checkpoints: <run_dir>/ckpt/")
     add("--num_workers", type=at_least(0), default=4, help="data loading processes per rank")
     add("--seed", type=at_least(0), default=0, help="seeds weights, noise and data order")
-    add("--log_every", type=at_least(1), default=100)
-    add("--ckpt_every", type=at_least(1), default=5000)
+    add("--log_every", type=at_least(1), default=100, help="steps between log lines")
+    add("--ckpt_every", type=at_least(1), default=5000, help="steps between checkpoints")
     add("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step> (0: never)")
     add("--grid_every", type=at_least(0), default=5000, help="steps between sample grids (0: off)")
     add("--grid_cfg", type=in_range(0), default=4.0, help="guidance scale of the sample grids")

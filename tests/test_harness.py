@@ -195,7 +195,7 @@ def test_a_failing_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
 @pytest.mark.parametrize("content", [b"", b'{"cfg": 1.0, "st'], ids=["empty", "truncated"])
 def test_npz_damaged_settings_file_is_a_user_error_naming_it(dit_ckpt, tmp_path, content,
                                                               monkeypatch):
-    monkeypatch.setattr(sample, "generate",
+    monkeypatch.setattr(sample.Sampler, "images",
                         lambda *a, **k: pytest.fail("sampled despite a damaged settings.json"))
     out = tmp_path / "npz"
     out.mkdir()
@@ -269,7 +269,7 @@ def test_fid_unwritable_output_fails_before_any_feature(tmp_path, monkeypatch, f
 
 @pytest.mark.parametrize("mode", [[], ["--npz", "--num_samples", "2"]], ids=["grid", "npz"])
 def test_sample_unwritable_out_fails_before_any_sample(dit_ckpt, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(sample, "generate",
+    monkeypatch.setattr(sample.Sampler, "images",
                         lambda *a, **k: pytest.fail("sampled before checking --out"))
     bad = unwritable(tmp_path, "samples")
     with pytest.raises(UserError, match=f"cannot write the output {bad}"):
