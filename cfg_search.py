@@ -41,21 +41,27 @@ def parse_args(argv=None):
                    help="samples per setting")
     p.add_argument("--out", default="runs/cfg_search", help="output folder (a subfolder a setting)")
     p.add_argument("--keep_samples", action="store_true", help="keep each setting's samples.npz")
-    p.add_argument("--classes", type=sample.class_ids, help="as sample.py's (default: random)")
+    sample.add_label_args(p)
     p.add_argument("--fid_batch_size", type=int, default=50, help="Inception images a pass a rank")
     p.add_argument("--num_workers", type=int, default=4, help="workers for a reference folder")
     p.add_argument("--no_sfid", action="store_true", help="no sFID (a reference without mu_s)")
     p.add_argument("--inception_ckpt", help="local FID Inception weights (as fid.py's)")
     p.add_argument("--random_inception", action="store_true", help="tests and the demo only")
+    p.add_argument("--rank_by", choices=["fid", "fd_dinov2"], default="fid",
+                   help="the best setting's metric (fd_dinov2: computed too, as fid.py's)")
+    p.add_argument("--dinov2_ckpt", help="local DINOv2 ViT-L/14 weights (as fid.py's)")
+    p.add_argument("--random_dinov2", action="store_true", help="tests and the demo only")
     sample.add_model_args(p, "runs/dit/ckpt.pt")
     return p.parse_args(argv)
 
 
-def write_results(rows: list[dict], out: str, log) -> dict:
-    """results.json, results.csv, fid_vs_cfg.png and best.json; prints the table and the best."""
+def write_results(rows: list[dict], out: str, log, rank_by: str = "fid") -> dict:
+    """results.json, results.csv, fid_vs_cfg.png and best.json (the lowest `rank_by`); prints the
+    table and the best."""
     rows = sorted(rows, key=lambda r: (r["cfg_interval_start"], r["cfg"]))
     save_json(rows, os.path.join(out, "results.json"))
     keys = ["cfg", "cfg_interval_start", "fid", "sfid", "inception_score", "num_samples"]
+    keys[5:5] = ["fd_dinov2"] if rank_by == "fd_dinov2" else []
     table = [[f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
              for r in rows]
     csv = "\n".join(",".join(line) for line in [keys, *table]) + "\n"
@@ -66,13 +72,14 @@ def write_results(rows: list[dict], out: str, log) -> dict:
     plot_curves([{"cfg": r["cfg"], **{name + (f" (t >= {r['cfg_interval_start']:g})" if several
                                               else ""): r[k]
                                       for name, k in (("FID", "fid"), ("sFID", "sfid"),
-                                                      ("IS", "inception_score")) if k in r}}
+                                                      ("IS", "inception_score"),
+                                                      ("FD_DINOv2", "fd_dinov2")) if k in r}}
                  for r in sorted(rows, key=lambda r: r["cfg"])],
                 os.path.join(out, "fid_vs_cfg.png"), x="cfg")
-    best = min(rows, key=lambda r: r["fid"])
-    log(f"best: cfg {best['cfg']:g} from t={best['cfg_interval_start']:g}: FID {best['fid']:.4f} "
-        f"({best['num_samples']} samples vs {best['reference']}); table, plot, best.json in {out}")
-    best = {k: best[k] for k in [*keys, "reference"] if k in best}
+    best = min(rows, key=lambda r: r[rank_by])
+    log(f"best by {rank_by}: cfg {best['cfg']:g} from t={best['cfg_interval_start']:g}: "
+        f"{fid.result_line(best)}; table, plot, best.json in {out}")
+    best = {k: best[k] for k in [*keys, "reference", "labelling"] if k in best}
     save_json(best, os.path.join(out, "best.json"))
     return best
 
@@ -92,10 +99,14 @@ def main(argv=None):
     # What every result depends on besides its guidance: a resumed sweep must match it.
     sweep = {k: v for k, v in sampler.settings().items() if k not in ("cfg", "cfg_interval_start")}
     sweep.update(reference=os.path.abspath(args.reference), no_sfid=args.no_sfid,
-                 inception=args.inception_ckpt or ("random" if args.random_inception else ""))
+                 inception=args.inception_ckpt or ("random" if args.random_inception else ""),
+                 dinov2=args.rank_by == "fd_dinov2" and (
+                     args.dinov2_ckpt or ("random" if args.random_dinov2 else "")))
     if env.is_main:
         sample.match_settings(os.path.join(args.out, "sweep.json"), sweep, "a sweep")
     inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
+    dinov2 = (fid.load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device)
+              if args.rank_by == "fd_dinov2" else None)
     stats = os.path.join(args.out, "reference_stats.npz")  # a reference of images, featurised once
     rows = []
     for t in args.interval_starts:
@@ -111,7 +122,7 @@ def main(argv=None):
             result = fid.evaluate(path, stats if os.path.exists(stats) else args.reference,
                                   model=inception, env=env, batch_size=args.fid_batch_size,
                                   num_workers=args.num_workers, sfid=not args.no_sfid,
-                                  save_stats=stats, log=log)
+                                  save_stats=stats, log=log, dinov2=dinov2)
             rows.append({"cfg": w, "cfg_interval_start": t, **result})
             log(f"cfg {w:g} from t={t:g}: {fid.result_line(result)}")
             if env.is_main:
@@ -119,7 +130,7 @@ def main(argv=None):
                 if not args.keep_samples:
                     os.remove(path)
             env.barrier()  # no rank goes on before rank 0 has finished this setting
-    best = write_results(rows, args.out, log) if env.is_main else None
+    best = write_results(rows, args.out, log, args.rank_by) if env.is_main else None
     cleanup_distributed()
     return best
 
