@@ -22,8 +22,8 @@ import os
 
 import fid
 import sample
-from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, cleanup_distributed,
-                    in_range, load_json, plot_curves, save_json, script_main, setup_distributed)
+from common import (HelpFormatter, Logger, at_least, atomic_write, cleanup_distributed, in_range,
+                    load_json, plot_curves, save_json, script_main, setup_distributed)
 
 
 def parse_args(argv=None):
@@ -88,11 +88,12 @@ def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
     log = Logger(env).info
-    # Before any sampling: statistics without sFID's spatial part cannot give an sFID.
+    inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
+    dinov2 = (fid.load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device)
+              if args.rank_by == "fd_dinov2" else None)
     source = fid.load_source(args.reference, log=log)
-    if isinstance(source, fid.FIDStatistics) and source.mu_s is None and not args.no_sfid:
-        raise UserError(f"{args.reference} has no spatial statistics (mu_s, sigma_s) for sFID: "
-                        "pass --no_sfid, or a reference of images or with mu_s/sigma_s")
+    if isinstance(source, fid.FIDStatistics):  # before any sampling: can it give what is asked?
+        fid.check_statistics(source, "reference", inception, False, not args.no_sfid, dinov2)
     s = copy.copy(args)  # sample.py's settings, each setting's guidance and folder filled in below
     s.cfg, s.cfg_interval_start, s.npz, s.keep_shards = 1.0, 0.0, True, False
     sampler = sample.class_sampler(s, env)
@@ -100,13 +101,9 @@ def main(argv=None):
     sweep = {k: v for k, v in sampler.settings().items() if k not in ("cfg", "cfg_interval_start")}
     sweep.update(reference=os.path.abspath(args.reference), no_sfid=args.no_sfid,
                  inception=args.inception_ckpt or ("random" if args.random_inception else ""),
-                 dinov2=args.rank_by == "fd_dinov2" and (
-                     args.dinov2_ckpt or ("random" if args.random_dinov2 else "")))
+                 dinov2=getattr(dinov2, "weights_name", None))
     if env.is_main:
         sample.match_settings(os.path.join(args.out, "sweep.json"), sweep, "a sweep")
-    inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
-    dinov2 = (fid.load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device)
-              if args.rank_by == "fd_dinov2" else None)
     stats = os.path.join(args.out, "reference_stats.npz")  # a reference of images, featurised once
     rows = []
     for t in args.interval_starts:

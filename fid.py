@@ -330,8 +330,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="cpu"):
     """DINOv2 ViT-L/14 with the official weights (the file the tokenizer's stage 1 loads), loaded
     strictly; `random_weights`: a random one-block DINOv2 (384-d features), for tests, the demo."""
-    net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights, ckpt,
-                       ("--dinov2_ckpt", "--random_dinov2")).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # random weights: the same in every run
+        torch.manual_seed(0)
+        net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights,
+                           ckpt, ("--dinov2_ckpt", "--random_dinov2")).eval().requires_grad_(False)
     net.weights_name = "RANDOM (tiny, test only)" if random_weights else os.path.basename(
         ckpt or "dinov2_vitl14_pretrain.pth")
     return net.to(device)
@@ -532,7 +534,7 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     return stats
 
 
-def _check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bool, dinov2=None):
+def check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bool, dinov2=None):
     """Before any feature is computed: can these statistics give what was asked?"""
     name, how = stats.path or f"the {what} statistics", getattr(model, "preprocess", "adm")
     if prc and stats.features is None and stats.images is None:
@@ -574,7 +576,7 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
              if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
     for what, src in zip(("samples", "reference"), sides):  # before the expensive part
         if isinstance(src, FIDStatistics):
-            _check_statistics(src, what, model, prc, sfid, dinov2)
+            check_statistics(src, what, model, prc, sfid, dinov2)
     extract = dict(env=env, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
     def statistics(src, what):  # (FIDStatistics on rank 0, else None; logits or None)
