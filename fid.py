@@ -12,8 +12,7 @@ paper's, LightningDiT's and VA-VAE's ImageNet 256x256 numbers come from.
   sample.py writes it), or statistics (`.npz` with ADM's keys `mu`, `sigma`, `mu_s`, `sigma_s`).
 - A reference batch with stored statistics (ADM's: the ImageNet training set's, and 10,000 images)
   is used as ADM uses it: FID and sFID against the statistics, precision/recall against the images.
-- `--fd_dinov2`: also FD_DINOv2, the Frechet distance of DINOv2 ViT-L/14 features as dgm-eval
-  computes it (README, "Evaluation protocol"); its statistics are `mu_dinov2`, `sigma_dinov2`.
+- `--fd_dinov2`: also FD_DINOv2, on DINOv2 ViT-L/14 features as dgm-eval computes it (README).
 """
 
 import argparse
@@ -121,10 +120,9 @@ class FIDStatistics:
     @classmethod
     def from_moments(cls, pool: Moments, spatial: Moments | None = None,
                      dinov2: Moments | None = None, **kw):
-        (mu_s, sigma_s), (mu_d, sigma_d) = (_fit(m) if m else (None, None)
-                                            for m in (spatial, dinov2))
-        return cls(*_fit(pool), pool.count, mu_s=mu_s, sigma_s=sigma_s, mu_dinov2=mu_d,
-                   sigma_dinov2=sigma_d, **kw)
+        fits = {k: v for keys, m in zip(PAIRS[1:], (spatial, dinov2)) if m
+                for k, v in zip(keys, _fit(m))}  # mu_s, sigma_s, mu_dinov2, sigma_dinov2
+        return cls(*_fit(pool), pool.count, **fits, **kw)
 
     @classmethod
     def from_features(cls, features, keep_features: bool = False, name: str = "features",
@@ -324,9 +322,6 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
 
 
 # ---- FD_DINOv2's network, as dgm-eval runs it ---------------------------------------------------
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="cpu"):
     """DINOv2 ViT-L/14 with the official weights (the file the tokenizer's stage 1 loads), loaded
     strictly; `random_weights`: a random one-block DINOv2 (384-d features), for tests, the demo."""
@@ -334,20 +329,19 @@ def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="c
         torch.manual_seed(0)
         net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights,
                            ckpt, ("--dinov2_ckpt", "--random_dinov2")).eval().requires_grad_(False)
-    net.weights_name = "RANDOM (tiny, test only)" if random_weights else os.path.basename(
-        ckpt or "dinov2_vitl14_pretrain.pth")
+    net.weights_name = "RANDOM (tiny, test only)" if random_weights else ckpt or "dinov2_vitl14"
     return net.to(device)
 
 
 def dinov2_input(images) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> DINOv2's input (B, 3, 224, 224) as dgm-eval makes it: PIL's
-    bicubic resize (antialiased) of the uint8 image straight to 224x224, as torchvision's
-    Resize((224, 224)) does to a PIL image (no crop: our images are square), /255, then ImageNet's
-    mean and std. On the CPU, with PIL itself: torch's antialiased bicubic differs slightly."""
+    antialiased bicubic resize of the uint8 image straight to 224x224 (torchvision's Resize((224,
+    224)) of a PIL image; torch's bicubic does not match it), /255, ImageNet's mean and std."""
     resized = [np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
         (224, 224), Image.BICUBIC)) for im in images.cpu()]  # each (224, 224, 3) uint8
     x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406),
+                                                         (0.229, 0.224, 0.225)))  # ImageNet's
     return (x - mean) / std
 
 
@@ -371,10 +365,10 @@ def gather_rows(local: torch.Tensor, env: DistEnv, interleaved: bool) -> torch.T
 
 def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, desc: str,
              progress: bool = True, skip: int = 0, dinov2=None):
-    """The network's (pool, logits, spatial) features, and with `dinov2` (load_dinov2) the DINOv2
-    CLS features, in true float32, of each batch of this rank's share of a set, less its first
-    `skip` images. A folder's images are decoded by worker processes,
-    rank r taking items r, r + W, ... (data.eval_loader); arrays are split in contiguous shares."""
+    """The network's (pool, logits, spatial) features, and `dinov2`'s if given, in true float32, of
+    each batch of this rank's share of a set, less its first `skip` images. A folder's images are
+    decoded by workers, rank r taking items r, r + W, ... (data.eval_loader); arrays are split in
+    contiguous shares."""
     if isinstance(images, ImageFolder):
         workers = min(num_workers, len(os.sched_getaffinity(0)))
         batches = eval_loader(images, batch_size, env, num_workers=workers, skip=skip)
@@ -404,10 +398,9 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
                         batch_size: int = 50, num_workers: int = 4, progress: bool = True,
                         desc: str = "Inception features", spatial: bool = False, dinov2=None):
     """Pool features (N, 2048) and logits (N, 1008) of a set of images, with `spatial` sFID's
-    features (N, 2023), and last with `dinov2` (load_dinov2's network) FD_DINOv2's features (N, D),
-    from the same pass: float32 numpy, the same on every rank. `images`, the
-    whole set (split over the ranks here): a folder (ImageFolder), NpzImages, or uint8 images in
-    memory (numpy NHWC or torch NCHW)."""
+    (N, 2023), and last with `dinov2` (load_dinov2) FD_DINOv2's (N, D), from the same pass: float32
+    numpy, the same on every rank. `images`, the whole set (split over the ranks here): a folder
+    (ImageFolder), NpzImages, or uint8 images in memory (numpy NHWC or torch NCHW)."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
     columns = [[], [], [], []]  # pool, logits, spatial, DINOv2: tensors per batch
     for outputs in _forward(images, model, env, batch_size, num_workers, desc, progress,
@@ -475,11 +468,10 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
 def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batch_size: int = 50,
                        num_workers: int = 4, save_every: int = 50_000,
                        dinov2=None) -> FIDStatistics | None:
-    """Pool and spatial statistics (and with `dinov2` DINOv2's) of a large set (e.g. the 1.28M
-    ImageNet training images) written to `out`, without holding its features: each rank folds its
-    share into Moments, saved every `save_every` images to <out>.partial/ with what they are of,
-    from where a killed run on the same input resumes (with as many ranks); rank 0 merges them.
-    Returns them on rank 0, else None."""
+    """Pool, spatial (and `dinov2`'s) statistics of a large set (e.g. the 1.28M ImageNet training
+    images) written to `out`, without holding its features: each rank folds its share into Moments,
+    saved every `save_every` images to <out>.partial/ with what they are of, from where a killed run
+    on the same input resumes (with as many ranks); rank 0 merges them. On rank 0, else None."""
     how, folder = getattr(model, "preprocess", "adm"), isinstance(source, ImageFolder)
     what = "{} ({} images, {}, {} preprocessing{})".format(
         os.path.abspath(source.root if folder else source.path), len(source),
@@ -544,18 +536,16 @@ def check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bo
         raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass "
                         "--no_sfid, or statistics written by fid.py --save_stats")
     if dinov2 is not None and stats.mu_dinov2 is None and stats.images is None:
-        raise UserError(f"{name} has no DINOv2 statistics (mu_dinov2, sigma_dinov2) for "
-                        "--fd_dinov2, nor images to compute them: pass images, or statistics "
-                        "written by fid.py --save_stats --fd_dinov2")
+        raise UserError(f"{name} has no DINOv2 statistics (mu_dinov2) nor images for --fd_dinov2: "
+                        "pass images, or statistics written by fid.py --save_stats --fd_dinov2")
     if stats.preprocess != how:
         raise UserError(f"{name} holds statistics of {stats.preprocess} preprocessing, this run "
                         f"uses {how}: pass --preprocess {stats.preprocess} or recompute them")
     dims = (*getattr(model, "dims", (0, 0)), getattr(dinov2, "embed_dim", 0))
-    for (key, _), want, kind in zip(PAIRS, dims, ("Inception's pool", "Inception's spatial",
-                                                  "DINOv2's")):
+    for (key, _), want, kind in zip(PAIRS, dims, ("Inception pool", "Inception spatial", "DINOv2")):
         got = getattr(stats, key)
         if want and got is not None and got.size != want:
-            raise UserError(f"{name}: its {key} has {got.size} dimensions but this {kind} "
+            raise UserError(f"{name}: its {key} has {got.size} dimensions but this run's {kind} "
                             f"features have {want}: statistics of another network or layer")
 
 
@@ -563,13 +553,12 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
              reference_from_images: bool = False, image_size: int | None = None,
              save_stats: str | None = None, progress: bool = True, log=None, dinov2=None) -> dict:
-    """FID and sFID of `samples` against `reference`, the samples' Inception Score, precision/
-    recall with `prc`, FD_DINOv2 with `dinov2` (load_dinov2's network). Each side: a path, what
-    load_source returns, or uint8 images in memory (numpy NHWC, torch NCHW). A reference batch with
-    stored statistics is used as ADM's evaluator uses it unless `reference_from_images` (without
-    DINOv2 statistics, its images give them). Under torchrun pass the run's `env`: extraction is
-    split over the ranks, and every rank returns the same dict. `save_stats`: where to write
-    reference statistics computed here (with `prc`, with its features)."""
+    """FID, sFID, IS of `samples` against `reference`, precision/recall with `prc`, FD_DINOv2 with
+    `dinov2` (load_dinov2). Each side: a path, what load_source returns, or uint8 images in memory
+    (numpy NHWC, torch NCHW). A reference batch with stored statistics is used as ADM's evaluator
+    uses it unless `reference_from_images`. Under torchrun pass the run's `env`: extraction is split
+    over the ranks, and every rank returns the same dict. `save_stats`: where to write reference
+    statistics computed here (with `prc`, with its features)."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
     log, how = log or Logger(env).info, getattr(model, "preprocess", "adm")
     sides = [load_source(os.fspath(s), image_size, log, reference_from_images)
@@ -669,10 +658,9 @@ def parse_args(argv=None):
     p.add_argument("--inception_ckpt", help=f"local {os.path.basename(FID_WEIGHTS_URL)} (default: "
                    "the torch.hub cache, else download)")
     p.add_argument("--random_inception", action="store_true", help="random weights (tests, demo)")
-    p.add_argument("--fd_dinov2", action="store_true", help="also FD_DINOv2 (DINOv2 ViT-L/14 "
-                   "features, as dgm-eval), and with --save_stats its statistics")
-    p.add_argument("--dinov2_ckpt", help="local dinov2_vitl14_pretrain.pth (default: the torch.hub "
-                   "cache, else download)")
+    p.add_argument("--fd_dinov2", action="store_true", help="also FD_DINOv2 (DINOv2 ViT-L/14, as "
+                   "dgm-eval), and with --save_stats its statistics")
+    p.add_argument("--dinov2_ckpt", help="local dinov2_vitl14_pretrain.pth (default: as above)")
     p.add_argument("--random_dinov2", action="store_true", help="random weights (tests, demo)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
@@ -722,9 +710,8 @@ def main(argv=None):
     if len(args.paths) == 1 and env.is_main:
         result = {"images": args.paths[0], "num_images": stats.num_images,
                   "statistics": args.save_stats, "preprocess": args.preprocess,
-                  "inception_weights": model.weights_name}
-        if dinov2 is not None:
-            result["dinov2_weights"] = dinov2.weights_name
+                  "inception_weights": model.weights_name,
+                  "dinov2_weights": getattr(dinov2, "weights_name", None)}
         log(f"statistics of {stats.num_images} images written to {args.save_stats}")
     if env.is_main and args.json:
         save_json(result, args.json)

@@ -9,9 +9,7 @@ As in LightningDiT's code, `--steps N` is N time points (N - 1 model evaluations
 steps"); the shift s = 0.3 puts more of them near the noise; its protocol guides only the first 3
 latent channels for t >= 0.10 (`--cfg_channels 3 --cfg_interval_start 0.10`, w about 10). Sample i's
 noise and label come from (--seed, i): any number of ranks gives the same samples, and `--npz`
-resumes from fixed-size shards. Labels are uniformly random, as ADM's and DiT's; with
---balanced_labels sample i gets class i mod classes (50 a class for 50K, RAE's protocol; README,
-"Evaluation protocol"). Text-to-image models: sample_t2i.py.
+resumes from fixed-size shards. Text-to-image models: sample_t2i.py.
 """
 
 import argparse
@@ -273,8 +271,7 @@ def wait_for(paths, poll_s: float = 1.0):
 
 def run_npz(sampler: Sampler, log) -> str:
     """Shards of --shard_size samples by global index, the missing ones split over the ranks, then
-    joined by rank 0 into `<out>/samples.npz` (arr_1: the labels; `labelling`: how they were
-    drawn, for fid.py's record). Returns its path."""
+    joined by rank 0 into `<out>/samples.npz` (arr_1: labels, `labelling`: how drawn); its path."""
     args, env = sampler.args, sampler.env
     N, S, final = args.num_samples, args.shard_size, os.path.join(args.out, "samples.npz")
     paths = [os.path.join(args.out, "shards", f"shard_{k:06d}.npz") for k in range(-(-N // S))]
@@ -397,23 +394,19 @@ def parse_args(argv=None):
     return args
 
 
-def add_label_args(p):
-    """The labels (sample.py, cfg_search.py): uniformly random unless one of these."""
-    p.add_argument("--classes", type=class_ids,
+def add_label_args(p):  # sample.py's and cfg_search.py's; default: uniformly random labels
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--classes", type=class_ids,
                    help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
-    p.add_argument("--balanced_labels", action="store_true", help="sample i gets class i mod "
-                   "classes (50 a class for 50K; FID ~0.1 lower than with the default uniformly "
-                   "random labels, so state it)")
+    g.add_argument("--balanced_labels", action="store_true", help="sample i gets class i mod "
+                   "classes (50 a class for 50K: FID ~0.1 lower than random labels; state it)")
 
 
 def class_sampler(args, env) -> Sampler:
-    """The model, labels from --classes cycled, i mod classes (--balanced_labels) or random per
-    index."""
+    """The model, labels from --classes or all classes (--balanced_labels) cycled, or random."""
     model, tokenizer, meta = load_models(args.ckpt, args.tokenizer, ema=not args.raw_weights)
     if bad := [c for c in args.classes or [] if not 0 <= c < model.num_classes]:
         raise UserError(f"unknown class id(s) {bad}: this model has {model.num_classes} classes")
-    if args.classes and args.balanced_labels:
-        raise UserError("--classes and --balanced_labels exclude each other")
     cycle = args.classes or (list(range(model.num_classes)) if args.balanced_labels else None)
 
     def labels(indices):
@@ -422,9 +415,8 @@ def class_sampler(args, env) -> Sampler:
         return sample_labels(args.seed, indices, model.num_classes)
 
     return Sampler(args, env, model, tokenizer, meta, tokenizer.latent_shape, labels,
-                   lambda y: (y.to(env.device), None), classes=args.classes,
-                   labelling="classes" if args.classes else ("balanced" if args.balanced_labels
-                                                             else "uniform"))
+                   lambda y: (y.to(env.device), None), classes=args.classes, labelling="classes"
+                   if args.classes else "balanced" if args.balanced_labels else "uniform")
 
 
 def main(argv=None):

@@ -312,9 +312,8 @@ class DINOv2(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
-    def forward(self, x, cls: bool = False):
-        """Normalised images (B, 3, H, W) -> final-norm patch tokens (B, H/14 * W/14, D), or with
-        `cls` the final-norm CLS token (B, D): the hub model's output, which FD_DINOv2 uses."""
+    def forward(self, x, cls: bool = False):  # `cls`: the hub model's output, FD_DINOv2's
+        """Normalised images (B, 3, H, W) -> patch tokens (B, H/14 * W/14, D), or CLS (B, D)."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}: {H}x{W}")

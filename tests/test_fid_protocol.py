@@ -157,7 +157,7 @@ def test_bad_statistics_are_one_line_naming_the_file(tmp_path, monkeypatch):
         (
             "wide.npz",
             [],
-            "wide.npz: its mu has 2048 dimensions but this Inception's pool features have 64",
+            "wide.npz: its mu has 2048 dimensions but this run's Inception pool features have 64",
         ),
         ("stats.npz", ["--prc"], "stats.npz has only mu/sigma"),
     ]
@@ -465,7 +465,7 @@ def test_fd_dinov2_end_to_end(tmp_path, monkeypatch, capsys):
                       mu_dinov2=np.zeros(1024), sigma_dinov2=np.eye(1024)).save(wide)
     monkeypatch.setattr(fid, "_forward", lambda *a, **k: pytest.fail("features computed first"))
     for ref, match in [(nodino, r"nodino.npz has no DINOv2 statistics .*--save_stats --fd_dinov2"),
-                       (wide, "wide.npz: its mu_dinov2 has 1024 dimensions but this DINOv2's")]:
+                       (wide, "its mu_dinov2 has 1024 dimensions but this run's DINOv2 features")]:
         with pytest.raises(UserError, match=match):
             fid.main([a, ref, *flags])
 

@@ -265,9 +265,8 @@ def test_balanced_labels_are_recorded_in_the_npz_settings_and_fid_json(tiny_file
     uniform = sample.main(cli(tiny_files, *common, "--out", tmp_path / "u"))
     result = fid.evaluate(uniform, path, model=StubInception(), progress=False, sfid=False)
     assert result["labelling"] == "uniform"
-    with pytest.raises(UserError, match="--classes and --balanced_labels exclude each other"):
-        sample.main(cli(tiny_files, *common, "--balanced_labels", "--classes", "1",
-                        "--out", tmp_path / "c"))
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        sample.main(cli(tiny_files, *common, "--balanced_labels", "--classes", "1"))
 
 
 def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
