@@ -56,8 +56,7 @@ def parse_args(argv=None):
 
 
 def write_results(rows: list[dict], out: str, log, rank_by: str = "fid") -> dict:
-    """results.json, results.csv, fid_vs_cfg.png and best.json (the lowest `rank_by`); prints the
-    table and the best."""
+    """results.json, .csv, fid_vs_cfg.png, best.json (lowest `rank_by`); prints table and best."""
     rows = sorted(rows, key=lambda r: (r["cfg_interval_start"], r["cfg"]))
     save_json(rows, os.path.join(out, "results.json"))
     keys = ["cfg", "cfg_interval_start", "fid", "sfid", "inception_score", "num_samples"]
