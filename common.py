@@ -245,12 +245,12 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 def micro_batches(args, env: DistEnv) -> tuple[int, int]:
     """(samples per forward on a rank, forwards per optimiser step): --batch_size is the global
     batch, split over the ranks, each rank's share into micro-batches of at most --micro_batch."""
-    per_rank = args.batch_size // env.world_size
-    micro = min(args.micro_batch or per_rank, per_rank)
+    per_rank, given = args.batch_size // env.world_size, getattr(args, "micro_batch", None)
+    micro = min(given or per_rank, per_rank)
     if args.batch_size % env.world_size or per_rank % micro:
         raise UserError(f"--batch_size {args.batch_size} must split evenly over {env.world_size} "
                         f"ranks" + (f", each share into micro-batches of --micro_batch {micro}"
-                                    if args.micro_batch else ""))
+                                    if given else ""))
     return micro, per_rank // micro
 
 
