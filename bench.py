@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import dit
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
-                    parallelize, unwrap, use_bf16, use_compile)
+                    forward_flops, parallelize, unwrap, use_bf16, use_compile)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
@@ -58,27 +58,6 @@ CONFIGS = {
 T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
               "cpu": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets ("H100 PCIe" before "H100").
-def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
-    """Model FLOPs of one image's forward pass through the LightningDiT (text_tokens = 0) or
-    t2i.TextToImageDiT: 2 per matmul weight (Linear, Conv2d) and token it sees, plus attention's
-    4 tokens^2 width per block (norms, RoPE, softmax not counted). The conditioning's weights
-    (t-MLP, adaLN, text pooling) see one token, a stream's its own tokens, the rest all tokens."""
-    flops = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")):
-            tokens = 1
-        elif name.startswith("context_embedder") or ".txt." in name:
-            tokens = text_tokens
-        elif name.startswith(("x_embedder", "final_layer")) or ".img." in name:
-            tokens = image_tokens
-        else:
-            tokens = image_tokens + text_tokens
-        flops += 2 * m.weight.numel() * tokens
-    return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
-
-
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compilation: torch.compile each block of the model's block lists, not the whole
     model. The blocks of one class share one compiled graph (their weights are its inputs), so the

@@ -157,7 +157,11 @@ class FIDStatistics:
         feats = npz["features"] if "features" in npz.files else None
         num_images = int(npz["num_images"]) if "num_images" in npz.files else (
             len(feats) if feats is not None else -1)  # -1: unknown (ADM's, pytorch-fid's)
-        how = str(npz["preprocess"]) if "preprocess" in npz.files else "adm"  # ADM's: TF's own
+        # Without the key: ADM's reference batches (mu_s, no num_images) were made by TF, as ADM
+        # feeds it; pytorch-fid's files (mu, sigma alone) and this project's before it recorded
+        # the preprocessing (num_images) by pytorch-fid's preprocessing.
+        how = str(npz["preprocess"]) if "preprocess" in npz.files else (
+            "adm" if "mu_s" in npz.files and "num_images" not in npz.files else "pytorch-fid")
         return cls(num_images=num_images, features=feats, path=path, preprocess=how, **got)
 
     def frechet_distance(self, other: "FIDStatistics", spatial: bool = False) -> float:
@@ -379,6 +383,8 @@ def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, des
         n, r, w = len(images), env.rank, env.world_size
         start, stop = n * r // w + skip, n * (r + 1) // w
         batches = (images[i: min(i + batch_size, stop)] for i in range(start, stop, batch_size))
+    if len(images) == 0:  # on every rank, before any collective
+        raise UserError(f"{desc}: no images (an empty folder or array?)")
     device = next(model.parameters()).device
     bar = tqdm(total=len(images), initial=skip * env.world_size, desc=desc, unit="img",
                dynamic_ncols=True, disable=not (progress and env.is_main))
@@ -675,8 +681,8 @@ def main(argv=None):
     log = Logger(env).info
     sources = [load_source(p, args.image_size, log, args.reference_from_images or
                            len(args.paths) == 1) for p in args.paths]  # before any work
-    if len(sources) == 1 and isinstance(sources[0], FIDStatistics):
-        raise UserError(f"{args.paths[0]} is already a statistics file")
+    if args.save_stats and isinstance(sources[-1], FIDStatistics):  # nothing to compute
+        raise UserError(f"{args.paths[-1]} is already a statistics file: drop --save_stats")
     for flag, out, what in (("--json", args.json, "results file"),
                             ("--save_stats", args.save_stats, "statistics file")):
         same = [p for p in [*args.paths, args.inception_ckpt, args.dinov2_ckpt]

@@ -131,10 +131,11 @@ def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
     (train_t2i.py: kind "t2i" and its `build`)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, ".metadata")):  # a file of a sharded (--fsdp) checkpoint
+        export = os.path.basename(folder).replace("ckpt", "export", 1) + ".pt"  # common.export
         raise UserError(f"{path} is part of a sharded (--fsdp) checkpoint, without whole weights: "
-                        f"sample from {os.path.dirname(folder)}/export.pt, written at the end of "
-                        "the run or by `python train_dit.py --export --run_dir RUN` (train_t2i.py "
-                        "alike)")
+                        f"sample from {os.path.join(os.path.dirname(folder), export)}, which "
+                        f"`python train_dit.py --export {folder}` writes (train_t2i.py for a "
+                        "text-to-image run)")
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != kind:  # the other kind is named with its script
@@ -347,8 +348,8 @@ def add_model_args(p, ckpt: str):
     p.add_argument("--cfg_channels", type=at_least(1),
                    help="guide only the first K latent channels (LightningDiT: 3; default: all)")
     p.add_argument("--batch_size", type=at_least(1), default=64, help="per forward, per rank")
-    p.add_argument("--seed", type=int, default=0, help="sample i's generator: seeded by (seed, i)")
-    p.add_argument("--shard_size", type=int, default=1000, help="--npz: samples per shard")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sample i's generator: (seed, i)")
+    p.add_argument("--shard_size", type=at_least(1), default=1000, help="--npz: samples per shard")
     p.add_argument("--raw_weights", action="store_true", help="the raw weights, not the EMA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -362,7 +363,7 @@ def add_output_args(p):
     p.add_argument("--cfg", type=in_range(0), default=1.0, help="guidance scale w; 1 = none")
     p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
-    p.add_argument("--num_samples", type=int, help="default: 16 for a grid, 50000 with --npz")
+    p.add_argument("--num_samples", type=at_least(1), help="default: 16 (grid), 50000 (--npz)")
     p.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
     p.add_argument("--npz", action="store_true", help="write an ADM .npz for FID (the 50K mode)")
     p.add_argument("--keep_shards", action="store_true", help="--npz: keep the shards")

@@ -348,12 +348,20 @@ def test_statistics_record_their_preprocessing_and_mixing_is_refused(tmp_path, m
     with pytest.raises(UserError, match="r_adm.npz holds statistics of adm preprocessing"):
         fid.main([str(tmp_path / "r_pytorch-fid--prc.npz"), str(tmp_path / "r_adm.npz"),
                   "--preprocess", "pytorch-fid", *cpu])
-    # A file without the key (ADM's own reference batch, pytorch-fid's files) counts as ADM's.
+    # A file without the key: an ADM reference batch (mu_s, no num_images) counts as ADM's; this
+    # project's files from before the key (num_images) and pytorch-fid's (mu, sigma) as theirs.
     with np.load(tmp_path / "r_adm.npz") as z:
-        np.savez(tmp_path / "no_key.npz", **{k: z[k] for k in z.files if k != "preprocess"})
-    assert fid.load_source(str(tmp_path / "no_key.npz")).preprocess == "adm"
-    with pytest.raises(UserError, match="no_key.npz holds statistics of adm preprocessing"):
-        fid.main([s, str(tmp_path / "no_key.npz"), "--preprocess", "pytorch-fid", *cpu])
+        keys = {k: z[k] for k in z.files if k != "preprocess"}
+    files = {"adm_batch": ({k: v for k, v in keys.items() if k != "num_images"}, "adm"),
+             "ours_before": (keys, "pytorch-fid"),
+             "pytorch_fid": ({"mu": keys["mu"], "sigma": keys["sigma"]}, "pytorch-fid")}
+    for name, (arrays, how) in files.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        assert fid.load_source(str(tmp_path / f"{name}.npz")).preprocess == how, name
+    with pytest.raises(UserError, match="adm_batch.npz holds statistics of adm preprocessing"):
+        fid.main([s, str(tmp_path / "adm_batch.npz"), "--preprocess", "pytorch-fid", *cpu])
+    with pytest.raises(UserError, match="ours_before.npz holds statistics of pytorch-fid"):
+        fid.main([s, str(tmp_path / "ours_before.npz"), "--no_sfid", *cpu])
     # The statistics themselves refuse too (callers that do not go through evaluate).
     a, b = (fid.load_source(str(tmp_path / f"r_{how}.npz")) for how in ("adm", "pytorch-fid"))
     with pytest.raises(UserError, match="an FID across the two would be meaningless"):
@@ -477,3 +485,13 @@ def test_a_dinov2_file_that_does_not_load_strictly_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="--dinov2_ckpt .*missing.pth does not exist"):
         fid.load_dinov2(str(tmp_path / "missing.pth"))
+
+
+def test_save_stats_of_a_statistics_reference_is_refused(tmp_path, monkeypatch):
+    """It was ignored with exit 0: nothing to compute, so no file was written."""
+    monkeypatch.setattr(fid, "load_inception", stub_loader)
+    np.savez(tmp_path / "s.npz", arr_0=random_uint8_images(20, 16, 16, seed=1))
+    s, r, cpu = str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), ["--device", "cpu"]
+    fid.main([s, "--save_stats", r, *cpu])
+    with pytest.raises(UserError, match="r.npz is already a statistics file: drop --save_stats"):
+        fid.main([s, r, "--save_stats", str(tmp_path / "again.npz"), *cpu])

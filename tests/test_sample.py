@@ -5,6 +5,7 @@ recorded, and the bad-input messages."""
 
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -331,6 +332,11 @@ def test_a_file_of_a_sharded_checkpoint_points_to_export_pt(tiny_files, tmp_path
     message = str(e.value)
     assert f"{tmp_path / 'run'}/export.pt" in message and "train_dit.py --export" in message
     assert "--raw_weights" not in message
+    kept = tmp_path / "run" / "ckpt_0000008"  # a kept copy: its own export, not the latest's
+    shutil.copytree(folder, kept)
+    with pytest.raises(UserError, match=f"sample from {tmp_path / 'run'}/export_0000008.pt, which "
+                       f"`python train_dit.py --export {kept}` writes"):
+        sample.main(["--ckpt", str(kept / "train_state.pt"), "--device", "cpu"])
 
 
 def test_a_text_to_image_checkpoint_points_to_sample_t2i(tiny_files, tmp_path):
