@@ -167,7 +167,7 @@ def train(args, env):
     per_rank, _ = micro_batches(args, env)  # the global batch split over the ranks
     disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
     model, init, random_encoder = build_tokenizer(args, Logger(env).info)
-    set_trainable(model, args.stage)
+    set_trainable(model.train(), args.stage)  # a loaded tokenizer comes in eval mode
     ref, lpips, disc = build_loss_nets(model, args, device)
     ema = EMA(model, args.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
