@@ -157,9 +157,8 @@ class FIDStatistics:
         feats = npz["features"] if "features" in npz.files else None
         num_images = int(npz["num_images"]) if "num_images" in npz.files else (
             len(feats) if feats is not None else -1)  # -1: unknown (ADM's, pytorch-fid's)
-        # Without the key: ADM's reference batches (mu_s, no num_images) were made by TF, as ADM
-        # feeds it; pytorch-fid's files (mu, sigma alone) and this project's before it recorded
-        # the preprocessing (num_images) by pytorch-fid's preprocessing.
+        # Without the key: ADM's reference batches (mu_s, no num_images) as ADM feeds TF; else
+        # pytorch-fid's files (mu, sigma) or ours from before the key (num_images): pytorch-fid's
         how = str(npz["preprocess"]) if "preprocess" in npz.files else (
             "adm" if "mu_s" in npz.files and "num_images" not in npz.files else "pytorch-fid")
         return cls(num_images=num_images, features=feats, path=path, preprocess=how, **got)
