@@ -96,7 +96,8 @@ def test_a_changed_model_is_not_mixed_with_finished_settings(sweep, tmp_path):
 def test_a_reference_without_spatial_statistics_is_refused_before_sampling(sweep, tmp_path):
     argv, out, sampled = sweep
     ref = str(tmp_path / "stats.npz")
-    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64), num_images=np.int64(12))  # stub Inception
+    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64), num_images=np.int64(12),  # stub Inception
+             preprocess="adm")
     argv = [ref, *argv[1:]]
     with pytest.raises(UserError, match="stats.npz has no spatial statistics.*--no_sfid"):
         cfg_search.main([*argv, "--cfg_scales", "1"])

@@ -462,7 +462,8 @@ def test_fd_dinov2_end_to_end(tmp_path, monkeypatch, capsys):
         # ADM's reference batch: statistics (here without DINOv2's) and images.
         stats = fid.load_source(s)
         batch = str(tmp_path / "batch.npz")
-        np.savez(batch, arr_0=np.load(b)["arr_0"], mu=stats.mu, sigma=stats.sigma)
+        np.savez(batch, arr_0=np.load(b)["arr_0"], mu=stats.mu, sigma=stats.sigma, mu_s=stats.mu_s,
+                 sigma_s=stats.sigma_s)
         assert fid.main([a, batch, *flags, "--no_sfid"])["fd_dinov2"] == pytest.approx(
             got["fd_dinov2"], rel=1e-6)
     nodino = str(tmp_path / "nodino.npz")
