@@ -124,9 +124,7 @@ def timed(step, device, args, profile=None, warmup=None, iters=None):
         cuda, path = device.type == "cuda", os.path.join(args.profile, profile)
         kind = torch.profiler.ProfilerActivity
         with torch.profiler.profile(activities=[kind.CPU] + [kind.CUDA] * cuda) as prof:
-            for _ in range(2):
-                step()
-            sync(device)
+            clock(step, device, 2)
         os.makedirs(args.profile, exist_ok=True)
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         with open(path + ".txt", "w") as f:
@@ -374,16 +372,14 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
         encode = lambda: inputs  # noqa: E731
     seconds = train_step_seconds(f"{'t2i_e2e' if e2e else 't2i'}_b{B}", args, device, bf16,
                                  train_model, encode, ema.update, clip=True)
+    extra = {"params": sum(p.numel() for p in model.parameters())}
+    if e2e:
+        encoders = timed(encode, device, args)[0]  # after the step: warm
+        extra = dict(encoders_ms=1000 * encoders, encoders_share=encoders / seconds[0])
+        print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, "
+              f"{extra['encoders_share']:.0%} of the step", flush=True)
     name = f"t2i {cfg['t2i']} " + ("train_t2i step" if e2e else "train")
-    if not e2e:
-        return [report(name, device, B, seconds, flops,
-                       params=sum(p.numel() for p in model.parameters()))]
-    encoders = timed(encode, device, args)[0]  # after the step: warm
-    share = encoders / seconds[0]
-    print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, {share:.0%} of the step",
-          flush=True)
-    return [report(name, device, B, seconds, flops, encoders_ms=1000 * encoders,
-                   encoders_share=share)]
+    return [report(name, device, B, seconds, flops, **extra)]
 
 
 def frozen_encoders(cfg, device, bf16, mask):
@@ -395,8 +391,7 @@ def frozen_encoders(cfg, device, bf16, mask):
     from tokenizer import AlignedTokenizer
 
     (B, L), (H, W) = mask.shape, cfg["latent"][1:]
-    t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu",
-                               vocab_size=32128)
+    t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
     with torch.device(device):
         text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
@@ -459,10 +454,9 @@ def parse_args(argv=None):
                    help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"),
                    help="math: PyTorch's reference attention (materialises the N x N scores)")
-    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"),
-                       ("--channels_last", "the tokenizer's conv nets"),
-                       ("--cfg_two_pass", "CFG as two forwards, not one"), ("--no_tf32", None),
-                       ("--grad_checkpointing", None),
+    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"), ("--no_tf32", None),
+                       ("--channels_last", "the tokenizer's conv nets"), ("--grad_checkpointing",
+                       None), ("--cfg_two_pass", "CFG as two forwards, not one"),
                        ("--max_batch", "find the largest batch that fits (CUDA only)")):
         p.add_argument(flag, action="store_true", help=help)
     p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")
