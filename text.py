@@ -155,32 +155,12 @@ def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: 
     follow them."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim,
                                    num_layers=layers, num_heads=4, is_encoder_decoder=False,
                                    use_cache=False)
-    return save_random(transformers.T5EncoderModel, config, folder, seed)
-
-
-def save_random_clip(folder: str, dim: int = 32, image_size: int = 32, seed: int = 0) -> str:
-    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for testing the CLIP score
-    offline."""
-    import transformers
-
-    layers = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                  num_attention_heads=2)
-    text = dict(layers, vocab_size=384, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
-                pad_token_id=0)
-    vision = dict(layers, image_size=image_size, patch_size=8)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
-    return save_random(transformers.CLIPModel, config, folder, seed)
-
-
-def save_random(cls, config, folder: str, seed: int) -> str:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     with torch.random.fork_rng():  # seeded, and the caller's random state untouched
         torch.manual_seed(seed)
-        cls(config).save_pretrained(folder)
+        transformers.T5EncoderModel(config).save_pretrained(folder)
     transformers.ByT5Tokenizer().save_pretrained(folder)
     return folder

@@ -143,8 +143,9 @@ def test_torch_compile_matches_eager():
 
 
 def test_regional_compilation_compiles_one_block_for_all():
-    """bench.compiled(--compile regional): each block compiled, one graph shared by the blocks, the eager results.
-    (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++ build here.)"""
+    """bench.compiled(--compile regional): each block compiled, one graph shared by the blocks, the
+    eager results. (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++
+    build here.)"""
     import torch._dynamo.utils
 
     model = tiny_dit().train()
