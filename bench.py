@@ -34,11 +34,16 @@ from functools import partial
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import dit
+import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
                     parallelize, unwrap, use_bf16, use_compile)
+from data import to_model_range
+from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
+                       set_trainable, tokenizer_loss)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
@@ -233,11 +238,6 @@ def bench_dit(args, cfg, device, bf16, B):
 def bench_tokenizer(args, cfg, device, bf16, B):
     """train_tokenizer.py's step in each stage, with LPIPS and the GAN on (the costliest phase):
     tokenizer loss and update, EMA, discriminator update."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss,
-                           semantic_reference, set_trainable, tokenizer_loss)
-
     lpips = build_lpips(random_backbone=True).to(device)  # its weights do not change its speed
     rows = []
     for stage in (1, 2, 3):
@@ -285,9 +285,6 @@ def bench_tokenizer(args, cfg, device, bf16, B):
 def bench_sampling(args, cfg, device, bf16, B):
     """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding. The
     30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
-    import sample
-    from tokenizer import AlignedTokenizer
-
     model = dit.build_dit(cfg["dit"], **cfg["dit_kw"]).to(device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
     net = compiled(model, args, device)
@@ -364,8 +361,25 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
         train_model = compiled(model.to(device), args, device)
         ema.model.to(device)
     mask = torch.arange(L, device=device).expand(B, L) < L // 2  # half of the tokens: padding
-    if e2e:
-        encode = frozen_encoders(cfg, device, bf16, mask)
+    if e2e:  # from uint8 images and token ids, by the frozen tokenizer and a random T5 encoder
+        import transformers
+
+        t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
+        with torch.device(device):
+            text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else
+                                                              torch.float32)
+        tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
+        for net in (text_encoder, tok):
+            net.eval().requires_grad_(False)
+        images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+        ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+
+        @torch.no_grad()
+        def encode():  # -> (latents, (text states, mask)); no latent statistics (mean 0, std 1)
+            with autocast(device, bf16):
+                z = tok.encode(to_model_range(images, device))
+                states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return z.float(), (states, mask)
     else:  # random latents and text states (precomputed, as the LightningDiT's latents)
         inputs = torch.randn(B, C, H, W, device=device), (
             torch.randn(B, L, text_dim, device=device), mask)
@@ -380,34 +394,6 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
               f"{extra['encoders_share']:.0%} of the step", flush=True)
     name = f"t2i {cfg['t2i']} " + ("train_t2i step" if e2e else "train")
     return [report(name, device, B, seconds, flops, **extra)]
-
-
-def frozen_encoders(cfg, device, bf16, mask):
-    """encode() -> (latents, (text states, mask)) of random uint8 images and token ids by the
-    frozen tokenizer and a random T5 encoder (T5-XXL's on CUDA, built from its config)."""
-    import transformers
-
-    from data import to_model_range
-    from tokenizer import AlignedTokenizer
-
-    (B, L), (H, W) = mask.shape, cfg["latent"][1:]
-    t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
-    with torch.device(device):
-        text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
-    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
-    for net in (text_encoder, tok):
-        net.eval().requires_grad_(False)
-    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-    ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
-
-    @torch.no_grad()
-    def encode():
-        with autocast(device, bf16):
-            z = tok.encode(to_model_range(images, device))
-            states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
-
-    return encode
 
 
 def largest_batch(fits, start: int) -> int:
