@@ -58,8 +58,7 @@ class DiffusersVAE(Baseline):
 
 
 def is_folder(name: str, what: str) -> bool:
-    """Is `name` a folder rather than a hub name ("org/model")? A missing folder is refused here:
-    the libraries would call it an ill-formed hub name."""
+    """A folder rather than a hub name ("org/model")? A missing folder is refused here."""
     folder = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
     if folder and not os.path.isdir(name):
         raise UserError(f"the {what} folder {name} does not exist")
@@ -67,10 +66,9 @@ def is_folder(name: str, what: str) -> bool:
 
 
 def from_pretrained(cls, name: str, what: str, **kwargs):
-    """cls.from_pretrained(name) of a transformers or diffusers class, strictly: both would fill
-    weights missing from the files at random, with a warning, and a random VAE, text encoder or CLIP
-    gives plausible-looking numbers (a T5 folder passed as CLIP, a .bin holding no weights). Any
-    failure is one UserError naming `name`."""
+    """cls.from_pretrained(name) of transformers or diffusers, any failure one UserError. Strictly:
+    both fill weights missing from the files at random, with a warning, and a random VAE, text
+    encoder or CLIP gives plausible numbers (a T5 folder passed as CLIP, a .bin of no weights)."""
     library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
     library.utils.logging.disable_progress_bar()
     library.utils.logging.set_verbosity_error()  # its load report: our error says what matters

@@ -80,10 +80,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str], warn: bool = False):
-        if warn:  # sampling: say which prompts are cut
-            lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
-            for caption, n in dict(zip(captions, lengths)).items():
-                if n > self.max_length:
+        if warn:  # sampling: say which prompts are cut, once each
+            for caption, ids in dict(zip(captions, self.tokenizer(captions)["input_ids"])).items():
+                if len(ids) > self.max_length:
                     short = caption if len(caption) <= 80 else caption[:77] + "..."
                     warnings.warn(f"prompt longer than the text encoder's {self.max_length} "
                                   f"tokens, cut there: {short!r}")
