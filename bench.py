@@ -12,7 +12,7 @@ model FLOPs utilisation (MFU): model FLOP/s over the GPU's dense bf16 peak.
     python bench.py --part dit --part t2i --max_batch --memory_gib 80   # largest batch in 80 GB
 
 Timing: --warmup steps untimed, then the median of --repeats blocks of --iters steps, CUDA
-synchronised around each. Model FLOPs: see forward_flops; a training step is 3 forwards, sampling
+synchronised around each. Model FLOPs: common.forward_flops; a training step is 3 forwards, sampling
 (steps - 1) per image, two with CFG; the tokenizer's step is counted by torch's FlopCounterMode.
 --vs_official PATH times a checkout of github.com/hustvl/LightningDiT (it needs timm and einops)
 in the same process and protocol: its XL/1 as its config trains it, foreach AdamW and its
@@ -40,7 +40,7 @@ import dit
 import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
-                    parallelize, unwrap, use_bf16, use_compile)
+                    forward_flops, parallelize, unwrap, use_bf16, use_compile)
 from data import to_model_range
 from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
                        set_trainable, tokenizer_loss)
@@ -59,27 +59,6 @@ CONFIGS = {
 # t2i_e2e's frozen text encoder, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
 CONFIGS["cuda"]["t5"] = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 CONFIGS["cpu"]["t5"] = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
-
-
-def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
-    """Model FLOPs of one image's forward pass through the LightningDiT (text_tokens = 0) or
-    t2i.TextToImageDiT: 2 per matmul weight (Linear, Conv2d) and token it sees, plus attention's
-    4 tokens^2 width per block (norms, RoPE, softmax not counted). The conditioning's weights
-    (t-MLP, adaLN, text pooling) see one token, a stream's its own tokens, the rest all tokens."""
-    flops = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")):
-            tokens = 1
-        elif name.startswith("context_embedder") or ".txt." in name:
-            tokens = text_tokens
-        elif name.startswith(("x_embedder", "final_layer")) or ".img." in name:
-            tokens = image_tokens
-        else:
-            tokens = image_tokens + text_tokens
-        flops += 2 * m.weight.numel() * tokens
-    return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
 
 
 def compiled(model, args, device, **compile_kwargs):

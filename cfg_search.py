@@ -22,8 +22,8 @@ import os
 
 import fid
 import sample
-from common import (HelpFormatter, Logger, UserError, at_least, atomic_write, cleanup_distributed,
-                    in_range, load_json, plot_curves, save_json, script_main, setup_distributed)
+from common import (HelpFormatter, Logger, at_least, atomic_write, cleanup_distributed, in_range,
+                    load_json, plot_curves, save_json, script_main, setup_distributed)
 
 
 def parse_args(argv=None):
@@ -41,21 +41,26 @@ def parse_args(argv=None):
                    help="samples per setting")
     p.add_argument("--out", default="runs/cfg_search", help="output folder (a subfolder a setting)")
     p.add_argument("--keep_samples", action="store_true", help="keep each setting's samples.npz")
-    p.add_argument("--classes", type=sample.class_ids, help="as sample.py's (default: random)")
+    sample.add_label_args(p)
     p.add_argument("--fid_batch_size", type=int, default=50, help="Inception images a pass a rank")
     p.add_argument("--num_workers", type=int, default=4, help="workers for a reference folder")
     p.add_argument("--no_sfid", action="store_true", help="no sFID (a reference without mu_s)")
     p.add_argument("--inception_ckpt", help="local FID Inception weights (as fid.py's)")
     p.add_argument("--random_inception", action="store_true", help="tests and the demo only")
+    p.add_argument("--rank_by", choices=["fid", "fd_dinov2"], default="fid",
+                   help="the best setting's metric (fd_dinov2: computed too, as fid.py's)")
+    p.add_argument("--dinov2_ckpt", help="local DINOv2 ViT-L/14 weights (as fid.py's)")
+    p.add_argument("--random_dinov2", action="store_true", help="tests and the demo only")
     sample.add_model_args(p, "runs/dit/ckpt.pt")
     return p.parse_args(argv)
 
 
-def write_results(rows: list[dict], out: str, log) -> dict:
-    """results.json, results.csv, fid_vs_cfg.png and best.json; prints the table and the best."""
+def write_results(rows: list[dict], out: str, log, rank_by: str = "fid") -> dict:
+    """results.json, .csv, fid_vs_cfg.png, best.json (lowest `rank_by`); prints table and best."""
     rows = sorted(rows, key=lambda r: (r["cfg_interval_start"], r["cfg"]))
     save_json(rows, os.path.join(out, "results.json"))
     keys = ["cfg", "cfg_interval_start", "fid", "sfid", "inception_score", "num_samples"]
+    keys[5:5] = ["fd_dinov2"] if rank_by == "fd_dinov2" else []
     table = [[f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
              for r in rows]
     csv = "\n".join(",".join(line) for line in [keys, *table]) + "\n"
@@ -66,13 +71,14 @@ def write_results(rows: list[dict], out: str, log) -> dict:
     plot_curves([{"cfg": r["cfg"], **{name + (f" (t >= {r['cfg_interval_start']:g})" if several
                                               else ""): r[k]
                                       for name, k in (("FID", "fid"), ("sFID", "sfid"),
-                                                      ("IS", "inception_score")) if k in r}}
+                                                      ("IS", "inception_score"),
+                                                      ("FD_DINOv2", "fd_dinov2")) if k in r}}
                  for r in sorted(rows, key=lambda r: r["cfg"])],
                 os.path.join(out, "fid_vs_cfg.png"), x="cfg")
-    best = min(rows, key=lambda r: r["fid"])
-    log(f"best: cfg {best['cfg']:g} from t={best['cfg_interval_start']:g}: FID {best['fid']:.4f} "
-        f"({best['num_samples']} samples vs {best['reference']}); table, plot, best.json in {out}")
-    best = {k: best[k] for k in [*keys, "reference"] if k in best}
+    best = min(rows, key=lambda r: r[rank_by])
+    log(f"best by {rank_by}: cfg {best['cfg']:g} from t={best['cfg_interval_start']:g}: "
+        f"{fid.result_line(best)}; table, plot, best.json in {out}")
+    best = {k: best[k] for k in [*keys, "reference", "labelling"] if k in best}
     save_json(best, os.path.join(out, "best.json"))
     return best
 
@@ -81,21 +87,22 @@ def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
     log = Logger(env).info
-    # Before any sampling: statistics without sFID's spatial part cannot give an sFID.
+    inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
+    dinov2 = (fid.load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device)
+              if args.rank_by == "fd_dinov2" else None)
     source = fid.load_source(args.reference, log=log)
-    if isinstance(source, fid.FIDStatistics) and source.mu_s is None and not args.no_sfid:
-        raise UserError(f"{args.reference} has no spatial statistics (mu_s, sigma_s) for sFID: "
-                        "pass --no_sfid, or a reference of images or with mu_s/sigma_s")
+    if isinstance(source, fid.FIDStatistics):  # before any sampling: can it give what is asked?
+        fid.check_statistics(source, "reference", inception, False, not args.no_sfid, dinov2)
     s = copy.copy(args)  # sample.py's settings, each setting's guidance and folder filled in below
     s.cfg, s.cfg_interval_start, s.npz, s.keep_shards = 1.0, 0.0, True, False
     sampler = sample.class_sampler(s, env)
     # What every result depends on besides its guidance: a resumed sweep must match it.
     sweep = {k: v for k, v in sampler.settings().items() if k not in ("cfg", "cfg_interval_start")}
     sweep.update(reference=os.path.abspath(args.reference), no_sfid=args.no_sfid,
-                 inception=args.inception_ckpt or ("random" if args.random_inception else ""))
+                 inception=args.inception_ckpt or ("random" if args.random_inception else ""),
+                 dinov2=getattr(dinov2, "weights_name", None))
     if env.is_main:
         sample.match_settings(os.path.join(args.out, "sweep.json"), sweep, "a sweep")
-    inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
     stats = os.path.join(args.out, "reference_stats.npz")  # a reference of images, featurised once
     rows = []
     for t in args.interval_starts:
@@ -111,7 +118,7 @@ def main(argv=None):
             result = fid.evaluate(path, stats if os.path.exists(stats) else args.reference,
                                   model=inception, env=env, batch_size=args.fid_batch_size,
                                   num_workers=args.num_workers, sfid=not args.no_sfid,
-                                  save_stats=stats, log=log)
+                                  save_stats=stats, log=log, dinov2=dinov2)
             rows.append({"cfg": w, "cfg_interval_start": t, **result})
             log(f"cfg {w:g} from t={t:g}: {fid.result_line(result)}")
             if env.is_main:
@@ -119,7 +126,7 @@ def main(argv=None):
                 if not args.keep_samples:
                     os.remove(path)
             env.barrier()  # no rank goes on before rank 0 has finished this setting
-    best = write_results(rows, args.out, log) if env.is_main else None
+    best = write_results(rows, args.out, log, args.rank_by) if env.is_main else None
     cleanup_distributed()
     return best
 

@@ -245,12 +245,12 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 def micro_batches(args, env: DistEnv) -> tuple[int, int]:
     """(samples per forward on a rank, forwards per optimiser step): --batch_size is the global
     batch, split over the ranks, each rank's share into micro-batches of at most --micro_batch."""
-    per_rank = args.batch_size // env.world_size
-    micro = min(args.micro_batch or per_rank, per_rank)
+    per_rank, given = args.batch_size // env.world_size, getattr(args, "micro_batch", None)
+    micro = min(given or per_rank, per_rank)
     if args.batch_size % env.world_size or per_rank % micro:
         raise UserError(f"--batch_size {args.batch_size} must split evenly over {env.world_size} "
                         f"ranks" + (f", each share into micro-batches of --micro_batch {micro}"
-                                    if args.micro_batch else ""))
+                                    if given else ""))
     return micro, per_rank // micro
 
 
@@ -521,8 +521,9 @@ def reading(folder: str):
     except (Exception, CheckpointException) as e:
         kept = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(
             folder))), "ckpt_*[0-9]")))
-        fix = (f"the last kept copy is {kept[-1]}: move it to {folder} to go on from there"
-               if kept else "and no copy kept with --keep_every to fall back to")
+        fix = (f"the last kept copy is {kept[-1]}: to go on from it, move {folder} away and "
+               f"copy the kept one there (cp -al {kept[-1]} {folder})" if kept else
+               "and no copy kept with --keep_every to fall back to")
         raise UserError(f"the sharded checkpoint {folder} is damaged or incomplete "
                         f"({type(e).__name__}); {fix}") from None
 
@@ -560,7 +561,7 @@ def export(folder: str) -> str:
         raise UserError("--export reads the checkpoint in one process: run it with python, not "
                         "torchrun")
     folder = os.path.normpath(folder)
-    if not os.path.isdir(folder):
+    if not os.path.isdir(folder) or not os.path.basename(folder).startswith("ckpt"):
         raise UserError(f"no sharded (--fsdp) checkpoint folder {folder} to export: give "
                         "<run_dir>/ckpt or a kept <run_dir>/ckpt_<step>")
     ckpt = {k: v for k, v in train_state(folder).items() if k not in ("rng", "data")}
@@ -571,6 +572,9 @@ def export(folder: str) -> str:
                        for k, m in reader.read_metadata().state_dict_metadata.items()
                        if k.startswith("ema.") and isinstance(m, TensorStorageMetadata)}
         dcp.load({"ema": ckpt["ema"]}, storage_reader=reader, no_dist=True)
+    if train_state(folder)["step"] != ckpt["step"]:  # a save swapped the folder in the meantime
+        raise UserError(f"{folder} was replaced by a newer checkpoint while it was read: run "
+                        "--export again")
     path = os.path.join(os.path.dirname(os.path.abspath(folder)),
                         os.path.basename(folder).replace("ckpt", "export", 1) + ".pt")
     save_checkpoint(ckpt, path)
@@ -724,6 +728,27 @@ def peak_flops(env: DistEnv) -> float | None:
     name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     return peak * env.world_size if peak else None
+
+
+def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
+    """Model FLOPs of one image's forward pass through the LightningDiT (text_tokens = 0) or
+    t2i.TextToImageDiT: 2 per matmul weight (Linear, Conv2d) and token it sees, plus attention's
+    4 tokens^2 width per block (norms, RoPE, softmax not counted). The conditioning's weights
+    (t-MLP, adaLN, text pooling) see one token, a stream's its own tokens, the rest all tokens."""
+    flops = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")):
+            tokens = 1
+        elif name.startswith("context_embedder") or ".txt." in name:
+            tokens = text_tokens
+        elif name.startswith(("x_embedder", "final_layer")) or ".img." in name:
+            tokens = image_tokens
+        else:
+            tokens = image_tokens + text_tokens
+        flops += 2 * m.weight.numel() * tokens
+    return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
 
 
 class Run(contextlib.AbstractContextManager):

@@ -12,6 +12,7 @@ paper's, LightningDiT's and VA-VAE's ImageNet 256x256 numbers come from.
   sample.py writes it), or statistics (`.npz` with ADM's keys `mu`, `sigma`, `mu_s`, `sigma_s`).
 - A reference batch with stored statistics (ADM's: the ImageNet training set's, and 10,000 images)
   is used as ADM uses it: FID and sFID against the statistics, precision/recall against the images.
+- `--fd_dinov2`: also FD_DINOv2, on DINOv2 ViT-L/14 features as dgm-eval computes it (README).
 """
 
 import argparse
@@ -35,6 +36,9 @@ from common import (DistEnv, HelpFormatter, Logger, UserError, at_least, atomic_
                     check_writable, cleanup_distributed, save_json, script_main, setup_distributed)
 from data import ImageFolder, count_skipped, eval_loader
 from inception import FID_WEIGHTS_URL, PREPROCESSING, FIDInception, load_inception
+from tokenizer import build_dinov2
+
+PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"), ("mu_dinov2", "sigma_dinov2"))  # stored statistics
 
 
 @contextlib.contextmanager
@@ -82,7 +86,7 @@ def _moments(feats, name: str) -> Moments:
     if n < 2:
         raise UserError(f"{name}: {n} image(s); a covariance needs at least 2 (FID: 50,000)")
     if not np.isfinite(feats).all():
-        raise UserError(f"{name}: the Inception features contain NaN/inf (a corrupt weights file?)")
+        raise UserError(f"{name}: the features contain NaN/inf (a corrupt weights file?)")
     if n < d:
         warnings.warn(f"{name}: {n} images < {d} feature dimensions: the covariance is rank-"
                       "deficient, FID biased upwards and not comparable to published numbers (use "
@@ -98,7 +102,8 @@ class FIDStatistics:
     """Gaussian fits to a set's Inception features, float64: mean (2048,) and covariance
     (2048, 2048) of the pool features (FID), `mu_s`, `sigma_s` of the spatial ones (sFID), if known.
     `features` (N, 2048) when precision/recall need the points; `images`: an ADM reference batch's
-    own images, which precision/recall use instead; `preprocess`: see inception.py."""
+    own images, which precision/recall use instead; `preprocess`: see inception.py (Inception's
+    input only); `mu_dinov2`, `sigma_dinov2`: of the DINOv2 features (FD_DINOv2), if known."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -109,21 +114,23 @@ class FIDStatistics:
     images: object = None  # NpzImages
     path: str | None = None  # the file it came from
     preprocess: str = "adm"
+    mu_dinov2: np.ndarray | None = None
+    sigma_dinov2: np.ndarray | None = None
 
     @classmethod
-    def from_moments(cls, pool: Moments, spatial: Moments | None = None, **kw):
-        def fit(m):  # (mean, unbiased covariance, as np.cov)
-            return m.mean.cpu().numpy(), (m.scatter / (m.count - 1)).cpu().numpy()
-        mu_s, sigma_s = fit(spatial) if spatial else (None, None)
-        return cls(*fit(pool), pool.count, mu_s=mu_s, sigma_s=sigma_s, **kw)
+    def from_moments(cls, pool: Moments, spatial: Moments | None = None,
+                     dinov2: Moments | None = None, **kw):
+        fits = {k: v for keys, m in zip(PAIRS[1:], (spatial, dinov2)) if m
+                for k, v in zip(keys, _fit(m))}  # mu_s, sigma_s, mu_dinov2, sigma_dinov2
+        return cls(*_fit(pool), pool.count, **fits, **kw)
 
     @classmethod
     def from_features(cls, features, keep_features: bool = False, name: str = "features",
-                      spatial=None, preprocess: str = "adm"):
-        """Of pool `features` (N, 2048), and of `spatial` (N, 2023) if given."""
+                      spatial=None, preprocess: str = "adm", dinov2=None):
+        """Of pool `features` (N, 2048), and of `spatial` (N, 2023) and `dinov2` (N, D) if given."""
         kept = np.asarray(features, np.float32) if keep_features else None
-        spatial = None if spatial is None else _moments(spatial, name)
-        return cls.from_moments(_moments(features, name), spatial, features=kept,
+        spatial, dinov2 = (None if f is None else _moments(f, name) for f in (spatial, dinov2))
+        return cls.from_moments(_moments(features, name), spatial, dinov2, features=kept,
                                 preprocess=preprocess)
 
     def save(self, path: str):
@@ -131,17 +138,16 @@ class FIDStatistics:
         features if kept, atomically."""
         arrays = {"mu": self.mu, "sigma": self.sigma, "num_images": np.int64(self.num_images),
                   "preprocess": self.preprocess}
-        if self.mu_s is not None:
-            arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
+        arrays.update({k: getattr(self, k) for pair in PAIRS[1:] for k in pair
+                       if getattr(self, pair[0]) is not None})
         if self.features is not None:
             arrays["features"] = self.features.astype(np.float32)
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str, npz):
-        got = {k: np.asarray(npz[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")
-               if k in npz.files}
-        for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        got = {k: np.asarray(npz[k], np.float64) for pair in PAIRS for k in pair if k in npz.files}
+        for m, s in PAIRS:
             if (m in got) != (s in got) or m in got and not (
                     got[m].ndim == 1 and got[s].shape == (got[m].size,) * 2
                     and np.isfinite(got[m]).all() and np.isfinite(got[s]).all()):
@@ -151,7 +157,10 @@ class FIDStatistics:
         feats = npz["features"] if "features" in npz.files else None
         num_images = int(npz["num_images"]) if "num_images" in npz.files else (
             len(feats) if feats is not None else -1)  # -1: unknown (ADM's, pytorch-fid's)
-        how = str(npz["preprocess"]) if "preprocess" in npz.files else "adm"  # ADM's: TF's own
+        # Without the key: ADM's reference batches (mu_s, no num_images) as ADM feeds TF; else
+        # pytorch-fid's files (mu, sigma) or ours from before the key (num_images): pytorch-fid's
+        how = str(npz["preprocess"]) if "preprocess" in npz.files else (
+            "adm" if "mu_s" in npz.files and "num_images" not in npz.files else "pytorch-fid")
         return cls(num_images=num_images, features=feats, path=path, preprocess=how, **got)
 
     def frechet_distance(self, other: "FIDStatistics", spatial: bool = False) -> float:
@@ -165,6 +174,14 @@ class FIDStatistics:
     def spatial_distance(self, other: "FIDStatistics") -> float:
         """sFID: the same Frechet distance on the spatial features' statistics."""
         return self.frechet_distance(other, spatial=True)
+
+    def dinov2_distance(self, other: "FIDStatistics") -> float:
+        """FD_DINOv2: on the DINOv2 features' statistics (always of dgm-eval's preprocessing)."""
+        return frechet_distance(*(getattr(s, k) for s in (self, other) for k in PAIRS[2]))
+
+
+def _fit(m: Moments):  # (mean, unbiased covariance as np.cov's), float64 numpy
+    return m.mean.cpu().numpy(), (m.scatter / (m.count - 1)).cpu().numpy()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -232,10 +249,11 @@ def as_nchw_uint8(images) -> torch.Tensor:
 
 class NpzImages:
     """The `arr_0` images of an ADM .npz (uint8 NHWC), streamed: each rank reads its contiguous
-    share a batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory."""
+    share a batch at a time, so 50K images at 256 px (9.8 GB) are never held in memory.
+    `labelling`: how sample.py drew the labels (`labelling` in the .npz), if it says."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, labelling: str | None = None):
+        self.path, self.labelling = path, labelling
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
             self.shape, self.dtype = self._header(f)
         if self.dtype.hasobject:
@@ -297,12 +315,37 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
             stats = FIDStatistics.load(path, npz)
             stats.images = NpzImages(path) if "arr_0" in files else None
             return stats
+        labelling = str(npz["labelling"]) if "labelling" in files else None
     if "arr_0" not in files:
         raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM "
                         "and sample.py write them) or 'mu' and 'sigma' (statistics)")
     if "mu" in files:
         log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
-    return NpzImages(path)
+    return NpzImages(path, labelling)
+
+
+# ---- FD_DINOv2's network, as dgm-eval runs it ---------------------------------------------------
+def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="cpu"):
+    """DINOv2 ViT-L/14 with the official weights (the file the tokenizer's stage 1 loads), loaded
+    strictly; `random_weights`: a random one-block DINOv2 (384-d features), for tests, the demo."""
+    with torch.random.fork_rng(devices=[]):  # random weights: the same in every run
+        torch.manual_seed(0)
+        net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights,
+                           ckpt, ("--dinov2_ckpt", "--random_dinov2")).eval().requires_grad_(False)
+    net.weights_name = "RANDOM (tiny, test only)" if random_weights else ckpt or "dinov2_vitl14"
+    return net.to(device)
+
+
+def dinov2_input(images) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> DINOv2's input (B, 3, 224, 224) as dgm-eval makes it: PIL's
+    antialiased bicubic resize of the uint8 image straight to 224x224 (torchvision's Resize((224,
+    224)) of a PIL image; torch's bicubic does not match it), /255, ImageNet's mean and std."""
+    resized = [np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
+        (224, 224), Image.BICUBIC)) for im in images.cpu()]  # each (224, 224, 3) uint8
+    x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406),
+                                                         (0.229, 0.224, 0.225)))  # ImageNet's
+    return (x - mean) / std
 
 
 # ---- Feature extraction -------------------------------------------------------------------------
@@ -324,10 +367,11 @@ def gather_rows(local: torch.Tensor, env: DistEnv, interleaved: bool) -> torch.T
 
 
 def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, desc: str,
-             progress: bool = True, skip: int = 0):
-    """The network's (pool, logits, spatial) features, in true float32, of each batch of this rank's
-    share of a set, less its first `skip` images. A folder's images are decoded by worker processes,
-    rank r taking items r, r + W, ... (data.eval_loader); arrays are split in contiguous shares."""
+             progress: bool = True, skip: int = 0, dinov2=None):
+    """The network's (pool, logits, spatial) features, and `dinov2`'s if given, in true float32, of
+    each batch of this rank's share of a set, less its first `skip` images. A folder's images are
+    decoded by workers, rank r taking items r, r + W, ... (data.eval_loader); arrays are split in
+    contiguous shares."""
     if isinstance(images, ImageFolder):
         workers = min(num_workers, len(os.sched_getaffinity(0)))
         batches = eval_loader(images, batch_size, env, num_workers=workers, skip=skip)
@@ -338,33 +382,40 @@ def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, des
         n, r, w = len(images), env.rank, env.world_size
         start, stop = n * r // w + skip, n * (r + 1) // w
         batches = (images[i: min(i + batch_size, stop)] for i in range(start, stop, batch_size))
+    if len(images) == 0:  # on every rank, before any collective
+        raise UserError(f"{desc}: no images (an empty folder or array?)")
     device = next(model.parameters()).device
     bar = tqdm(total=len(images), initial=skip * env.world_size, desc=desc, unit="img",
                dynamic_ncols=True, disable=not (progress and env.is_main))
     with exact_float32(device), bar:
         for batch in batches:
             batch = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, labels)
-            x = as_nchw_uint8(batch).to(device, non_blocking=True).float()  # (B, 3, H, W), 0..255
-            yield model(x, spatial=True)
+            x = as_nchw_uint8(batch)  # (B, 3, H, W) uint8
+            out = model(x.to(device, non_blocking=True).float(), spatial=True)  # from 0..255
+            if dinov2 is not None:  # (B, D)
+                out = (*out, dinov2(dinov2_input(x).to(device), cls=True))
+            yield out
             bar.update(len(x) * env.world_size)
 
 
 @torch.inference_mode()
 def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
                         batch_size: int = 50, num_workers: int = 4, progress: bool = True,
-                        desc: str = "Inception features", spatial: bool = False):
-    """Pool features (N, 2048) and logits (N, 1008) of a set of images, and with `spatial` sFID's
-    features (N, 2023) from the same pass: float32 numpy, the same on every rank. `images`, the
-    whole set (split over the ranks here): a folder (ImageFolder), NpzImages, or uint8 images in
-    memory (numpy NHWC or torch NCHW)."""
+                        desc: str = "Inception features", spatial: bool = False, dinov2=None):
+    """Pool features (N, 2048) and logits (N, 1008) of a set of images, with `spatial` sFID's
+    (N, 2023), and last with `dinov2` (load_dinov2) FD_DINOv2's (N, D), from the same pass: float32
+    numpy, the same on every rank. `images`, the whole set (split over the ranks here): a folder
+    (ImageFolder), NpzImages, or uint8 images in memory (numpy NHWC or torch NCHW)."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
-    columns = [[], [], []]  # pool, logits, spatial: tensors per batch
-    for outputs in _forward(images, model, env, batch_size, num_workers, desc, progress):
+    columns = [[], [], [], []]  # pool, logits, spatial, DINOv2: tensors per batch
+    for outputs in _forward(images, model, env, batch_size, num_workers, desc, progress,
+                            dinov2=dinov2):
         for rows, out in zip(columns, outputs):
             rows.append(out.float().cpu())
     folder = isinstance(images, ImageFolder)  # its rows are interleaved over the ranks
-    columns = [gather_rows(torch.cat(rows) if rows else torch.zeros((0, 0)), env, folder)
-               for rows in columns[:3 if spatial else 2]]
+    keep = [0, 1] + [2] * spatial + [3] * (dinov2 is not None)
+    columns = [gather_rows(torch.cat(columns[i]) if columns[i] else torch.zeros((0, 0)), env,
+                           folder) for i in keep]
     skipped = count_skipped(images, env)
     if skipped and env.is_main:
         warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable "
@@ -420,19 +471,22 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
 # ---- Whole-set statistics, and samples against a reference --------------------------------------
 @torch.inference_mode()
 def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batch_size: int = 50,
-                       num_workers: int = 4, save_every: int = 50_000) -> FIDStatistics | None:
-    """Pool and spatial statistics of a large set (e.g. the 1.28M ImageNet training images) written
-    to `out`, without holding its features: each rank folds its share into Moments, saved every
-    `save_every` images to <out>.partial/ with what they are of, from where a killed run on the same
-    input resumes (with as many ranks); rank 0 merges them. Returns them on rank 0, else None."""
+                       num_workers: int = 4, save_every: int = 50_000,
+                       dinov2=None) -> FIDStatistics | None:
+    """Pool, spatial (and `dinov2`'s) statistics of a large set (e.g. the 1.28M ImageNet training
+    images) written to `out`, without holding its features: each rank folds its share into Moments,
+    saved every `save_every` images to <out>.partial/ with what they are of, from where a killed run
+    on the same input resumes (with as many ranks); rank 0 merges them. On rank 0, else None."""
     how, folder = getattr(model, "preprocess", "adm"), isinstance(source, ImageFolder)
-    what = "{} ({} images, {}, {} preprocessing)".format(
+    what = "{} ({} images, {}, {} preprocessing{})".format(
         os.path.abspath(source.root if folder else source.path), len(source),
-        f"crop {source.image_size}" if folder else "{}x{}".format(*source.shape[1:3]), how)
+        f"crop {source.image_size}" if folder else "{}x{}".format(*source.shape[1:3]), how,
+        "" if dinov2 is None else ", DINOv2")
     part_dir, world = out + ".partial", env.world_size
     name = lambda r, end: os.path.join(part_dir, f"rank{r}_of_{world}{end}")  # noqa: E731
     part, done = name(env.rank, ".npz"), name(env.rank, ".done.npz")
-    moments = [Moments(d, next(model.parameters()).device) for d in model.dims]  # pool, spatial
+    dims = [*model.dims] + ([] if dinov2 is None else [dinov2.embed_dim])  # pool, spatial, DINOv2
+    moments = [Moments(d, next(model.parameters()).device) for d in dims]
 
     def load(path, into):
         with np.load(path, allow_pickle=False) as z:
@@ -454,10 +508,10 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
         load(resume, moments)
     if not os.path.exists(done):
         unsaved = 0
-        for pool, _, spatial in _forward(source, model, env, batch_size, num_workers,
-                                         "statistics", skip=moments[0].count):
-            moments[0].add(pool)
-            moments[1].add(spatial)
+        for pool, _, *rest in _forward(source, model, env, batch_size, num_workers, "statistics",
+                                       skip=moments[0].count, dinov2=dinov2):
+            for m, rows in zip(moments, (pool, *rest)):
+                m.add(rows)
             unsaved += len(pool)
             if unsaved >= save_every:
                 save(part)
@@ -468,7 +522,7 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     paths = [name(r, ".done.npz") for r in range(world)]
     while not all(map(os.path.exists, paths)):  # ranks may finish minutes apart: no collective
         time.sleep(1)
-    total = [Moments(d) for d in model.dims]
+    total = [Moments(d) for d in dims]
     for path in paths:
         load(path, total)
     stats = FIDStatistics.from_moments(*total, preprocess=how)
@@ -477,7 +531,7 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     return stats
 
 
-def _check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bool):
+def check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bool, dinov2=None):
     """Before any feature is computed: can these statistics give what was asked?"""
     name, how = stats.path or f"the {what} statistics", getattr(model, "preprocess", "adm")
     if prc and stats.features is None and stats.images is None:
@@ -486,22 +540,26 @@ def _check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: b
     if sfid and stats.mu_s is None:
         raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass "
                         "--no_sfid, or statistics written by fid.py --save_stats")
+    if dinov2 is not None and stats.mu_dinov2 is None and stats.images is None:
+        raise UserError(f"{name} has no DINOv2 statistics (mu_dinov2) nor images for --fd_dinov2: "
+                        "pass images, or statistics written by fid.py --save_stats --fd_dinov2")
     if stats.preprocess != how:
         raise UserError(f"{name} holds statistics of {stats.preprocess} preprocessing, this run "
                         f"uses {how}: pass --preprocess {stats.preprocess} or recompute them")
-    for key, want, kind in zip(("mu", "mu_s"), getattr(model, "dims", ()), ("pool", "spatial")):
+    dims = (*getattr(model, "dims", (0, 0)), getattr(dinov2, "embed_dim", 0))
+    for (key, _), want, kind in zip(PAIRS, dims, ("Inception pool", "Inception spatial", "DINOv2")):
         got = getattr(stats, key)
-        if got is not None and got.size != want:
-            raise UserError(f"{name}: its {key} has {got.size} dimensions but this Inception's "
-                            f"{kind} features have {want}: statistics of another network or layer")
+        if want and got is not None and got.size != want:
+            raise UserError(f"{name}: its {key} has {got.size} dimensions but this run's {kind} "
+                            f"features have {want}: statistics of another network or layer")
 
 
 def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = None,
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
              reference_from_images: bool = False, image_size: int | None = None,
-             save_stats: str | None = None, progress: bool = True, log=None) -> dict:
-    """FID and sFID of `samples` against `reference`, the samples' Inception Score, and precision/
-    recall with `prc`. Each side: a path, what load_source returns, or uint8 images in memory
+             save_stats: str | None = None, progress: bool = True, log=None, dinov2=None) -> dict:
+    """FID, sFID, IS of `samples` against `reference`, precision/recall with `prc`, FD_DINOv2 with
+    `dinov2` (load_dinov2). Each side: a path, what load_source returns, or uint8 images in memory
     (numpy NHWC, torch NCHW). A reference batch with stored statistics is used as ADM's evaluator
     uses it unless `reference_from_images`. Under torchrun pass the run's `env`: extraction is split
     over the ranks, and every rank returns the same dict. `save_stats`: where to write reference
@@ -512,19 +570,26 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
              if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
     for what, src in zip(("samples", "reference"), sides):  # before the expensive part
         if isinstance(src, FIDStatistics):
-            _check_statistics(src, what, model, prc, sfid)
+            check_statistics(src, what, model, prc, sfid, dinov2)
     extract = dict(env=env, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
     def statistics(src, what):  # (FIDStatistics on rank 0, else None; logits or None)
-        if isinstance(src, FIDStatistics):  # featurised only for precision/recall, from its images
-            if not prc or src.features is not None:
+        if isinstance(src, FIDStatistics):  # its images featurised only for what it lacks
+            new_prc = prc and src.features is None
+            new_dino = dinov2 is not None and src.mu_dinov2 is None
+            if not (new_prc or new_dino):
                 return src, None
-            pool = compute_activations(src.images, model, desc=f"{what} features", **extract)[0]
-            return dataclasses.replace(src, features=pool), None
-        pool, logits, *spatial = compute_activations(src, model, spatial=sfid,
-                                                     desc=f"{what} features", **extract)
+            pool, _, *dino = compute_activations(src.images, model, desc=f"{what} features",
+                                                 dinov2=dinov2 if new_dino else None, **extract)
+            if new_dino:
+                log(f"{src.path}: no DINOv2 statistics, FD_DINOv2 against its {len(pool)} images")
+                src = dataclasses.replace(src, **dict(zip(PAIRS[2], _fit(_moments(dino[0], what)))))
+            return dataclasses.replace(src, features=pool if new_prc else src.features), None
+        pool, logits, *rest = compute_activations(src, model, spatial=sfid, dinov2=dinov2,
+                                                  desc=f"{what} features", **extract)
         stats = FIDStatistics.from_features(  # float64 moments: on one rank
-            pool, prc, what, spatial[0] if sfid else None, how) if env.is_main else None
+            pool, prc, what, rest[0] if sfid else None, how,
+            rest[-1] if dinov2 is not None else None) if env.is_main else None
         return stats, logits
 
     (fake, logits), (real, _) = statistics(sides[0], "samples"), statistics(sides[1], "reference")
@@ -541,6 +606,8 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
                   "reference": described, "num_reference": max(real.num_images, 0) or None}
         if sfid:
             result["sfid"] = fake.spatial_distance(real)
+        if dinov2 is not None:
+            result.update(fd_dinov2=fake.dinov2_distance(real), dinov2_weights=dinov2.weights_name)
         if logits is not None:  # ADM: parts of 5000 samples (10 for 50K)
             result["inception_score"], result["inception_score_std"] = inception_score(logits)
             result["inception_score_splits"] = math.ceil(len(logits) / 5000)
@@ -549,6 +616,8 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
                 real.features, fake.features, device=env.device)
             result["num_prc_reference"] = len(real.features)
         result.update(inception_weights=model.weights_name, preprocess=how)
+        if getattr(sides[0], "labelling", None):  # as sample.py records it
+            result["labelling"] = sides[0].labelling
     if env.distributed:  # every rank returns the same (small) dict
         box = [result]
         dist.broadcast_object_list(box, src=0)
@@ -559,12 +628,14 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
 def result_line(r: dict) -> str:
     """One line of an evaluate() result, naming the reference and the preprocessing."""
     line = f"FID {r['fid']:.4f}" + (f"  sFID {r['sfid']:.4f}" if "sfid" in r else "")
+    line += f"  FD_DINOv2 {r['fd_dinov2']:.3f}" if "fd_dinov2" in r else ""
     if "inception_score" in r:
         line += f"  IS {r['inception_score']:.3f} +- {r['inception_score_std']:.3f}"
     if "precision" in r:
         line += (f"  precision {r['precision']:.4f}  recall {r['recall']:.4f} "
                  f"(vs {r['num_prc_reference']} images)")
     how = f", {r['preprocess']} preprocessing" if "preprocess" in r else ""
+    how += f", {r['labelling']} labels" if "labelling" in r else ""
     return line + f"  ({r['num_samples']} samples vs {r['reference']}{how})"
 
 
@@ -592,6 +663,10 @@ def parse_args(argv=None):
     p.add_argument("--inception_ckpt", help=f"local {os.path.basename(FID_WEIGHTS_URL)} (default: "
                    "the torch.hub cache, else download)")
     p.add_argument("--random_inception", action="store_true", help="random weights (tests, demo)")
+    p.add_argument("--fd_dinov2", action="store_true", help="also FD_DINOv2 (DINOv2 ViT-L/14, as "
+                   "dgm-eval), and with --save_stats its statistics")
+    p.add_argument("--dinov2_ckpt", help="local dinov2_vitl14_pretrain.pth (default: as above)")
+    p.add_argument("--random_dinov2", action="store_true", help="random weights (tests, demo)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if not (len(args.paths) == 2 or len(args.paths) == 1 and args.save_stats):
@@ -605,11 +680,11 @@ def main(argv=None):
     log = Logger(env).info
     sources = [load_source(p, args.image_size, log, args.reference_from_images or
                            len(args.paths) == 1) for p in args.paths]  # before any work
-    if len(sources) == 1 and isinstance(sources[0], FIDStatistics):
-        raise UserError(f"{args.paths[0]} is already a statistics file")
+    if args.save_stats and isinstance(sources[-1], FIDStatistics):  # nothing to compute
+        raise UserError(f"{args.paths[-1]} is already a statistics file: drop --save_stats")
     for flag, out, what in (("--json", args.json, "results file"),
                             ("--save_stats", args.save_stats, "statistics file")):
-        same = [p for p in [*args.paths, args.inception_ckpt]
+        same = [p for p in [*args.paths, args.inception_ckpt, args.dinov2_ckpt]
                 if out and p and os.path.realpath(out) == os.path.realpath(p)]
         if same:
             raise UserError(f"{flag} {out} is the input {same[0]}, which it would overwrite")
@@ -617,17 +692,22 @@ def main(argv=None):
             check_writable(out, what)
     model = load_inception(args.inception_ckpt, args.random_inception, env.device,
                            preprocess=args.preprocess)
-    extract, result = dict(batch_size=args.batch_size, num_workers=args.num_workers), None
+    dinov2 = (load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device) if args.fd_dinov2
+              else None)
+    extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, dinov2=dinov2)
+    result = None
     if len(args.paths) == 2:
         result = evaluate(*sources, model=model, env=env, prc=args.prc, sfid=not args.no_sfid,
                           save_stats=args.save_stats, log=log, **extract)
         result = {"samples": args.paths[0], "reference_path": args.paths[1], **result}
         log(result_line(result))
     elif args.prc:  # statistics only, with the features: one pass in memory
-        pool, _, spatial = compute_activations(sources[0], model, env, spatial=True, **extract)
+        pool, _, spatial, *dino = compute_activations(sources[0], model, env, spatial=True,
+                                                      **extract)
         stats = None
         if env.is_main:
-            stats = FIDStatistics.from_features(pool, True, args.paths[0], spatial, args.preprocess)
+            stats = FIDStatistics.from_features(pool, True, args.paths[0], spatial, args.preprocess,
+                                                dino[0] if dino else None)
             stats.save(args.save_stats)
     else:  # statistics only, from running sums
         stats = dataset_statistics(sources[0], model, env, args.save_stats,
@@ -635,7 +715,8 @@ def main(argv=None):
     if len(args.paths) == 1 and env.is_main:
         result = {"images": args.paths[0], "num_images": stats.num_images,
                   "statistics": args.save_stats, "preprocess": args.preprocess,
-                  "inception_weights": model.weights_name}
+                  "inception_weights": model.weights_name,
+                  "dinov2_weights": getattr(dinov2, "weights_name", None)}
         log(f"statistics of {stats.num_images} images written to {args.save_stats}")
     if env.is_main and args.json:
         save_json(result, args.json)

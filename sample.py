@@ -131,10 +131,11 @@ def load_dit(path: str, ema: bool = True, kind: str = "dit", build=build_dit):
     (train_t2i.py: kind "t2i" and its `build`)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, ".metadata")):  # a file of a sharded (--fsdp) checkpoint
+        export = os.path.basename(folder).replace("ckpt", "export", 1) + ".pt"  # common.export
         raise UserError(f"{path} is part of a sharded (--fsdp) checkpoint, without whole weights: "
-                        f"sample from {os.path.dirname(folder)}/export.pt, written at the end of "
-                        "the run or by `python train_dit.py --export --run_dir RUN` (train_t2i.py "
-                        "alike)")
+                        f"sample from {os.path.join(os.path.dirname(folder), export)}, which "
+                        f"`python train_dit.py --export {folder}` writes (train_t2i.py for a "
+                        "text-to-image run)")
     ckpt = load_checkpoint(path, "LightningDiT checkpoint")
     found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != kind:  # the other kind is named with its script
@@ -271,7 +272,7 @@ def wait_for(paths, poll_s: float = 1.0):
 
 def run_npz(sampler: Sampler, log) -> str:
     """Shards of --shard_size samples by global index, the missing ones split over the ranks, then
-    joined by rank 0 into `<out>/samples.npz` (arr_1: the labels). Returns its path."""
+    joined by rank 0 into `<out>/samples.npz` (arr_1: labels, `labelling`: how drawn); its path."""
     args, env = sampler.args, sampler.env
     N, S, final = args.num_samples, args.shard_size, os.path.join(args.out, "samples.npz")
     paths = [os.path.join(args.out, "shards", f"shard_{k:06d}.npz") for k in range(-(-N // S))]
@@ -306,7 +307,8 @@ def run_npz(sampler: Sampler, log) -> str:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise UserError(f"the sample shard {p} is damaged ({type(e).__name__}): delete it and "
                             "run the same command again to draw it anew") from None
-    save_npz(final, arr_0=images, arr_1=labels)
+    save_npz(final, arr_0=images, arr_1=labels,
+             **{k: v for k, v in sampler.record.items() if k == "labelling"})
     if not args.keep_shards:
         for p in paths:
             os.remove(p)
@@ -346,8 +348,8 @@ def add_model_args(p, ckpt: str):
     p.add_argument("--cfg_channels", type=at_least(1),
                    help="guide only the first K latent channels (LightningDiT: 3; default: all)")
     p.add_argument("--batch_size", type=at_least(1), default=64, help="per forward, per rank")
-    p.add_argument("--seed", type=int, default=0, help="sample i's generator: seeded by (seed, i)")
-    p.add_argument("--shard_size", type=int, default=1000, help="--npz: samples per shard")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sample i's generator: (seed, i)")
+    p.add_argument("--shard_size", type=at_least(1), default=1000, help="--npz: samples per shard")
     p.add_argument("--raw_weights", action="store_true", help="the raw weights, not the EMA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -361,7 +363,7 @@ def add_output_args(p):
     p.add_argument("--cfg", type=in_range(0), default=1.0, help="guidance scale w; 1 = none")
     p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
                    help="no guidance for t below this (LightningDiT: 0.10, or 0.125 at 800 epochs)")
-    p.add_argument("--num_samples", type=int, help="default: 16 for a grid, 50000 with --npz")
+    p.add_argument("--num_samples", type=at_least(1), help="default: 16 (grid), 50000 (--npz)")
     p.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
     p.add_argument("--npz", action="store_true", help="write an ADM .npz for FID (the 50K mode)")
     p.add_argument("--keep_shards", action="store_true", help="--npz: keep the shards")
@@ -385,8 +387,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, "runs/dit/ckpt.pt")
     add_output_args(p)
-    p.add_argument("--classes", type=class_ids,
-                   help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
+    add_label_args(p)
     args = p.parse_args(argv)
     if args.num_samples is None:
         args.num_samples = len(args.classes) if args.classes else (50_000 if args.npz else 16)
@@ -394,19 +395,29 @@ def parse_args(argv=None):
     return args
 
 
+def add_label_args(p):  # sample.py's and cfg_search.py's; default: uniformly random labels
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--classes", type=class_ids,
+                   help="comma-separated class ids, e.g. 207,360,387 (cycled); default: random")
+    g.add_argument("--balanced_labels", action="store_true", help="sample i gets class i mod "
+                   "classes (50 a class for 50K: FID ~0.1 lower than random labels; state it)")
+
+
 def class_sampler(args, env) -> Sampler:
-    """The model, labels from --classes cycled or random per index."""
+    """The model, labels from --classes or all classes (--balanced_labels) cycled, or random."""
     model, tokenizer, meta = load_models(args.ckpt, args.tokenizer, ema=not args.raw_weights)
     if bad := [c for c in args.classes or [] if not 0 <= c < model.num_classes]:
         raise UserError(f"unknown class id(s) {bad}: this model has {model.num_classes} classes")
+    cycle = args.classes or (list(range(model.num_classes)) if args.balanced_labels else None)
 
     def labels(indices):
-        if args.classes:
-            return torch.tensor([args.classes[i % len(args.classes)] for i in indices])
+        if cycle:
+            return torch.tensor([cycle[i % len(cycle)] for i in indices])
         return sample_labels(args.seed, indices, model.num_classes)
 
     return Sampler(args, env, model, tokenizer, meta, tokenizer.latent_shape, labels,
-                   lambda y: (y.to(env.device), None), classes=args.classes)
+                   lambda y: (y.to(env.device), None), classes=args.classes, labelling="classes"
+                   if args.classes else "balanced" if args.balanced_labels else "uniform")
 
 
 def main(argv=None):

@@ -312,7 +312,8 @@ class DINOv2(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
-    def forward(self, x):  # normalised images (B, 3, H, W) -> patch tokens (B, H/14 * W/14, D)
+    def forward(self, x, cls: bool = False):  # `cls`: the hub model's output, FD_DINOv2's
+        """Normalised images (B, 3, H, W) -> patch tokens (B, H/14 * W/14, D), or CLS (B, D)."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}: {H}x{W}")
@@ -326,13 +327,15 @@ class DINOv2(nn.Module):
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        return self.norm(x)[:, self.num_prefix:]  # (B, N, D)
+        x = self.norm(x)
+        return x[:, 0] if cls else x[:, self.num_prefix:]  # (B, D) or (B, N, D)
 
 
-def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) -> DINOv2:
+def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None,
+                 flags=("--encoder_ckpt", "--random_encoder")) -> DINOv2:
     """A hub variant by name ("dinov2_vitl14", ..., "dinov2_vitl14_reg"), or "tiny" (random only).
     pretrained=True loads the published weights strictly: `ckpt`, else the torch.hub cache, else
-    the URL."""
+    the URL. `flags`: the caller's (weights file, random weights) flags, for the messages."""
     if name == "tiny":
         if pretrained:
             raise MissingWeightsError("the 'tiny' encoder has no pretrained weights: it is for "
@@ -344,12 +347,12 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None) ->
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
         what = f"DINOv2 weights for {name}"
-        path = pretrained_file(dinov2_url(name), ckpt, what, "--encoder_ckpt", "--random_encoder")
+        path = pretrained_file(dinov2_url(name), ckpt, what, *flags)
         try:
             model.load_state_dict(load_checkpoint(path, what), strict=True)
         except RuntimeError as e:
             raise UserError(f"{path} does not hold {name} weights (another variant?): "
-                            f"{str(e)[:300]}") from None
+                            f"{' '.join(str(e).split())[:300]}") from None  # one line
     return model
 
 

@@ -27,9 +27,9 @@ from tqdm import tqdm
 import dit
 from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, Run, UserError, at_least, autocast,
-                    cleanup_distributed, due, export, gradient_sync, in_range, load_json,
-                    micro_batches, parallelize, same_on_every_rank, save_json, script_main,
-                    setup_distributed, use_bf16)
+                    cleanup_distributed, due, export, forward_flops, gradient_sync, in_range,
+                    load_json, micro_batches, parallelize, same_on_every_rank, save_json,
+                    script_main, setup_distributed, use_bf16)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from tokenizer import latent_fingerprint
@@ -237,7 +237,7 @@ def train(args, env):
              identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches},
              batch_size=args.batch_size, show=("loss", "img_per_s"),
-             flops_per_image=6 * params * model.x_embedder.num_patches,  # forward + backward
+             flops_per_image=3 * forward_flops(model, model.num_patches),  # forward + backward
              nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs "
                         "should use --qknorm (LightningDiT without it is known to spike).") as run:
         run.logger.info(f"LightningDiT-{args.model} {kwargs}: {params / 1e6:.1f}M parameters"

@@ -30,8 +30,8 @@ import dit
 from baselines import load_tokenizer
 from captions import CaptionBatches, CaptionStream, buckets
 from common import (EMA, HelpFormatter, Run, at_least, autocast, cleanup_distributed, due, export,
-                    gradient_sync, in_range, micro_batches, parallelize, same_on_every_rank,
-                    script_main, setup_distributed, use_bf16)
+                    forward_flops, gradient_sync, in_range, micro_batches, parallelize,
+                    same_on_every_rank, script_main, setup_distributed, use_bf16)
 from data import save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from t2i import T2I_models, build_t2i
@@ -170,7 +170,8 @@ def train(args, env):
     with Run(env, args, args.run_dir, identity=identity, meta=meta,
              state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
              batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
-             flops_per_image=6 * params * (tokens + args.max_length), show=("loss", "img_per_s"),
+             flops_per_image=3 * forward_flops(model, tokens, args.max_length),
+             show=("loss", "img_per_s"),
              nan_advice="Resume with --resume and a lower --lr.") as run:
         run.logger.info(f"{args.model}: {params / 1e6:.1f}M parameters" + (
             f", sharded ({args.fsdp})" if args.fsdp else "") + f"; batch {args.batch_size} = "

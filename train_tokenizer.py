@@ -21,8 +21,9 @@ from tqdm import tqdm
 import fid
 from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, Run, UserError, at_least, autocast,
-                    check_writable, cleanup_distributed, due, in_range, save_checkpoint, save_json,
-                    script_main, setup_distributed, use_bf16, use_compile, wrap_ddp)
+                    check_writable, cleanup_distributed, due, in_range, micro_batches,
+                    save_checkpoint, save_json, script_main, setup_distributed, use_bf16,
+                    use_compile, wrap_ddp)
 from data import (Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range,
                   to_uint8)
 from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, build_lpips,
@@ -163,12 +164,10 @@ def build_loss_nets(model, args, device):
 def train(args, env):
     torch.manual_seed(args.seed + env.rank)  # each rank its own noise
     device, bf16 = env.device, use_bf16(args.precision, env.device)
-    if args.batch_size % env.world_size:
-        raise UserError(f"--batch_size {args.batch_size} is not divisible by the "
-                        f"{env.world_size} ranks")
+    per_rank, _ = micro_batches(args, env)  # the global batch split over the ranks
     disc_start = int(0.2 * args.steps) if args.disc_start is None else args.disc_start
     model, init, random_encoder = build_tokenizer(args, Logger(env).info)
-    set_trainable(model, args.stage)
+    set_trainable(model.train(), args.stage)  # a loaded tokenizer comes in eval mode
     ref, lpips, disc = build_loss_nets(model, args, device)
     ema = EMA(model, args.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,8 +175,7 @@ def train(args, env):
     opt_d = torch.optim.Adam(disc.parameters(), args.lr, tuple(args.betas), fused=True)
     dataset = build_dataset(args.data, model.config["image_size"], hflip=True, seed=args.seed,
                             demo_images=args.demo_images)
-    batches = Batches(dataset, args.batch_size // env.world_size, env, seed=args.seed,
-                      num_workers=args.num_workers)
+    batches = Batches(dataset, per_rank, env, seed=args.seed, num_workers=args.num_workers)
     run_dir = os.path.join(args.run_dir, f"stage{args.stage}")
     grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0]
                                for i in range(8)])  # 8 images spread over the set

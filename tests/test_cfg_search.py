@@ -106,6 +106,30 @@ def test_a_reference_without_spatial_statistics_is_refused_before_sampling(sweep
     assert sampled == [1.0] and "sfid" not in json.load(open(out / "best.json"))
 
 
+def test_rank_by_fd_dinov2(sweep, tmp_path):
+    """--rank_by fd_dinov2 (random one-block DINOv2): computed for every setting, a column of the
+    table, the best setting's metric; a reference that cannot give it is refused before sampling."""
+    argv, out, sampled = sweep
+    ref = str(tmp_path / "stats.npz")
+    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(12), sigma_s=np.eye(12))
+    with pytest.raises(UserError, match="stats.npz has no DINOv2 statistics"):
+        cfg_search.main([ref, *argv[1:], "--cfg_scales", "1", "--rank_by", "fd_dinov2",
+                         "--random_dinov2", "--out", str(tmp_path / "refused")])
+    assert sampled == []
+    best = cfg_search.main([*argv, "--cfg_scales", "1", "3", "--rank_by", "fd_dinov2",
+                            "--random_dinov2", "--balanced_labels"])
+    rows = json.load(open(out / "results.json"))
+    assert all(r["fd_dinov2"] > 0 and r["labelling"] == "balanced" for r in rows)
+    assert best["fd_dinov2"] == min(r["fd_dinov2"] for r in rows)
+    assert "fd_dinov2" in (out / "results.csv").read_text().splitlines()[0]
+    # The best by each metric, where they disagree.
+    rows = [{"cfg": w, "cfg_interval_start": 0.0, "fid": f, "fd_dinov2": d, "num_samples": 6,
+             "reference": "r"} for w, f, d in ((1.0, 5.0, 90.0), (2.0, 6.0, 80.0))]
+    by = {m: cfg_search.write_results(rows, str(tmp_path), print, m)["cfg"]
+          for m in ("fid", "fd_dinov2")}
+    assert by == {"fid": 1.0, "fd_dinov2": 2.0}
+
+
 def test_flags_set_by_the_sweep_and_scales_that_are_not_finite(capsys):
     with pytest.raises(SystemExit):  # it said "must be at least 0.0"
         cfg_search.parse_args(["ref.npz", "--cfg_scales", "1", "inf"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from conftest import randomize_
-from bench import forward_flops
+from common import forward_flops
 from dit import (DiT_models, LightningDiT, LabelEmbedder, TimestepEmbedder, VisionRoPE, apply_rope,
                  build_dit, flow_matching_loss, get_2d_sincos_pos_embed, rope_tables)
 

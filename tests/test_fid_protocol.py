@@ -157,7 +157,7 @@ def test_bad_statistics_are_one_line_naming_the_file(tmp_path, monkeypatch):
         (
             "wide.npz",
             [],
-            "wide.npz: its mu has 2048 dimensions but this Inception's pool features have 64",
+            "wide.npz: its mu has 2048 dimensions but this run's Inception pool features have 64",
         ),
         ("stats.npz", ["--prc"], "stats.npz has only mu/sigma"),
     ]
@@ -348,12 +348,20 @@ def test_statistics_record_their_preprocessing_and_mixing_is_refused(tmp_path, m
     with pytest.raises(UserError, match="r_adm.npz holds statistics of adm preprocessing"):
         fid.main([str(tmp_path / "r_pytorch-fid--prc.npz"), str(tmp_path / "r_adm.npz"),
                   "--preprocess", "pytorch-fid", *cpu])
-    # A file without the key (ADM's own reference batch, pytorch-fid's files) counts as ADM's.
+    # A file without the key: an ADM reference batch (mu_s, no num_images) counts as ADM's; this
+    # project's files from before the key (num_images) and pytorch-fid's (mu, sigma) as theirs.
     with np.load(tmp_path / "r_adm.npz") as z:
-        np.savez(tmp_path / "no_key.npz", **{k: z[k] for k in z.files if k != "preprocess"})
-    assert fid.load_source(str(tmp_path / "no_key.npz")).preprocess == "adm"
-    with pytest.raises(UserError, match="no_key.npz holds statistics of adm preprocessing"):
-        fid.main([s, str(tmp_path / "no_key.npz"), "--preprocess", "pytorch-fid", *cpu])
+        keys = {k: z[k] for k in z.files if k != "preprocess"}
+    files = {"adm_batch": ({k: v for k, v in keys.items() if k != "num_images"}, "adm"),
+             "ours_before": (keys, "pytorch-fid"),
+             "pytorch_fid": ({"mu": keys["mu"], "sigma": keys["sigma"]}, "pytorch-fid")}
+    for name, (arrays, how) in files.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        assert fid.load_source(str(tmp_path / f"{name}.npz")).preprocess == how, name
+    with pytest.raises(UserError, match="adm_batch.npz holds statistics of adm preprocessing"):
+        fid.main([s, str(tmp_path / "adm_batch.npz"), "--preprocess", "pytorch-fid", *cpu])
+    with pytest.raises(UserError, match="ours_before.npz holds statistics of pytorch-fid"):
+        fid.main([s, str(tmp_path / "ours_before.npz"), "--no_sfid", *cpu])
     # The statistics themselves refuse too (callers that do not go through evaluate).
     a, b = (fid.load_source(str(tmp_path / f"r_{how}.npz")) for how in ("adm", "pytorch-fid"))
     with pytest.raises(UserError, match="an FID across the two would be meaningless"):
@@ -396,3 +404,94 @@ def test_partial_statistics_resume_only_on_the_same_input(tmp_path, monkeypatch)
                            f"adm preprocessing.*, not over .*{match}"):
             fid.main([str(tmp_path / other[0]), *other[1:], *args])
     assert fid.main([str(tmp_path / "a"), "--image_size", "16", *args])["num_images"] == 9
+
+
+# --------------------------------------------------------------------------------------------------
+# FD_DINOv2 (a random one-block DINOv2: no download)
+
+
+@pytest.mark.parametrize("hw", [(256, 256), (32, 32), (300, 257)])
+def test_dinov2_input_is_dgm_evals_transform(hw):
+    """PIL's antialiased bicubic resize of the uint8 image straight to 224x224, /255, ImageNet
+    mean/std: by hand here, and dgm-eval's own torchvision transform (exactly)."""
+    import torchvision.transforms as T
+    images = random_uint8_images(2, *hw, seed=7)
+    got = fid.dinov2_input(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert got.shape == (2, 3, 224, 224) and got.dtype == torch.float32
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for a, x in zip(images, got):
+        pil = np.asarray(Image.fromarray(a).resize((224, 224), Image.BICUBIC)) / 255.0
+        np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (pil - mean) / std, atol=1e-5)
+        dgm_eval = T.Compose([T.Resize((224, 224), T.InterpolationMode.BICUBIC), T.ToTensor(),
+                              T.Normalize(mean, std)])(Image.fromarray(a))
+        assert torch.equal(x, dgm_eval.float())
+
+
+def test_dinov2_features_are_the_cls_token_after_the_final_norm():
+    net = fid.load_dinov2(random_weights=True)
+    normed = []
+    net.norm.register_forward_hook(lambda m, i, out: normed.append(out))
+    images = random_uint8_images(5, 40, 40, seed=8)
+    *_, feats = fid.compute_activations(images, StubInception(), dinov2=net, batch_size=3,
+                                        progress=False)
+    assert feats.shape == (5, 384)
+    cls = torch.cat([n[:, 0] for n in normed])  # the hub model's x_norm_clstoken
+    np.testing.assert_allclose(feats, cls.numpy(), rtol=1e-6, atol=1e-6)
+    x = fid.dinov2_input(torch.from_numpy(images[:2]).permute(0, 3, 1, 2))
+    assert torch.equal(net(x), normed[-1][:, 1:])  # the tokenizer's patch tokens, as before
+
+
+def test_fd_dinov2_end_to_end(tmp_path, monkeypatch, capsys):
+    """fid.py --fd_dinov2: finite and positive between two sets, 0 for a set and itself, the same
+    from saved statistics (both passes) and from a reference batch's images; refusals first."""
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: StubInception())
+    a, b, s, s2 = (str(tmp_path / n) for n in ("a.npz", "b.npz", "s.npz", "s2.npz"))
+    np.savez(a, arr_0=random_uint8_images(12, 32, 32, seed=1))
+    np.savez(b, arr_0=random_uint8_images(10, 48, 48, seed=2))
+    flags = ["--fd_dinov2", "--random_dinov2", "--device", "cpu", "--num_workers", "0"]
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        got = fid.main([a, b, *flags, "--save_stats", s, "--json", str(tmp_path / "r.json")])
+        assert 0 < got["fd_dinov2"] < np.inf and "FD_DINOv2" in capsys.readouterr().out
+        assert got["dinov2_weights"].startswith("RANDOM")
+        assert fid.main([a, a, *flags])["fd_dinov2"] == pytest.approx(0, abs=1e-6)
+        assert fid.main([a, s, *flags])["fd_dinov2"] == pytest.approx(got["fd_dinov2"], rel=1e-6)
+        fid.main([b, *flags, "--save_stats", s2])  # the resumable whole-set pass
+        with np.load(s) as one, np.load(s2) as two:
+            assert one["mu_dinov2"].shape == (384,)
+            np.testing.assert_allclose(one["sigma_dinov2"], two["sigma_dinov2"], atol=1e-6)
+        # ADM's reference batch: statistics (here without DINOv2's) and images.
+        stats = fid.load_source(s)
+        batch = str(tmp_path / "batch.npz")
+        np.savez(batch, arr_0=np.load(b)["arr_0"], mu=stats.mu, sigma=stats.sigma)
+        assert fid.main([a, batch, *flags, "--no_sfid"])["fd_dinov2"] == pytest.approx(
+            got["fd_dinov2"], rel=1e-6)
+    nodino = str(tmp_path / "nodino.npz")
+    fid.FIDStatistics(stats.mu, stats.sigma, 10, mu_s=stats.mu_s, sigma_s=stats.sigma_s).save(
+        nodino)
+    wide = str(tmp_path / "wide.npz")
+    fid.FIDStatistics(stats.mu, stats.sigma, 10, mu_s=stats.mu_s, sigma_s=stats.sigma_s,
+                      mu_dinov2=np.zeros(1024), sigma_dinov2=np.eye(1024)).save(wide)
+    monkeypatch.setattr(fid, "_forward", lambda *a, **k: pytest.fail("features computed first"))
+    for ref, match in [(nodino, r"nodino.npz has no DINOv2 statistics .*--save_stats --fd_dinov2"),
+                       (wide, "its mu_dinov2 has 1024 dimensions but this run's DINOv2 features")]:
+        with pytest.raises(UserError, match=match):
+            fid.main([a, ref, *flags])
+
+
+def test_a_dinov2_file_that_does_not_load_strictly_is_one_line(tmp_path):
+    torch.save({"blocks.0.norm1.weight": torch.ones(3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="other.pth does not hold dinov2_vitl14 weights") as e:
+        fid.load_dinov2(str(tmp_path / "other.pth"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="--dinov2_ckpt .*missing.pth does not exist"):
+        fid.load_dinov2(str(tmp_path / "missing.pth"))
+
+
+def test_save_stats_of_a_statistics_reference_is_refused(tmp_path, monkeypatch):
+    """It was ignored with exit 0: nothing to compute, so no file was written."""
+    monkeypatch.setattr(fid, "load_inception", stub_loader)
+    np.savez(tmp_path / "s.npz", arr_0=random_uint8_images(20, 16, 16, seed=1))
+    s, r, cpu = str(tmp_path / "s.npz"), str(tmp_path / "r.npz"), ["--device", "cpu"]
+    fid.main([s, "--save_stats", r, *cpu])
+    with pytest.raises(UserError, match="r.npz is already a statistics file: drop --save_stats"):
+        fid.main([s, r, "--save_stats", str(tmp_path / "again.npz"), *cpu])

@@ -1,19 +1,21 @@
 """sample.py: ODE solvers at their orders on a closed-form flow, the time shift, classifier-free
 guidance (plain, first-K channels, interval), per-index seeds, and the CLI on a tiny checkpoint: PNG
-grid, ADM .npz identical over 1 and 2 ranks and batch sizes, resume from shards, and the bad-input
-messages."""
+grid, ADM .npz identical over 1 and 2 ranks and batch sizes, resume from shards, balanced labels
+recorded, and the bad-input messages."""
 
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+import fid
 import sample
 from common import UserError
-from conftest import randomize_, run_torchrun, save_tokenizer
+from conftest import StubInception, randomize_, run_torchrun, save_tokenizer
 from dit import build_dit
 from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels,
                     sample_latents, sample_noise, shift_timesteps, time_grid)
@@ -203,7 +205,7 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
     one = sample.main(cli(tiny_files, *common, "--batch_size", 4, "--keep_shards",
                           "--out", tmp_path / "one"))
     ref = np.load(one)
-    assert sorted(ref.files) == ["arr_0", "arr_1"]
+    assert sorted(ref.files) == ["arr_0", "arr_1", "labelling"] and ref["labelling"] == "uniform"
     assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (6, 32, 32, 3)
     assert ref["arr_1"].dtype == np.int64 and ref["arr_1"].shape == (6,) and ref["arr_1"].max() < 4
     assert np.array_equal(read_like_adm_evaluator(one), ref["arr_0"])
@@ -249,6 +251,23 @@ def test_npz_identical_over_ranks_and_batch_sizes_and_resumes(tiny_files, tmp_pa
         sample.main(cli(tiny_files, *other_cfg, "--out", tmp_path / "one"))
     with pytest.raises(UserError, match="other settings.*'precision': \\('fp32', 'bf16'\\)"):
         sample.main(cli(tiny_files, *common, "--precision", "bf16", "--out", tmp_path / "one"))
+
+
+def test_balanced_labels_are_recorded_in_the_npz_settings_and_fid_json(tiny_files, tmp_path):
+    """--balanced_labels: sample i gets class i mod 4 (from i alone: any ranks, any shards); the
+    .npz, settings.json and fid.py's result say which labelling it was (RAE: ~0.1 FID apart)."""
+    common = ("--npz", "--num_samples", 6, "--shard_size", 4)
+    path = sample.main(cli(tiny_files, *common, "--balanced_labels", "--out", tmp_path / "b"))
+    npz = np.load(path)
+    assert npz["arr_1"].tolist() == [0, 1, 2, 3, 0, 1] and npz["labelling"] == "balanced"
+    assert json.load(open(tmp_path / "b" / "settings.json"))["labelling"] == "balanced"
+    result = fid.evaluate(path, path, model=StubInception(), progress=False, sfid=False)
+    assert result["labelling"] == "balanced" and "balanced labels" in fid.result_line(result)
+    uniform = sample.main(cli(tiny_files, *common, "--out", tmp_path / "u"))
+    result = fid.evaluate(uniform, path, model=StubInception(), progress=False, sfid=False)
+    assert result["labelling"] == "uniform"
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        sample.main(cli(tiny_files, *common, "--balanced_labels", "--classes", "1"))
 
 
 def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
@@ -313,6 +332,11 @@ def test_a_file_of_a_sharded_checkpoint_points_to_export_pt(tiny_files, tmp_path
     message = str(e.value)
     assert f"{tmp_path / 'run'}/export.pt" in message and "train_dit.py --export" in message
     assert "--raw_weights" not in message
+    kept = tmp_path / "run" / "ckpt_0000008"  # a kept copy: its own export, not the latest's
+    shutil.copytree(folder, kept)
+    with pytest.raises(UserError, match=f"sample from {tmp_path / 'run'}/export_0000008.pt, which "
+                       f"`python train_dit.py --export {kept}` writes"):
+        sample.main(["--ckpt", str(kept / "train_state.pt"), "--device", "cpu"])
 
 
 def test_a_text_to_image_checkpoint_points_to_sample_t2i(tiny_files, tmp_path):

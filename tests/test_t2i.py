@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import bench
+import common
 import sample
 import sample_t2i
 import t2i
@@ -276,7 +276,7 @@ def test_2b_config_size_and_flops():
     model, B, (h, w), L = randomize_(tiny_t2i(2)), 3, (6, 10), 6
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(B, 4, h, w), torch.rand(B), text_batch(B, L, (2, 4, 6)))
-    assert counter.get_total_flops() == B * bench.forward_flops(model, h * w // 4, L)
+    assert counter.get_total_flops() == B * common.forward_flops(model, h * w // 4, L)
 
 
 # --------------------------------------------------------------------------------------------------
