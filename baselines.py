@@ -10,6 +10,7 @@ decoding_modules() (what sampling moves to the GPU). The VAEs' scaling and shift
 used: the diffusion pipeline normalises latents per channel itself.
 """
 
+import importlib
 import json
 import os
 from collections import OrderedDict
@@ -56,16 +57,46 @@ class DiffusersVAE(Baseline):
         return [m for m in (self.vae.decoder, self.vae.post_quant_conv) if m is not None]
 
 
+def is_folder(name: str, what: str) -> bool:
+    """A folder rather than a hub name ("org/model")? A missing folder is refused here."""
+    folder = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if folder and not os.path.isdir(name):
+        raise UserError(f"the {what} folder {name} does not exist")
+    return folder
+
+
+def from_pretrained(cls, name: str, what: str, **kwargs):
+    """cls.from_pretrained(name) of transformers or diffusers, any failure one UserError. Strictly:
+    both fill weights missing from the files at random, with a warning, and a random VAE, text
+    encoder or CLIP gives plausible numbers (a T5 folder passed as CLIP, a .bin of no weights)."""
+    library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
+    library.utils.logging.disable_progress_bar()
+    library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
+    report = {"output_loading_info": True} if issubclass(cls, nn.Module) else {}  # what is missing
+    try:
+        loaded = cls.from_pretrained(name, **kwargs, **report)
+    except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        offline = "" if is_folder(name, what) else (
+            f". Offline, save it on a machine with internet (`{cls.__name__}.from_pretrained(name)"
+            ".save_pretrained(folder)`) and pass that folder")
+        raise UserError(f"could not load the {what} {name!r} ({why}){offline}") from None
+    if not report:
+        return loaded
+    model, info = loaded
+    missing = sorted(info["missing_keys"]) + [str(k) for k in info.get("mismatched_keys", ())]
+    if missing:
+        raise UserError(f"{name} is not a complete {what}: {len(missing)} of its weights are not "
+                        f"in its files (e.g. {missing[0]}) and would be random")
+    return model
+
+
 def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
     """An AutoencoderKL from a folder (config.json and weights, or a pipeline's folder with them in
-    vae/) or a hub name ("stabilityai/sd-vae-ft-ema"; "black-forest-labs/FLUX.1-dev": in vae/).
-    Strictly: diffusers would fill weights missing from the files at random, with a warning."""
+    vae/) or a hub name ("stabilityai/sd-vae-ft-ema"; "black-forest-labs/FLUX.1-dev": in vae/)."""
     import diffusers
 
-    folder = source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source)
-    if folder:
-        if not os.path.isdir(source):
-            raise UserError(f"the diffusers VAE folder {source} does not exist (--tokenizer)")
+    if is_folder(source, "diffusers VAE"):
         subfolders = ["" if os.path.isfile(os.path.join(source, "config.json")) else "vae"]
         try:
             with open(os.path.join(source, subfolders[0], "config.json")) as f:
@@ -77,23 +108,15 @@ def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
                             "AutoencoderKL (in it or in its vae/ subfolder) beside its weights")
     else:
         subfolders = ["", "vae"]  # a VAE's repository, or a pipeline's with its VAE in vae/
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()  # its load report: ours says what matters
     for sub in subfolders:
         try:
-            vae, info = diffusers.AutoencoderKL.from_pretrained(
-                source, subfolder=sub or None, low_cpu_mem_usage=False, output_loading_info=True)
+            vae = from_pretrained(diffusers.AutoencoderKL, source, "diffusers VAE",
+                                  subfolder=sub or None, low_cpu_mem_usage=False)
             break
-        except Exception as e:  # OSError, ValueError, an unpickling error...: one line
-            why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        except UserError as e:
+            error = e
     else:
-        offline = ("" if folder else ". Offline, save it on a machine with internet (`AutoencoderKL"
-                   ".from_pretrained(name).save_pretrained(folder)`) and pass that folder")
-        raise UserError(f"could not load the diffusers VAE {source!r} ({why}){offline}")
-    missing = sorted(info["missing_keys"]) + [str(k) for k in info.get("mismatched_keys", ())]
-    if missing:
-        raise UserError(f"{source} is not a complete diffusers VAE: {len(missing)} of its weights "
-                        f"are not in its files (e.g. {missing[0]}) and would be random")
+        raise error
     return DiffusersVAE(vae, source, image_size)
 
 

@@ -12,11 +12,8 @@ model FLOPs utilisation (MFU): model FLOP/s over the GPU's dense bf16 peak.
     python bench.py --part dit --part t2i --max_batch --memory_gib 80   # largest batch in 80 GB
 
 Timing: --warmup steps untimed, then the median of --repeats blocks of --iters steps, CUDA
-synchronised around each. Model FLOPs (forward_flops): 2 per matmul weight and token it sees, plus
-attention's q k^T and attn v; a training step is 3 forwards; the tokenizer's step is counted by
-torch.utils.flop_counter; sampling costs (steps - 1) forwards per image, two with CFG.
-Each fast path can be switched off to see what it brings (--compile off, --precision fp32,
---no_fused, --attention math, --cfg_two_pass, --no_tf32); default batches fit an 80 GB GPU.
+synchronised around each. Model FLOPs: common.forward_flops; a training step is 3 forwards, sampling
+(steps - 1) per image, two with CFG; the tokenizer's step is counted by torch's FlopCounterMode.
 --vs_official PATH times a checkout of github.com/hustvl/LightningDiT (it needs timm and einops)
 in the same process and protocol: its XL/1 as its config trains it, foreach AdamW and its
 train.py's per-parameter EMA loop.
@@ -37,11 +34,16 @@ from functools import partial
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import dit
+import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
                     forward_flops, parallelize, unwrap, use_bf16, use_compile)
+from data import to_model_range
+from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
+                       set_trainable, tokenizer_loss)
 
 # Default sizes: the paper's on CUDA; small ones on CPU so everything finishes in about a minute.
 CONFIGS = {
@@ -54,26 +56,22 @@ CONFIGS = {
                 t2i="T2I-tiny/1", t2i_text=(16, 64),
                 batch=dict(dit=8, tokenizer=2, sample=8, fid=4, t2i=4, t2i_e2e=4)),
 }
-# The frozen text encoder of t2i_e2e, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
-T5_CONFIGS = {"cuda": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
-              "cpu": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets ("H100 PCIe" before "H100").
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: torch.compile each block of the model's block lists, not the whole
-    model. The blocks of one class share one compiled graph (their weights are its inputs), so the
-    first step compiles one block; embeddings, final layer and loss stay eager. In place."""
+# t2i_e2e's frozen text encoder, random weights: T5-XXL's encoder (4.8B parameters) on CUDA.
+CONFIGS["cuda"]["t5"] = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+CONFIGS["cpu"]["t5"] = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+
+
+def compiled(model, args, device, **compile_kwargs):
+    """The model as --compile asks: whole (on; auto: on CUDA), eager (off), or regional: each
+    block of its block lists compiled, embeddings, final layer and loss eager. The blocks of one
+    class share one compiled graph (their weights are its inputs): the first step compiles one."""
+    if args.compile != "regional":
+        return torch.compile(model) if use_compile(args.compile, device) else model
     for blocks in model.children():
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
                 block.compile(**compile_kwargs)
     return model
-
-
-def compiled(model, args, device):
-    """The model as --compile asks: whole (on; auto: on CUDA), by blocks (regional), or eager."""
-    if args.compile == "regional":
-        return compile_blocks(model)
-    return torch.compile(model) if use_compile(args.compile, device) else model
 
 
 def sync(device):
@@ -88,31 +86,29 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def clock(fn, device, n=1):
+    """Seconds per call of fn over n calls, CUDA synchronised around them."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / n
+
+
 def timed(step, device, args, profile=None, warmup=None, iters=None):
     """(median seconds per call of `step`, seconds of the first call or None). With --profile DIR:
     two more calls' operator table (by GPU time on CUDA) and Chrome trace to DIR/PROFILE.*."""
-    warmup, iters = args.warmup if warmup is None else warmup, iters or args.iters
-    first, times = None, []
-    for i in range(warmup):
-        start = time.perf_counter()
+    warmup = args.warmup if warmup is None else warmup
+    first = clock(step, device) if warmup else None
+    for _ in range(warmup - 1):
         step()
-        if i == 0:
-            sync(device)
-            first = time.perf_counter() - start
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync(device)
-        times.append((time.perf_counter() - start) / iters)
+    times = [clock(step, device, iters or args.iters) for _ in range(args.repeats)]
     if profile and args.profile:
         cuda, path = device.type == "cuda", os.path.join(args.profile, profile)
         kind = torch.profiler.ProfilerActivity
         with torch.profiler.profile(activities=[kind.CPU] + [kind.CUDA] * cuda) as prof:
-            for _ in range(2):
-                step()
-            sync(device)
+            clock(step, device, 2)
         os.makedirs(args.profile, exist_ok=True)
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         with open(path + ".txt", "w") as f:
@@ -148,42 +144,50 @@ def report(name, device, batch, seconds, flops_per_image=None, **extra):
 # Parts
 
 
+def train_step_seconds(name, args, device, bf16, model, inputs, ema_update, clip=False,
+                       fused=True):
+    """timed() of one flow-matching training step of `model` (as compiled() or parallelize gave
+    it) on inputs() = (x1, condition): loss, backward, (clipping,) AdamW, EMA update."""
+    params = list(unwrap(model).parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
+                            fused=fused and not args.no_fused)
+
+    def step():
+        with autocast(device, bf16):
+            loss, _ = dit.flow_matching_loss(model, *inputs())
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(unwrap(model))
+
+    return timed(step, device, args, name)
+
+
 def bench_dit(args, cfg, device, bf16, B):
     """One LightningDiT training step: flow-matching loss, backward, AdamW, EMA update; with
     --vs_official, the official model's step next to it."""
     model = dit.build_dit(cfg["dit"], **cfg["dit_kw"], grad_checkpointing=args.grad_checkpointing)
     model.to(device)
-    x1 = torch.randn(B, *cfg["latent"], device=device)
-    y = torch.randint(0, 1000, (B,), device=device)
+    inputs = (torch.randn(B, *cfg["latent"], device=device),
+              torch.randint(0, 1000, (B,), device=device))
     flops = 3 * forward_flops(model, model.num_patches)
     sizes = {k: getattr(model, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
-
-    def seconds(name, model, ema_update, opt):
-        def step():
-            with autocast(device, bf16):
-                loss, _ = dit.flow_matching_loss(model, x1, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(unwrap(model))
-        return timed(step, device, args, f"{name}_b{B}")
-
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0,
-                            fused=not args.no_fused)
-    ours = report(f"dit {cfg['dit']} train", device, B,
-                  seconds("dit", compiled(model, args, device), EMA(model, 0.9999).update, opt),
-                  flops)
+    seconds = train_step_seconds(f"dit_b{B}", args, device, bf16, compiled(model, args, device),
+                                 lambda: inputs, EMA(model, 0.9999).update)
+    ours = report(f"dit {cfg['dit']} train", device, B, seconds, flops)
     if not args.vs_official:
         return [ours]
-    del model, opt
+    del model
     reset_memory(device)
     # The official model of the same sizes, as its XL config trains it. Its models/rmsnorm.py
     # imports fairscale (unused): empty modules stand in.
-    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel",
-                 "fairscale.nn.model_parallel.initialize", "fairscale.nn.model_parallel.layers"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    for name in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
-        setattr(sys.modules["fairscale.nn.model_parallel.layers"], name, None)
+    for name in ("", ".nn", ".nn.model_parallel", ".nn.model_parallel.initialize",
+                 ".nn.model_parallel.layers"):
+        sys.modules.setdefault("fairscale" + name, types.ModuleType("fairscale" + name))
+    layers = sys.modules["fairscale.nn.model_parallel.layers"]
+    layers.ColumnParallelLinear = layers.ParallelEmbedding = layers.RowParallelLinear = None
     sys.path.insert(0, os.path.abspath(args.vs_official))
     try:
         from models.lightningdit import LightningDiT
@@ -201,9 +205,9 @@ def bench_dit(args, cfg, device, bf16, B):
         for name, p in model.named_parameters():
             ema[name].mul_(decay).add_(p.data, alpha=1 - decay)
 
-    opt = torch.optim.AdamW(official.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0)
-    theirs = report("official LightningDiT train", device, B,
-                    seconds("official", official, official_ema, opt), flops)  # foreach AdamW
+    seconds = train_step_seconds(f"official_b{B}", args, device, bf16, official, lambda: inputs,
+                                 official_ema, fused=False)  # foreach AdamW, as its train.py
+    theirs = report("official LightningDiT train", device, B, seconds, flops)
     ours["speedup_vs_official"] = ours["img_per_s"] / theirs["img_per_s"]
     print(f"ours / official: {ours['speedup_vs_official']:.2f}x images/s, "
           f"{ours['peak_mem_gib'] / theirs['peak_mem_gib']:.2f}x peak memory", flush=True)
@@ -213,11 +217,6 @@ def bench_dit(args, cfg, device, bf16, B):
 def bench_tokenizer(args, cfg, device, bf16, B):
     """train_tokenizer.py's step in each stage, with LPIPS and the GAN on (the costliest phase):
     tokenizer loss and update, EMA, discriminator update."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss,
-                           semantic_reference, set_trainable, tokenizer_loss)
-
     lpips = build_lpips(random_backbone=True).to(device)  # its weights do not change its speed
     rows = []
     for stage in (1, 2, 3):
@@ -265,20 +264,18 @@ def bench_tokenizer(args, cfg, device, bf16, B):
 def bench_sampling(args, cfg, device, bf16, B):
     """Sampling with CFG (one batched forward over [x; x]) at 250 and 30 steps, plus decoding. The
     30-step run is timed whole; the 250-step figure uses the per-step time measured in it."""
-    import sample
-    from tokenizer import AlignedTokenizer
-
     model = dit.build_dit(cfg["dit"], **cfg["dit_kw"]).to(device).eval()
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * cfg["latent"][1]}).to(device).eval()
     net = compiled(model, args, device)
-    net = TwoPass(net) if args.cfg_two_pass else net  # CFG as two forwards (what batching saves)
+    net = two_pass(net) if args.cfg_two_pass else net
     noise = torch.randn(B, *cfg["latent"], device=device)
     y = torch.randint(0, model.num_classes, (B,), device=device)
+    null = torch.full_like(y, model.num_classes)
     stats = {"mean": torch.zeros(cfg["latent"][0]), "std": torch.ones(cfg["latent"][0])}
 
     def run(steps=30):
         with autocast(device, bf16):
-            return sample.sample_latents(net, y, noise, steps=steps, cfg_scale=1.5)
+            return sample.sample_latents(net, y, noise, steps=steps, cfg_scale=1.5, null=null)
 
     z = run()
     t30, _ = timed(run, device, args, f"sample30_b{B}", warmup=1, iters=1)
@@ -292,16 +289,9 @@ def bench_sampling(args, cfg, device, bf16, B):
     return rows
 
 
-class TwoPass(torch.nn.Module):
-    """Calls the model on each half of the batch separately (CFG without batching)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.num_classes = model, model.num_classes
-
-    def forward(self, x, t, y):
-        h = x.shape[0] // 2
-        return torch.cat([self.model(x[:h], t, y[:h]), self.model(x[h:], t, y[h:])])
+def two_pass(model):
+    """CFG as two forwards, one per half of the batch [x; x] (what batching saves)."""
+    return lambda x, t, y: torch.cat([model(*half) for half in zip(x.chunk(2), (t, t), y.chunk(2))])
 
 
 def bench_fid(args, cfg, device, bf16, B):
@@ -321,16 +311,13 @@ def bench_fid(args, cfg, device, bf16, B):
     batches = images.to(device).split(B)
     # ours takes 0..255 (ADM's input), pytorch-fid 0..1: the same images, the same preprocessing
     extract = {"ours": lambda b: ours(b * 255)[0], "pytorch_fid": lambda b: theirs(b)[0].flatten(1)}
-    seconds, feats = {name: [] for name in extract}, {}
+    seconds = {name: [] for name in extract}
     with torch.inference_mode(), fid.exact_float32(device):
-        for i in range(args.repeats + 1):  # round 0: warm-up; alternating: drifting load hits both
+        feats = {k: torch.cat([f(b) for b in batches]) for k, f in extract.items()}  # + warm-up
+        for i in range(args.repeats):  # alternating: a drifting load hits both
             for name in list(extract) if i % 2 else list(extract)[::-1]:
-                sync(device)
-                start = time.perf_counter()
-                feats[name] = torch.cat([extract[name](b) for b in batches])
-                sync(device)
-                seconds[name].append(time.perf_counter() - start)
-    ours_s, theirs_s = (min(seconds[k][1:]) / len(batches) for k in extract)
+                seconds[name].append(clock(lambda: [extract[name](b) for b in batches], device))
+    ours_s, theirs_s = (min(seconds[k]) / len(batches) for k in extract)
     return [report("fid features", device, B, ours_s, pytorch_fid_img_per_s=B / theirs_s,
                    ratio_vs_pytorch_fid=theirs_s / ours_s,
                    max_feature_diff=(feats["ours"] - feats["pytorch_fid"]).abs().max().item())]
@@ -352,66 +339,40 @@ def bench_t2i(args, cfg, device, bf16, B, e2e=False):
     else:
         train_model = compiled(model.to(device), args, device)
         ema.model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
-                            fused=not args.no_fused)
     mask = torch.arange(L, device=device).expand(B, L) < L // 2  # half of the tokens: padding
-    if e2e:
-        encode = frozen_encoders(cfg, device, bf16, mask)
+    if e2e:  # from uint8 images and token ids, by the frozen tokenizer and a random T5 encoder
+        import transformers
+
+        t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
+        with torch.device(device):
+            text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else
+                                                              torch.float32)
+        tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
+        for net in (text_encoder, tok):
+            net.eval().requires_grad_(False)
+        images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+        ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+
+        @torch.no_grad()
+        def encode():  # -> (latents, (text states, mask)); no latent statistics (mean 0, std 1)
+            with autocast(device, bf16):
+                z = tok.encode(to_model_range(images, device))
+                states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return z.float(), (states, mask)
     else:  # random latents and text states (precomputed, as the LightningDiT's latents)
-        x1 = torch.randn(B, C, H, W, device=device)
-        states = torch.randn(B, L, text_dim, device=device)
-
-        def encode():
-            return x1, (states, mask)
-
-    def step():
-        with autocast(device, bf16):
-            loss, _ = dit.flow_matching_loss(train_model, *encode())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-
-    seconds = timed(step, device, args, f"{'t2i_e2e' if e2e else 't2i'}_b{B}")
-    if not e2e:
-        return [report(f"t2i {cfg['t2i']} train", device, B, seconds, flops,
-                       params=sum(p.numel() for p in model.parameters()))]
-    encoders = timed(encode, device, args)[0]  # after the step: warm
-    share = encoders / seconds[0]
-    print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, {share:.0%} of the step",
-          flush=True)
-    return [report(f"t2i {cfg['t2i']} train_t2i step", device, B, seconds, flops,
-                   encoders_ms=1000 * encoders, encoders_share=share)]
-
-
-def frozen_encoders(cfg, device, bf16, mask):
-    """encode() -> (latents, (text states, mask)) of random uint8 images and token ids by the
-    frozen tokenizer and a random T5 encoder (T5-XXL's on CUDA, built from its config)."""
-    import transformers
-
-    from data import to_model_range
-    from tokenizer import AlignedTokenizer
-
-    (B, L), (H, W) = mask.shape, cfg["latent"][1:]
-    t5 = transformers.T5Config(**T5_CONFIGS[device.type], feed_forward_proj="gated-gelu",
-                               vocab_size=32128)
-    with torch.device(device):
-        text_encoder = transformers.T5EncoderModel(t5).to(torch.bfloat16 if bf16 else torch.float32)
-    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device)
-    for net in (text_encoder, tok):
-        net.eval().requires_grad_(False)
-    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-    ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
-
-    @torch.no_grad()
-    def encode():
-        with autocast(device, bf16):
-            z = tok.encode(to_model_range(images, device))
-            states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return z.float(), (states, mask)  # latent statistics (mean 0, std 1 here) left out
-
-    return encode
+        inputs = torch.randn(B, C, H, W, device=device), (
+            torch.randn(B, L, text_dim, device=device), mask)
+        encode = lambda: inputs  # noqa: E731
+    seconds = train_step_seconds(f"{'t2i_e2e' if e2e else 't2i'}_b{B}", args, device, bf16,
+                                 train_model, encode, ema.update, clip=True)
+    extra = {"params": sum(p.numel() for p in model.parameters())}
+    if e2e:
+        encoders = timed(encode, device, args)[0]  # after the step: warm
+        extra = dict(encoders_ms=1000 * encoders, encoders_share=encoders / seconds[0])
+        print(f"frozen tokenizer + text encoder: {1000 * encoders:.1f} ms, "
+              f"{extra['encoders_share']:.0%} of the step", flush=True)
+    name = f"t2i {cfg['t2i']} " + ("train_t2i step" if e2e else "train")
+    return [report(name, device, B, seconds, flops, **extra)]
 
 
 def largest_batch(fits, start: int) -> int:
@@ -458,10 +419,9 @@ def parse_args(argv=None):
                    help="a checkout of hustvl/LightningDiT to time next to ours")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math"),
                    help="math: PyTorch's reference attention (materialises the N x N scores)")
-    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"),
-                       ("--channels_last", "the tokenizer's conv nets"),
-                       ("--cfg_two_pass", "CFG as two forwards, not one"), ("--no_tf32", None),
-                       ("--grad_checkpointing", None),
+    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"), ("--no_tf32", None),
+                       ("--channels_last", "the tokenizer's conv nets"), ("--grad_checkpointing",
+                       None), ("--cfg_two_pass", "CFG as two forwards, not one"),
                        ("--max_batch", "find the largest batch that fits (CUDA only)")):
         p.add_argument(flag, action="store_true", help=help)
     p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")

@@ -9,11 +9,10 @@ shard cut short is read up to the damage.
 
 Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
 ... up to 2:1); each image goes to the bucket nearest its aspect ratio, resized to cover it and
-centre-cropped (ADM's crop, data.center_crop_arr), so nothing is padded. Shards are shuffled every
-epoch and dealt to ranks, then to loader workers; each worker fills one buffer per bucket and yields
-a batch when one is full. A checkpoint records each worker's position (epoch, batches made); a
-resumed worker makes its batches again up to there without yielding them (decoding the images: a
-truncated one is found only so), so that it continues exactly.
+centre-cropped (data.center_crop_arr): nothing is padded. Shards are shuffled every epoch and dealt
+to ranks, then to loader workers; each worker yields a batch when one bucket's buffer is full. A
+checkpoint records each worker's position (epoch, batches made); a resumed worker makes its batches
+again up to there without yielding them (decoding the images: a truncated one is found only so).
 """
 
 import collections
@@ -61,9 +60,8 @@ def parse_size(text: str, sizes) -> tuple[int, int]:
 
 
 def list_shards(path: str, readers: int = 1) -> list:
-    """The shards of a source: .tar files, or for a caption folder its images, shuffled once and
-    dealt into at least `readers` lists (a folder sorted by subfolder would otherwise give batches
-    of one kind)."""
+    """The .tar files of a source, or a caption folder's images shuffled once (sorted by subfolder
+    they would give batches of one kind) and dealt into at least `readers` lists."""
     if os.path.isfile(path):
         if path.endswith(SHARD_SUFFIXES):
             return [path]
@@ -85,10 +83,9 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path, caption) of a shard in order; a sample without an image
-    has None for it, one without a caption "". A damaged tar ends its shard with a warning and
-    (key, None, None). Captions are read as utf-8-sig: Windows editors begin a UTF-8 file with a
-    byte-order mark, which would otherwise stay in the caption."""
+    """Samples (key, image bytes or path, caption or "") of a shard in order, image None if there is
+    none; a damaged tar ends with a warning and (key, None, None). utf-8-sig: Windows editors begin
+    a UTF-8 file with a byte-order mark, which would otherwise stay in the caption."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
@@ -107,8 +104,7 @@ def read_shard(shard):
                 key = stem
                 parts[ext.lower()] = tar.extractfile(member).read()
             # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive
-            # marker then. (Not for a compressed shard, larger unpacked: a compressed stream cut
-            # short raises.)
+            # marker then. (A compressed stream cut short raises.)
             plain = tar.fileobj.comptype == "tar"
             if plain and os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
@@ -128,9 +124,8 @@ def _sample(key, parts):
 
 class CaptionStream(torch.utils.data.IterableDataset):
     """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch",
-    "index", "skipped"} of this rank's shards, each batch from one bucket (see the module
-    docstring). "skipped" counts the unusable samples of the worker's first epoch: each once, in any
-    epoch."""
+    "index", "skipped" (the unusable samples of the worker's first epoch)} of this rank's shards,
+    each batch from one bucket."""
 
     def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1,
                  seed: int = 0, num_workers: int = 0):
@@ -184,8 +179,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
             epoch, skip, counts = epoch + 1, 0, collections.Counter()
 
     def _samples(self, shards, counts, warn: bool):
-        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples of `shards`, in order. Every
-        sample is counted in `counts` by what became of it; the first unusable ones are named."""
+        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples, in order; each sample is
+        counted in `counts` by what became of it, the first unusable ones named."""
         for key, image, caption in (sample for shard in shards for sample in read_shard(shard)):
             pixels = decode(key, image, caption, self.sizes)
             counts[pixels if isinstance(pixels, str) else "usable"] += 1
@@ -212,9 +207,8 @@ def decode(key, image, caption, sizes):
 
 
 class CaptionBatches:
-    """The training side of a CaptionStream: an endless iterator of batches whose state_dict() holds
-    every rank's worker positions, so that `--resume` continues exactly (with the same ranks and
-    --num_workers)."""
+    """An endless iterator of a CaptionStream's batches whose state_dict() holds every rank's worker
+    positions: `--resume` on the same ranks and --num_workers continues exactly."""
 
     def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False,
                  seed: int = 0):
@@ -245,11 +239,10 @@ class CaptionBatches:
         self.next_worker = 0
 
     def __iter__(self):
-        # The loader takes batches from its workers in turn (in_order), starting with its worker 0:
-        # that one plays the worker whose turn it is.
+        # The loader takes batches from its workers in turn, starting with its worker 0: that one
+        # plays the worker whose turn it is. Its own generator: one drawn from the global one would
+        # shift the training noise on resume.
         self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
-        # A generator of its own: a loader drawn from the global one would shift the training
-        # noise on resume.
         generator = torch.Generator().manual_seed(self.seed)
         for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
                                                  pin_memory=self.pin_memory, generator=generator):

@@ -7,14 +7,13 @@
     python demo.py --tiny  # the same, tiny and meaningless (about a minute; what the tests run)
     python demo.py --t2i   # the tokenizer, then a text-to-image model on the demo captions instead
 
---t2i trains a tiny text-to-image model (train_t2i.py) on the demo images' captions ("a red disc on
-the left, dark background") with a small RANDOM byte-level T5 as text encoder (text.py; random
-features of different captions still differ), and sample_t2i.py draws new prompts.
+--t2i conditions on the demo images' captions ("a red disc on the left, dark background") through
+a small RANDOM byte-level T5 (random features of different captions still differ).
 
-Each step is the real script, printed before it runs, with its progress and a one-line result,
-also logged to runs/demo.log. Run again, the demo resumes finished training stages and reruns the
-quick steps. Offline, random stand-ins (it says so) replace the pretrained weights: a small ViT for
-DINOv2, no LPIPS (a random VGG measures nothing) and a random Inception (a meaningless FID).
+Each step is the real script, printed before it runs, its output also logged to runs/demo.log.
+Run again, the demo resumes finished training stages and reruns the quick steps. Offline, random
+stand-ins (it says so) replace the pretrained weights: a small ViT for DINOv2, no LPIPS (a random
+VGG measures nothing) and a random Inception (a meaningless FID).
 """
 
 import argparse
@@ -40,10 +39,12 @@ PROMPTS = ["a red disc in the centre, light background", "a blue ring on the lef
            "a yellow triangle in the centre, dark background"]
 
 
-def run(log_path: str, cmd: str, *paths: str, result=None):
+def run(log_path: str, cmd: str, *paths: str, result=None, run_dir=None):
     """Run `python CMD PATHS` (CMD split at spaces, PATHS as they are) as a subprocess: its output
-    (progress bars included) goes to the console and the log file; then a one-line result."""
-    argv = [sys.executable, *cmd.split(), *paths]
+    (progress bars included) goes to the console and the log file; then a one-line result. A
+    training run (in run_dir) resumes from its checkpoint; its result: the last logged losses."""
+    resume = run_dir and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+    argv = [sys.executable, *cmd.split(), *paths] + ["--resume"] * bool(resume)
     print(f"\n$ {shlex.join(argv)}", flush=True)
     start = time.time()
     with open(log_path, "ab") as log:
@@ -54,18 +55,14 @@ def run(log_path: str, cmd: str, *paths: str, result=None):
             log.write(chunk)
     if proc.wait():
         sys.exit(f"step failed (exit {proc.returncode}): see its output above, also in {log_path}")
-    print(f"==> done in {time.time() - start:.0f} s" + (f": {result()}" if result else ""),
-          flush=True)
+    result = last_losses(run_dir) if run_dir else result() if result else ""
+    print(f"==> done in {time.time() - start:.0f} s" + (result and f": {result}"), flush=True)
 
 
 def last_losses(run_dir: str) -> str:
     record = read_log(os.path.join(run_dir, "log.jsonl"))[-1]
     return ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "l1", "lpips", "sp", "mse")
                      if k in record)
-
-
-def resume(run_dir: str) -> list[str]:
-    return ["--resume"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
 
 
 def pretrained(tiny: bool) -> list[bool]:
@@ -118,13 +115,11 @@ def main(argv=None):
     encoder = "--encoder dinov2_vits14" if real_encoder else "--encoder tiny --random_encoder"
     lpips = "" if real_vgg else "--lpips_weight 0"  # a random VGG measures nothing
     for stage, steps in zip((1, 2, 3), cfg["tok_steps"]):
-        stage_dir = os.path.join(tok_dir, f"stage{stage}")
         run(log, f"train_tokenizer.py --stage {stage} --steps {steps} --batch_size "
             f"{cfg['tok_batch']} --lr 2e-3 --betas 0.9 0.99 --ema_decay 0.99 --log_every 50 "
             f"--grid_every {steps} --image_size {cfg['image_size']} --decoder_ch 32 "
             f"--decoder_res_blocks 1 --disc_ch 32 {encoder} {lpips} {common}", "--data", data,
-            "--run_dir", tok_dir, *resume(stage_dir),
-            result=lambda d=stage_dir: last_losses(d))
+            "--run_dir", tok_dir, run_dir=os.path.join(tok_dir, f"stage{stage}"))
     recon_json = os.path.join(tok_dir, "eval.json")
     run(log, f"train_tokenizer.py --eval --eval_images 64 {'' if real_vgg else '--random_lpips'} "
         f"{common}", "--tokenizer", os.path.join(tok_dir, "stage3", "tokenizer.pt"), "--data", data,
@@ -141,7 +136,7 @@ def main(argv=None):
         f"{cfg['dit_depth']} --num_heads 4 --steps {cfg['dit_steps']} --batch_size "
         f"{cfg['dit_batch']} --lr 1e-3 --ema_decay 0.995 --log_every 100 --grid_every "
         f"{cfg['dit_steps']} --grid_cfg 1.5 {common}", "--latents", latents, "--run_dir", dit_dir,
-        *resume(dit_dir), result=lambda: last_losses(dit_dir))
+        run_dir=dit_dir)
 
     # 3. Samples with guidance, decoded by the stage-3 tokenizer (sample.py's default), beside the
     # checkpoint, where `python sample.py --cfg 1.5` also writes; then FID.
@@ -180,8 +175,7 @@ def text_to_image(args, cfg, tok_dir, log, common, t_start):
         f"--batch_size {cfg['t2i_batch']} --lr 1e-3 --ema_decay 0.995 --stats_samples "
         f"{cfg['images']} --log_every 100 --grid_every {cfg['t2i_steps']} {common}",
         "--captions", os.path.join(out, "demo_data"), "--text_encoder", encoder, "--tokenizer",
-        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--run_dir", run_dir, *resume(run_dir),
-        result=lambda: last_losses(run_dir))
+        os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--run_dir", run_dir, run_dir=run_dir)
     prompts = os.path.join(out, "demo_prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")

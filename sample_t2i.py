@@ -1,7 +1,6 @@
-"""Text-to-image sampling: a model of train_t2i.py draws images of prompts, at one of its
-aspect-ratio buckets, with sample.py's ODE solvers, per-sample seeds and resumable --npz shards.
-Guidance compares each prompt with the empty caption (the caption dropout of training). The CLIP
-score of the samples with their prompts (torchmetrics' CLIPScore) comes with --clip_model.
+"""Text-to-image sampling: a model of train_t2i.py draws images of prompts at one of its buckets,
+with sample.py's solvers, per-sample seeds and resumable --npz shards. Guidance compares each
+prompt with the empty caption (training's caption dropout). --clip_model: the CLIP score.
 
   python sample_t2i.py --ckpt runs/t2i/ckpt.pt --prompt "a red disc on the left" --size 224x288
   torchrun --nproc_per_node=8 sample_t2i.py --prompts coco.txt --npz --clip_model CLIP

@@ -7,11 +7,10 @@ LightningDiT's blocks (dit.py), trained with the same flow-matching loss (train_
     single-stream blocks: one sequence [txt; img], attention and MLP side by side
     final layer on the img tokens -> velocity (B, C, H, W)
 
-The paper says only "2B parameters"; a secondary source says the model follows FLUX, so the layout
-is FLUX's, with LightningDiT's blocks (RMSNorm, SwiGLU, QK-norm, 2D RoPE, AdaLN-Zero). Ours where
-the paper and FLUX differ or are silent: the conditioning vector is t_emb + an MLP of the caption's
-mean text state (FLUX uses CLIP's pooled embedding), text tokens get no rotation, there is no
-absolute position embedding, and QK-norm is on.
+The paper says only "2B parameters"; a secondary source says it follows FLUX: FLUX's layout with
+LightningDiT's blocks (RMSNorm, SwiGLU, QK-norm, 2D RoPE, AdaLN-Zero). Ours where they differ or
+are silent: the conditioning vector is t_emb + an MLP of the caption's mean text state (FLUX: CLIP's
+pooled embedding), text tokens get no rotation, no absolute position embedding, QK-norm on.
 """
 
 from contextlib import nullcontext
@@ -29,8 +28,7 @@ from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, atten
 
 class TextToImageDiT(nn.Module):
     """Velocity model v(x_t, t, text) on (B, C, H, W) latents of any grid (the aspect-ratio
-    buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder:
-    `depth_double` double-stream blocks, then `depth_single` single-stream blocks."""
+    buckets), text = (states (B, L, text_dim), mask (B, L)) of a frozen text encoder."""
 
     def __init__(self, in_channels: int = 32, patch_size: int = 1, hidden_size: int = 1728,
                  depth_double: int = 10, depth_single: int = 20, num_heads: int = 27,
@@ -109,8 +107,8 @@ def joint_attention(qk, v, rope, attend):
 
 
 class DoubleStreamBlock(nn.Module):
-    """Text and image tokens, each with a LightningDiT block of their own (norms, qkv, QK-norm,
-    projection, SwiGLU, modulation), attending jointly: FLUX's double-stream block."""
+    """FLUX's double-stream block: text and image tokens, each with a LightningDiT block of their
+    own, attending jointly."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
         super().__init__()
@@ -128,9 +126,8 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """One stream over the joined tokens, attention and SwiGLU MLP side by side from one input
-    projection and into one output projection (FLUX's single-stream block), modulated by
-    (shift, scale, gate)."""
+    """FLUX's single-stream block over the joined tokens: attention and SwiGLU MLP side by side,
+    from one input projection into one output projection, modulated by (shift, scale, gate)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
         super().__init__()

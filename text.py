@@ -7,7 +7,6 @@ replace it (`--text_encoder`): T5 and CLIP text models as such, others through A
 hidden state.
 """
 
-import importlib
 import os
 import warnings
 import zipfile
@@ -16,52 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from baselines import from_pretrained
 from common import UserError
 
 DEFAULT_TEXT_ENCODER = "google/t5-v1_1-xxl"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-OFFLINE = (". Offline, save it on a machine with internet (`.from_pretrained(name)"
-           ".save_pretrained(folder)`) and pass that folder instead")
-
-
-def from_pretrained(cls, name: str, what: str, offline: str = OFFLINE, **kwargs):
-    """cls.from_pretrained(name) for a transformers or diffusers class; any failure is one UserError
-    naming `name`. A model must find every weight in its files: both libraries would otherwise
-    initialise the missing ones at random, with a warning, and a random CLIP or text encoder gives
-    numbers that look plausible (a T5 folder passed as CLIP, a .bin holding no weights). `offline`:
-    the advice for a hub name that cannot be loaded."""
-    library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
-    library.utils.logging.disable_progress_bar()
-    if is_path(name):
-        if not os.path.isdir(name):
-            raise UserError(f"the {what} folder {name} does not exist")
-        offline = ""
-    is_model = issubclass(cls, torch.nn.Module)
-    report = {"output_loading_info": True} if is_model else {}  # what was not in the files
-    verbosity = library.utils.logging.get_verbosity()
-    library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
-    try:
-        loaded = cls.from_pretrained(name, **kwargs, **report)
-    except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
-        why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise UserError(f"could not load the {what} {name!r} ({why}){offline}") from None
-    finally:
-        library.utils.logging.set_verbosity(verbosity)
-    if not is_model:
-        return loaded
-    model, info = loaded
-    missing = sorted(info["missing_keys"]) + [str(k) for k in info.get("mismatched_keys", ())]
-    if missing:
-        raise UserError(f"{name} is not a complete {what}: {len(missing)} of its weights are not "
-                        f"in its files (e.g. {missing[0]}) and would be random. Pass a folder that "
-                        f"{cls.__name__}.save_pretrained wrote (config.json and weights)")
-    return model
-
-
-def is_path(name: str) -> bool:
-    """A folder rather than a hub name ("org/model"): a missing one is "not found", not a hub name
-    that "must be in the form 'repo_name' or 'namespace/repo_name'"."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def load_tokenizer(name: str, what: str):
@@ -122,10 +80,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str], warn: bool = False):
-        if warn:  # sampling: say which prompts are cut
-            lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
-            for caption, n in dict(zip(captions, lengths)).items():
-                if n > self.max_length:
+        if warn:  # sampling: say which prompts are cut, once each
+            for caption, ids in dict(zip(captions, self.tokenizer(captions)["input_ids"])).items():
+                if len(ids) > self.max_length:
                     short = caption if len(caption) <= 80 else caption[:77] + "..."
                     warnings.warn(f"prompt longer than the text encoder's {self.max_length} "
                                   f"tokens, cut there: {short!r}")
@@ -197,32 +154,12 @@ def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: 
     follow them."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim,
                                    num_layers=layers, num_heads=4, is_encoder_decoder=False,
                                    use_cache=False)
-    return save_random(transformers.T5EncoderModel, config, folder, seed)
-
-
-def save_random_clip(folder: str, dim: int = 32, image_size: int = 32, seed: int = 0) -> str:
-    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for testing the CLIP score
-    offline."""
-    import transformers
-
-    layers = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                  num_attention_heads=2)
-    text = dict(layers, vocab_size=384, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
-                pad_token_id=0)
-    vision = dict(layers, image_size=image_size, patch_size=8)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
-    return save_random(transformers.CLIPModel, config, folder, seed)
-
-
-def save_random(cls, config, folder: str, seed: int) -> str:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     with torch.random.fork_rng():  # seeded, and the caller's random state untouched
         torch.manual_seed(seed)
-        cls(config).save_pretrained(folder)
+        transformers.T5EncoderModel(config).save_pretrained(folder)
     transformers.ByT5Tokenizer().save_pretrained(folder)
     return folder

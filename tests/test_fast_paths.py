@@ -143,8 +143,9 @@ def test_torch_compile_matches_eager():
 
 
 def test_regional_compilation_compiles_one_block_for_all():
-    """bench.compile_blocks: each block compiled, one graph shared by the blocks, the eager results.
-    (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++ build here.)"""
+    """bench.compiled(--compile regional): each block compiled, one graph shared by the blocks, the
+    eager results. (aot_eager: Dynamo and AOTAutograd as on the GPU, without Inductor's slow C++
+    build here.)"""
     import torch._dynamo.utils
 
     model = tiny_dit().train()
@@ -152,14 +153,14 @@ def test_regional_compilation_compiles_one_block_for_all():
     loss, grads = dit_loss_and_grads(model)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    bench.compile_blocks(model, backend="aot_eager")
+    flags = bench.parse_args(["--compile", "regional"])
+    assert bench.compiled(model, flags, CPU, backend="aot_eager") is model
     assert list(model.state_dict()) == list(tiny_dit().state_dict())  # no _orig_mod prefixes
     loss_c, grads_c = dit_loss_and_grads(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two blocks, one graph
     torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert bench.parse_args(["--compile", "regional"]).compile == "regional"
 
 
 def test_fsdp_compiled_blocks_with_checkpointing_match_eager():
@@ -199,7 +200,8 @@ def test_batched_cfg_equals_two_forwards():
     model = tiny_dit().eval()
     y, noise = torch.tensor([0, 3]), torch.randn(2, 8, 4, 4)
     batched = sample.sample_latents(model, y, noise, steps=5, cfg_scale=2.0)
-    two_pass = sample.sample_latents(bench.TwoPass(model), y, noise, steps=5, cfg_scale=2.0)
+    two_pass = sample.sample_latents(bench.two_pass(model), y, noise, steps=5, cfg_scale=2.0,
+                                     null=torch.full_like(y, model.num_classes))
     torch.testing.assert_close(batched, two_pass, rtol=1e-5, atol=1e-5)
 
 
