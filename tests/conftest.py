@@ -98,3 +98,20 @@ class StubInception(nn.Module):
         pool = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.proj
         thumb = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # (B, 12)
         return (pool, pool @ self.fc, thumb) if spatial else (pool, pool @ self.fc)
+
+
+def save_random_clip(folder: str, dim: int = 32, image_size: int = 32) -> str:
+    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for the CLIP score offline."""
+    import transformers
+
+    layers = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                  num_attention_heads=2)
+    text = dict(layers, vocab_size=384, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
+                pad_token_id=0)
+    vision = dict(layers, image_size=image_size, patch_size=8)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformers.CLIPModel(config).save_pretrained(folder)
+    transformers.ByT5Tokenizer().save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import save_tokenizer
+from conftest import save_random_clip, save_tokenizer
 from PIL import Image
 
 import captions
@@ -29,7 +29,6 @@ from captions import CaptionStream, buckets, list_shards, read_shard
 from common import DistEnv, Logger, UserError, load_checkpoint, read_log, save_checkpoint
 from dit import build_dit
 from t2i import build_t2i
-from test_t2i import save_random_clip
 from text import TextEncoder, clip_score, clip_score_npz, read_prompts, save_random_text_encoder
 from train_dit import LatentDataset
 

@@ -22,7 +22,7 @@ import t2i
 import train_t2i
 from captions import CaptionBatches, CaptionStream, buckets, nearest_bucket, parse_size, read_shard
 from common import UserError, load_checkpoint, read_log
-from conftest import randomize_, run_script, run_torchrun, save_tokenizer
+from conftest import randomize_, run_script, run_torchrun, save_random_clip, save_tokenizer
 from data import DemoShapes
 from text import TextEncoder, clip_score, save_random_text_encoder
 
@@ -281,23 +281,6 @@ def test_2b_config_size_and_flops():
 
 # --------------------------------------------------------------------------------------------------
 # Text encoder and CLIP score
-
-
-def save_random_clip(folder: str, dim: int = 32, image_size: int = 32) -> str:
-    """A tiny RANDOMLY initialised CLIP with a byte-level tokenizer, for the CLIP score offline."""
-    import transformers
-
-    layers = dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-                  num_attention_heads=2)
-    text = dict(layers, vocab_size=384, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
-                pad_token_id=0)
-    vision = dict(layers, image_size=image_size, patch_size=8)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformers.CLIPModel(config).save_pretrained(folder)
-    transformers.ByT5Tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
