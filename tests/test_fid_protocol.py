@@ -286,14 +286,14 @@ def test_folder_preprocessing_is_adms_crop(tmp_path, wh):
 
 
 # --------------------------------------------------------------------------------------------------
-# ADM's preprocessing (issue 28): TF1's resize, the scaling, and no FID across two preprocessings
+# ADM's preprocessing: TF1's resize, the scaling, and no FID across two preprocessings
 
 
 def test_resize_is_tensorflows_and_pytorchs_is_not():
     """TF1's ResizeBilinear (align_corners False, no half-pixel centres) against TensorFlow's own
     output for upsampling, downsampling and one axis unchanged: equal to float32 round-off.
     PyTorch's bilinear (half-pixel centres: pytorch-fid's, and this code's before) is far off."""
-    ref = np.load(os.path.join(ROOT, "..", "shared", "reference", "tf_resize_bilinear.npz"))
+    ref = np.load(os.path.join(ROOT, "tests", "reference", "tf_resize_bilinear.npz"))
     for case in ("up", "down", "tall"):
         x = torch.from_numpy(ref[f"{case}_in"]).permute(0, 3, 1, 2).float()  # uint8 NHWC -> NCHW
         want = ref[f"{case}_out"]  # float32 NHWC
