@@ -190,7 +190,8 @@ def parallelize(model: torch.nn.Module, ema: "EMA", env: DistEnv, args) -> torch
     optimiser after this: FSDP replaces the parameters by sharded ones (DTensors)."""
     compiled = use_compile(args.compile, env.device)
     if not args.fsdp:
-        model.to(env.device), ema.model.to(env.device)
+        model.to(env.device)
+        ema.model.to(env.device)
         train_model = wrap_ddp(model, env)
         return torch.compile(train_model) if compiled else train_model
     from torch.distributed.device_mesh import init_device_mesh
@@ -409,7 +410,8 @@ class Checkpoint:
         self.path = os.path.join(run_dir, "ckpt" if self.sharded else "ckpt.pt")
         check_run_dir(run_dir, args)  # on every rank, so that all of them stop
         if env.is_main:
-            recover(run_dir) if self.sharded else None
+            if self.sharded:
+                recover(run_dir)
             check_writable(self.path, "checkpoint")
         env.barrier()
 
@@ -723,11 +725,14 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 
                    "L40S": 362e12, "B200": 2250e12}
 
 
-def peak_flops(env: DistEnv) -> float | None:
-    """The dense bf16 FLOP/s of all the job's GPUs, where the GPU is known (for the MFU)."""
+def mfu_per_image_per_s(flops_per_image: float | None, env: DistEnv, precision: str):
+    """MFU = images/s x this: a training image's FLOPs over the job's dense bf16 peak, where the
+    run is in bf16 on a known GPU (else None: no MFU is logged)."""
     name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    return peak * env.world_size if peak else None
+    if peak and flops_per_image and use_bf16(precision, env.device):
+        return flops_per_image / (peak * env.world_size)
+    return None
 
 
 def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
@@ -761,8 +766,7 @@ class Run(contextlib.AbstractContextManager):
                  flops_per_image: float | None = None):
         self.env, self.args, self.meta, self.batch_size = env, args, meta or {}, batch_size
         self.skipped, self.nan_advice, self.show = skipped or (lambda: 0), nan_advice, show
-        peak = peak_flops(env) if use_bf16(args.precision, env.device) else None
-        self.mfu_scale = flops_per_image / peak if peak and flops_per_image else None
+        self.mfu_scale = mfu_per_image_per_s(flops_per_image, env, args.precision)
         self.checkpoint = Checkpoint(env, args, run_dir, identity, state)
         self.logger, self.meter, self.stop = Logger(env, run_dir), Meter(env.device), StopSignal()
         self.pbar = tqdm(total=args.steps, disable=not env.is_main, dynamic_ncols=True)
@@ -788,7 +792,8 @@ class Run(contextlib.AbstractContextManager):
         self.pbar.update(1)
         if self.first_step:  # one host sync, once: the first step includes torch.compile's work
             self.first_step = False
-            torch.cuda.synchronize(self.env.device) if self.env.device.type == "cuda" else None
+            if self.env.device.type == "cuda":
+                torch.cuda.synchronize(self.env.device)
             self.logger.info(f"first step: {time.time() - self.t0:.1f} s")
 
     def log(self, done: int, **extras):
