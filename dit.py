@@ -20,16 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError
-
-# Flow matching ------------------------------------------------------------------------------------
-
 
 def flow_matching_loss(model, x1, y, generator=None):
-    """The loss of a velocity model on clean latents x1 (B, C, H, W) with labels y (B,):
-    t ~ sigmoid(N(0, 1)) (logit-normal, as LightningDiT trains), eps ~ N(0, I), x_t = t x1 +
-    (1 - t) eps, v = x1 - eps; loss = MSE(v_pred, v) + mean over positions of 1 - cos(v_pred, v)
-    over channels, in float32 under autocast. Returns (loss, {"mse", "cos"} detached: no sync)."""
+    """The loss above of a velocity model on clean latents x1 (B, C, H, W), labels y (B,), float32
+    (cosine over channels, mean over positions) -> (loss, {"mse", "cos"} detached: no sync)."""
     B = x1.shape[0]
     t = torch.sigmoid(torch.randn(B, device=x1.device, generator=generator))  # (B,)
     eps = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
@@ -42,9 +36,6 @@ def flow_matching_loss(model, x1, y, generator=None):
     return mse + cos, {"mse": mse.detach(), "cos": cos.detach()}
 
 
-# The model ----------------------------------------------------------------------------------------
-
-
 class LightningDiT(nn.Module):
     """Class-conditional velocity model v(x_t, t, y) on latents (B, C, H, W), by default XL/1 on
     32x16x16. `grad_checkpointing` recomputes blocks in backward: less memory, ~1/3 more compute."""
@@ -54,21 +45,27 @@ class LightningDiT(nn.Module):
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
                  use_qknorm: bool = False, grad_checkpointing: bool = False):
         super().__init__()
-        self.in_channels = self.out_channels = in_channels  # no learned sigma
-        self.patch_size, self.hidden_size = patch_size, hidden_size
+        assert input_size % patch_size == 0, f"input {input_size} is not a multiple of {patch_size}"
+        self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.depth, self.num_heads = depth, num_heads
         self.num_classes, self.grad_checkpointing = num_classes, grad_checkpointing
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.grid_size, self.num_patches = self.x_embedder.grid_size, self.x_embedder.num_patches
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        # A conv with kernel = stride = patch: one linear map per patch.
+        self.x_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(in_channels, hidden_size, patch_size,
+                                                            stride=patch_size)))
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos table: a frozen Parameter, not a buffer, as in the reference's state dict.
+        # Fixed tables as in the reference's state dict: sin-cos a frozen Parameter, RoPE buffers.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size),
                                       requires_grad=False)
-        self.feat_rope = VisionRoPE(hidden_size // num_heads, self.grid_size)
+        self.feat_rope = nn.Module()
+        cos, sin = rope_tables(hidden_size // num_heads, self.grid_size, self.grid_size)
+        self.feat_rope.register_buffer("freqs_cos", cos)
+        self.feat_rope.register_buffer("freqs_sin", sin)
         self.blocks = nn.ModuleList(
             LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -97,7 +94,7 @@ class LightningDiT(nn.Module):
         -> the velocity (B, C, H, W)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
         dtype = compute_dtype(x)  # under autocast q and k stay bf16; cast once, not in every block
         rope = self.feat_rope.freqs_cos.to(dtype), self.feat_rope.freqs_sin.to(dtype)
@@ -106,12 +103,13 @@ class LightningDiT(nn.Module):
                 x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
                 x = block(x, c, rope)
-        return self.unpatchify(self.final_layer(x, c))
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.grid_size, self.grid_size)
 
-    def unpatchify(self, x):  # (B, N, p*p*C), each token laid out (p, q, c) -> (B, C, H, W)
-        B, p, g, c = x.shape[0], self.patch_size, self.grid_size, self.out_channels
-        x = x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
-        return x.reshape(B, c, g * p, g * p)
+
+def unpatchify(x, p: int, h: int, w: int):
+    """(B, h*w, p*p*C) tokens, each laid out (p, q, c) -> (B, C, h*p, w*p)."""
+    x = x.unflatten(2, (p, p, -1)).unflatten(1, (h, w))  # (B, h, w, p, q, c)
+    return x.permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)  # via (B, c, h, p, w, q)
 
 
 def modulate(x, shift, scale):
@@ -120,13 +118,20 @@ def modulate(x, shift, scale):
 
 class LightningDiTBlock(nn.Module):
     """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates
-    start at zero: a deep network starts shallow and stable, and learns what each block adds."""
+    start at zero: a deep network starts shallow and stable, and learns what each block adds.
+    t2i.py's double-stream block calls its three parts, with joint attention between them."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  use_qknorm: bool = False):
         super().__init__()
+        assert hidden_size % num_heads == 0, f"width {hidden_size} is not divisible by {num_heads}"
+        self.num_heads, head_dim = num_heads, hidden_size // num_heads
         self.norm1, self.norm2 = RMSNorm(hidden_size), RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads, use_qknorm)
+        # QK-norm bounds the attention logits, which prevents the loss spikes of very long runs.
+        qk_norm = RMSNorm if use_qknorm else nn.Identity
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(hidden_size, 3 * hidden_size),
+                                       q_norm=qk_norm(head_dim), k_norm=qk_norm(head_dim),
+                                       proj=nn.Linear(hidden_size, hidden_size)))
         self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -135,8 +140,6 @@ class LightningDiTBlock(nn.Module):
         qk, v = self.attention_input(x, mods)  # (B, N, 2, heads, head_dim), (B, N, heads, head_dim)
         return self.residuals(x, attention(qk, v, *rope), mods)
 
-    # A block's three parts, also used by t2i.py's double-stream block (joint attention between).
-
     def modulation(self, c):
         """(shift, scale, gate) of the attention branch, then of the MLP branch: six (B, 1, D)."""
         return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
@@ -144,7 +147,7 @@ class LightningDiTBlock(nn.Module):
     def attention_input(self, x, mods):
         """split_heads of the normalised, modulated tokens: q and k stacked, and v (no RoPE yet)."""
         qkv = self.attn.qkv(modulate(self.norm1(x), mods[0], mods[1]))
-        return split_heads(qkv, self.attn.num_heads, self.attn.q_norm, self.attn.k_norm)
+        return split_heads(qkv, self.num_heads, self.attn.q_norm, self.attn.k_norm)
 
     def residuals(self, x, attn, mods):
         """x + gated attention output (B, N, D, heads joined), then + the gated MLP branch."""
@@ -167,25 +170,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
 
 
-class Attention(nn.Module):
-    """The weights of multi-head self-attention: qkv with bias, optional QK-norm (it bounds the
-    attention logits, which prevents the loss spikes of very long runs), the output projection."""
-
-    def __init__(self, dim: int, num_heads: int, use_qknorm: bool = False):
-        super().__init__()
-        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-
 def split_heads(qkv, num_heads: int, q_norm, k_norm):
-    """The qkv matmul's output (B, N, 3 * D) -> qk (B, N, 2, heads, head_dim) and v, tokens first
-    as the matmul writes them (views without QK-norm, which precedes RoPE as in the reference)."""
-    B, N, _ = qkv.shape
-    qkv = qkv.view(B, N, 3, num_heads, -1)
+    """qkv (B, N, 3 * D) -> qk (B, N, 2, heads, head_dim) and v (B, N, heads, head_dim), tokens
+    first as the matmul writes them: views unless QK-norm (before RoPE, as in the reference)."""
+    qkv = qkv.unflatten(-1, (3, num_heads, -1))
     qk, v = qkv[:, :, :2], qkv[:, :, 2]
     if not isinstance(q_norm, nn.Identity):
         qk = torch.stack([q_norm(qk[:, :, 0]), k_norm(qk[:, :, 1])], dim=2)
@@ -193,9 +181,8 @@ def split_heads(qkv, num_heads: int, q_norm, k_norm):
 
 
 def attention(qk, v, cos, sin, attn_mask=None):
-    """RoPE on q and k, then softmax(q k^T / sqrt(head_dim)) v; qk (B, N, 2, heads, head_dim) and
-    v (B, N, heads, head_dim) -> (B, N, heads * head_dim). SDPA gets (B, heads, N, head_dim) as
-    transposed views, which its kernels read as they are: the heads are never copied."""
+    """RoPE on q and k, then SDPA: qk (B, N, 2, heads, head_dim), v (B, N, heads, head_dim) ->
+    (B, N, heads * head_dim). SDPA reads the transposed (B, heads, N, head_dim) views in place."""
     q, k = apply_rope(qk, cos, sin).unbind(2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask)
@@ -216,15 +203,15 @@ class SwiGLU(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 (a mean of squares in bf16 loses precision), then
-    in compute_dtype: bf16 under autocast, so that what follows is not promoted to float32."""
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32 (a mean of squares in bf16 loses
+    precision), returned in compute_dtype so that what follows under autocast stays bf16."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # F.rms_norm: x / sqrt(mean(x^2) + eps), one fused kernel in eager CUDA
+    def forward(self, x):
         dtype = compute_dtype(x)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(dtype) * self.weight.to(dtype)
@@ -236,27 +223,9 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
 
 
-# Embeddings of the inputs: patches, time, class, positions ----------------------------------------
-
-
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, N, D): a conv with kernel = stride = patch, one linear map per patch."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        assert input_size % patch_size == 0, f"input {input_size} is not a multiple of {patch_size}"
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major
-
-
 class TimestepEmbedder(nn.Module):
-    """t -> 256 sinusoidal features [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / 128) -> Linear,
-    SiLU, Linear. t is the raw flow time in [0, 1], not x1000 as in DDPM-style DiT: the reference
-    (SiT, LightningDiT) trains this way, so its checkpoints only make sense with raw t."""
+    """t -> 256 sinusoidal features [cos(t f), sin(t f)], f_i = 1e4^(-i / 128) -> Linear, SiLU,
+    Linear. t is the raw flow time in [0, 1], not x1000 (DDPM's DiT): the reference trains so."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -276,9 +245,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. Row `num_classes` of the table is the null class of classifier-free
-    guidance: in training each label becomes null with probability `dropout_prob`, so that one model
-    learns both p(x|y) and p(x); force_drop_ids == 1 makes those rows null instead."""
+    """Class label -> vector. Row `num_classes` is classifier-free guidance's null class: in
+    training each label becomes null with probability `dropout_prob`, so that one model learns both
+    p(x|y) and p(x); force_drop_ids == 1 makes those rows null instead."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -294,32 +263,22 @@ class LabelEmbedder(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """The MAE-style 2D sin-cos table (grid_size**2, embed_dim), tokens row-major: the first half
+    """MAE's 2D sin-cos table (grid_size**2, embed_dim), float32, tokens row-major: the first half
     of the channels encodes the column, the second the row, each [sin(p w_k), cos(p w_k)] with
-    w_k = 1e4^(-k / (D/4)); computed in float64, returned in float32."""
+    w_k = 1e4^(-k / (D/4))."""
     assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     k = torch.arange(embed_dim // 4, dtype=torch.float64)
     omega = 1.0 / 10000 ** (k / (embed_dim / 4))  # w_k, (D/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # token k sits at (row k // G, col k % G)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
     angles = [p.reshape(-1, 1) * omega for p in (cols, rows)]  # 2 x (N, D/4)
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
-class VisionRoPE(nn.Module):
-    """rope_tables of a square grid as persistent buffers (the reference checkpoints hold them)."""
-
-    def __init__(self, head_dim: int, grid_size: int):
-        super().__init__()
-        cos, sin = rope_tables(head_dim, grid_size, grid_size)
-        self.register_buffer("freqs_cos", cos)
-        self.register_buffer("freqs_sin", sin)
-
-
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
-    """2D axial RoPE: cos and sin (rows*cols, head_dim), float32, of a rows x cols grid, row-major.
-    The first head_dim/2 channels rotate with the token's row, the last with its column, at
-    f_j = theta^(-2j / (head_dim/2)), j < head_dim/4, one per pair of channels (2i, 2i+1)."""
+    """2D axial RoPE: cos and sin (rows*cols, head_dim), float32, tokens row-major. The first
+    head_dim/2 channels rotate with the row, the last with the column, channel pair (2i, 2i+1) of
+    each half at f_i = theta^(-4i / head_dim)."""
     assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
     half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
     freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)
@@ -329,14 +288,12 @@ def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, dev
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (a, b) of x (B, N, ..., head_dim), tokens at dim 1, by their angles:
+    """Rotate adjacent pairs (a, b) of x (B, N, ..., head_dim) by their token's angles:
     (a cos - b sin, b cos + a sin); cos and sin (N, head_dim) in x's dtype."""
     shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)  # broadcast over B, heads, ...
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
     return x * cos.view(shape) + torch.stack((-b, a), dim=-1).flatten(-2) * sin.view(shape)
 
-
-# Configurations -----------------------------------------------------------------------------------
 
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 DiT_models = {f"{s}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_heads=h, patch_size=p)
@@ -345,6 +302,4 @@ DiT_models = {f"{s}/{p}": partial(LightningDiT, depth=d, hidden_size=w, num_head
 
 def build_dit(name: str, **kwargs):
     """E.g. build_dit("XL/1", input_size=16, in_channels=32, use_qknorm=True)."""
-    if name not in DiT_models:
-        raise UserError(f"unknown model configuration {name!r}; choose one of {sorted(DiT_models)}")
     return DiT_models[name](**kwargs)
