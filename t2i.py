@@ -7,10 +7,9 @@ LightningDiT's blocks (dit.py), trained with the same flow-matching loss (train_
     single-stream blocks: one sequence [txt; img], attention and MLP side by side
     final layer on the img tokens -> velocity (B, C, H, W)
 
-The paper says only "2B parameters"; a secondary source says it follows FLUX: FLUX's layout with
-LightningDiT's blocks (RMSNorm, SwiGLU, QK-norm, 2D RoPE, AdaLN-Zero). Ours where they differ or
-are silent: the conditioning vector is t_emb + an MLP of the caption's mean text state (FLUX: CLIP's
-pooled embedding), text tokens get no rotation, no absolute position embedding, QK-norm on.
+The paper says only "2B parameters"; a secondary source, that it follows FLUX. Ours where FLUX
+differs or is silent: c = t_emb + an MLP of the caption's mean text state (FLUX: CLIP's pooled
+embedding), no rotation of text tokens, no absolute position embedding, QK-norm on.
 """
 
 from contextlib import nullcontext
@@ -23,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, attention, compute_dtype,
-                 modulate, rope_tables, split_heads)
+                 modulate, rope_tables, split_heads, unpatchify)
 
 
 class TextToImageDiT(nn.Module):
@@ -47,26 +46,20 @@ class TextToImageDiT(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(*args) for _ in range(depth_double))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(*args) for _ in range(depth_single))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self):
-        """Xavier linears and AdaLN-Zero as in LightningDiT, so that the initial model predicts
-        v = 0 exactly; the patch embedding keeps PyTorch's default conv init (ours)."""
+        # Initialised as LightningDiT (AdaLN-Zero: v = 0 at first); the patch conv as torch does.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zeroed = [m.adaLN_modulation[-1] for m in self.modules()
-                  if isinstance(m, (LightningDiTBlock, SingleStreamBlock, FinalLayer))]
+        for i in (0, 2):
+            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
+        zeroed = [m.adaLN_modulation[-1] for m in self.modules() if hasattr(m, "adaLN_modulation")]
         for linear in zeroed + [self.final_layer.linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
     def forward(self, x, t, text):
-        (states, mask), (B, C, H, W), p = text, x.shape, self.patch_size
+        (states, mask), (B, _, H, W), p = text, x.shape, self.patch_size
         L, h, w = states.shape[1], H // p, W // p
         t = t.expand(B) if t.dim() == 0 else t
         img = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
@@ -74,60 +67,47 @@ class TextToImageDiT(nn.Module):
         weight = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weight).sum(1) / weight.sum(1).clamp_min(1)  # (B, text_dim): mean state
         c = self.t_embedder(t) + self.text_pool(pooled)  # (B, D)
-        # RoPE tables made on the device (no host copy), cast once; text tokens get no rotation.
+        # RoPE (L + h*w, head_dim), made on the device (no host copy), cast once; text: angle 0.
         cos, sin = rope_tables(self.hidden_size // self.num_heads, h, w, device=x.device)
         dtype = compute_dtype(img)
-        rope = (torch.cat([cos.new_ones(L, cos.shape[1]), cos]).to(dtype),
-                torch.cat([sin.new_zeros(L, sin.shape[1]), sin]).to(dtype))  # (L + h*w, head_dim)
-        # Padding tokens of the caption are never attended to.
-        attend = torch.cat([mask, mask.new_ones(B, h * w)], dim=1)[:, None, None, :]
+        rope = F.pad(cos, (0, 0, L, 0), value=1).to(dtype), F.pad(sin, (0, 0, L, 0)).to(dtype)
+        attend = F.pad(mask, (0, h * w), value=True)[:, None, None, :]  # not the caption's padding
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        run = partial(checkpoint, use_reentrant=False) if recompute else lambda block, *a: block(*a)
         for block in self.double_blocks:
-            txt, img = self._run(block, txt, img, c, rope, attend)
+            txt, img = run(block, txt, img, c, rope, attend)
         x = torch.cat([txt, img], dim=1)  # (B, L + h*w, D)
         for block in self.single_blocks:
-            x = self._run(block, x, c, rope, attend)
-        out = self.final_layer(x[:, L:], c)  # (B, h*w, p*p*C), each token laid out (p, q, c)
-        return out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-
-    def _run(self, block, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-
-# cuDNN's fused attention fails in backward with a padding mask (H200, torch 2.11); the others work.
-MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+            x = run(block, x, c, rope, attend)
+        return unpatchify(self.final_layer(x[:, L:], c), p, h, w)  # (B, C, H, W)
 
 
 def joint_attention(qk, v, rope, attend):
-    """dit.attention over the joined text and image tokens, qk (B, L + N, 2, heads, head_dim) and v
-    (B, L + N, heads, head_dim) -> (B, L + N, D)."""
-    with sdpa_kernel(MASKED_SDPA_BACKENDS) if qk.is_cuda else nullcontext():
+    """dit.attention over the L + N joined text and image tokens, the caption's padding masked."""
+    # cuDNN's fused attention fails in backward with a padding mask (H200, torch 2.11).
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends) if qk.is_cuda else nullcontext():
         return attention(qk, v, *rope, attn_mask=attend)
 
 
 class DoubleStreamBlock(nn.Module):
-    """FLUX's double-stream block: text and image tokens, each with a LightningDiT block of their
-    own, attending jointly."""
+    """FLUX's double-stream block: one LightningDiT block per stream, attending jointly."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
+    def __init__(self, *block_args):  # LightningDiTBlock's
         super().__init__()
-        self.txt = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
-        self.img = LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm)
+        self.txt, self.img = LightningDiTBlock(*block_args), LightningDiTBlock(*block_args)
 
     def forward(self, txt, img, c, rope, attend):
-        L = txt.shape[1]
         mods = self.txt.modulation(c), self.img.modulation(c)
         heads = self.txt.attention_input(txt, mods[0]), self.img.attention_input(img, mods[1])
         qk, v = (torch.cat(parts, dim=1) for parts in zip(*heads))  # tokens L + N at dim 1
-        out = joint_attention(qk, v, rope, attend)  # (B, L + N, D)
-        return (self.txt.residuals(txt, out[:, :L], mods[0]),
-                self.img.residuals(img, out[:, L:], mods[1]))
+        out = joint_attention(qk, v, rope, attend).split([txt.shape[1], img.shape[1]], dim=1)
+        return self.txt.residuals(txt, out[0], mods[0]), self.img.residuals(img, out[1], mods[1])
 
 
 class SingleStreamBlock(nn.Module):
-    """FLUX's single-stream block over the joined tokens: attention and SwiGLU MLP side by side,
-    from one input projection into one output projection, modulated by (shift, scale, gate)."""
+    """FLUX's single-stream block over the joined tokens: attention and SwiGLU side by side, from
+    one input matmul (qkv, SwiGLU's halves) into one output matmul, with AdaLN-Zero's modulation."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool):
         super().__init__()
@@ -135,7 +115,6 @@ class SingleStreamBlock(nn.Module):
         # Rounded to 8: GPU kernels want v and the MLP halves (slices of linear1's output) aligned.
         self.mlp_hidden = (int(2 / 3 * int(hidden_size * mlp_ratio)) + 7) // 8 * 8
         self.norm = RMSNorm(hidden_size)
-        # qkv and SwiGLU's two halves from one matmul
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * self.mlp_hidden)
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
         self.q_norm = RMSNorm(self.head_dim) if use_qknorm else nn.Identity()
@@ -152,9 +131,8 @@ class SingleStreamBlock(nn.Module):
         return x + gate * self.linear2(torch.cat([attn, F.silu(a) * b], dim=-1))
 
 
-# Double-stream blocks, single-stream blocks, width, heads of 64 (2B: 2.00B parameters with
-# T5-XXL's 4096-d states; a width of 192k keeps the SwiGLU's 8/3 x width a multiple of 64 for GPU
-# matrix units). Patch 1 for our 16x16 latent, patch 2 for an f8 VAE's 32x32 (256 tokens each).
+# Double-, single-stream blocks, width (192k: SwiGLU's 8/3 x width a multiple of 64), heads of 64;
+# 2B: 2.00B parameters with T5-XXL. Patch 1 for our 16x16 latent, 2 for an f8 VAE's 32x32.
 _SIZES = {"tiny": (1, 1, 64, 4), "S": (4, 8, 384, 6), "B": (6, 12, 768, 12),
           "L": (8, 16, 1152, 18), "2B": (10, 20, 1728, 27)}
 T2I_models = {f"T2I-{size}/{p}": partial(TextToImageDiT, depth_double=dd, depth_single=ds,
