@@ -1,19 +1,16 @@
 """The text side of the text-to-image model: a frozen pretrained text encoder, and the CLIP score.
 
-The paper does not name its text encoder. Ours is T5-XXL's encoder (google/t5-v1_1-xxl), the one
-that Imagen, PixArt, Stable Diffusion 3 and FLUX condition on, over at most 128 tokens
-(`--max_length`). Any encoder that `transformers` loads by hub name or from a local folder can
-replace it (`--text_encoder`): T5 and CLIP text models as such, others through AutoModel's last
-hidden state.
+The paper does not name its text encoder: ours is T5-XXL's (google/t5-v1_1-xxl, as in FLUX),
+over at most 128 tokens (`--max_length`); `--text_encoder` takes any that `transformers` loads.
 """
 
-import os
 import warnings
 import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 
 from baselines import from_pretrained
 from common import UserError
@@ -24,10 +21,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def load_tokenizer(name: str, what: str):
     """AutoTokenizer.from_pretrained(name), refused if it maps different words to the same ids:
-    without its vocabulary files, transformers builds an empty vocabulary in which every word is
-    unknown, and all captions of a length give the same text states."""
-    import transformers
-
+    without its vocabulary files every word is unknown: captions of a length get the same states."""
     tokenizer = from_pretrained(transformers.AutoTokenizer, name, what)
     words = ["red", "blue", "disc", "ring", "left"]
     if len({tuple(ids) for ids in tokenizer(words)["input_ids"]}) < len(words):
@@ -38,36 +32,29 @@ def load_tokenizer(name: str, what: str):
 
 
 def read_prompts(path: str) -> list[str]:
-    """The non-empty lines of a prompt file, stripped. utf-8-sig: Windows editors begin a UTF-8
-    file with a byte-order mark, which would otherwise stay in the first prompt."""
+    """The non-empty lines of a prompt file, stripped (utf-8-sig: no Windows byte-order mark)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:  # missing, a folder, or not UTF-8 text
-        why = getattr(e, "strerror", e)
-        raise UserError(f"cannot read the prompt file {path} ({why})") from None
+        raise UserError(f"cannot read the prompt file {path} ({e})") from None
     if not prompts:
         raise UserError(f"the prompt file {path} holds no prompts")
     return prompts
 
 
 class TextEncoder:
-    """Captions -> (states (B, max_length, D), mask (B, max_length) bool), from a frozen encoder.
-    Captions are padded to max_length, so every batch has the same shape; longer ones are cut
-    there."""
+    """Captions -> (states (B, max_length, D), mask (B, max_length) bool) of a frozen encoder:
+    padded to max_length (every batch one shape), longer ones cut there."""
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int = 128, device="cpu",
                  dtype=torch.float32):
-        import transformers
-
         self.name, self.max_length, self.device = name, max_length, torch.device(device)
         config = from_pretrained(transformers.AutoConfig, name, "text encoder")
         self.tokenizer = load_tokenizer(name, "text encoder's tokenizer")
-        # Checked before the model loads and before training measures anything. T5's relative
-        # positions set no limit, nor does ByT5's tokenizer (1e30): then T5's training length, 512.
-        positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-        limit = min([v for v in (positions, self.tokenizer.model_max_length) if v and v < 1e6]
-                    or [512])
+        # No limit from T5's relative positions or ByT5's tokenizer (1e30): T5's training length.
+        pos = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        limit = min([v for v in (pos, self.tokenizer.model_max_length) if v and v < 1e6] or [512])
         if max_length > limit:
             raise UserError(f"--max_length {max_length} is more than the {limit} tokens that the "
                             f"text encoder {name} takes")
@@ -95,11 +82,8 @@ class TextEncoder:
 @torch.no_grad()
 def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-patch14",
                device="cpu", batch_size: int = 64) -> float:
-    """100 * mean over images of max(cos(image embedding, prompt embedding), 0), as torchmetrics'
-    CLIPScore, with a CLIP model from transformers and CLIP's preprocessing (short side resized,
-    centre crop). `images`: uint8 (N, H, W, 3) numpy; prompts: N strings."""
-    import transformers
-
+    """100 * mean of max(cos(image embedding, prompt embedding), 0), as torchmetrics' CLIPScore,
+    after CLIP's preprocessing (short side resized, centre crop); images: uint8 (N, H, W, 3)."""
     model = from_pretrained(transformers.CLIPModel, name, "CLIP model").to(device).eval()
     tokenizer = load_tokenizer(name, "CLIP tokenizer")
     size = model.config.vision_config.image_size
@@ -107,8 +91,7 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
     scores = []
     for i in range(0, len(prompts), batch_size):
         x = torch.from_numpy(images[i: i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
-        scale = size / min(x.shape[2:])
-        H, W = round(x.shape[2] * scale), round(x.shape[3] * scale)
+        H, W = (round(side * size / min(x.shape[2:])) for side in x.shape[2:])
         x = F.interpolate(x, size=(H, W), mode="bicubic", antialias=True)  # short side: size
         top, left = (H - size) // 2, (W - size) // 2
         x = (x[:, :, top: top + size, left: left + size].clamp(0, 1) - mean) / std  # centre crop
@@ -123,23 +106,20 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
     """CLIP score of sample_t2i.py's .npz, whose arr_1 is each sample's line in the prompt file."""
     again = "sample it with sample_t2i.py --npz --prompts FILE"
-    if not (samples.endswith(".npz") and os.path.isfile(samples)):
+    if not samples.endswith(".npz"):  # a missing file or a folder: np.load says so below
         raise UserError(f"the CLIP score needs sample_t2i.py's .npz (--npz), not {samples}")
     try:
         with np.load(samples) as data:
-            if "arr_1" not in data:
-                raise UserError(f"{samples} has no arr_1 (each sample's prompt line): {again}")
-            images, lines = data["arr_0"], data["arr_1"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # no allow_pickle advice
-        why = "it holds Python objects" if "pickle" in str(e) else str(e).split(". ")[0]
+            images, lines = data["arr_0"], data["arr_1"]  # arr_1: each sample's prompt line
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        pickled = "pickle" in str(e)  # numpy's message would advise the unsafe allow_pickle
+        why = "it holds Python objects" if pickled else str(e).split(". ")[0]
         raise UserError(f"could not read {samples} as sample_t2i.py's .npz ({why})") from None
     prompts = read_prompts(prompts_file)
-    # arr_1 indexes the prompt lines: a float, a missing or a negative entry (which Python counts
-    # from the end) would score images against other prompts than their own.
+    # A float, missing or negative line (Python counts from the end) would pick another prompt.
     if lines.dtype.kind not in "iu" or lines.shape != images.shape[:1] or lines.min(initial=0) < 0:
-        raise UserError(f"{samples}: arr_1 must hold each image's prompt line ({len(images)} "
-                        f"integers from 0), not {lines.dtype} of shape {lines.shape} from "
-                        f"{lines.min(initial=0)}: {again}")
+        raise UserError(f"{samples}: arr_1 must hold {len(images)} integers from 0 (prompt lines), "
+                        f"not {lines.dtype} {lines.shape} from {lines.min(initial=0)}: {again}")
     if lines.max(initial=0) >= len(prompts):
         raise UserError(f"{samples} refers to prompt line {lines.max()}, but {prompts_file} has "
                         f"{len(prompts)}: pass the prompt file it was sampled from")
@@ -149,15 +129,10 @@ def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
 
 def save_random_text_encoder(folder: str, dim: int = 64, layers: int = 2, seed: int = 0) -> str:
     """A small RANDOMLY initialised T5 encoder with ByT5's byte-level tokenizer (no vocabulary
-    file), saved where `--text_encoder` can load it: what the offline demo and the tests condition
-    on. Random features of different captions still differ, which is all a model needs to learn to
-    follow them."""
-    import transformers
-
+    file) for `--text_encoder`: the offline demo's and the tests'. Its states differ by caption."""
     transformers.utils.logging.disable_progress_bar()
     config = transformers.T5Config(vocab_size=384, d_model=dim, d_kv=dim // 4, d_ff=2 * dim,
-                                   num_layers=layers, num_heads=4, is_encoder_decoder=False,
-                                   use_cache=False)
+                                   num_layers=layers, num_heads=4)
     with torch.random.fork_rng():  # seeded, and the caller's random state untouched
         torch.manual_seed(seed)
         transformers.T5EncoderModel(config).save_pretrained(folder)
