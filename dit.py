@@ -92,8 +92,7 @@ class LightningDiT(nn.Module):
     def forward(self, x, t, y, force_drop_ids=None):
         """x_t (B, C, H, W), t (B,) or scalar in [0, 1], labels y (B,) (num_classes: the null class)
         -> the velocity (B, C, H, W)."""
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (B, D)
         dtype = compute_dtype(x)  # under autocast q and k stay bf16; cast once, not in every block
