@@ -1,17 +1,12 @@
-"""Baseline tokenizers behind the aligned tokenizer's interface, so that the same diffusion
+"""Baseline tokenizers behind the aligned tokenizer's interface (encode: images in [-1, 1] -> the
+posterior's mean; decode, latent_shape, config, decoding_modules), so that the same diffusion
 pipeline runs on their latents: the paper compares with VA-VAE (ImageNet) and the FLUX VAE (T2I).
 
     DiffusersVAE: any diffusers AutoencoderKL (SD-VAE f8c4, FLUX VAE f8c16...), a folder or hub name
     VAVAE:        hustvl's VA-VAE f16d32 (the LDM autoencoder), from its checkpoint file
-
-Like tokenizer.AlignedTokenizer they offer encode (images in [-1, 1] -> the posterior's mean, so
-that latents are deterministic), decode, latent_shape, config (recorded with the latents) and
-decoding_modules() (what sampling moves to the GPU). The VAEs' scaling and shift factors are not
-used: the diffusion pipeline normalises latents per channel itself.
 """
 
 import importlib
-import json
 import os
 from collections import OrderedDict
 
@@ -29,11 +24,10 @@ class Baseline(nn.Module):
     def __init__(self, kind: str, source: str, image_size: int, channels: int, f: int):
         super().__init__()
         if image_size % f:
-            raise UserError(f"{source} downsamples by {f}: --image_size {image_size} is not a "
-                            "multiple of it")
+            raise UserError(f"--image_size {image_size}: not a multiple of {f} ({source}'s factor)")
         self.latent_shape = (channels, image_size // f, image_size // f)
-        self.config = {"kind": kind, "source": source, "image_size": image_size,
-                       "latent_channels": channels}
+        self.config = dict(kind=kind, source=source, image_size=image_size,
+                           latent_channels=channels)
         self.stage, self.random_encoder = None, False
 
     def forward(self, x):
@@ -47,7 +41,7 @@ class DiffusersVAE(Baseline):
         super().__init__("diffusers", source, image_size, vae.config.latent_channels, f)
         self.vae = vae.eval()
 
-    def encode(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)
+    def encode(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f), unscaled (the DiT's job)
         return self.vae.encode(x).latent_dist.mean
 
     def decode(self, z):
@@ -66,9 +60,8 @@ def is_folder(name: str, what: str) -> bool:
 
 
 def from_pretrained(cls, name: str, what: str, **kwargs):
-    """cls.from_pretrained(name) of transformers or diffusers, any failure one UserError. Strictly:
-    both fill weights missing from the files at random, with a warning, and a random VAE, text
-    encoder or CLIP gives plausible numbers (a T5 folder passed as CLIP, a .bin of no weights)."""
+    """cls.from_pretrained(name) of transformers or diffusers, any failure one UserError, strictly:
+    both fill missing weights at random, and a random VAE, text encoder or CLIP looks plausible."""
     library = importlib.import_module(cls.__module__.split(".")[0])  # transformers or diffusers
     library.utils.logging.disable_progress_bar()
     library.utils.logging.set_verbosity_error()  # its load report: our error says what matters
@@ -92,47 +85,24 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
 
 
 def load_diffusers_vae(source: str, image_size: int) -> DiffusersVAE:
-    """An AutoencoderKL from a folder (config.json and weights, or a pipeline's folder with them in
-    vae/) or a hub name ("stabilityai/sd-vae-ft-ema"; "black-forest-labs/FLUX.1-dev": in vae/)."""
+    """An AutoencoderKL from a folder or a hub name ("stabilityai/sd-vae-ft-ema"), or from the vae/
+    subfolder of a pipeline's ("black-forest-labs/FLUX.1-dev"); the first error if neither loads."""
     import diffusers
 
-    if is_folder(source, "diffusers VAE"):
-        subfolders = ["" if os.path.isfile(os.path.join(source, "config.json")) else "vae"]
-        try:
-            with open(os.path.join(source, subfolders[0], "config.json")) as f:
-                kind = json.load(f).get("_class_name")
-        except (OSError, ValueError, AttributeError):  # missing, not JSON, or not an object
-            kind = None
-        if kind != "AutoencoderKL":
-            raise UserError(f"{source} is not a diffusers VAE folder: expected config.json of an "
-                            "AutoencoderKL (in it or in its vae/ subfolder) beside its weights")
-    else:
-        subfolders = ["", "vae"]  # a VAE's repository, or a pipeline's with its VAE in vae/
-    for sub in subfolders:
+    errors = []
+    for subfolder in (None, "vae"):
         try:
             vae = from_pretrained(diffusers.AutoencoderKL, source, "diffusers VAE",
-                                  subfolder=sub or None, low_cpu_mem_usage=False)
-            break
+                                  subfolder=subfolder, low_cpu_mem_usage=False)
+            return DiffusersVAE(vae, source, image_size)
         except UserError as e:
-            error = e
-    else:
-        raise error
-    return DiffusersVAE(vae, source, image_size)
+            errors.append(e)
+    raise errors[0]
 
 
-# --------------------------------------------------------------------------------------------------
 # VA-VAE: LDM's autoencoder, its decoder tokenizer.Decoder
-
-
-def downsample(ch: int) -> nn.Sequential:
-    """x2: LDM pads right and bottom by one, then a stride-2 3x3 conv."""
-    return nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)),
-                                     conv=nn.Conv2d(ch, ch, 3, stride=2)))
-
-
 class LDMEncoder(nn.Module):
-    """The mirror of tokenizer.Decoder: image (B, 3, H, W) -> moments (B, 2z, H/16, W/16); attention
-    after each residual block at the lowest resolution only (VA-VAE's configuration)."""
+    """The mirror of tokenizer.Decoder: image (B, 3, H, W) -> moments (B, 2z, H/16, W/16)."""
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
                  num_res_blocks: int = 2):
@@ -143,10 +113,11 @@ class LDMEncoder(nn.Module):
             for _ in range(num_res_blocks):
                 down.append(ResnetBlock(width, ch * mult))
                 width = ch * mult
-                if level == last:
+                if level == last:  # attention at the lowest resolution only, as VA-VAE
                     down.append(AttnBlock(width))
-            if level < last:
-                down.append(downsample(width))
+            if level < last:  # x2: LDM pads right and bottom by one, then a stride-2 conv
+                down.append(nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)),
+                                                      conv=nn.Conv2d(width, width, 3, stride=2))))
         self.down = nn.Sequential(*down)
         self.mid = nn.Sequential(ResnetBlock(width, width), AttnBlock(width),
                                  ResnetBlock(width, width))
@@ -164,8 +135,7 @@ class VAVAE(Baseline):
     def __init__(self, source: str = "", image_size: int = 256):
         super().__init__("vavae", source, image_size, 32, 16)
         self.encoder = LDMEncoder(32)
-        self.quant_conv = nn.Conv2d(64, 64, 1)
-        self.post_quant_conv = nn.Conv2d(32, 32, 1)
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(64, 64, 1), nn.Conv2d(32, 32, 1)
         self.decoder = Decoder(32)
 
     def encode(self, x):  # the posterior's mean: the first half of the moments
@@ -179,8 +149,7 @@ class VAVAE(Baseline):
 
 
 def _ldm_levels(layers: nn.Sequential, level: int, step: int) -> list[str]:
-    """LDM's names of a flat list of levels: `{level}.block.{i}`, `{level}.attn.{i}`, then
-    `{level}.downsample` (or upsample), which moves to the next level."""
+    """LDM's names of flat levels: `{level}.block.{i}`, `{level}.attn.{i}`, `{level}.*sample`."""
     names, seen = [], []
     for m in layers:
         if isinstance(m, (ResnetBlock, AttnBlock)):
@@ -194,9 +163,8 @@ def _ldm_levels(layers: nn.Sequential, level: int, step: int) -> list[str]:
 
 
 def ldm_names(model: VAVAE) -> dict[str, list[str]]:
-    """{our parameter name: its names in an LDM checkpoint}. Our flat down/up/mid lists are LDM's
-    nested levels (the decoder's from the lowest resolution, LDM's last level); our fused attention
-    qkv is LDM's q, k and v."""
+    """{our parameter name: its names in an LDM checkpoint}: our flat lists are LDM's nested levels
+    (the decoder's from LDM's last level), our fused attention qkv is LDM's q, k and v."""
     mid = ["block_1", "attn_1", "block_2"]
     index = {"encoder.down": _ldm_levels(model.encoder.down, 0, 1), "encoder.mid": mid,
              "decoder.up": _ldm_levels(model.decoder.up, 4, -1), "decoder.mid": mid}
@@ -212,8 +180,7 @@ def ldm_names(model: VAVAE) -> dict[str, list[str]]:
 
 
 def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
-    """A VA-VAE from its checkpoint (LDM names, maybe under "state_dict", beside training-only
-    entries such as the loss networks'), loaded strictly."""
+    """A VA-VAE, loaded strictly from its checkpoint (LDM names, maybe under "state_dict")."""
     state = state.get("state_dict", state)
     model = VAVAE(path, image_size)
     names = ldm_names(model)
@@ -221,18 +188,13 @@ def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
     if missing:
         raise UserError(f"{path} is not a VA-VAE f16d32 checkpoint: {len(missing)} of its "
                         f"autoencoder's weights are missing (e.g. {', '.join(missing[:3])})")
-    try:
-        model.load_state_dict({n: torch.cat([state[k] for k in keys]) for n, keys in names.items()})
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit the VA-VAE f16d32 architecture: "
-                        f"{str(e)[:300]}") from None
+    model.load_state_dict({n: torch.cat([state[k] for k in keys]) for n, keys in names.items()})
     return model.eval()
 
 
 def load_tokenizer(path: str, image_size: int | None = None):
-    """The tokenizer at `path`, chosen once for extraction, training grids, sampling and --eval:
-    ours (tokenizer.py), a VA-VAE checkpoint, or a diffusers AutoencoderKL (a folder or a hub
-    name), at `image_size` (default 256)."""
+    """The tokenizer at `path` (ours, a VA-VAE checkpoint, or a diffusers AutoencoderKL folder or
+    hub name) for extraction, training grids, sampling and --eval, at `image_size` (default 256)."""
     sharded = os.path.isfile(os.path.join(path, ".metadata"))  # which load_checkpoint refuses
     if not sharded and (os.path.isdir(path) or not (os.path.exists(path)
                                                     or path.endswith((".pt", ".pth", ".ckpt")))):

@@ -12,10 +12,8 @@ Stage 1, latent alignment: DINOv2 frozen; the adapter and decoder learn to recon
     DINOv2's semantic features into a compact latent that is easy to diffuse.
 Stage 2, perceptual alignment: everything trains, so the encoder also learns colour and texture; the
     semantic-preservation loss keeps the latent close to that of the frozen stage-1 model.
-Stage 3, decoder refinement: encoder and adapter frozen (the latent space is final); the decoder
-    alone improves reconstruction, even after the diffusion model has been trained.
+Stage 3, decoder refinement: only the decoder trains (the latent space is final), even post-DiT.
 Every stage: L1 + LPIPS + w_g * hinge GAN (PatchGAN, adaptive weight w_g); stage 2 adds w_sp * L_sp.
-The encoder keeps the official DINOv2 parameter names, so the published checkpoints load strictly.
 """
 
 import copy
@@ -31,9 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import MissingWeightsError, UserError, load_checkpoint, pretrained_file, unwrap
 
-# --------------------------------------------------------------------------------------------------
 # The three stages: which parts learn, and the loss
-
 TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}
 
 
@@ -42,9 +38,7 @@ def set_trainable(model: "AlignedTokenizer", stage: int):
     model.requires_grad_(False)
     for name in TRAINABLE[stage]:
         getattr(model, name).requires_grad_(True)
-    # DINOv2's mask token (for its masked pre-training) never gets a gradient here, and DDP fails
-    # on a trainable parameter that gets none.
-    model.encoder.mask_token.requires_grad_(False)
+    model.encoder.mask_token.requires_grad_(False)  # unused: DDP fails on a grad that never comes
 
 
 def semantic_reference(model: "AlignedTokenizer") -> "AlignedTokenizer":
@@ -60,7 +54,7 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         L1(x, x_hat) + lpips_weight * LPIPS(x, x_hat)  (the reconstruction L_nll)
         + sp_weight * L_sp(z, z_ref)                   (stage 2: given the frozen reference `ref`)
         + w_g * L_G, L_G = -mean D(x_hat)              (once the discriminator `disc` is on)
-    Returns (loss, x_hat, {name: value} of every part, device tensors)."""
+    -> (loss, x_hat, {name: value} of every part)."""
     x_hat, z = model(x)
     x_hat = x_hat.float()
     parts = {"l1": (x_hat - x).abs().mean()}
@@ -70,8 +64,7 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
         nll = nll + lpips_weight * parts["lpips"]
     loss = nll
     if ref is not None:
-        with torch.no_grad():
-            z_ref = ref.encode(x)
+        z_ref = ref.encode(x)  # frozen: no autograd graph
         parts["sp"] = semantic_preservation_loss(z, z_ref, sp_loss)
         loss = loss + sp_weight * parts["sp"]
     if disc is not None:
@@ -87,42 +80,31 @@ def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, di
 
 def semantic_preservation_loss(z, z_ref, kind: str = "mse"):
     """L_sp: MSE(z, z_ref) (default), or "cosine": 1 - cos(z, z_ref) over channels, per position."""
-    z, z_ref = z.float(), z_ref.float()
     if kind == "mse":
-        return F.mse_loss(z, z_ref)
+        return F.mse_loss(z.float(), z_ref.float())
     if kind == "cosine":
-        return (1 - F.cosine_similarity(z, z_ref, dim=1)).mean()
+        return (1 - F.cosine_similarity(z.float(), z_ref.float(), dim=1)).mean()
     raise ValueError(f"sp_loss must be mse or cosine, not {kind!r}")
 
 
 def hinge_d_loss(logits_real, logits_fake):
     """The discriminator's hinge loss: push real logits above +1 and fake ones below -1."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean()
-                  + F.relu(1.0 + logits_fake.float()).mean())
+    return 0.5 * (F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean())
 
 
 def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
     """w_g = scale * clamp(||dL_nll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4) at W = the decoder's last
-    layer, a constant for backward: the GAN gradient is kept in proportion to the reconstruction
-    gradient where the two meet, so the GAN neither dominates nor vanishes as their scales drift."""
+    layer (a constant for backward), so that the GAN neither dominates nor vanishes."""
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return scale * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4)
 
 
-# --------------------------------------------------------------------------------------------------
 # The tokenizer
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def default_config(**overrides) -> dict:
     """The tokenizer's architecture as a plain dict (stored in every checkpoint)."""
     cfg = dict(encoder="dinov2_vitl14", latent_channels=32, adapter_hidden=None, image_size=256,
                decoder_ch=128, decoder_ch_mult=(1, 1, 2, 2, 4), decoder_res_blocks=2)
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown tokenizer config keys: {sorted(unknown)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     cfg["decoder_ch_mult"] = tuple(cfg["decoder_ch_mult"])
     return cfg
@@ -130,8 +112,7 @@ def default_config(**overrides) -> dict:
 
 class AlignedTokenizer(nn.Module):
     """DINOv2 encoder + adapter + decoder: `encode(x) -> z`, `decode(z) -> x`, images in [-1, 1].
-    The latent grid is image_size / 16: the encoder sees the image resized to 14/16 of its size
-    (224 px at 256), so that its 14-px patches give that grid; the decoder upsamples by 16."""
+    DINOv2 sees the image at 14/16 of its size (224 px at 256): its grid is the decoder's x16."""
 
     def __init__(self, config: dict, encoder: "DINOv2 | None" = None):
         super().__init__()
@@ -145,16 +126,12 @@ class AlignedTokenizer(nn.Module):
         self.adapter = mlp(D, config["adapter_hidden"] or D, config["latent_channels"])
         self.decoder = Decoder(config["latent_channels"], config["decoder_ch"],
                                config["decoder_ch_mult"], config["decoder_res_blocks"])
-        self.latent_size = config["image_size"] // 16
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # Set by load_aligned_tokenizer: the stage that trained the weights, and whether stage 1
-        # began from a random encoder (so that later stages and evaluations can say so).
-        self.stage, self.random_encoder = None, False
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.config["latent_channels"], self.latent_size, self.latent_size)
+        side = config["image_size"] // 16
+        self.latent_shape = (config["latent_channels"], side, side)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)  # ImageNet's
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.stage, self.random_encoder = None, False  # set by load_aligned_tokenizer
 
     def preprocess(self, x):
         """[-1, 1] images (B, 3, H, W) -> DINOv2's input (B, 3, 14H/16, 14W/16), normalised."""
@@ -163,15 +140,12 @@ class AlignedTokenizer(nn.Module):
         return ((x + 1) / 2 - self.mean) / self.std
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 (any aspect ratio, for the
-        text-to-image buckets) -> latents z (B, C, H/16, W/16)."""
+        """Images (B, 3, H, W) in [-1, 1], sides multiples of 16 -> latents z (B, C, H/16, W/16)."""
         bad_shape = x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 16 or x.shape[3] % 16
         if bad_shape or not x.is_floating_point():
-            raise UserError("this tokenizer encodes float images (B, 3, H, W) in [-1, 1] with H "
-                            f"and W multiples of 16, got {tuple(x.shape)} {x.dtype} (crop with "
-                            "data.py, map with data.to_model_range)")
-        # Contiguous: on the strided token slice F.linear runs mm with grad and bmm without, which
-        # round differently on some CPUs, and stage 2's L_sp would not start at exactly 0.
+            raise UserError("the tokenizer encodes float images (B, 3, H, W), sides multiples of "
+                            f"16, not {tuple(x.shape)} {x.dtype} (see data.to_model_range)")
+        # Contiguous, or mm (grad) and bmm (no grad) round apart and L_sp does not start at 0.
         tokens = self.encoder(self.preprocess(x)).contiguous()  # (B, h*w, D)
         z = self.adapter(tokens)  # (B, h*w, C)
         return z.transpose(1, 2).reshape(z.shape[0], -1, x.shape[2] // 16, x.shape[3] // 16)
@@ -188,8 +162,7 @@ class AlignedTokenizer(nn.Module):
 
 
 def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
-    """Our tokenizer from `ckpt`, the loaded `path`: train_tokenizer.py's tokenizer.pt or ckpt.pt,
-    the EMA weights either way ("model" in tokenizer.pt files from before the export said "ema")."""
+    """The EMA weights of train_tokenizer.py's tokenizer.pt or ckpt.pt (older exports: "model")."""
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
@@ -202,9 +175,8 @@ def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
 
 
 def latent_fingerprint(tokenizer) -> str:
-    """A short hash of the weights that make the latents (all but the decoding side; a strided
-    sample of each tensor: fast, and enough to tell weights apart): latents must be decoded by the
-    tokenizer that made them, or by a refinement of its decoder (stage 3)."""
+    """A short hash of a strided sample of the weights that make the latents (all but the decoding
+    side): latents must be decoded by the tokenizer that made them, or its stage-3 refinement."""
     decoding = {id(p) for m in tokenizer.decoding_modules() for p in m.parameters()}
     digest = hashlib.sha1()
     for name, p in tokenizer.named_parameters():
@@ -214,24 +186,18 @@ def latent_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------------------------------
-# DINOv2, the encoder
-
-# The six hub variants. The "_reg" models were trained with 4 register tokens and resize their
-# position embeddings differently (official hub settings).
+# DINOv2, the encoder: the six hub variants ("_reg": 4 registers, another position resize)
 _PLAIN = dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1)
 _REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
                    for s, (d, n, h) in _SIZES.items()
                    for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
-TINY_ENCODER = dict(embed_dim=384, depth=1, num_heads=6, **_PLAIN)  # random only: demo, tests
 
 
 def dinov2_url(name: str) -> str:
     """Official weight URL, e.g. .../dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth."""
-    base = name.removesuffix("_reg")
-    reg = "_reg4" if name.endswith("_reg") else ""
+    base, reg = name.removesuffix("_reg"), "_reg4" if name.endswith("_reg") else ""
     return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{reg}_pretrain.pth"
 
 
@@ -245,66 +211,56 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)) * ls1, then x + mlp(norm2(x)) * ls2 (learned
     per-channel scales). The dicts keep the official names (attn.qkv, ls1.gamma...)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim, eps=1e-6)
         self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
         self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, int(dim * mlp_ratio))
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), mlp(dim, 4 * dim)
         self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
 
-    def attention(self, x):  # multi-head self-attention, fused qkv projection
+    def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
-        qkv = self.attn.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
-        return self.attn.proj(x.transpose(1, 2).reshape(B, N, D))
-
-    def forward(self, x):
-        x = x + self.attention(self.norm1(x)) * self.ls1.gamma
+        qkv = self.attn.qkv(self.norm1(x)).reshape(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.attn.proj(h.transpose(1, 2).reshape(B, N, D)) * self.ls1.gamma
         return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DINOv2(nn.Module):
-    """The DINOv2 ViT/14 backbone, returning the final-norm patch tokens (CLS and registers
-    dropped). `mask_token` (for its masked pre-training) is unused, but the checkpoints hold it."""
+    """The DINOv2 ViT/14 backbone, official names (the hub weights load strictly): final-norm patch
+    tokens out, CLS and registers dropped; `mask_token` (for masked pre-training) is unused."""
 
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
-                 num_register_tokens: int = 0, img_size: int = 518,
-                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1,
-                 mlp_ratio: float = 4.0):
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
+                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1):
         super().__init__()
-        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.patch_size, self.embed_dim = 14, embed_dim
         self.antialias, self.offset = interpolate_antialias, interpolate_offset  # hub settings
         self.num_prefix = 1 + num_register_tokens  # tokens before the patches: CLS, registers
-        grid = img_size // patch_size  # 37 for the hub models: 37*37 + 1 positions
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = 518 // 14  # the hub models' 37 x 37 positions (+ 1 for CLS)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 1e-6)  # random: tests, demo
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+        self.register_tokens = (nn.Parameter(torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, patch_size, patch_size)))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, 14, 14)))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.grad_checkpointing = False  # recompute blocks in backward: less memory in stage 2
-        # Random-weight runs only (tests, demo); real runs load the official weights.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
-        """Position embeddings (1, 1 + h*w, D) for an h x w grid, resized as the official model
-        does: bicubic in float32 with the hub's antialias flag; the plain models pass the scale
-        factor (n + 0.1) / 37, not a size (a historical offset that moves the sample points)."""
-        pos = self.pos_embed
-        M = math.isqrt(pos.shape[1] - 1)
+        """Position embeddings (1, 1 + h*w, D) for an h x w grid, resized as the hub does: bicubic
+        in float32 with its antialias flag; the plain models pass scale factor (n + 0.1) / 37."""
+        M = math.isqrt(self.pos_embed.shape[1] - 1)
         if h == w == M:
-            return pos
-        pos = pos.float()
+            return self.pos_embed
+        pos = self.pos_embed.float()
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
         a = self.offset
         size = dict(scale_factor=((h + a) / M, (w + a) / M)) if a else dict(size=(h, w))
@@ -318,8 +274,7 @@ class DINOv2(nn.Module):
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"DINOv2 input sides must be multiples of {self.patch_size}: {H}x{W}")
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), 14x14 patches
-        # No casts, as in the official model: under bf16 autocast the float32 CLS token promotes the
-        # tokens to float32, and the position embeddings are added in float32.
+        # No casts, as in the official model: under bf16 autocast the CLS token promotes x to fp32.
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size, x.dtype)
         if self.register_tokens is not None:  # registers go after CLS and carry no position
@@ -333,17 +288,15 @@ class DINOv2(nn.Module):
 
 def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None,
                  flags=("--encoder_ckpt", "--random_encoder")) -> DINOv2:
-    """A hub variant by name ("dinov2_vitl14", ..., "dinov2_vitl14_reg"), or "tiny" (random only).
-    pretrained=True loads the published weights strictly: `ckpt`, else the torch.hub cache, else
-    the URL. `flags`: the caller's (weights file, random weights) flags, for the messages."""
+    """A hub variant by name ("dinov2_vitl14", ..., "dinov2_vitl14_reg"), or "tiny" (random only);
+    pretrained: the weights loaded strictly from `ckpt`, the hub cache or the URL (`flags`: the
+    caller's weights-file and random-weights flags, for the messages)."""
     if name == "tiny":
         if pretrained:
-            raise MissingWeightsError("the 'tiny' encoder has no pretrained weights: it is for "
-                                      "tests and the demo; pass --random_encoder with it")
-        return DINOv2(**TINY_ENCODER)
+            raise MissingWeightsError("the 'tiny' encoder has no weights: pass --random_encoder")
+        return DINOv2(embed_dim=384, depth=1, num_heads=6)
     if name not in DINOV2_VARIANTS:
-        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(DINOV2_VARIANTS)} "
-                        "or 'tiny'")
+        raise UserError(f"unknown encoder {name!r}: not one of {', '.join(DINOV2_VARIANTS)}, tiny")
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
         what = f"DINOv2 weights for {name}"
@@ -356,10 +309,7 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None,
     return model
 
 
-# --------------------------------------------------------------------------------------------------
 # The decoder: the LDM / VA-VAE convolutional decoder (baselines.py builds VA-VAE from its pieces)
-
-
 def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, ch, eps=1e-6)
 
@@ -393,16 +343,9 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-def upsample(ch: int) -> nn.Sequential:
-    """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
-    return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                     conv=nn.Conv2d(ch, ch, 3, padding=1)))
-
-
 class Decoder(nn.Module):
-    """Latent (B, C, h, w) -> image (B, 3, 16h, 16w): conv_in -> middle (res, attention, res) ->
-    per level from the widest: num_res_blocks + 1 residual blocks, x2 upsampling -> conv_out. The
-    defaults give 41.4M parameters, the LDM / VA-VAE decoder's (the paper does not say its own)."""
+    """Latent (B, C, h, w) -> image (B, 3, 16h, 16w): conv_in, middle (res, attention, res), per
+    level num_res_blocks + 1 residual blocks and x2 upsampling, conv_out. 41.4M: VA-VAE's size."""
 
     def __init__(self, z_channels: int = 32, ch: int = 128, ch_mult=(1, 1, 2, 2, 4),
                  num_res_blocks: int = 2):
@@ -418,8 +361,9 @@ class Decoder(nn.Module):
                 width = widths[level]
                 if level == len(ch_mult) - 1:  # global attention only where it is cheap
                     up.append(AttnBlock(width))
-            if level > 0:
-                up.append(upsample(width))
+            if level > 0:  # nearest x2, then a conv: no checkerboard of transposed convs
+                up.append(nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2.0),
+                                                    conv=nn.Conv2d(width, width, 3, padding=1))))
         self.up = nn.Sequential(*up)
         self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, 3, 3, padding=1)  # the "last layer" of the GAN weight
@@ -429,15 +373,12 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 16h, 16w)
 
 
-# --------------------------------------------------------------------------------------------------
 # The networks of the losses: PatchGAN discriminator and LPIPS
-
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
 class PatchGAN(nn.Module):
-    """The LDM / pix2pix PatchGAN (3 strided conv layers): a real/fake logit per overlapping patch,
-    which judges local texture, where L1 and LPIPS blur."""
+    """The LDM / pix2pix PatchGAN: a real/fake logit per patch, for texture L1 and LPIPS blur."""
 
     def __init__(self, ch: int = 64, n_layers: int = 3):
         super().__init__()
@@ -459,23 +400,19 @@ class PatchGAN(nn.Module):
 
 
 def build_lpips(vgg_ckpt: str | None = None, random_backbone: bool = False, seed: int = 0):
-    """LPIPS-VGG from the `lpips` package, frozen. Its calibrated linear heads ship inside the
-    package; the ImageNet VGG16 backbone is torchvision's file (`vgg_ckpt`, the torch.hub cache, or
-    the URL), never silently random: random_backbone=True (tests, demo) draws it from `seed`, so
-    that runs are repeatable."""
+    """LPIPS-VGG of the `lpips` package (its linear heads ship inside it), frozen, on torchvision's
+    VGG16 (`vgg_ckpt`, the hub cache or the URL); random_backbone: drawn from `seed` instead."""
     import lpips
 
-    with warnings.catch_warnings():  # torchvision's "'pretrained' is deprecated", from inside lpips
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        # torchvision's "'pretrained' is deprecated", from inside lpips
         warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        torch.manual_seed(seed)
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if not random_backbone:
-        path = pretrained_file(VGG16_URL, vgg_ckpt, "LPIPS VGG16 backbone", "--vgg_ckpt",
-                               "--random_lpips")
+        path = pretrained_file(VGG16_URL, vgg_ckpt, "LPIPS VGG16", "--vgg_ckpt", "--random_lpips")
         state = load_checkpoint(path, "VGG16 weights")
-        # lpips splits torchvision's vgg16.features into slice1..slice5, keeping each layer's index
-        # as its name: `features.{i}.*` of the torchvision file is `slice{k}.{i}.*`.
+        # lpips splits vgg16.features into slice1..5: `features.{i}.*` is `slice{k}.{i}.*`.
         renamed = {f"slice{k}.{i}.{p}": state[f"features.{i}.{p}"] for k in range(1, 6)
                    for i, layer in getattr(model.net, f"slice{k}").named_children()
                    for p, _ in layer.named_parameters()}

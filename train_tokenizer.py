@@ -5,9 +5,8 @@
     torchrun --nproc_per_node=8 train_tokenizer.py --stage 3 --data /imagenet/train
     python train_tokenizer.py --eval --data /imagenet/val --rfid
 
-Stage N starts from the EMA weights that stage N-1 exported to <run_dir>/stage{N-1}/tokenizer.pt and
-exports its own to <run_dir>/stage{N}/tokenizer.pt. --eval measures PSNR, SSIM, LPIPS (and rFID) of
-the reconstructions of an image folder.
+Stage N starts from stage N-1's EMA weights, <run_dir>/stage{N-1}/tokenizer.pt. --eval measures
+PSNR, SSIM, LPIPS (and rFID) of the reconstructions of an image folder.
 """
 
 import argparse
@@ -30,57 +29,43 @@ from tokenizer import (TRAINABLE, AlignedTokenizer, PatchGAN, build_dinov2, buil
                        default_config, hinge_d_loss, semantic_reference, set_trainable,
                        tokenizer_loss)
 
-ARCH_FLAGS = ("encoder", "latent_channels", "adapter_hidden", "image_size", "decoder_ch",
-              "decoder_ch_mult", "decoder_res_blocks")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("--stage", type=int, choices=(1, 2, 3), help="which training stage to run")
-    add("--eval", action="store_true", help="evaluate a tokenizer (PSNR, SSIM, LPIPS, rFID)")
+    add, mode = p.add_argument, p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--stage", type=int, choices=(1, 2, 3), help="which training stage to run")
+    mode.add_argument("--eval", action="store_true", help="evaluate a tokenizer (PSNR, SSIM...)")
     add("--run_dir", default="runs/tokenizer", help="stage N writes <run_dir>/stage{N}/")
     add("--data", help="image folder (class subfolders or flat); default: built-in demo set")
     add("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
-    add("--init", help="stage 2/3: the tokenizer to start from (default "
-        "<run_dir>/stage{N-1}/tokenizer.pt)")
+    add("--init", help="stage 2/3: start from this tokenizer (<run_dir>/stage{N-1}/tokenizer.pt)")
     add("--resume", action="store_true", help="continue from <run_dir>/stage{N}/ckpt.pt")
-    # architecture (stage 1; later stages inherit it)
-    add("--encoder", help="dinov2_vit{s,b,l}14[_reg], or tiny (random; tests) (default "
-        "dinov2_vitl14)")
+    add("--encoder", help="dinov2_vit{s,b,l}14[_reg] or tiny (random) (default dinov2_vitl14)")
     add("--latent_channels", type=at_least(1), help="latent width (default 32)")
     add("--adapter_hidden", type=at_least(1), help="adapter hidden width (default: encoder's)")
     add("--image_size", type=at_least(16), help="training resolution, a multiple of 16 (256)")
     add("--decoder_ch", type=at_least(1), help="decoder base width (default 128)")
-    add("--decoder_ch_mult", type=lambda s: tuple(at_least(1)(c) for c in s.split(",")),
+    add("--decoder_ch_mult", type=lambda s: tuple(map(at_least(1), s.split(","))),
         help="decoder width multipliers (default 1,1,2,2,4)")
-    add("--decoder_res_blocks", type=at_least(1), help="residual blocks per level, LDM's "
-        "convention: the decoder builds this + 1 per level on its way up (default 2, so 3)")
-    # pretrained weights
+    add("--decoder_res_blocks", type=at_least(1), help="per level, +1 in the decoder (default 2)")
     add("--encoder_ckpt", help="local DINOv2 .pth (default: torch.hub cache, else download)")
     add("--vgg_ckpt", help="local vgg16-397923af.pth for LPIPS (default: as above)")
     add("--random_encoder", action="store_true", help="random DINOv2 (demo and tests only)")
     add("--random_lpips", action="store_true", help="random LPIPS VGG (demo and tests only)")
-    # optimisation: VA-VAE's recipe (Adam, constant lr)
     add("--steps", type=at_least(1), default=50_000, help="training steps of this stage")
     add("--batch_size", type=at_least(1), default=256, help="global (split over the ranks)")
-    add("--lr", type=in_range(0, lo_open=True), default=1e-4, help="learning rate (constant)")
-    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.5, 0.9),
-        help="optimiser betas")
-    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.999,
-        help="EMA of the weights (what is sampled and exported)")
-    # the loss: a weight of 0 turns its term off (a negative one would maximise it)
-    add("--lpips_weight", type=in_range(0), default=1.0, help="weight of LPIPS next to L1")
+    add("--lr", type=in_range(0, lo_open=True), default=1e-4, help="Adam's, constant (VA-VAE's)")
+    unit = in_range(0, 1, hi_open=True)
+    add("--betas", type=unit, nargs=2, default=(0.5, 0.9), help="optimiser betas")
+    add("--ema_decay", type=unit, default=0.999, help="EMA of the weights (what is exported)")
+    add("--lpips_weight", type=in_range(0), default=1.0, help="weight of LPIPS next to L1 (0: off)")
     add("--disc_weight", type=in_range(0), default=0.5, help="scale of the adaptive GAN weight")
     add("--disc_start", type=at_least(0), help="the GAN's first step (default: 20%% of --steps)")
     add("--disc_ch", type=at_least(1), default=64, help="PatchGAN base width")
-    add("--sp_weight", type=in_range(0), default=1.0, help="stage 2: weight of L_sp (the paper: "
-        "1 on ImageNet, 3 on text-to-image)")
+    add("--sp_weight", type=in_range(0), default=1.0, help="stage 2: weight of L_sp (3 for T2I)")
     add("--sp_loss", choices=("mse", "cosine"), default="mse", help="stage 2: form of L_sp")
-    add("--grad_checkpointing", action="store_true", help="recompute the encoder's blocks in "
-        "backward (stage 2: less memory, ~30%% more compute)")
+    add("--grad_checkpointing", action="store_true", help="stage 2: less memory, ~30%% slower")
     add("--channels_last", action="store_true", help="channels-last layout for the conv nets")
-    # runtime
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
     add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
@@ -90,63 +75,47 @@ def parse_args(argv=None):
     add("--ckpt_every", type=at_least(1), default=2000, help="steps between checkpoints")
     add("--keep_every", type=at_least(0), default=0, help="also keep ckpt_<step>.pt (0: never)")
     add("--grid_every", type=at_least(0), default=1000, help="steps between reconstruction grids")
-    # evaluation (--eval)
-    add("--tokenizer", help="tokenizer to evaluate (default <run_dir>/stage3/tokenizer.pt); also "
-        "a diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint, at --image_size")
+    add("--tokenizer", help="--eval: ours (<run_dir>/stage3/tokenizer.pt), VA-VAE or diffusers VAE")
     add("--eval_images", type=at_least(1), help="evaluate on the first N images only")
     add("--eval_batch_size", type=at_least(1), default=32, help="images per forward per rank")
     add("--rfid", action="store_true", help="also rFID (needs the Inception weights)")
     add("--inception_ckpt", help="local pt_inception-2015-12-05-6726825d.pth for rFID")
     add("--random_inception", action="store_true", help="random Inception (tests only)")
     add("--json", help="write the metrics to this JSON file")
-    args = p.parse_args(argv)
-    if args.stage is None and not args.eval:
-        p.error("give --stage 1, 2 or 3 (or --eval)")
-    return args
+    return p.parse_args(argv)
 
 
 def build_tokenizer(args, log):
-    """Stage 1: a new tokenizer around (pretrained) DINOv2. Stage 2/3: the previous stage's export.
-    Returns (tokenizer, the path it started from or None, whether stage 1 began from a random
-    encoder)."""
-    arch = {k: getattr(args, k) for k in ARCH_FLAGS}
+    """(tokenizer, the file it starts from, random encoder?): new in stage 1, else stage N-1's."""
+    arch = {k: getattr(args, k) for k in default_config()}  # the architecture flags
     if args.stage == 1:
         cfg = default_config(**arch)
-        encoder = build_dinov2(cfg["encoder"], pretrained=not args.random_encoder,
-                               ckpt=args.encoder_ckpt)
-        random_encoder = args.random_encoder
-        init, model = None, AlignedTokenizer(cfg, encoder)
+        encoder = build_dinov2(cfg["encoder"], not args.random_encoder, args.encoder_ckpt)
+        init, model, random_encoder = None, AlignedTokenizer(cfg, encoder), args.random_encoder
     else:
-        previous = os.path.join(args.run_dir, f"stage{args.stage - 1}", "tokenizer.pt")
-        init = os.path.abspath(args.init or previous)
+        prev = args.stage - 1
+        init = os.path.abspath(args.init or os.path.join(args.run_dir, f"stage{prev}/tokenizer.pt"))
         if not os.path.isfile(init):
-            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
-                            f"but {init} does not exist: run --stage {args.stage - 1} first (same "
-                            "--run_dir) or pass --init PATH")
+            raise UserError(f"{init} does not exist: run --stage {prev} first or pass --init")
         model = load_tokenizer(init)
-        if model.stage != args.stage - 1:
-            raise UserError(f"stage {args.stage} starts from the stage-{args.stage - 1} tokenizer, "
-                            f"but {init} comes from stage {model.stage}: pass --init with a "
-                            f"stage-{args.stage - 1} tokenizer.pt")
+        if model.stage != prev:
+            raise UserError(f"stage {args.stage} starts from stage {prev}, but {init} comes from "
+                            f"stage {model.stage}: pass --init with a stage-{prev} tokenizer.pt")
         clash = {k: (v, model.config[k]) for k, v in arch.items()
                  if v is not None and default_config(**{k: v})[k] != model.config[k]}
         if clash:
             flags = ", ".join(f"--{k} {a} (checkpoint: {b})" for k, (a, b) in clash.items())
-            raise UserError("the architecture is fixed in stage 1, but these flags differ from "
-                            f"{init}: " + flags)
+            raise UserError(f"the architecture is fixed in stage 1, but {init} differs: {flags}")
         random_encoder = model.random_encoder or args.random_encoder
-        log(f"stage {args.stage}: starting from {init}")
     if random_encoder:
         log(f"WARNING: the {model.config['encoder']} encoder {'grew from' if init else 'has'} "
-            "RANDOM weights, not DINOv2's (--random_encoder): fine for a demo or a test, "
-            "meaningless for real results.")
+            "RANDOM weights (--random_encoder): fine for a demo or a test, meaningless otherwise.")
     return model, init, random_encoder
 
 
 def build_loss_nets(model, args, device):
-    """The model on the device, and what its loss needs: the frozen stage-1 encoder + adapter
-    (stage 2's semantic reference), LPIPS and the PatchGAN; compiled in place where it pays (the
-    state-dict names do not change)."""
+    """The model on the device, and what its loss needs: stage 2's frozen reference, LPIPS and the
+    PatchGAN; compiled in place (the state-dict names do not change)."""
     ref = semantic_reference(model).to(device) if args.stage == 2 else None
     lpips = (build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device)
              if args.lpips_weight else None)
@@ -177,23 +146,21 @@ def train(args, env):
                             demo_images=args.demo_images)
     batches = Batches(dataset, per_rank, env, seed=args.seed, num_workers=args.num_workers)
     run_dir = os.path.join(args.run_dir, f"stage{args.stage}")
-    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0]
-                               for i in range(8)])  # 8 images spread over the set
+    grid_images = torch.stack([dataset[i * (len(dataset) - 1) // 7][0] for i in range(8)])
     ddp_model, ddp_disc = wrap_ddp(model, env), wrap_ddp(disc, env)
-    weights = dict(lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
-                   sp_weight=args.sp_weight, sp_loss=args.sp_loss)
+    weights = {k: getattr(args, k) for k in ("lpips_weight", "disc_weight", "sp_weight", "sp_loss")}
     identity = {"kind": "tokenizer", "stage": args.stage, "config": model.config}
+    meta = {"init": init, "random_encoder": random_encoder}
     state = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
-    with Run(env, args, run_dir, identity=identity, state=state,
-             meta={"init": init, "random_encoder": random_encoder}, batch_size=args.batch_size,
-             skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
+    with Run(env, args, run_dir, identity=identity, state=state, meta=meta,
+             batch_size=args.batch_size, skipped=lambda: count_skipped(dataset, env),
+             show=("loss", "l1", "lpips", "sp"),
              nan_advice="Resume with --resume and a lower --lr, or --precision fp32.") as run:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in model.parameters())
-        data_source = args.data or f"the built-in demo set ({len(dataset)} images)"
-        run.logger.info(f"stage {args.stage}: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M "
-                        f"parameters train ({', '.join(TRAINABLE[args.stage])}); latent "
-                        f"{model.latent_shape}; GAN from step {disc_start}; data: {data_source}")
+        n_train, n_all = (sum(p.numel() for p in ps) for ps in (trainable, model.parameters()))
+        run.logger.info(f"stage {args.stage} from {init or 'DINOv2'}: {n_train / 1e6:.1f}M of "
+                        f"{n_all / 1e6:.1f}M parameters train ({', '.join(TRAINABLE[args.stage])})"
+                        f"; latent {model.latent_shape}; GAN from step {disc_start}; data: "
+                        f"{args.data or f'the built-in demo set ({len(dataset)} images)'}")
         data = iter(batches)
         for step in range(run.resume() if args.resume else 0, args.steps):
             x = to_model_range(next(data)[0], device)  # (B, 3, H, W) in [-1, 1]
@@ -218,8 +185,12 @@ def train(args, env):
             run.record(done, **parts)
             if due(args.log_every, done, args.steps):
                 run.log(done, lr=opt.param_groups[0]["lr"])
-            if env.is_main and due(args.grid_every, done, args.steps):
-                save_recon_grid(ema.model, grid_images, run_dir, done, run.logger, bf16)
+            if env.is_main and due(args.grid_every, done, args.steps):  # top: input, bottom: EMA
+                with torch.no_grad(), autocast(device, bf16):
+                    recon = ema.model(to_model_range(grid_images, device))[0]
+                path = os.path.join(run_dir, f"recon_{done:07d}.png")
+                save_grid(torch.cat([grid_images, to_uint8(recon).cpu()]), path, nrow=8)
+                run.logger.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
             stop = run.stop_requested(done)
             if due(args.ckpt_every, done, args.steps) or stop:
                 run.save(done)
@@ -228,22 +199,9 @@ def train(args, env):
     # the stage's result: the EMA weights, read by the next stage
     if env.is_main and not run.stopped:
         path = os.path.join(run_dir, "tokenizer.pt")
-        save_checkpoint({"kind": "tokenizer", "stage": args.stage, "config": model.config,
-                         "ema": ema.state_dict(), "init": init, "random_encoder": random_encoder,
-                         "args": vars(args)}, path)
+        save_checkpoint({**identity, **meta, "ema": ema.state_dict(), "args": vars(args)}, path)
         run.logger.info(f"exported the EMA tokenizer to {path}")
     return run
-
-
-@torch.no_grad()
-def save_recon_grid(model, images, run_dir, step, logger, bf16):
-    """Top row: the images; bottom row: their reconstructions by the EMA tokenizer."""
-    device = next(model.parameters()).device
-    with autocast(device, bf16):
-        x_hat, _ = model(to_model_range(images, device))
-    path = os.path.join(run_dir, f"recon_{step:07d}.png")
-    save_grid(torch.cat([images, to_uint8(x_hat).cpu()]), path, nrow=len(images))
-    logger.info(f"reconstructions (top: input, bottom: EMA tokenizer) -> {path}")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -279,21 +237,19 @@ def evaluate(args, env):
     if args.json and env.is_main:
         check_writable(args.json, "metrics file")
     model = load_tokenizer(path, args.image_size).to(env.device)
-    bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, model.config["image_size"], demo_images=args.demo_images)
     if args.eval_images:
         dataset = torch.utils.data.Subset(dataset, range(min(args.eval_images, len(dataset))))
     lpips = build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(env.device)
     inception = (fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
                  if args.rfid else None)
-    # sums of psnr, ssim, lpips; count
-    totals = torch.zeros(4, device=env.device, dtype=torch.float64)
+    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # sums: psnr, ssim, lpips, n
     features = {"real": [], "recon": []}  # Inception pool features of this rank's images
     for images, _ in tqdm(eval_loader(dataset, args.eval_batch_size, env, args.num_workers),
                           disable=not env.is_main, desc="eval"):
         x = to_model_range(images, env.device)
         real = to_uint8(x)  # the same 8-bit images, on the device
-        with autocast(env.device, bf16):
+        with autocast(env.device, use_bf16(args.precision, env.device)):
             recon = to_uint8(model(x)[0])
         lp = lpips(recon.float() / 127.5 - 1, x).double()
         totals += torch.stack([psnr(real, recon).sum(), ssim(real, recon).sum(), lp.sum(),
@@ -306,21 +262,16 @@ def evaluate(args, env):
         torch.distributed.all_reduce(totals)
     n = totals[3].item()
     mean_psnr, mean_ssim, mean_lpips = (totals[i].item() / n for i in range(3))
-    baseline = f"{model.config.get('kind')} {model.config.get('source')}"
-    encoder = model.config.get("encoder", baseline)
+    encoder = model.config.get("encoder") or f"{model.config['kind']} {model.config['source']}"
     if model.random_encoder:
         encoder += " (grown from RANDOM weights)"
     metrics = {"tokenizer": path, "images": int(n), "psnr": mean_psnr, "ssim": mean_ssim,
-               "lpips": mean_lpips,
-               "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16", "encoder": encoder,
-               "skipped_files": count_skipped(dataset, env)}
-    # eval_loader gave rank r the images r, r + W, ...: restore the dataset order
-    if inception is not None:
-        real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy()
-                       for k in ("real", "recon"))
-        recon_stats, real_stats = (fid.FIDStatistics.from_features(f) for f in (recon, real))
-        metrics["rfid"] = recon_stats.frechet_distance(real_stats)
-        metrics["inception_weights"] = inception.weights_name
+               "lpips": mean_lpips, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
+               "encoder": encoder, "skipped_files": count_skipped(dataset, env)}
+    if inception is not None:  # interleaved: eval_loader gave rank r the images r, r + W, ...
+        recon, real = (fid.FIDStatistics.from_features(fid.gather_rows(
+            torch.cat(features[k]), env, interleaved=True).numpy()) for k in ("recon", "real"))
+        metrics.update(rfid=recon.frechet_distance(real), inception_weights=inception.weights_name)
     Logger(env).info(json.dumps(metrics, indent=1))
     if args.json and env.is_main:
         save_json(metrics, args.json)
@@ -330,7 +281,6 @@ def evaluate(args, env):
 def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
-    # DDP modules live and die inside
     result = evaluate(args, env) if args.eval else train(args, env)
     cleanup_distributed()
     return result
