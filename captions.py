@@ -34,10 +34,6 @@ def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tup
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
 
-def nearest_bucket(height: int, width: int, sizes) -> tuple[int, int]:
-    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(height / width)))
-
-
 def parse_size(text: str, sizes) -> tuple[int, int]:
     """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
     size = tuple(int(v) if v.isdigit() else -1 for v in text.lower().split("x"))
@@ -69,9 +65,8 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path or None, caption or "") of a shard in order; a damaged tar
-    ends with a warning and (key, None, None). utf-8-sig drops a Windows editor's byte-order
-    mark."""
+    """Samples (key, image bytes or path or None, caption or "") of a shard in order, a damaged
+    tar's ending with a warning and (key, None, None). utf-8-sig: no Windows byte-order mark."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
@@ -103,7 +98,8 @@ def decode(key, image, caption, sizes):
         with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
             if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
                 return f"over {MAX_PIXELS / 1e6:g} megapixels"
-            size = nearest_bucket(img.size[1], img.size[0], sizes)
+            ratio = math.log(img.size[1] / img.size[0])  # height / width; the nearest bucket:
+            size = min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
             return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return "undecodable"
@@ -120,8 +116,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self.batch_size, self.sizes = batch_size, sizes
         readers = max(1, num_workers) * world
         self.shards = list_shards(path, readers)
-        # Known before an epoch is read: a folder's images, an uncompressed tar's blocks / 4 (2
-        # headers, 2 of data).
+        # Known before reading: a folder's images, a plain tar's blocks / 4 (2 headers, 2 data)
         most = sum(len(s) if isinstance(s, list) else os.path.getsize(s) // (4 * tarfile.BLOCKSIZE)
                    if s.endswith(".tar") else math.inf for s in self.shards)
         if len(self.shards) < readers or most < readers * batch_size:
@@ -164,10 +159,10 @@ class CaptionStream(torch.utils.data.IterableDataset):
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
                 raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
-                                f"{self.batch_size} from a whole epoch of its {len(mine)} shard(s),"
-                                f" which hold {counts.total()} samples: {counts['usable']} usable"
-                                f"{found} (a batch takes images of one aspect-ratio bucket); fix "
-                                "the data, or lower --batch_size or --num_workers")
+                                f"{self.batch_size} from a whole epoch of {len(mine)} shard(s) that"
+                                f" hold {counts.total()} samples: {counts['usable']} usable{found} "
+                                "(a batch is of one bucket): fix the data, lower --batch_size or "
+                                "--num_workers")
             epoch, skip, counts = epoch + 1, 0, collections.Counter()
 
 
@@ -200,7 +195,6 @@ class CaptionBatches:
                       f"{len(state['ranks'])} x {state['num_workers']}: the latest epoch restarts")
         epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
         self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
-        self.next_worker = 0
 
     def __iter__(self):
         # The loader's worker 0, whose turn comes first, plays the worker whose turn it is. Its own
@@ -217,6 +211,4 @@ class CaptionBatches:
     def count_skipped(self, env) -> int:
         """Samples skipped on all ranks since the run (re)started; a collective under DDP."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
-        if env.distributed:
-            torch.distributed.all_reduce(total)
-        return int(total.item())
+        return round(env.all_reduce_mean(total).item() * env.world_size)  # the sum
