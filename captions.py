@@ -1,7 +1,6 @@
-"""Image-caption data for the text-to-image model (the paper's LAION experiment), as the README's
-"Text-to-image" section describes it: caption folders or WebDataset shards, unusable samples
-skipped and counted, batches of one aspect-ratio bucket each, shards dealt to ranks and loader
-workers, every worker's position checkpointed for an exact resume."""
+"""Image-caption data for the text-to-image model, as the README's "Text-to-image" section describes
+it: caption folders or WebDataset shards, unusable samples skipped and counted, batches of one
+aspect-ratio bucket each, shards dealt to ranks and loader workers, resumed exactly."""
 
 import collections
 import io
@@ -170,10 +169,8 @@ class CaptionBatches:
     """An endless iterator of a CaptionStream's batches whose state_dict() holds every rank's worker
     positions: `--resume` on the same ranks and --num_workers continues exactly."""
 
-    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False,
-                 seed: int = 0):
-        self.stream, self.num_workers = stream, num_workers
-        self.pin_memory, self.seed = pin_memory, seed
+    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.position, self.skipped = {}, {}  # worker -> (epoch, batches consumed), skipped count
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
@@ -197,12 +194,12 @@ class CaptionBatches:
         self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
 
     def __iter__(self):
-        # The loader's worker 0, whose turn comes first, plays the worker whose turn it is. Its own
-        # generator: one drawn from the global one would shift the training noise on resume.
+        # The loader's worker 0, whose turn comes first, plays the worker whose turn it is. A
+        # generator of its own leaves the global RNG (the training noise) untouched on resume.
         self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
-        generator = torch.Generator().manual_seed(self.seed)
         for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
-                                                 pin_memory=self.pin_memory, generator=generator):
+                                                 pin_memory=self.pin_memory,
+                                                 generator=torch.Generator()):
             self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
             self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
             self.skipped[batch["worker"]] = batch["skipped"]

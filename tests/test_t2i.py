@@ -156,7 +156,7 @@ def mixed_captions(tmp_path_factory):
 def batches_of(path, workers, rank=0, world=1, state=None, batch_size=2):
     stream = CaptionStream(path, batch_size, buckets(64, 16), rank, world, seed=3,
                            num_workers=workers)
-    b = CaptionBatches(stream, workers, seed=3)
+    b = CaptionBatches(stream, workers)
     if state is not None:
         b.load_state_dict(state)
     return b
