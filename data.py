@@ -104,8 +104,7 @@ class ImageFolder(_Images):
         nested = sum(map(len, per_class))
         if flat and nested:
             raise UserError(f"{root!r} holds {len(flat)} images directly and {nested} in "
-                            "subfolders: is it a flat folder or one subfolder per class? Move "
-                            "the images to one level")
+                            "subfolders: move them to one level (flat, or a subfolder per class)")
         self.classes = class_dirs if nested else None
         self.samples = ([(f, label) for label, files in enumerate(per_class) for f in files]
                         or [(f, -1) for f in flat])
@@ -258,8 +257,7 @@ class Batches:
         self.steps_per_epoch = len(self.sampler) // batch_size  # incomplete last batch dropped
         if self.steps_per_epoch == 0:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                            f"({batch_size} per rank x {env.world_size} ranks); lower the "
-                            "batch size")
+                            f"({batch_size} per rank x {env.world_size} ranks): lower it")
         self.global_batch = batch_size * env.world_size
         self.pin_memory = env.device.type == "cuda"
         self.epoch, self.batch_in_epoch = 0, 0
@@ -273,9 +271,8 @@ class Batches:
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["samples_in_epoch"] // self.global_batch
         if state["samples_in_epoch"] % self.global_batch:
-            warnings.warn("resuming with another global batch size: the position in the epoch is "
-                          f"rounded down to a whole batch ({state['samples_in_epoch']} samples -> "
-                          f"{self.batch_in_epoch} batches)")
+            warnings.warn(f"resumed with another global batch: {state['samples_in_epoch']} samples "
+                          f"into the epoch are rounded down to {self.batch_in_epoch} batches")
         # An epoch finished (on ranks whose padding made it longer than ours): on with the next.
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
