@@ -1,23 +1,10 @@
-"""Image-caption data for the text-to-image model (the paper's LAION experiment), streamed in
-batches of one aspect-ratio bucket each.
-
-Sources (`--captions PATH`): a folder in which every image has a caption file of the same name
-(`x.jpg` + `x.txt`, subfolders too), or WebDataset shards as img2dataset writes them for LAION (a
-folder of `.tar` files, or one, holding `key.jpg`, `key.txt`...), read as a stream, never unpacked.
-An image whose caption is missing or empty, or that cannot be decoded, is skipped and counted; a
-shard cut short is read up to the damage.
-
-Buckets: sizes of about image_size^2 pixels in whole latent cells (256 -> 256x256, 240x272, 224x288,
-... up to 2:1); each image goes to the bucket nearest its aspect ratio, resized to cover it and
-centre-cropped (data.center_crop_arr): nothing is padded. Shards are shuffled every epoch and dealt
-to ranks, then to loader workers; each worker yields a batch when one bucket's buffer is full. A
-checkpoint records each worker's position (epoch, batches made); a resumed worker makes its batches
-again up to there without yielding them (decoding the images: a truncated one is found only so).
-"""
+"""Image-caption data for the text-to-image model, as the README's "Text-to-image" section describes
+it: caption folders or WebDataset shards, unusable samples skipped and counted, batches of one
+aspect-ratio bucket each, shards dealt to ranks and loader workers, resumed exactly."""
 
 import collections
-import glob
 import io
+import itertools
 import math
 import os
 import tarfile
@@ -28,7 +15,7 @@ import torch
 from PIL import Image
 
 from common import UserError
-from data import IMAGE_EXTENSIONS, center_crop_arr, is_image_file, to_rgb
+from data import IMAGE_EXTENSIONS, center_crop_arr, to_rgb
 
 FOLDER_SHARD = 256  # images per pseudo-shard of a caption folder
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # tarfile reads compressed shards as a stream too
@@ -46,10 +33,6 @@ def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tup
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
 
-def nearest_bucket(height: int, width: int, sizes) -> tuple[int, int]:
-    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(height / width)))
-
-
 def parse_size(text: str, sizes) -> tuple[int, int]:
     """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
     size = tuple(int(v) if v.isdigit() else -1 for v in text.lower().split("x"))
@@ -60,21 +43,19 @@ def parse_size(text: str, sizes) -> tuple[int, int]:
 
 
 def list_shards(path: str, readers: int = 1) -> list:
-    """The .tar files of a source, or a caption folder's images shuffled once (sorted by subfolder
-    they would give batches of one kind) and dealt into at least `readers` lists."""
+    """The shards of a source, or a caption folder's images shuffled once (sorted by subfolder they
+    would give batches of one kind) and dealt into at least `readers` lists."""
     if os.path.isfile(path):
         if path.endswith(SHARD_SUFFIXES):
             return [path]
         raise UserError(f"--captions {path} is a file but not a WebDataset shard (.tar, .tar.gz)")
     if not os.path.isdir(path):
         raise UserError(f"caption data {path!r} does not exist (--captions)")
-    tars = sorted(f for suffix in SHARD_SUFFIXES
-                  for f in glob.glob(os.path.join(path, "**", "*" + suffix), recursive=True))
-    if tars:
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True)
+                   for f in names if not f.startswith("."))
+    if tars := [f for f in files if f.endswith(SHARD_SUFFIXES)]:
         return tars
-    images = sorted(os.path.join(d, f) for d, _, names in os.walk(path, followlinks=True)
-                    for f in names if is_image_file(f))
-    if not images:
+    if not (images := [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]):
         raise UserError(f"no .tar shards and no images in {path!r} (images: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, each with a .txt caption)")
     images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
@@ -83,9 +64,8 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path, caption or "") of a shard in order, image None if there is
-    none; a damaged tar ends with a warning and (key, None, None). utf-8-sig: Windows editors begin
-    a UTF-8 file with a byte-order mark, which would otherwise stay in the caption."""
+    """Samples (key, image bytes or path or None, caption or "") of a shard in order, a damaged
+    tar's ending with a warning and (key, None, None). utf-8-sig: no Windows byte-order mark."""
     if isinstance(shard, list):  # a caption folder's files
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
@@ -93,33 +73,35 @@ def read_shard(shard):
                        if os.path.isfile(txt) else "")
             yield image, image, caption
         return
-    key, parts, damage = None, {}, None
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in (m for m in tar if m.isfile()):
-                stem, ext = os.path.splitext(member.name)
-                if stem != key and key is not None:
-                    yield _sample(key, parts)
-                    parts = {}
-                key = stem
-                parts[ext.lower()] = tar.extractfile(member).read()
-            # tarfile takes a shard cut at (or in) a header for a shorter one: no end-of-archive
-            # marker then. (A compressed stream cut short raises.)
-            plain = tar.fileobj.comptype == "tar"
-            if plain and os.path.getsize(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+        with tarfile.open(shard, mode="r|*") as tar:  # a stream: each member read as it comes
+            members = ((os.path.splitext(m.name), m) for m in tar if m.isfile())
+            for key, files in itertools.groupby(members, key=lambda pair: pair[0][0]):
+                parts = {ext.lower(): tar.extractfile(m).read() for (_, ext), m in files}
+                image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+                yield key, image, parts.get(".txt", b"").decode("utf-8-sig", "replace").strip()
+            # A plain tar cut at (or in) a header reads as a shorter one, without its 1024-byte end.
+            if tar.fileobj.comptype == "tar" and os.path.getsize(shard) < tar.offset + 1024:
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
     except (tarfile.TarError, EOFError, OSError) as e:
-        damage = e
-    if key is not None:
-        yield _sample(key, parts)
-    if damage is not None:
-        warnings.warn(f"{shard} is damaged ({damage}); its remaining samples are skipped")
+        warnings.warn(f"{shard} is damaged ({e}); its remaining samples are skipped")
         yield (f"{shard}:damaged", None, None)
 
 
-def _sample(key, parts):
-    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-    return key, image, parts.get(".txt", b"").decode("utf-8-sig", errors="replace").strip()
+def decode(key, image, caption, sizes):
+    """The HxWx3 uint8 pixels of a usable sample in its bucket, else why it is unusable (a str)."""
+    if image is None or not caption:
+        why = "without a caption" if image is not None else "without an image"
+        return "in a damaged shard" if key.endswith(":damaged") else why
+    try:
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
+            if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                return f"over {MAX_PIXELS / 1e6:g} megapixels"
+            ratio = math.log(img.size[1] / img.size[0])  # height / width; the nearest bucket:
+            size = min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
+            return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return "undecodable"
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
@@ -133,15 +115,13 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self.batch_size, self.sizes = batch_size, sizes
         readers = max(1, num_workers) * world
         self.shards = list_shards(path, readers)
-        # Known before an epoch is read: a folder's images, or for an uncompressed tar its size (an
-        # image and a caption take at least 4 blocks: two headers, two of data).
+        # Known before reading: a folder's images, a plain tar's blocks / 4 (2 headers, 2 data)
         most = sum(len(s) if isinstance(s, list) else os.path.getsize(s) // (4 * tarfile.BLOCKSIZE)
                    if s.endswith(".tar") else math.inf for s in self.shards)
         if len(self.shards) < readers or most < readers * batch_size:
             raise UserError(f"{path} has {len(self.shards)} shard(s), which hold at most {most} "
                             f"samples, for {world} rank(s) x {max(1, num_workers)} loader "
-                            f"worker(s): each needs a shard and a batch of {batch_size}; use a "
-                            "smaller --batch_size, fewer --num_workers or more data")
+                            f"worker(s): each needs a shard and a batch of {batch_size}")
         self.start = {}  # worker -> (epoch, batches of that epoch already consumed)
         self.first_worker = 0  # the loader's worker 0 plays this worker (CaptionBatches)
 
@@ -156,12 +136,19 @@ class CaptionStream(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             mine = [self.shards[i] for i in order[reader::readers]]
             buffers, index = {}, 0
-            for size, pixels, caption in self._samples(mine, counts, warn=counts is first):
-                buffer = buffers.setdefault(size, [])
+            for key, image, caption in (sample for s in mine for sample in read_shard(s)):
+                pixels = decode(key, image, caption, self.sizes)
+                counts[pixels if isinstance(pixels, str) else "usable"] += 1
+                if isinstance(pixels, str):  # the first 5 of the first epoch named
+                    if counts is first and (skipped := first.total() - first["usable"]) <= 5:
+                        more = " (further ones are counted, not named)" if skipped == 5 else ""
+                        warnings.warn(f"skipped the sample {key}: {pixels}{more}")
+                    continue
+                buffer = buffers.setdefault(pixels.shape[:2], [])
                 buffer.append((pixels, caption))
                 if len(buffer) < self.batch_size:
                     continue
-                del buffers[size]
+                del buffers[pixels.shape[:2]]
                 if index >= skip:  # the batches before a resume point are made again, not yielded
                     images = torch.from_numpy(np.stack([p for p, _ in buffer]))  # (B, H, W, 3)
                     yield {"images": images.permute(0, 3, 1, 2), "captions": [c for _, c in buffer],
@@ -171,49 +158,19 @@ class CaptionStream(torch.utils.data.IterableDataset):
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
                 found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
                 raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
-                                f"{self.batch_size} from a whole epoch of its {len(mine)} "
-                                f"shard(s), which hold {counts.total()} samples: "
-                                f"{counts['usable']} usable{found} (a batch takes images of one "
-                                "aspect-ratio bucket); fix the data, or lower --batch_size or "
+                                f"{self.batch_size} from a whole epoch of {len(mine)} shard(s) that"
+                                f" hold {counts.total()} samples: {counts['usable']} usable{found} "
+                                "(a batch is of one bucket): fix the data, lower --batch_size or "
                                 "--num_workers")
             epoch, skip, counts = epoch + 1, 0, collections.Counter()
-
-    def _samples(self, shards, counts, warn: bool):
-        """(bucket, HxWx3 uint8 pixels, caption) of the usable samples, in order; each sample is
-        counted in `counts` by what became of it, the first unusable ones named."""
-        for key, image, caption in (sample for shard in shards for sample in read_shard(shard)):
-            pixels = decode(key, image, caption, self.sizes)
-            counts[pixels if isinstance(pixels, str) else "usable"] += 1
-            if not isinstance(pixels, str):
-                yield pixels.shape[:2], pixels, caption
-            elif warn and (skipped := counts.total() - counts["usable"]) <= 5:
-                more = " (further ones are counted, not named)" if skipped == 5 else ""
-                warnings.warn(f"skipped the sample {key}: {pixels}{more}")
-
-
-def decode(key, image, caption, sizes):
-    """The HxWx3 uint8 pixels of a usable sample in its bucket, else why it is unusable (a str)."""
-    if image is None or not caption:
-        why = "without a caption" if image is not None else "without an image"
-        return "in a damaged shard" if key.endswith(":damaged") else why
-    try:
-        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
-            if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
-                return f"over {MAX_PIXELS / 1e6:g} megapixels"
-            size = nearest_bucket(img.size[1], img.size[0], sizes)
-            return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return "undecodable"
 
 
 class CaptionBatches:
     """An endless iterator of a CaptionStream's batches whose state_dict() holds every rank's worker
     positions: `--resume` on the same ranks and --num_workers continues exactly."""
 
-    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False,
-                 seed: int = 0):
-        self.stream, self.num_workers = stream, num_workers
-        self.pin_memory, self.seed = pin_memory, seed
+    def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.position, self.skipped = {}, {}  # worker -> (epoch, batches consumed), skipped count
         self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
 
@@ -231,21 +188,18 @@ class CaptionBatches:
             self.position = {int(w): tuple(p) for w, p in mine["position"].items()}
             self.next_worker = mine["next_worker"]
             return
-        warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} loader "
-                      f"worker(s) instead of {len(state['ranks'])} x {state['num_workers']}: the "
-                      "data stream starts again from the beginning of the latest saved epoch")
+        warnings.warn(f"resuming on {self.stream.world} rank(s) x {self.num_workers} workers, not "
+                      f"{len(state['ranks'])} x {state['num_workers']}: the latest epoch restarts")
         epoch = max((p[0] for r in state["ranks"] for p in r["position"].values()), default=0)
         self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
-        self.next_worker = 0
 
     def __iter__(self):
-        # The loader takes batches from its workers in turn, starting with its worker 0: that one
-        # plays the worker whose turn it is. Its own generator: one drawn from the global one would
-        # shift the training noise on resume.
+        # The loader's worker 0, whose turn comes first, plays the worker whose turn it is. A
+        # generator of its own leaves the global RNG (the training noise) untouched on resume.
         self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
-        generator = torch.Generator().manual_seed(self.seed)
         for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
-                                                 pin_memory=self.pin_memory, generator=generator):
+                                                 pin_memory=self.pin_memory,
+                                                 generator=torch.Generator()):
             self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
             self.position[batch["worker"]] = (batch["epoch"], batch["index"] + 1)
             self.skipped[batch["worker"]] = batch["skipped"]
@@ -254,6 +208,4 @@ class CaptionBatches:
     def count_skipped(self, env) -> int:
         """Samples skipped on all ranks since the run (re)started; a collective under DDP."""
         total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
-        if env.distributed:
-            torch.distributed.all_reduce(total)
-        return int(total.item())
+        return round(env.all_reduce_mean(total).item() * env.world_size)  # the sum

@@ -1,19 +1,9 @@
-"""The whole method end to end on the built-in demo set, small enough for a laptop CPU:
-
-    tokenizer stage 1 -> stage 2 -> stage 3 -> reconstruction metrics
-    -> latent extraction -> LightningDiT training -> sampling with guidance -> FID against the data
+"""The whole method end to end on the built-in demo set, on a laptop CPU (the README says what it
+shows), each step the real script, its output also in runs/demo.log; run again, it resumes.
 
     python demo.py         # about 10 minutes on 2 CPU cores; everything under runs/
     python demo.py --tiny  # the same, tiny and meaningless (about a minute; what the tests run)
-    python demo.py --t2i   # the tokenizer, then a text-to-image model on the demo captions instead
-
---t2i conditions on the demo images' captions ("a red disc on the left, dark background") through
-a small RANDOM byte-level T5 (random features of different captions still differ).
-
-Each step is the real script, printed before it runs, its output also logged to runs/demo.log.
-Run again, the demo resumes finished training stages and reruns the quick steps. Offline, random
-stand-ins (it says so) replace the pretrained weights: a small ViT for DINOv2, no LPIPS (a random
-VGG measures nothing) and a random Inception (a meaningless FID).
+    python demo.py --t2i   # the tokenizer, then a text-to-image model on the demo captions
 """
 
 import argparse
@@ -25,6 +15,7 @@ import sys
 import time
 
 from common import HelpFormatter, MissingWeightsError, pretrained_file, read_log
+from data import DemoShapes
 
 # Sizes and schedules: images, tokenizer steps per stage, DiT width/depth/steps, FID samples.
 PRESETS = {"demo": dict(images=256, image_size=32, tok_steps=(1200, 600, 300), tok_batch=16,
@@ -40,9 +31,9 @@ PROMPTS = ["a red disc in the centre, light background", "a blue ring on the lef
 
 
 def run(log_path: str, cmd: str, *paths: str, result=None, run_dir=None):
-    """Run `python CMD PATHS` (CMD split at spaces, PATHS as they are) as a subprocess: its output
-    (progress bars included) goes to the console and the log file; then a one-line result. A
-    training run (in run_dir) resumes from its checkpoint; its result: the last logged losses."""
+    """Run `python CMD PATHS` (CMD split at spaces), its output to the console and the log file,
+    then print a one-line result: `result()`, or a training run's (in run_dir: resumed if it has a
+    checkpoint) last logged losses."""
     resume = run_dir and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
     argv = [sys.executable, *cmd.split(), *paths] + ["--resume"] * bool(resume)
     print(f"\n$ {shlex.join(argv)}", flush=True)
@@ -55,35 +46,30 @@ def run(log_path: str, cmd: str, *paths: str, result=None, run_dir=None):
             log.write(chunk)
     if proc.wait():
         sys.exit(f"step failed (exit {proc.returncode}): see its output above, also in {log_path}")
-    result = last_losses(run_dir) if run_dir else result() if result else ""
-    print(f"==> done in {time.time() - start:.0f} s" + (result and f": {result}"), flush=True)
-
-
-def last_losses(run_dir: str) -> str:
-    record = read_log(os.path.join(run_dir, "log.jsonl"))[-1]
-    return ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "l1", "lpips", "sp", "mse")
-                     if k in record)
+    if run_dir:
+        record = read_log(os.path.join(run_dir, "log.jsonl"))[-1]
+        text = ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "l1", "lpips", "sp", "mse")
+                         if k in record)
+    else:
+        text = result() if result else ""
+    print(f"==> done in {time.time() - start:.0f} s" + (text and f": {text}"), flush=True)
 
 
 def pretrained(tiny: bool) -> list[bool]:
-    """Is each pretrained file (the encoder's, LPIPS's VGG16, the FID Inception) in the torch.hub
-    cache, or can it be downloaded there now? Never for --tiny."""
+    """Is each pretrained file in the torch.hub cache, or can it be downloaded? Not for --tiny."""
     from inception import FID_WEIGHTS_URL
     from tokenizer import VGG16_URL, dinov2_url
 
-    def available(url, what):
+    found = []
+    for use, url, what, stand_in in [
+            ("encoder", dinov2_url("dinov2_vits14"), "DINOv2 ViT-S/14", "a small RANDOM ViT"),
+            ("LPIPS", VGG16_URL, "VGG16", "off (a random VGG16 measures nothing)"),
+            ("FID", FID_WEIGHTS_URL, "Inception", "a RANDOM Inception (a meaningless FID)")]:
         try:
-            return not tiny and bool(pretrained_file(url, None, what, ""))
+            found.append(not tiny and bool(pretrained_file(url, None, what, "")))
         except MissingWeightsError:
-            return False
-
-    found = [available(dinov2_url("dinov2_vits14"), "DINOv2 ViT-S/14"),
-             available(VGG16_URL, "VGG16 for LPIPS"), available(FID_WEIGHTS_URL, "FID Inception")]
-    print("encoder:", "DINOv2 ViT-S/14 (pretrained)" if found[0] else "a small RANDOM ViT "
-          "(dinov2_vits14_pretrain.pth not in the torch.hub cache, and no download)")
-    print("LPIPS:", "VGG16 (pretrained)" if found[1] else
-          "off (no pretrained VGG16: a random one measures nothing)")
-    print("FID Inception:", "pretrained" if found[2] else "RANDOM (the FID below is meaningless)")
+            found.append(False)
+        print(f"{use}:", f"{what} (pretrained)" if found[-1] else stand_in)
     return found
 
 
@@ -98,8 +84,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from data import DemoShapes
-
     cfg, out = PRESETS["tiny" if args.tiny else "demo"], args.out
     os.makedirs(out, exist_ok=True)
     log, t_start = os.path.join(out, "demo.log"), time.time()
@@ -138,8 +122,7 @@ def main(argv=None):
         f"{cfg['dit_steps']} --grid_cfg 1.5 {common}", "--latents", latents, "--run_dir", dit_dir,
         run_dir=dit_dir)
 
-    # 3. Samples with guidance, decoded by the stage-3 tokenizer (sample.py's default), beside the
-    # checkpoint, where `python sample.py --cfg 1.5` also writes; then FID.
+    # 3. Samples with guidance (decoded by the stage-3 tokenizer, beside the checkpoint), then FID.
     ckpt, samples = os.path.join(dit_dir, "ckpt.pt"), os.path.join(dit_dir, "samples")
     sampling = f"sample.py --cfg 1.5 --steps {cfg['sample_steps']} --device {args.device}"
     run(log, f"{sampling} --classes 0,1,2,3 --num_samples 16", "--ckpt", ckpt)
@@ -147,43 +130,37 @@ def main(argv=None):
     run(log, f"{sampling} --npz --num_samples {cfg['samples']}", "--ckpt", ckpt, "--out",
         fid_samples)
     run(log, f"fid.py {'' if real_inception else '--random_inception'} {common}",
-        os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json,
-        result=lambda: "FID {fid:.2f} ({inception_weights} Inception)".format(
-            **json.load(open(fid_json))))
+        os.path.join(fid_samples, "samples.npz"), data, "--json", fid_json, result=lambda:
+        "FID {fid:.2f} ({inception_weights} Inception)".format(**json.load(open(fid_json))))
     print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
           f"  reconstructions (top: input, bottom: tokenizer): {tok_dir}/stage3/recon_*.png\n"
-          f"  samples, 4 per class (disc, ring, square, triangle): "
-          f"{samples}/grid_cfg1.5_steps{cfg['sample_steps']}.png\n"
+          f"  samples, 4 per class: {samples}/grid_cfg1.5_steps{cfg['sample_steps']}.png\n"
           f"  loss curves: {tok_dir}/stage*/curves.png, {dit_dir}/curves.png\n"
           f"  metrics: {recon_json}, {fid_json}; every step's output: {log}\n"
-          "Then, for more samples: python sample.py --cfg 1.5"
-          + ("" if out == "runs" else f" --ckpt {ckpt}"))
+          f"Then, for more samples: python sample.py --cfg 1.5 --ckpt {ckpt}")
 
 
 def text_to_image(args, cfg, tok_dir, log, common, t_start):
     """2'. A tiny text-to-image model on the stage-2 tokenizer's latents of the captioned demo
-    images, then samples of PROMPTS with guidance against the empty caption, decoded by the stage-3
-    tokenizer."""
+    images, then samples of PROMPTS, guided against the empty caption."""
     from text import save_random_text_encoder
 
-    out = args.out
-    encoder, run_dir = os.path.join(out, "text_encoder"), os.path.join(out, "t2i")
+    encoder, run_dir = os.path.join(args.out, "text_encoder"), os.path.join(args.out, "t2i")
     if not os.path.isdir(encoder):
         save_random_text_encoder(encoder)
     print(f"text encoder: a small RANDOM byte-level T5 in {encoder}")
     run(log, f"train_t2i.py --max_length 64 --model T2I-tiny/1 --steps {cfg['t2i_steps']} "
         f"--batch_size {cfg['t2i_batch']} --lr 1e-3 --ema_decay 0.995 --stats_samples "
         f"{cfg['images']} --log_every 100 --grid_every {cfg['t2i_steps']} {common}",
-        "--captions", os.path.join(out, "demo_data"), "--text_encoder", encoder, "--tokenizer",
+        "--captions", os.path.join(args.out, "demo_data"), "--text_encoder", encoder, "--tokenizer",
         os.path.join(tok_dir, "stage2", "tokenizer.pt"), "--run_dir", run_dir, run_dir=run_dir)
-    prompts = os.path.join(out, "demo_prompts.txt")
+    prompts = os.path.join(args.out, "demo_prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(PROMPTS) + "\n")
     run(log, f"sample_t2i.py --num_samples 16 --cfg 4 --steps 50 --device {args.device}", "--ckpt",
         os.path.join(run_dir, "ckpt.pt"), "--prompts", prompts)
-    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n"
-          f"  samples of the prompts in {prompts}, in turn: "
-          f"{run_dir}/samples/grid_cfg4_steps50.png\n"
+    print(f"\nDone in {(time.time() - t_start) / 60:.1f} min. Look at:\n  samples of the prompts "
+          f"in {prompts}, in turn: {run_dir}/samples/grid_cfg4_steps50.png\n"
           f"  loss curves: {run_dir}/curves.png; every step's output: {log}")
 
 

@@ -164,8 +164,7 @@ def train(args, env):
                             weight_decay=args.weight_decay, fused=True)
     stream = CaptionStream(args.captions, micro, sizes, env.rank, env.world_size, args.seed,
                            args.num_workers)
-    batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda",
-                             seed=args.seed)
+    batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda")
     stats = LatentStats()  # a resumed run's come from its checkpoint; a new run measures them
     with Run(env, args, args.run_dir, identity=identity, meta=meta,
              state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
