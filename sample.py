@@ -45,9 +45,9 @@ def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, sh
         return torch.cat([v_u[:, :k] + cfg_scale * (v_c[:, :k] - v_u[:, :k]), v_c[:, k:]], dim=1)
 
     # Times shifted to s t / (s t + 1 - t), 0 (noise) to 1 (data); Euler: x += (t1 - t0) v(x, t0);
-    # Heun: that, then the mean velocity of both ends (2nd order). Host numbers: no syncs.
-    t = torch.linspace(0, 1, steps, dtype=torch.float64)
-    x, ts = noise, (shift * t / (shift * t + (1 - t))).tolist()
+    # Heun: an Euler predictor, then the mean velocity of both ends. Host times: no syncs.
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    x, ts = noise, (shift * u / (shift * u + (1 - u))).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
         v = velocity(x, t0)
         if solver == "heun":
