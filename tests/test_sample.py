@@ -17,8 +17,7 @@ import sample
 from common import UserError
 from conftest import StubInception, randomize_, run_torchrun, save_tokenizer
 from dit import build_dit
-from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, sample_labels,
-                    sample_latents, sample_noise, shift_timesteps, time_grid)
+from sample import decode_to_uint8, per_index, sample_latents
 
 # --------------------------------------------------------------------------------------------------
 # Time grid and solvers
@@ -29,36 +28,51 @@ from sample import (decode_to_uint8, denormalize, euler, guided_velocity, heun, 
 MU, S = 2.0, 0.5
 
 
-def gaussian_velocity(x, t):
-    return MU + (t * S ** 2 - (1 - t)) / (t ** 2 * S ** 2 + (1 - t) ** 2) * (x - t * MU)
+class Flow(torch.nn.Module):
+    """The exact velocity as a model (cfg 1: conditional only), recording the time of each call."""
+
+    num_classes = 1
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, x, t, y):
+        self.times.append(t.item())
+        t = t.double()
+        return MU + (t * S ** 2 - (1 - t)) / (t ** 2 * S ** 2 + (1 - t) ** 2) * (x - t * MU)
 
 
 @pytest.mark.parametrize("shift", [1.0, 0.3])
-@pytest.mark.parametrize("solver,order,evals_per_interval", [(euler, 1, 1), (heun, 2, 2)])
+@pytest.mark.parametrize("solver,order,evals_per_interval", [("euler", 1, 1), ("heun", 2, 2)])
 def test_solvers_converge_at_their_order(solver, order, evals_per_interval, shift):
-    z = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     counts, errors, steps = [], [], [65, 129, 257, 513]
     for n in steps:
-        calls = []
-        ts = shift_timesteps(torch.linspace(0, 1, n, dtype=torch.float64), shift)
-        x1 = solver(lambda x, t: calls.append(1) or gaussian_velocity(x, t), z.clone(), ts)
+        flow = Flow()
+        x1 = sample_latents(flow, torch.zeros(64, dtype=torch.long), z.clone(), n, shift=shift,
+                            solver=solver)
         errors.append((x1 - (MU + S * z)).abs().max().item())
-        counts.append(len(calls))
+        counts.append(len(flow.times))
     slope = np.polyfit(np.log([1 / (n - 1) for n in steps]), np.log(errors), 1)[0]
     assert abs(slope - order) < 0.25, (errors, slope)
     assert counts == [evals_per_interval * (n - 1) for n in steps]  # N time points = N-1 intervals
 
 
 def test_shift_keeps_endpoints_and_is_monotone(capsys):
+    def grid(steps, shift):  # every time Heun evaluates the model at: the whole grid
+        flow = Flow()
+        sample_latents(flow, torch.zeros(1, dtype=torch.long), torch.zeros(1, 1), steps,
+                       shift=shift, solver="heun")
+        return torch.tensor(sorted(set(flow.times)), dtype=torch.float64)
+
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     for s in (0.3, 1.0, 3.0):
-        ts = shift_timesteps(t, s)
-        assert ts[0] == 0 and ts[-1] == 1 and (ts.diff() > 0).all()
-    assert torch.equal(shift_timesteps(t, 1.0), t)
-    assert (shift_timesteps(t, 0.3) <= t).all()  # s < 1: more of the steps near t = 0 (noise)
-    assert torch.allclose(shift_timesteps(torch.tensor(0.5), 0.3), torch.tensor(0.15 / 0.65))
-    grid = time_grid(250, 0.3)
-    assert grid.shape == (250,) and grid.dtype == torch.float64 and grid[0] == 0 and grid[-1] == 1
+        ts = grid(101, s)
+        assert len(ts) == 101 and ts[0] == 0 and ts[-1] == 1 and (ts.diff() > 0).all()
+    torch.testing.assert_close(grid(101, 1.0), t, atol=1e-7, rtol=0)
+    assert (grid(101, 0.3) <= t + 1e-7).all()  # s < 1: more of the steps near t = 0 (noise)
+    assert grid(3, 0.3)[1].item() == pytest.approx(0.15 / 0.65, abs=1e-7)
     for bad, flag in ((["--steps", "1"], "--steps: must be at least 2"),
                       (["--shift", "0"], "--shift: must be > 0")):
         with pytest.raises(SystemExit):
@@ -67,7 +81,7 @@ def test_shift_keeps_endpoints_and_is_monotone(capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# Classifier-free guidance
+# Classifier-free guidance, observed over one Euler step from t = 0 (x1 = x + v(x, 0))
 
 
 class Recorder(torch.nn.Module):
@@ -86,40 +100,44 @@ class Recorder(torch.nn.Module):
 
 def test_cfg_one_is_the_conditional_model():
     model, x, y = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2])
-    v = guided_velocity(model, y, 1.0, cfg_channels=3, cfg_interval_start=0.5)(x, torch.tensor(0.7))
-    assert torch.equal(v, model(x, torch.tensor(0.7), y))
+    x1 = sample_latents(model, y, x, 2, 1.0, shift=1.0, cfg_channels=3, cfg_interval_start=0.0)
+    assert torch.equal(x1, x + model(x, torch.tensor(0.0), y))
     assert model.calls[0] == (3, [0, 1, 2])  # one pass, no unconditional rows
 
 
 @pytest.mark.parametrize("k", [None, 3])
 def test_guidance_in_one_batched_forward_on_k_channels(k):
     model, x, y = Recorder(), torch.randn(3, 6, 2, 2), torch.tensor([0, 1, 2])
-    t, w = torch.tensor(0.7), 4.0
-    v = guided_velocity(model, y, w, cfg_channels=k)(x, t)
+    w = 4.0
+    v = sample_latents(model, y, x, 2, w, shift=1.0, cfg_channels=k) - x
     assert model.calls == [(6, [0, 1, 2, 4, 4, 4])]  # [y; null], null = num_classes
-    v_c, v_u = (y.view(-1, 1, 1, 1) + 1) * x + t, 5 * x + t
+    v_c, v_u = (y.view(-1, 1, 1, 1) + 1) * x, 5 * x
     k = 6 if k is None else k
     torch.testing.assert_close(v[:, :k], (v_u + w * (v_c - v_u))[:, :k])
-    assert torch.equal(v[:, k:], v_c[:, k:])  # unguided channels stay conditional
+    torch.testing.assert_close(v[:, k:], v_c[:, k:])  # unguided channels stay conditional
 
 
 def test_cfg_interval_turns_guidance_off_at_the_noisy_end():
     model, x, y = Recorder(), torch.randn(2, 4, 2, 2), torch.tensor([1, 3])
-    fn = guided_velocity(model, y, 3.0, cfg_interval_start=0.1)
-    v_c = lambda t: (y.view(-1, 1, 1, 1) + 1) * x + t  # noqa: E731
-    assert torch.equal(fn(x, torch.tensor(0.05)), v_c(0.05))
-    # Guidance off: the unconditional rows are not computed at all.
-    assert model.calls == [(2, [1, 3])]
-    torch.testing.assert_close(fn(x, torch.tensor(0.1)), 5 * x + 0.1 + 3 * (v_c(0.1) - 5 * x - 0.1))
-    assert model.calls[1] == (4, [1, 3, 4, 4])
+    x2 = sample_latents(model, y, x, 3, 3.0, shift=1.0, cfg_interval_start=0.5)  # t = 0, 0.5
+    v_c = lambda x, t: (y.view(-1, 1, 1, 1) + 1) * x + t  # noqa: E731
+    # Guidance off at t = 0 < 0.5: the unconditional rows are not computed at all.
+    assert model.calls == [(2, [1, 3]), (4, [1, 3, 4, 4])]
+    x1 = x + 0.5 * v_c(x, 0)
+    v_u = 5 * x1 + 0.5
+    torch.testing.assert_close(x2, x1 + 0.5 * (v_u + 3 * (v_c(x1, 0.5) - v_u)))
 
 
 def test_sample_latents_on_a_dit(tiny_files):
     model = sample.load_models(tiny_files["dit"], None, ema=True)[0]
-    noise, y = sample_noise(0, range(2), (32, 2, 2)), torch.tensor([1, 2])
+    noise = per_index(0, range(2), lambda g: torch.randn(32, 2, 2, generator=g))
+    y = torch.tensor([1, 2])
     z = sample_latents(model, y, noise, steps=4, cfg_scale=1.0, shift=0.3)
+    ref, t = noise, torch.linspace(0, 1, 4, dtype=torch.float64)
+    ts = (0.3 * t / (0.3 * t + 1 - t)).tolist()
     with torch.no_grad():
-        ref = euler(lambda x, t: model(x, torch.tensor(t), y), noise, time_grid(4, 0.3))
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            ref = ref + (t1 - t0) * model(ref, torch.tensor(t0, dtype=torch.float32), y)
     assert torch.equal(z, ref) and not torch.equal(z, noise)
     z_heun = sample_latents(model, y, noise, steps=4, cfg_scale=2.0, shift=0.3, solver="heun",
                             cfg_channels=3)
@@ -131,20 +149,30 @@ def test_sample_latents_on_a_dit(tiny_files):
 
 
 def test_noise_and_labels_depend_only_on_seed_and_index():
-    full = sample_noise(7, range(6), (4, 2, 2))
+    def noise(seed, indices):
+        return per_index(seed, indices, lambda g: torch.randn(4, 2, 2, generator=g))
+
+    def labels(seed, indices):
+        return per_index(seed, indices, lambda g: torch.randint(10, (), generator=g), 1)
+
+    full = noise(7, range(6))
     assert full.shape == (6, 4, 2, 2) and full.dtype == torch.float32
-    assert torch.equal(sample_noise(7, [3, 4], (4, 2, 2)), full[3:5])
-    assert not torch.equal(sample_noise(8, [3], (4, 2, 2)), full[3:4])
-    labels = sample_labels(7, range(200), 10)
-    assert torch.equal(sample_labels(7, range(100, 200), 10), labels[100:])
-    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() <= 9
-    assert len(labels.unique()) == 10
+    assert torch.equal(noise(7, [3, 4]), full[3:5])
+    assert not torch.equal(noise(8, [3]), full[3:4])
+    y = labels(7, range(200))
+    assert torch.equal(labels(7, range(100, 200)), y[100:])
+    assert y.dtype == torch.long and y.min() >= 0 and y.max() <= 9 and len(y.unique()) == 10
+
+
+class Identity:
+    def decode(self, z):
+        return z
 
 
 def test_denormalize_and_decode(tiny_files):
-    stats = {"mean": torch.tensor([1.0, -2.0]), "std": torch.tensor([2.0, 0.5])}
-    z = torch.ones(1, 2, 1, 1)
-    assert denormalize(z, stats).flatten().tolist() == [3.0, -1.5]
+    stats = {"mean": [1.0, -2.0, 0.0], "std": [2.0, 0.5, 1.0]}
+    z = torch.tensor([-0.25, 3.0, 0.0]).view(1, 3, 1, 1)  # -> 0.5, -0.5, 0 -> 127.5 (x + 1)
+    assert decode_to_uint8(Identity(), z, stats).flatten().tolist() == [191, 64, 128]
     tok = sample.load_tokenizer(tiny_files["tok"])
     latent_stats = torch.load(tiny_files["dit"])["latent_stats"]
     img = decode_to_uint8(tok, torch.randn(2, 32, 2, 2), latent_stats)
@@ -300,7 +328,8 @@ def test_the_stage3_refinement_decodes_by_default(tiny_files, tmp_path):
 def test_bad_inputs(tiny_files, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="no latent statistics"):
         sample.main(cli(tiny_files, "--out", tmp_path, ckpt="dit_nostats"))
-    with pytest.raises(UserError, match=r"latents of shape \(16, 2, 2\).*generates \(32, 2, 2\)"):
+    with pytest.raises(UserError, match=r"makes other latents \(shape \(16, 2, 2\), the model's "
+                                        r"\(32, 2, 2\)"):
         sample.main(cli(tiny_files, "--tokenizer", tiny_files["tok16"], "--out", tmp_path))
     with pytest.raises(UserError, match=r"unknown class id\(s\) \[4\].*4 classes"):
         sample.main(cli(tiny_files, "--classes", "1,4", "--out", tmp_path))
@@ -315,8 +344,7 @@ def test_bad_inputs(tiny_files, tmp_path, monkeypatch, capsys):
             sample.parse_args(["--cfg", bad])
         assert "--cfg: must be finite" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # the default --ckpt runs/dit/ckpt.pt does not exist here
-    with pytest.raises(UserError, match=r"runs/dit/ckpt.pt: train one first "
-                                        r"\(python train_dit.py\) or pass --ckpt"):
+    with pytest.raises(UserError, match=r"LightningDiT checkpoint not found: runs/dit/ckpt.pt"):
         sample.main(["--cfg", "1.5"])
 
 

@@ -436,7 +436,7 @@ def test_sample_prompts_sizes_npz_clip_score_and_bad_input(t2i_run, tmp_path, ca
         sample_t2i.main([*base, "--prompt", "x", "--size", "64x64"])
     with pytest.raises(SystemExit):
         sample_t2i.main([*base, "--out", str(tmp_path)])
-    assert "give --prompt TEXT or --prompts FILE" in capsys.readouterr().err
+    assert "one of the arguments --prompt --prompts is required" in capsys.readouterr().err
     with pytest.raises(UserError, match="holds no prompts"):
         (tmp_path / "empty.txt").write_text("\n \n")
         sample_t2i.main([*base, "--prompts", str(tmp_path / "empty.txt")])
