@@ -1,28 +1,67 @@
-"""The FID Inception-v3: the network behind FID, sFID, IS and precision/recall (fid.py).
+"""The networks behind fid.py's metrics, run in true float32: FD_DINOv2's DINOv2 and, for FID,
+sFID, IS (computed here) and precision/recall, the FID Inception-v3.
 
-The 2015 TensorFlow Inception graph as pytorch-fid ports it, on torchvision's Inception3 blocks so
-that pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` loads strictly: TF's average pools (the
-zero padding not counted), a max pool in Mixed_7c's pool branch, 1008 classes, and the input
-preprocessing inside the network. By default ADM's evaluator's (so every published ImageNet FID):
-the TF graph's own TF1 bilinear resize to 299x299, then (x - 128) / 128. pytorch-fid's (PyTorch's
-half-pixel bilinear, 2 x / 255 - 1) moves the statistics of real photos by 1-5%.
+The latter is the 2015 TensorFlow Inception graph as pytorch-fid ports it, on torchvision's
+Inception3 blocks so that pytorch-fid's weights load strictly: TF's average pools (the zero padding
+not counted), a max pool in Mixed_7c's pool branch, 1008 classes, and the input preprocessing
+inside the network. By default ADM's evaluator's (so every published ImageNet FID): TF1's bilinear
+resize to 299x299, then (x - 128) / 128. pytorch-fid's (PyTorch's half-pixel bilinear, 2 x / 255 -
+1) moves the statistics of real photos by 1-5%.
 """
 
+import contextlib
 import math
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.models import inception as tv
 
 from common import UserError, load_checkpoint, pretrained_file
+from tokenizer import build_dinov2
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 SPATIAL_CHANNELS = 7  # sFID: ADM keeps the first 7 channels of TF's `mixed_6/conv`, 17x17 each
 PREPROCESSING = ("adm", "pytorch-fid")
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device):
+    """True float32 in the body: no autocast, no TF32 (its 10-bit mantissa moves FID)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="cpu"):
+    """DINOv2 ViT-L/14 with the official weights (the tokenizer's), loaded strictly; or a random
+    one-block DINOv2 (384-d features) for tests and the demo."""
+    with torch.random.fork_rng(devices=[]):  # random weights: the same in every run
+        torch.manual_seed(0)
+        net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights,
+                           ckpt, ("--dinov2_ckpt", "--random_dinov2")).eval().requires_grad_(False)
+    net.weights_name = "RANDOM (tiny, test only)" if random_weights else ckpt or "dinov2_vitl14"
+    return net.to(device)
+
+
+def dinov2_input(images) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> DINOv2's input (B, 3, 224, 224) as dgm-eval makes it: PIL's
+    bicubic resize straight to 224x224 (torch's bicubic differs), /255, ImageNet's mean and std."""
+    resized = [np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
+        (224, 224), Image.BICUBIC)) for im in images.cpu()]  # each (224, 224, 3) uint8
+    x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406),
+                                                         (0.229, 0.224, 0.225)))
+    return (x - mean) / std
 
 
 def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -163,3 +202,14 @@ def load_inception(ckpt: str | None = None, random_weights: bool = False, device
                             f"{str(e)[:300]}") from None
         model.weights_name = os.path.basename(path)
     return model.to(device).float().eval().requires_grad_(False)
+
+
+def inception_score(logits, split_size: int = 5000) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) from logits (N, 1008) as ADM computes it: softmax over all 1008,
+    consecutive parts of `split_size` images, each with its own p(y). (mean, std) over the parts."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    scores = []
+    for part in F.log_softmax(logits, dim=1).split(split_size):  # log p(y|x): no log(0)
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log p(y), this part
+        scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))

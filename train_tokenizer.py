@@ -314,9 +314,8 @@ def evaluate(args, env):
                "lpips": mean_lpips,
                "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16", "encoder": encoder,
                "skipped_files": count_skipped(dataset, env)}
-    # eval_loader gave rank r the images r, r + W, ...: restore the dataset order
-    if inception is not None:
-        real, recon = (fid.gather_rows(torch.cat(features[k]), env, interleaved=True).numpy()
+    if inception is not None:  # rank order: each side's statistics do not depend on it
+        real, recon = (fid.gather_rows(torch.cat(features[k]), env).numpy()
                        for k in ("real", "recon"))
         recon_stats, real_stats = (fid.FIDStatistics.from_features(f) for f in (recon, real))
         metrics["rfid"] = recon_stats.frechet_distance(real_stats)
