@@ -46,10 +46,9 @@ class Moments:
         mean = x.mean(0)
         return self.merge(x.shape[0], mean, (x - mean).T @ (x - mean))
 
-    def merge(self, count: int, mean, scatter) -> "Moments":
-        n, delta = self.count + count, mean.to(self.mean.device) - self.mean
-        self.scatter += scatter.to(self.mean.device) + torch.outer(delta, delta) * (
-            self.count * count / n)
+    def merge(self, count: int, mean, scatter) -> "Moments":  # another's, on the same device
+        n, delta = self.count + count, mean - self.mean
+        self.scatter += scatter + torch.outer(delta, delta) * (self.count * count / n)
         self.mean += delta * (count / n)
         self.count = n
         return self
@@ -218,9 +217,8 @@ class NpzImages:
 
 
 def load_source(path: str, image_size: int | None = None, log=print, from_images: bool = False):
-    """A folder -> data.ImageFolder, centre-cropped to `image_size` (default: the first readable
-    image's short side); an .npz with `mu` -> FIDStatistics (a reference batch's `arr_0` in its
-    `.images`) unless `from_images`; else NpzImages."""
+    """A folder -> ImageFolder (crop: `image_size`, else the first readable image's short side); an
+    .npz with `mu` -> FIDStatistics (`arr_0` in `.images`) unless `from_images`; else NpzImages."""
     if os.path.isdir(path):
         folder = ImageFolder(path, image_size or 0)
         for file, _ in [] if image_size else folder.samples:
@@ -276,15 +274,14 @@ def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, des
         batches = images.batches(batch_size, start, stop)
     else:  # in memory
         batches = as_nchw_uint8(images[start: stop]).split(batch_size)
-    device = env.device
     bar = tqdm(total=n, initial=skip * env.world_size, desc=desc, unit="img", dynamic_ncols=True,
                disable=not (progress and env.is_main))
-    with exact_float32(device), bar:
+    with exact_float32(env.device), bar:
         for batch in batches:
             x = as_nchw_uint8(batch[0] if isinstance(batch, list) else batch)  # (B, 3, H, W) uint8
-            out = model(x.to(device, non_blocking=True).float(), spatial=True)  # from 0..255
+            out = model(x.to(env.device, non_blocking=True).float(), spatial=True)  # from 0..255
             if dinov2 is not None:  # (B, D)
-                out = (*out, dinov2(dinov2_input(x).to(device), cls=True))
+                out = (*out, dinov2(dinov2_input(x).to(env.device), cls=True))
             yield out
             bar.update(len(x) * env.world_size)
 
@@ -293,9 +290,8 @@ def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, des
 def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
                         batch_size: int = 50, num_workers: int = 4, progress: bool = True,
                         desc: str = "Inception features", spatial: bool = False, dinov2=None):
-    """Pool features (N, 2048), logits (N, 1008), with `spatial` sFID's (N, 2023), with `dinov2`
-    FD_DINOv2's (N, D), from one pass: float32 numpy, the same on every rank. `images`: the whole
-    set (split over the ranks here), an ImageFolder, NpzImages, or uint8 numpy NHWC / torch NCHW."""
+    """Pool features (N, 2048), logits (N, 1008), sFID's (N, 2023) with `spatial`, DINOv2's (N, D),
+    on every rank, of a whole set: an ImageFolder, NpzImages, uint8 numpy NHWC or torch NCHW."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
     batches = [[out.float().cpu() for out in outputs] for outputs in _forward(
         images, model, env, batch_size, num_workers, desc, progress, dinov2=dinov2)]
@@ -316,10 +312,9 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
                   for f in (real_feats, fake_feats))
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(
-            len(real), len(fake)) <= k:
-        raise UserError(f"precision_recall needs (N, D) features of equal D and more than k={k} "
-                        f"points per set, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise UserError(f"precision/recall need more than k={k} points per set, got {len(real)} "
+                        f"and {len(fake)}")
 
     def radii(x):  # distance from each point to its k-th nearest neighbour in its own set, (N,)
         return torch.cat([torch.cdist(rows, x).kthvalue(k + 1, dim=1).values  # k + 1: not itself
@@ -336,9 +331,8 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
 @torch.inference_mode()
 def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batch_size: int = 50,
                        num_workers: int = 4, save_every: int = 50_000, dinov2=None):
-    """Statistics of a large set written to `out` without holding its features: each rank folds its
-    share into Moments, saved every `save_every` images (with what they are of) to <out>.partial/,
-    where a killed run on the same input and ranks resumes; rank 0 merges and returns them."""
+    """Statistics of a large set, to `out`: rank shares folded into Moments, saved with what they
+    are of to <out>.partial/ every `save_every` images (a killed run resumes), merged on rank 0."""
     how, folder = getattr(model, "preprocess", "adm"), isinstance(source, ImageFolder)
     size = f"crop {source.image_size}" if folder else "{}x{}".format(*source.shape[1:3])
     what = (f"{os.path.abspath(source.root if folder else source.path)} ({len(source)} images, "
@@ -350,7 +344,7 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     moments = [Moments(d, env.device) for d in dims]
 
     def load(path, into):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=into[0].mean.device, weights_only=True)
         if state["input"] != what:
             raise UserError(f"{part_dir} holds a partial pass over {state['input']}, not over "
                             f"{what}: delete it, or resume with the same input and flags")
@@ -408,14 +402,13 @@ def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dino
     """(FIDStatistics on rank 0, else None; logits or None) of one side; stored statistics' images
     are featurised for what the statistics lack (precision/recall, FD_DINOv2)."""
     if isinstance(src, FIDStatistics):
-        new_prc = prc and src.features is None
-        new_dino = dinov2 is not None and src.mu_dinov2 is None
-        if new_prc or new_dino:
-            pool, _, *dino = compute_activations(src.images, model, env, desc=f"{what} features",
-                                                 dinov2=dinov2 if new_dino else None, **extract)
-            fits = _moments(dino[0], what).fit() if new_dino else (src.mu_dinov2, src.sigma_dinov2)
-            src = dataclasses.replace(src, **dict(zip(PAIRS[2], fits)),
-                                      features=pool if new_prc else src.features)
+        dino = dinov2 if src.mu_dinov2 is None else None
+        if prc and src.features is None or dino is not None:
+            pool, _, *rest = compute_activations(src.images, model, env, desc=f"{what} features",
+                                                 dinov2=dino, **extract)
+            fits = _moments(rest[0], what).fit() if rest else (src.mu_dinov2, src.sigma_dinov2)
+            src = dataclasses.replace(src, **dict(zip(PAIRS[2], fits)), features=pool
+                                      if src.features is None else src.features)
         return src, None
     pool, logits, *rest = compute_activations(src, model, env, spatial=sfid, dinov2=dinov2,
                                               desc=f"{what} features", **extract)
@@ -429,9 +422,8 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
              reference_from_images: bool = False, save_stats: str | None = None,
              progress: bool = True, log=None, dinov2=None) -> dict:
-    """FID, sFID, IS of `samples` against `reference` (paths, load_source's objects or uint8 images
-    in memory), precision/recall with `prc`, FD_DINOv2 with `dinov2`, the same on every rank.
-    `save_stats`: where to write the reference's statistics if computed here."""
+    """FID, sFID, IS, precision/recall (`prc`), FD_DINOv2 (`dinov2`) of `samples` against
+    `reference` (paths, load_source's objects, uint8 images), on every rank."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
     log = log or Logger(env).info
     sides = [load_source(os.fspath(s), None, log, reference_from_images)

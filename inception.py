@@ -1,13 +1,8 @@
-"""The networks behind fid.py's metrics, run in true float32: FD_DINOv2's DINOv2 and, for FID,
-sFID, IS (computed here) and precision/recall, the FID Inception-v3.
-
-The latter is the 2015 TensorFlow Inception graph as pytorch-fid ports it, on torchvision's
-Inception3 blocks so that pytorch-fid's weights load strictly: TF's average pools (the zero padding
-not counted), a max pool in Mixed_7c's pool branch, 1008 classes, and the input preprocessing
-inside the network. By default ADM's evaluator's (so every published ImageNet FID): TF1's bilinear
-resize to 299x299, then (x - 128) / 128. pytorch-fid's (PyTorch's half-pixel bilinear, 2 x / 255 -
-1) moves the statistics of real photos by 1-5%.
-"""
+"""The networks behind fid.py's metrics, run in true float32: FD_DINOv2's DINOv2, and for FID,
+sFID, IS (computed here) and precision/recall the FID Inception-v3: the 2015 TF graph as pytorch-fid
+ports it on torchvision's blocks (its weights load strictly), TF's zero-padding-free average pools,
+1008 classes, and ADM's input preprocessing inside: TF1's bilinear resize to 299, (x - 128) / 128.
+pytorch-fid's (half-pixel bilinear, 2 x / 255 - 1) moves real photos' statistics by 1-5%."""
 
 import contextlib
 import math
@@ -177,8 +172,7 @@ class FIDInception(nn.Module):
 
 def load_inception(ckpt: str | None = None, random_weights: bool = False, device="cpu",
                    seed: int = 0, preprocess: str = "adm") -> FIDInception:
-    """The FID Inception, frozen in eval mode on `device`: weights from `ckpt`, else the torch.hub
-    cache, else downloaded; or random ones (tests and the offline demo)."""
+    """The frozen FID Inception: weights from `ckpt`, the hub cache, a download, or random ones."""
     model = FIDInception(preprocess)
     if random_weights:
         warnings.warn(f"FID Inception with RANDOM weights (seed {seed}): for tests/demo only; "
