@@ -41,17 +41,16 @@ class Moments:
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.scatter = torch.zeros((dim, dim), dtype=torch.float64, device=device)
 
-    def add(self, rows) -> "Moments":
+    def add(self, rows):
         x = torch.as_tensor(rows).to(self.mean.device, torch.float64)  # (b, dim)
         mean = x.mean(0)
-        return self.merge(x.shape[0], mean, (x - mean).T @ (x - mean))
+        self.merge(x.shape[0], mean, (x - mean).T @ (x - mean))
 
-    def merge(self, count: int, mean, scatter) -> "Moments":  # another's, on the same device
+    def merge(self, count: int, mean, scatter):  # another's, on the same device
         n, delta = self.count + count, mean - self.mean
         self.scatter += scatter + torch.outer(delta, delta) * (self.count * count / n)
         self.mean += delta * (count / n)
         self.count = n
-        return self
 
     def fit(self):  # (mean, unbiased covariance as np.cov's), float64 numpy
         return self.mean.cpu().numpy(), (self.scatter / (self.count - 1)).cpu().numpy()
@@ -173,8 +172,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def as_nchw_uint8(images) -> torch.Tensor:
     """uint8 images (B, 3, H, W) of numpy NHWC (ADM's .npz) or torch NCHW ones."""
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
-        ok = images.flags.writeable and images.flags.c_contiguous  # else a copy (memmaps)
-        images = torch.from_numpy(images if ok else np.array(images)).permute(0, 3, 1, 2)
+        images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a writable copy
     elif not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3):
         raise UserError(f"expected uint8 images, numpy NHWC (N, H, W, 3) or torch NCHW, got "
                         f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")

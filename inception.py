@@ -38,8 +38,7 @@ def exact_float32(device: torch.device):
 
 
 def load_dinov2(ckpt: str | None = None, random_weights: bool = False, device="cpu"):
-    """DINOv2 ViT-L/14 with the official weights (the tokenizer's), loaded strictly; or a random
-    one-block DINOv2 (384-d features) for tests and the demo."""
+    """DINOv2 ViT-L/14, official weights loaded strictly, or a random one-block one for tests."""
     with torch.random.fork_rng(devices=[]):  # random weights: the same in every run
         torch.manual_seed(0)
         net = build_dinov2("tiny" if random_weights else "dinov2_vitl14", not random_weights,
@@ -99,8 +98,7 @@ class InceptionC(tv.InceptionC):
 
 
 class InceptionE(tv.InceptionE):
-    """Mixed_7b/c (8x8): branches split into parallel 1x3 and 3x1 convolutions; Mixed_7c's pool
-    branch max-pools (a quirk of the TF graph; the weights expect it)."""
+    """Mixed_7b/c (8x8): parallel 1x3 and 3x1 convolutions; Mixed_7c's pool branch max-pools."""
 
     def __init__(self, in_channels, max_pool: bool):
         super().__init__(in_channels)
@@ -116,13 +114,11 @@ class InceptionE(tv.InceptionE):
 
 
 class FIDInception(nn.Module):
-    """Images (B, 3, H, W), floats 0..255 -> pool features (B, 2048), logits (B, 1008) and with
-    spatial=True sFID's features (B, 2023). The logits are `pool @ fc.weight.T` without `fc.bias`,
-    as the Inception Score has always been computed (original IS code, ADM, torch-fidelity).
-
-    sFID (Nash et al. 2021, as ADM computes it) takes the TF graph's `mixed_6/conv`, which is
-    Mixed_6d's 1x1 branch after its BatchNorm and ReLU (B, 192, 17, 17): its channels 0..6,
-    flattened per image in TF's (h, w, c) order, the order of ADM's stored mu_s/sigma_s."""
+    """Images (B, 3, H, W), floats 0..255 -> pool features (B, 2048), logits (B, 1008) without
+    `fc.bias` (as IS has always been computed: original code, ADM, torch-fidelity), and with
+    spatial=True sFID's (B, 2023): TF's `mixed_6/conv` (Nash et al. 2021, as ADM), i.e. Mixed_6d's
+    1x1 branch after BatchNorm and ReLU (B, 192, 17, 17), its channels 0..6 flattened per image in
+    TF's (h, w, c) order, the order of ADM's stored mu_s/sigma_s."""
 
     dims = (2048, 17 * 17 * SPATIAL_CHANNELS)  # (pool, spatial) feature sizes
 
