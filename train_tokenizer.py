@@ -268,9 +268,9 @@ def evaluate(args, env):
     metrics = {"tokenizer": path, "images": int(n), "psnr": mean_psnr, "ssim": mean_ssim,
                "lpips": mean_lpips, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
                "encoder": encoder, "skipped_files": count_skipped(dataset, env)}
-    if inception is not None:  # interleaved: eval_loader gave rank r the images r, r + W, ...
+    if inception is not None:  # rank order: each side's statistics do not depend on it
         recon, real = (fid.FIDStatistics.from_features(fid.gather_rows(
-            torch.cat(features[k]), env, interleaved=True).numpy()) for k in ("recon", "real"))
+            torch.cat(features[k]), env).numpy()) for k in ("recon", "real"))
         metrics.update(rfid=recon.frechet_distance(real), inception_weights=inception.weights_name)
     Logger(env).info(json.dumps(metrics, indent=1))
     if args.json and env.is_main:

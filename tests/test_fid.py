@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fid
-from common import DistEnv, MissingWeightsError, UserError
+from common import MissingWeightsError, UserError
 from conftest import StubInception, run_torchrun
 from data import DemoShapes
 
@@ -179,16 +179,6 @@ def test_frechet_finite_on_rank_deficient_covariances():
     assert fid.frechet_distance(mu, s, mu + 1 / 32, s) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_frechet_rejects_bad_statistics():
-    mu, sigma = gaussian_stats(100, 16, 6)
-    bad = sigma.copy()
-    bad[0, 0] = np.nan
-    with pytest.raises(UserError, match="NaN"):
-        fid.frechet_distance(mu, bad, mu, sigma)
-    with pytest.raises(UserError, match="do not match"):
-        fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8])
-
-
 def test_statistics_from_features():
     feats = np.random.default_rng(7).normal(size=(5000, 64)).astype(np.float32)  # > 1 chunk of 4096
     stats = fid.FIDStatistics.from_features(feats)
@@ -231,8 +221,6 @@ def test_inception_score():
     for split_size in (20, 30, 5000):  # 30: the last of 7 parts holds 20 samples, as in ADM's loop
         got = fid.inception_score(logits, split_size)[0]
         assert got == pytest.approx(adm_inception_score(logits, split_size), rel=1e-9)
-    with pytest.raises(UserError, match="logits"):
-        fid.inception_score(logits[:0])
 
 
 def brute_force_precision_recall(real, fake, k):
@@ -271,11 +259,10 @@ def test_npz_sources(tmp_path):
     for name in ("stored.npz", "compressed.npz"):
         src = fid.load_source(str(tmp_path / name))
         assert isinstance(src, fid.NpzImages) and len(src) == 5 and src.shape[1:3] == (24, 32)
-        # 1, 2 or 3 ranks each stream a contiguous share; in rank order they are the whole array.
-        for world in (1, 2, 3):
-            envs = [DistEnv(r, r, world, torch.device("cpu")) for r in range(world)]
-            shares = [np.concatenate(list(src.batches(2, env))) for env in envs]
-            assert np.array_equal(np.concatenate(shares), images)
+        # Any contiguous share (a rank's), streamed in batches.
+        for start, stop in ((0, 5), (1, 4), (3, 5), (2, 2)):
+            batches = list(src.batches(2, start, stop)) or [images[:0]]
+            assert np.array_equal(np.concatenate(batches), images[start:stop])
     # An ADM reference batch: its stored statistics, with its images beside them (for precision/
     # recall); with from_images (--reference_from_images), only its images.
     mu, sigma = np.arange(2048.0), np.diag(np.arange(1.0, 2049.0))
@@ -286,8 +273,7 @@ def test_npz_sources(tmp_path):
     assert np.array_equal(stats.mu, mu) and np.array_equal(stats.sigma_s, sigma[:2023, :2023])
     assert stats.features is None and stats.num_images == -1
     assert stats.path == str(tmp_path / "adm_ref.npz")
-    one_rank = DistEnv(0, 0, 1, torch.device("cpu"))
-    assert np.array_equal(np.concatenate(list(stats.images.batches(2, one_rank))), images)
+    assert np.array_equal(np.concatenate(list(stats.images.batches(2, 0, 5))), images)
     notes = []
     src = fid.load_source(str(tmp_path / "adm_ref.npz"), log=notes.append, from_images=True)
     assert isinstance(src, fid.NpzImages) and "not using its stored mu/sigma" in notes[0]
