@@ -185,7 +185,7 @@ def train(args, env):
     identity = {"kind": "tokenizer", "stage": args.stage, "config": model.config}
     state = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
     with Run(env, args, run_dir, identity=identity, state=state,
-             meta={"init": init, "random_encoder": random_encoder}, batch_size=args.batch_size,
+             meta={"init": init, "random_encoder": random_encoder},
              skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
              nan_advice="Resume with --resume and a lower --lr, or --precision fp32.") as run:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
