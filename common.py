@@ -105,7 +105,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 
 
 def cleanup_distributed():
-    """Once every DDP module is gone (else the processes abort at exit)."""
+    """Leave the process group once every DDP module is gone (else the processes abort at exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -161,7 +161,7 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
 
 def micro_batches(args, env: DistEnv) -> tuple[int, int]:
-    """(samples per forward on a rank, forwards per step): the global --batch_size split in two."""
+    """(samples per forward on a rank, forwards per step): --batch_size is global, over ranks."""
     per_rank, given = args.batch_size // env.world_size, getattr(args, "micro_batch", None)
     micro = min(given or per_rank, per_rank)
     if args.batch_size % env.world_size or per_rank % micro:
@@ -306,8 +306,8 @@ class Checkpoint:
         if not os.path.exists(self.path):
             raise UserError(f"training checkpoint to resume not found: {self.path}")
         opts = [p for p in self.state.values() if isinstance(p, torch.optim.Optimizer)]
-        hyper = [[{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
-                  for g in opt.param_groups] for opt in opts]
+        hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
+                 for opt in opts for g in opt.param_groups]
         ckpt = self.read()
         differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
         if differ:
@@ -315,9 +315,8 @@ class Checkpoint:
                 f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
                 + " (other architecture flags, or other latents/tokenizer?)")
         self.restore(ckpt)
-        for opt, groups in zip(opts, hyper):
-            for group, h in zip(opt.param_groups, groups):
-                group.update(h)
+        for group, h in zip([g for opt in opts for g in opt.param_groups], hyper):
+            group.update(h)
         set_rng_states(ckpt["rng"], env)
         return ckpt
 

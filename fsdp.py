@@ -94,9 +94,8 @@ def reading(folder: str):
     except (Exception, CheckpointException) as e:
         run_dir = os.path.dirname(os.path.abspath(folder))
         kept = sorted(glob.glob(os.path.join(glob.escape(run_dir), "ckpt_*[0-9]")))
-        fix = (f"the last kept copy is {kept[-1]}: to go on from it, move {folder} away and "
-               f"copy the kept one there (cp -al {kept[-1]} {folder})" if kept else
-               "and no copy kept with --keep_every to fall back to")
+        fix = (f"the last kept copy is {kept[-1]}: to go on from it, move {folder} away and run "
+               f"cp -al {kept[-1]} {folder}" if kept else "and no --keep_every copy to go back to")
         raise UserError(f"the sharded checkpoint {folder} is damaged or incomplete "
                         f"({type(e).__name__}); {fix}") from None
 

@@ -215,12 +215,11 @@ def save_prompt_grid(model, tok, text, stats, meta, args, step, run, bf16):
 
 def check_kind(args):
     """--resume continues a checkpoint of its own kind: ckpt.pt under DDP, ckpt/ under --fsdp."""
-    found = [p for p in ("ckpt.pt", "ckpt", "ckpt.old") if os.path.exists(f"{args.run_dir}/{p}")]
-    if args.resume and found and (found[0] == "ckpt.pt") == bool(args.fsdp):
-        kind, fix = (("single-file (DDP)", "without --fsdp") if found[0] == "ckpt.pt" else
-                     ("sharded (--fsdp)", "with --fsdp"))
-        raise UserError(f"{os.path.join(args.run_dir, found[0])} is a {kind} checkpoint: resume "
-                        f"{fix}, or start another --run_dir")
+    other = os.path.join(args.run_dir, "ckpt.pt" if args.fsdp else "ckpt")
+    if args.resume and os.path.exists(other):
+        kind, fix = ("single-file (DDP)", "without") if args.fsdp else ("sharded (--fsdp)", "with")
+        raise UserError(f"{other} is a {kind} checkpoint: resume {fix} --fsdp, or start another "
+                        "--run_dir")
 
 
 def main(argv=None):
