@@ -223,8 +223,7 @@ def load_checkpoint(path: str, what: str = "checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of foreign objects
         raise UserError(f"could not read {what} {path} ({type(e).__name__}): it is damaged, or not "
-                        "a file of tensors written by this project (or the official weights)") \
-            from None
+                        "a file of tensors of this project or the official weights") from None
 
 
 def check_writable(path: str, what: str):
@@ -440,9 +439,8 @@ class Meter:
         if env.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         if bad.item() != self.NO_BAD_STEP:
-            raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no "
-                            f"checkpoint was written after it; the last good one is {last_good}. "
-                            + advice)
+            raise UserError(f"non-finite loss at step {bad.item()}: the run stops, its last good "
+                            f"checkpoint is {last_good} (none was written after it). {advice}")
 
     def means(self, env: DistEnv) -> dict:
         keys = sorted(self.sums)
@@ -571,9 +569,7 @@ def read_log(path: str) -> list[dict]:
             except ValueError:
                 warnings.warn(f"{path}: line {number} is damaged (an interrupted write?); skipped")
                 continue
-            if r.get("event") == "start":  # a new run in this folder: it replaces all before it
-                by_step = {}
-            elif r.get("event") == "resume":
+            if r.get("event") in ("start", "resume"):  # the steps after r["step"] run again
                 by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
             elif "step" in r and "event" not in r:
                 by_step[r["step"]] = r

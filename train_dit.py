@@ -28,12 +28,10 @@ from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, 
 from sample import decode_to_uint8, sample_latents
 from tokenizer import latent_fingerprint
 
-# Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
-# Row 2i is image i, row 2i+1 its horizontal flip. meta.json, written last, marks a complete set.
-
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Pre-extracted latents, memory-mapped (ImageNet's 2.5M latents take 42 GB as float16)."""
+    """<folder>/latents.npy (2N, C, h, w) float16 (row 2i: image i, 2i+1 its flip), labels.npy
+    (2N,) and meta.json (written last: a complete set), memory-mapped (ImageNet's take 42 GB)."""
 
     def __init__(self, folder: str):
         meta_path = os.path.join(folder, "meta.json")
