@@ -28,8 +28,9 @@ import dit
 import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
-                    forward_flops, parallelize, unwrap, use_bf16, use_compile)
+                    forward_flops, unwrap, use_bf16, use_compile)
 from data import to_model_range
+from fsdp import parallelize
 from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
                        set_trainable, tokenizer_loss)
 

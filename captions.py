@@ -207,5 +207,7 @@ class CaptionBatches:
 
     def count_skipped(self, env) -> int:
         """Samples skipped on all ranks since the run (re)started; a collective under DDP."""
-        total = torch.tensor(float(sum(self.skipped.values())), device=env.device)
-        return round(env.all_reduce_mean(total).item() * env.world_size)  # the sum
+        total = torch.tensor(sum(self.skipped.values()), device=env.device)
+        if env.distributed:
+            torch.distributed.all_reduce(total)
+        return int(total)

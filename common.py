@@ -1,21 +1,14 @@
-"""The plumbing every script shares, so that the other files can be about the method.
-
-- errors: `UserError` (bad input: one clear line, exit status 2) and `script_main`;
-- torchrun: `DistEnv`, bf16 autocast, DDP or FSDP2 (`parallelize`);
-- files: atomic writes (temporary file, then rename), safe loading, pretrained weight files;
-- the EMA of the weights;
-- a training run's bookkeeping (`Run`): exact resume, log lines, checkpoints (one file under DDP, a
-  sharded folder under FSDP), a clean stop on SIGTERM/Ctrl-C, a guard against non-finite losses.
-"""
+"""The plumbing every script shares: errors, torchrun and DDP, atomic writes, safe loading, weight
+files, the EMA, and a training run's bookkeeping (`Run`: exact resume, log, checkpoint, stop)."""
 
 import argparse
 import contextlib
 import copy
+import functools
 import glob
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,8 +33,7 @@ class MissingWeightsError(UserError):
 
 
 def script_main(main):
-    """Run a script's `main()`: a UserError is one line on stderr (rank 0) and exit status 2; a run
-    stopped by a signal exits with EXIT_STOPPED, so that `train && sample` does not go on."""
+    """`main()`: a UserError is one line on stderr and exit status 2; a stopped run EXIT_STOPPED."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         result = main()
@@ -59,8 +51,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def in_range(lo, hi=math.inf, kind=float, lo_open=False, hi_open=False):
-    """An argparse type for finite numbers in [lo, hi] (an end left out if *_open): `--ema_decay 2`
-    or `--lr nan` fails when it is parsed, not as NaN weights hours later."""
+    """An argparse type: finite numbers in [lo, hi] (an end left out if *_open), checked at once."""
     bounds = (f"> {lo}" if lo_open else f"at least {lo}") if hi == math.inf else \
         f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
@@ -68,20 +59,14 @@ def in_range(lo, hi=math.inf, kind=float, lo_open=False, hi_open=False):
         value = kind(text)
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        above = value > lo if lo_open else value >= lo
-        if not (above and (value < hi if hi_open else value <= hi)):
+        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-def at_least(minimum, kind=int):
-    return in_range(minimum, kind=kind)
-
-
-# --------------------------------------------------------------------------------------------------
-# torchrun, precision, DDP and FSDP
+at_least = functools.partial(in_range, kind=int)  # at_least(1): a count
 
 
 @dataclass
@@ -93,32 +78,12 @@ class DistEnv:
     world_size: int
     device: torch.device
 
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
+    def __post_init__(self):
+        self.is_main, self.distributed = self.rank == 0, self.world_size > 1
 
     def barrier(self):
         if self.distributed:
             dist.barrier()
-
-    def all_reduce_mean(self, tensor):
-        tensor = tensor.detach().clone()
-        if self.distributed:
-            dist.all_reduce(tensor)
-            tensor /= self.world_size
-        return tensor
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (so all ranks take the same branch)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
 
 def setup_distributed(device: str = "auto") -> DistEnv:
@@ -140,8 +105,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 
 
 def cleanup_distributed():
-    """Leave the process group, after every DDP module is gone: destroying the group under a live
-    DDP module, or exiting without destroying it, aborts the processes at exit."""
+    """Leave the process group once every DDP module is gone (else the processes abort at exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -149,8 +113,7 @@ def cleanup_distributed():
 
 @contextlib.contextmanager
 def same_on_every_rank(seed: int):
-    """Random draws from `seed` alone inside: a model's initial weights are the same on every rank
-    (FSDP shards them as each rank made them)."""
+    """Random draws from `seed` alone inside: the same initial weights on every rank."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -184,68 +147,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def parallelize(model: torch.nn.Module, ema: "EMA", env: DistEnv, args) -> torch.nn.Module:
-    """The model (and its EMA) on this rank's device; returns the module to train. DDP (default): a
-    full copy per GPU, compiled where it pays. --fsdp: both sharded in place by FSDP2 (each rank
-    keeps only its shards: the model was built on the CPU), each block compiled. Build the
-    optimiser after this: FSDP replaces the parameters by sharded ones (DTensors)."""
-    compiled = use_compile(args.compile, env.device)
-    if not args.fsdp:
-        model.to(env.device)
-        ema.model.to(env.device)
-        train_model = wrap_ddp(model, env)
-        return torch.compile(train_model) if compiled else train_model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if not dist.is_initialized():  # a plain `python` run (bench.py): a process group of one
-        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)
-    if args.fsdp == "shard":
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-    else:  # HSDP: shard within a node (fast links), replicate across nodes
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        mesh = init_device_mesh(env.device.type, (env.world_size // per_node, per_node),
-                                mesh_dim_names=("replicate", "shard"))
-    # bf16 weights in forward and backward under bf16; gradients reduced and kept in float32
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16(args.precision, env.device)
-                                  else None, reduce_dtype=torch.float32)
-    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
-    for net, compile_blocks in ((model, compiled), (ema.model, False)):
-        # each block of the top-level ModuleLists is one unit (gathered just before it runs, freed
-        # after), then the root (embedders, final layer); compiling each block's forward keeps
-        # FSDP's hooks outside the graph and the parameter names those of the plain model
-        for blocks in net.children():
-            for block in blocks if isinstance(blocks, torch.nn.ModuleList) else ():
-                if compile_blocks:
-                    block.forward = torch.compile(block.forward)
-                fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(net, mesh=mesh, mp_policy=policy)
-    # FSDP keeps a root's parameters gathered after a forward until its backward, which the EMA
-    # never runs (it only draws sample grids): reshard, or the next EMA update meets whole tensors.
-    ema.model.set_reshard_after_forward(True)
-    return model
+    """The model and its EMA on this rank's device; returns the DDP module to train, compiled."""
+    model.to(env.device)
+    ema.model.to(env.device)
+    train_model = wrap_ddp(model, env)
+    return torch.compile(train_model) if use_compile(args.compile, env.device) else train_model
 
 
-@contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, sync: bool):
-    """One micro-batch's backward in gradient accumulation, `sync` on the last. DDP all-reduces only
-    then. FSDP reduce-scatters every micro-batch (unsynchronised FSDP gradients would stay whole on
-    each GPU); only HSDP's all-reduce across nodes waits for the last. Restored on exit."""
+    """A micro-batch's backward: DDP all-reduces the gradients only on the last (`sync`)."""
     model = getattr(model, "_orig_mod", model)  # behind torch.compile
-    if hasattr(model, "set_requires_all_reduce"):  # FSDP2; a no-op without replicas
-        model.set_requires_all_reduce(sync)
-        try:
-            yield
-        finally:
-            model.set_requires_all_reduce(True)
-    else:
-        skip = not sync and hasattr(model, "no_sync")  # DDP
-        with model.no_sync() if skip else contextlib.nullcontext():
-            yield
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def micro_batches(args, env: DistEnv) -> tuple[int, int]:
-    """(samples per forward on a rank, forwards per optimiser step): --batch_size is the global
-    batch, split over the ranks, each rank's share into micro-batches of at most --micro_batch."""
+    """(samples per forward on a rank, forwards per step): --batch_size is global, over ranks."""
     per_rank, given = args.batch_size // env.world_size, getattr(args, "micro_batch", None)
     micro = min(given or per_rank, per_rank)
     if args.batch_size % env.world_size or per_rank % micro:
@@ -255,18 +171,8 @@ def micro_batches(args, env: DistEnv) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded tensor (DTensor), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-# --------------------------------------------------------------------------------------------------
-# Files
-
-
 def atomic_write(path: str, write):
-    """`write(f)` to a temporary file beside `path`, synced, then renamed over it: a crash or a full
-    disk never leaves a half-written file (a failed write is a UserError; the old file stays)."""
+    """`write(f)` to a synced temporary file renamed over `path`: never a half-written file."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp*")):  # a killed writer's
@@ -300,24 +206,24 @@ def load_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not read the {what} {path} ({e}); delete it if it is damaged") \
-            from None
+        raise UserError(f"could not read the {what} {path} ({e}); delete it if damaged") from None
 
 
 def load_checkpoint(path: str, what: str = "checkpoint"):
     """torch.load on the CPU with weights_only=True: tensors and plain containers, never code."""
-    if os.path.isfile(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint's index
-        raise UserError(f"{path} is a sharded (--fsdp) training checkpoint, not a {what} file: "
-                        f"`python train_dit.py --export {path}` writes one (train_t2i.py for a "
-                        "text-to-image run)")
+    folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))
+    if os.path.isfile(os.path.join(folder, ".metadata")):  # a DCP folder, as fsdp.py writes
+        export = os.path.basename(folder).replace("ckpt", "export", 1) + ".pt"  # fsdp.export's
+        raise UserError(f"{path} is (part of) a sharded training checkpoint, not a {what} file: "
+                        f"sample from {os.path.join(os.path.dirname(folder), export)}, which "
+                        f"`python train_t2i.py --export {folder}` writes")
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle of foreign objects
         raise UserError(f"could not read {what} {path} ({type(e).__name__}): it is damaged, or not "
-                        "a file of tensors written by this project (or the official weights)") \
-            from None
+                        "a file of tensors of this project or the official weights") from None
 
 
 def check_writable(path: str, what: str):
@@ -334,8 +240,7 @@ def check_writable(path: str, what: str):
 
 def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
                     random_flag: str = "") -> str:
-    """A pretrained weight file: `local_path`, else the torch.hub cache, else downloaded there.
-    Offline with no file, the error names the file, where to put it, and the flags that help."""
+    """A pretrained weight file: `local_path`, else the torch.hub cache, else downloaded there."""
     if local_path:
         if not os.path.isfile(local_path):
             raise MissingWeightsError(f"{what}: {flag} {local_path} does not exist")
@@ -357,246 +262,83 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
                if random_flag else "")) from None
 
 
-# --------------------------------------------------------------------------------------------------
-# The EMA of the weights
-
-
 class EMA:
-    """Exponential moving average of a model's trainable weights, kept as a frozen copy of the
-    model: ema <- decay * ema + (1 - decay) * weights after every step. It is what we sample from
-    and export. Under FSDP the copy is sharded as the model is; each rank updates its shards."""
+    """The weights' moving average (sampled, exported): a frozen copy of the model."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.state_dict, self.load_state_dict = self.model.state_dict, self.model.load_state_dict
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
         params, ema = dict(model.named_parameters()), dict(self.model.named_parameters())
-        # One fused kernel for all tensors: ema += (1 - decay) * (param - ema).
-        torch._foreach_lerp_([local(ema[n]) for n in self._names],
-                             [local(params[n].detach()) for n in self._names], 1.0 - self.decay)
+        # One fused kernel for all tensors (sharded ones too): ema += (1 - decay) * (param - ema).
+        torch._foreach_lerp_([ema[n] for n in self._names],
+                             [params[n].detach() for n in self._names], 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: all but the sharded tensors
-SHARDED = (torch.nn.Module, torch.optim.Optimizer, EMA)  # the parts whose tensors FSDP shards
-
 
 class Checkpoint:
-    """A training run's state: <run_dir>/ckpt.pt under DDP (every rank holds all of it; rank 0
-    writes it), or <run_dir>/ckpt/ under FSDP, a torch.distributed.checkpoint (DCP) folder where
-    every rank writes its own shards keyed by parameter name, so that a run resumes on any number
-    of ranks (DCP reshards), beside train_state.pt (step, identity, every rank's RNG and data
-    position). A sharded save goes to ckpt.tmp/ and is then swapped in (ckpt -> ckpt.old, ckpt.tmp
-    -> ckpt): a kill at any moment leaves a whole checkpoint (`recover`). --keep_every keeps
-    copies, ckpt_<step>.pt or ckpt_<step>/. `state` maps names to the parts with a state dict."""
+    """A run's `state` (parts with a state dict) in <run_dir>/ckpt.pt, written by rank 0."""
+
+    name = "ckpt.pt"
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict):
         self.dir, self.identity, self.state = run_dir, identity, state
-        self.sharded = bool(getattr(args, "fsdp", None))
-        self.path = os.path.join(run_dir, "ckpt" if self.sharded else "ckpt.pt")
-        check_run_dir(run_dir, args)  # on every rank, so that all of them stop
+        self.path = os.path.join(run_dir, self.name)
+        if args.keep_every % args.ckpt_every:
+            raise UserError(f"--keep_every {args.keep_every} must be a multiple of --ckpt_every "
+                            f"{args.ckpt_every} (kept checkpoints are copies of saved ones)")
+        found = [p for p in ("ckpt.pt", "ckpt", "ckpt.old") if os.path.exists(f"{run_dir}/{p}")]
+        if found and not args.resume:  # on every rank, so that all of them stop
+            raise UserError(f"{os.path.join(run_dir, found[0])} exists: pass --resume to continue "
+                            "that run, or use another --run_dir (we do not overwrite progress)")
         if env.is_main:
-            if self.sharded:
-                recover(run_dir)
             check_writable(self.path, "checkpoint")
         env.barrier()
 
     def load(self, env) -> dict:
-        """Restore every part and this rank's RNG; returns the checkpoint (step, rng, ...). The
-        optimisers keep this run's lr, betas and weight decay (`--resume --lr 1e-5` after a loss
-        spike does lower the lr)."""
+        """Every part and this rank's RNG; the optimisers keep this run's lr, betas, decay."""
         if not os.path.exists(self.path):
             raise UserError(f"training checkpoint to resume not found: {self.path}")
         opts = [p for p in self.state.values() if isinstance(p, torch.optim.Optimizer)]
-        hyper = [[{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
-                  for g in opt.param_groups] for opt in opts]
-        ckpt = (train_state(self.path) if self.sharded else
-                load_checkpoint(self.path, "training checkpoint to resume"))
+        hyper = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g}
+                 for opt in opts for g in opt.param_groups]
+        ckpt = self.read()
         differ = {k: (ckpt.get(k), v) for k, v in self.identity.items() if ckpt.get(k) != v}
         if differ:
             raise UserError(f"{self.path} comes from a different run: " + "; ".join(
                 f"{k} is {a!r} there but {b!r} here" for k, (a, b) in differ.items())
                 + " (other architecture flags, or other latents/tokenizer?)")
-        sharded = {n: p for n, p in self.state.items() if self.sharded and isinstance(p, SHARDED)}
-        if sharded:
-            load_shards(self.path, sharded)
-        for name, part in self.state.items():
-            if name not in sharded:
-                part.load_state_dict(ckpt[name])
-        for opt, groups in zip(opts, hyper):
-            for group, h in zip(opt.param_groups, groups):
-                group.update(h)
+        self.restore(ckpt)
+        for group, h in zip([g for opt in opts for g in opt.param_groups], hyper):
+            group.update(h)
         set_rng_states(ckpt["rng"], env)
         return ckpt
 
+    def read(self) -> dict:
+        return load_checkpoint(self.path, "training checkpoint to resume")
+
+    def restore(self, ckpt: dict):
+        for name, part in self.state.items():
+            part.load_state_dict(ckpt[name])
+
     def save(self, extras: dict, env, keep: str | None):
-        """Every state dict and `extras`, and a copy named `keep`, written before the newest
-        checkpoint: after a kill between the two, a resumed run saves that step and its copy again.
-        A collective: some state dicts gather from every rank."""
-        if not self.sharded:
-            ckpt = {**extras, **{name: part.state_dict() for name, part in self.state.items()}}
-            for name in ([keep + ".pt"] if keep else []) + ["ckpt.pt"] if env.is_main else []:
-                save_checkpoint(ckpt, os.path.join(self.dir, name))
-            return
-        import torch.distributed.checkpoint as dcp
-        tmp = self.path + ".tmp"
-        plain = {n: p.state_dict() for n, p in self.state.items() if not isinstance(p, SHARDED)}
-        dcp.save(dcp_state({n: p for n, p in self.state.items() if isinstance(p, SHARDED)}),
-                 checkpoint_id=tmp)  # returns when every rank's files are written and synced
-        if env.is_main:
-            save_checkpoint({**extras, **plain}, os.path.join(tmp, TRAIN_STATE))
-            if keep:  # hard links: files are never changed in place, only replaced
-                kept = os.path.join(self.dir, keep)
-                shutil.copytree(tmp, kept + ".tmp", copy_function=os.link)
-                shutil.rmtree(kept, ignore_errors=True)
-                os.rename(kept + ".tmp", kept)
-            if os.path.isdir(self.path):
-                os.rename(self.path, self.path + ".old")
-            os.rename(tmp, self.path)
-            shutil.rmtree(self.path + ".old", ignore_errors=True)
-        env.barrier()
-
-
-def check_run_dir(run_dir: str, args):
-    """Every rank, before anything is written: never overwrite a run without --resume, nor resume
-    a checkpoint of the other kind."""
-    if args.keep_every % args.ckpt_every:
-        raise UserError(f"--keep_every {args.keep_every} must be a multiple of --ckpt_every "
-                        f"{args.ckpt_every} (kept checkpoints are copies of saved ones)")
-    found = [p for p in ("ckpt.pt", "ckpt", "ckpt.old") if os.path.exists(os.path.join(run_dir, p))]
-    if found and not args.resume:
-        raise UserError(f"{os.path.join(run_dir, found[0])} exists: pass --resume to continue that "
-                        "run, or use another --run_dir (we do not overwrite training progress)")
-    if found and (found[0] == "ckpt.pt") == bool(getattr(args, "fsdp", None)):
-        kind, fix = (("single-file (DDP)", "without --fsdp (DDP)") if found[0] == "ckpt.pt" else
-                     ("sharded (--fsdp)", "with --fsdp"))
-        raise UserError(f"{os.path.join(run_dir, found[0])} is a {kind} checkpoint: resume {fix}, "
-                        "or start another --run_dir")
-
-
-def recover(run_dir: str):
-    """Rank 0, before a sharded run reads or writes its checkpoint: undo a save that a kill
-    interrupted. Half-written folders (*.tmp) go: the checkpoint before them is whole, and the
-    resumed run saves their step again."""
-    path = os.path.join(run_dir, "ckpt")
-    if os.path.isdir(path + ".old"):
-        if os.path.isdir(path):  # killed after the swap
-            shutil.rmtree(path + ".old")
-        else:  # killed between the two renames: the old one is the whole one
-            os.rename(path + ".old", path)
-    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "ckpt*.tmp")):
-        shutil.rmtree(tmp)
-
-
-def dcp_state(parts: dict) -> dict:
-    """What DCP saves, and loads in place: each part's state dict of sharded tensors, keyed by
-    parameter name (an optimiser's state too: by the names in the one trained model)."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    model = next(p for p in parts.values() if isinstance(p, torch.nn.Module))
-    return {name: get_optimizer_state_dict(model, p) if isinstance(p, torch.optim.Optimizer)
-            else get_model_state_dict(p.model if isinstance(p, EMA) else p)
-            for name, p in parts.items()}
-
-
-@contextlib.contextmanager
-def reading(folder: str):
-    """A sharded checkpoint read in the body: a damaged or incomplete one (a missing or truncated
-    shard, .metadata or train_state.pt) is one line naming the kept copy to fall back to."""
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-    try:
-        yield
-    except (Exception, CheckpointException) as e:
-        kept = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(
-            folder))), "ckpt_*[0-9]")))
-        fix = (f"the last kept copy is {kept[-1]}: to go on from it, move {folder} away and "
-               f"copy the kept one there (cp -al {kept[-1]} {folder})" if kept else
-               "and no copy kept with --keep_every to fall back to")
-        raise UserError(f"the sharded checkpoint {folder} is damaged or incomplete "
-                        f"({type(e).__name__}); {fix}") from None
-
-
-def train_state(folder: str) -> dict:
-    with reading(folder):
-        return torch.load(os.path.join(folder, TRAIN_STATE), map_location="cpu", weights_only=True)
-
-
-def load_shards(folder: str, parts: dict):
-    """The sharded parts' tensors, loaded in place from a DCP folder: each rank reads what its
-    shards need, whatever the number of ranks that wrote them."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    state = dcp_state(parts)
-    with reading(folder):
-        dcp.load(state, checkpoint_id=folder)
-    model = next(p for p in parts.values() if isinstance(p, torch.nn.Module))
-    for name, part in parts.items():
-        if isinstance(part, torch.optim.Optimizer):
-            set_optimizer_state_dict(model, part, state[name])
-        else:
-            set_model_state_dict(part.model if isinstance(part, EMA) else part, state[name])
-
-
-def export(folder: str) -> str:
-    """`--export [FOLDER]`: the file sample.py loads (identity, latent statistics, step and the EMA
-    weights whole; no training state) from a sharded checkpoint: <run_dir>/ckpt/ -> export.pt, a
-    kept ckpt_<step>/ -> export_<step>.pt beside it. It only reads (a run may be saving meanwhile),
-    in one process: one full copy of the EMA in CPU memory."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # not a run's end
-        raise UserError("--export reads the checkpoint in one process: run it with python, not "
-                        "torchrun")
-    folder = os.path.normpath(folder)
-    if not os.path.isdir(folder) or not os.path.basename(folder).startswith("ckpt"):
-        raise UserError(f"no sharded (--fsdp) checkpoint folder {folder} to export: give "
-                        "<run_dir>/ckpt or a kept <run_dir>/ckpt_<step>")
-    ckpt = {k: v for k, v in train_state(folder).items() if k not in ("rng", "data")}
-    with reading(folder), warnings.catch_warnings():  # DCP's note that it reads in one process
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        reader = dcp.FileSystemReader(folder)
-        ckpt["ema"] = {k[4:]: torch.empty(m.size, dtype=m.properties.dtype)
-                       for k, m in reader.read_metadata().state_dict_metadata.items()
-                       if k.startswith("ema.") and isinstance(m, TensorStorageMetadata)}
-        dcp.load({"ema": ckpt["ema"]}, storage_reader=reader, no_dist=True)
-    if train_state(folder)["step"] != ckpt["step"]:  # a save swapped the folder in the meantime
-        raise UserError(f"{folder} was replaced by a newer checkpoint while it was read: run "
-                        "--export again")
-    path = os.path.join(os.path.dirname(os.path.abspath(folder)),
-                        os.path.basename(folder).replace("ckpt", "export", 1) + ".pt")
-    save_checkpoint(ckpt, path)
-    print(f"EMA weights of step {ckpt['step']} for sample.py -> {path}")
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# A training run's bookkeeping
+        """A collective; the copy `keep` first: after a kill between the two, both are redone."""
+        ckpt = {**extras, **{name: part.state_dict() for name, part in self.state.items()}}
+        for name in ([keep + ".pt"] if keep else []) + [self.name] if env.is_main else []:
+            save_checkpoint(ckpt, os.path.join(self.dir, name))
 
 
 class Logger:
-    """Prints on rank 0 (through tqdm, so progress bars stay intact) and appends one JSON object per
-    `log()` to <run_dir>/log.jsonl; step records also go to TensorBoard when it is installed, and
-    to <run_dir>/curves.png, redrawn at most once a minute."""
+    """Prints on rank 0; records to <run_dir>/log.jsonl, TensorBoard (if installed), curves.png."""
 
     def __init__(self, env: DistEnv, run_dir: str | None = None):
-        self.enabled, self.dir, self.drawn = env.is_main, run_dir, 0.0
+        self.enabled, self.dir, self.drawn, self.tensorboard = env.is_main, run_dir, 0.0, None
         self.path = os.path.join(run_dir, "log.jsonl") if (run_dir and self.enabled) else None
-        self.tensorboard = None
         if self.path and os.path.isfile(self.path):  # a line cut short by a crash or a full disk
             with open(self.path, "rb+") as f:  # would swallow the next record: cut it off
                 data = f.read()
@@ -644,8 +386,7 @@ def rng_states(env: DistEnv) -> list[dict]:
 
 
 def set_rng_states(states: list[dict], env: DistEnv):
-    """Restore this rank's RNG. A rank the checkpoint did not have (resumed on more ranks) gets a
-    seed drawn from a saved state and its rank: a copy of another rank's would repeat its noise."""
+    """Restore this rank's RNG; a rank new to the run gets a new stream (a copy repeats noise)."""
     if env.rank >= len(states):
         saved = torch.Generator().set_state(states[env.rank % len(states)]["torch"])
         torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=saved)) + env.rank)
@@ -656,8 +397,7 @@ def set_rng_states(states: list[dict], env: DistEnv):
 
 
 class StopSignal:
-    """SIGTERM (pre-emption, `kill`) and a first Ctrl-C become a flag the loop checks between steps,
-    so that it saves and exits cleanly; a second Ctrl-C aborts at once."""
+    """SIGTERM and a first Ctrl-C: a flag the loop checks to save and exit; a second one aborts."""
 
     def __init__(self):
         self.requested = False
@@ -668,8 +408,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n[rank {os.environ.get('RANK', 0)}] received {signal.Signals(signum).name}: "
-              "saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr,
-              flush=True)
+              "saving and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -677,8 +416,7 @@ class StopSignal:
 
 
 class Meter:
-    """The scalar values of the steps since the last log line, summed on the device (no host sync),
-    and the first step whose values were not all finite."""
+    """Values summed on the device (no host sync) until logged, and the first non-finite step."""
 
     NO_BAD_STEP = 2 ** 62  # above every step, so that the ranks' minimum is the first bad one
 
@@ -696,27 +434,26 @@ class Meter:
         self.steps += 1
 
     def check(self, env: DistEnv, last_good: str, advice: str):
-        """Stop the run (on every rank) if a recorded value was not finite: before anything is
-        logged or saved, so that no checkpoint is written after it."""
+        """Stop the run on every rank if a value was not finite, before it logs or saves."""
         bad = self.first_bad.clone()
         if env.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         if bad.item() != self.NO_BAD_STEP:
-            raise UserError(f"non-finite loss at step {bad.item()}: the run is stopped and no "
-                            f"checkpoint was written after it; the last good one is {last_good}. "
-                            + advice)
+            raise UserError(f"non-finite loss at step {bad.item()}: the run stops, its last good "
+                            f"checkpoint is {last_good} (none was written after it). {advice}")
 
     def means(self, env: DistEnv) -> dict:
-        """Each value's mean over its steps and the ranks; then the sums start afresh."""
         keys = sorted(self.sums)
-        means = env.all_reduce_mean(torch.stack([self.sums[k][0] / self.sums[k][1] for k in keys]))
+        means = torch.stack([self.sums[k][0] / self.sums[k][1] for k in keys])
+        if env.distributed:
+            dist.all_reduce(means)
+            means /= env.world_size
         self.sums, self.steps = {}, 0
         return dict(zip(keys, means.tolist()))
 
 
 def due(every: int, done: int, steps: int) -> bool:
-    """Whether a log line, grid or checkpoint is due after `done` of `steps` steps: every `every`
-    steps, and after the last one (every = 0: never)."""
+    """Every `every` steps and after the last (every = 0: never)."""
     return bool(every) and (done % every == 0 or done == steps)
 
 
@@ -725,81 +462,65 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 
                    "L40S": 362e12, "B200": 2250e12}
 
 
-def mfu_per_image_per_s(flops_per_image: float | None, env: DistEnv, precision: str):
-    """MFU = images/s x this: a training image's FLOPs over the job's dense bf16 peak, where the
-    run is in bf16 on a known GPU (else None: no MFU is logged)."""
-    name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    if peak and flops_per_image and use_bf16(precision, env.device):
-        return flops_per_image / (peak * env.world_size)
-    return None
-
-
 def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
-    """Model FLOPs of one image's forward pass through the LightningDiT (text_tokens = 0) or
-    t2i.TextToImageDiT: 2 per matmul weight (Linear, Conv2d) and token it sees, plus attention's
-    4 tokens^2 width per block (norms, RoPE, softmax not counted). The conditioning's weights
-    (t-MLP, adaLN, text pooling) see one token, a stream's its own tokens, the rest all tokens."""
+    """One image's forward FLOPs (LightningDiT, or TextToImageDiT): 2 per matmul weight and token it
+    sees (conditioning: one token), plus attention's 4 tokens^2 width per block."""
     flops = 0
     for name, m in model.named_modules():
-        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")):
-            tokens = 1
-        elif name.startswith("context_embedder") or ".txt." in name:
-            tokens = text_tokens
-        elif name.startswith(("x_embedder", "final_layer")) or ".img." in name:
-            tokens = image_tokens
-        else:
-            tokens = image_tokens + text_tokens
-        flops += 2 * m.weight.numel() * tokens
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            cond = "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool"))
+            text = name.startswith("context_embedder") or ".txt." in name
+            image = name.startswith(("x_embedder", "final_layer")) or ".img." in name
+            tokens = 1 if cond else text_tokens if text else image_tokens if image else \
+                image_tokens + text_tokens
+            flops += 2 * m.weight.numel() * tokens
     return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
 
 
 class Run(contextlib.AbstractContextManager):
-    """A training run's bookkeeping, which its loop calls step by step: `record` (device values,
-    NaN-watched), `log`, `stop_requested`, `save`. `identity` must match on --resume. Leaving the
-    `with` block draws the curves (and after a sharded run writes export.pt for sampling)."""
+    """A training run's bookkeeping, which its loop calls: `record`, `log`, `stop_requested`."""
+
+    checkpoint_type = Checkpoint  # fsdp.ShardedRun: a sharded one
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict, meta: dict = None,
-                 batch_size: int = 1, skipped=None, nan_advice: str = "", show=("loss",),
+                 skipped=None, nan_advice: str = "", show=("loss", "img_per_s"),
                  flops_per_image: float | None = None):
-        self.env, self.args, self.meta, self.batch_size = env, args, meta or {}, batch_size
-        self.skipped, self.nan_advice, self.show = skipped or (lambda: 0), nan_advice, show
-        self.mfu_scale = mfu_per_image_per_s(flops_per_image, env, args.precision)
-        self.checkpoint = Checkpoint(env, args, run_dir, identity, state)
+        self.env, self.args, self.meta, self.show = env, args, meta or {}, show
+        self.skipped, self.nan_advice = skipped or (lambda: 0), nan_advice
+        gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 0) * env.world_size
+        mfu = peak and flops_per_image and use_bf16(args.precision, env.device)  # known GPU, bf16
+        self.mfu_scale = flops_per_image / peak if mfu else None  # MFU = images/s x this
+        self.checkpoint = self.checkpoint_type(env, args, run_dir, identity, state)
         self.logger, self.meter, self.stop = Logger(env, run_dir), Meter(env.device), StopSignal()
         self.pbar = tqdm(total=args.steps, disable=not env.is_main, dynamic_ncols=True)
-        self.stopped, self.t0, self.first_step = False, time.time(), True  # the first: not yet
+        self.stopped, self.t0, self.first_step = False, time.time(), True
         self.about = {"args": vars(args), **{k: v for k, v in self.meta.items() if isinstance(
             v, (str, int, float, bool))}}  # the log's start and resume records
         if not args.resume:
             self.logger.log({"event": "start", "step": 0, **self.about})
 
     def resume(self) -> int:
-        """Restore every part and every rank's RNG; returns the step to go on from."""
         ckpt = self.checkpoint.load(self.env)
         self.logger.info(f"resumed at step {ckpt['step']} from {self.checkpoint.path} (saved on "
-                         f"{len(ckpt['rng'])} ranks)")  # the log's re-run steps replace the old
+                         f"{len(ckpt['rng'])} ranks)")
         self.logger.log({"event": "resume", "step": ckpt["step"], **self.about})
         self.pbar.update(ckpt["step"])
-        self.t0 = time.time()  # the first step's time: from here
+        self.t0 = time.time()
         return ckpt["step"]
 
     def record(self, done: int, **values: torch.Tensor):
-        """Step `done`'s scalar device tensors, for the next log line and the NaN guard."""
         self.meter.add(done, values)
         self.pbar.update(1)
         if self.first_step:  # one host sync, once: the first step includes torch.compile's work
             self.first_step = False
-            if self.env.device.type == "cuda":
-                torch.cuda.synchronize(self.env.device)
+            self.meter.first_bad.item()  # a host sync: waits for the step's kernels
             self.logger.info(f"first step: {time.time() - self.t0:.1f} s")
 
     def log(self, done: int, **extras):
         """The recorded values' means over steps and ranks, images/s, MFU and `extras`."""
         self.meter.check(self.env, self.checkpoint.path, self.nan_advice)
-        img_s = self.meter.steps * self.batch_size / (time.time() - self.t0)
+        img_s = self.meter.steps * self.args.batch_size / (time.time() - self.t0)
         record = {"step": done, **self.meter.means(self.env), "img_per_s": img_s, **extras}
         if self.mfu_scale:
             record["mfu"] = img_s * self.mfu_scale
@@ -810,14 +531,16 @@ class Run(contextlib.AbstractContextManager):
         self.t0 = time.time()
 
     def stop_requested(self, done: int) -> bool:
-        """Whether SIGTERM/Ctrl-C asks to save and stop: ranks agree every 10 steps (a host sync;
-        torchrun kills its workers 30 s after a SIGTERM)."""
-        if not self.env.distributed or done % 10 == 0:
-            self.stopped = self.env.any(self.stop.requested)
+        """Ranks agree every 10 steps (torchrun kills its workers 30 s after a SIGTERM)."""
+        if not self.env.distributed:
+            self.stopped = self.stop.requested
+        elif done % 10 == 0:  # true on every rank if asked on any
+            flag = torch.tensor(float(self.stop.requested), device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stopped = bool(flag.item())
         return self.stopped
 
     def save(self, done: int):
-        """The checkpoint (a collective), also kept every --keep_every steps."""
         self.meter.check(self.env, self.checkpoint.path, self.nan_advice)
         keep = self.args.keep_every and done % self.args.keep_every == 0
         self.checkpoint.save({**self.checkpoint.identity, "step": done, **self.meta,
@@ -833,14 +556,11 @@ class Run(contextlib.AbstractContextManager):
             if (skipped := self.skipped()):  # a collective: every rank calls it
                 self.logger.info(f"{skipped} unusable samples were skipped (see the warnings)")
             self.logger.draw_curves()
-            if self.checkpoint.sharded and not self.stopped and self.env.is_main:
-                export(self.checkpoint.path)
             self.env.barrier()
 
 
 def read_log(path: str) -> list[dict]:
-    """The step records of a log.jsonl, one per step: a resumed run's re-run steps replace the old
-    ones. A damaged line (a crash or a full disk during an append) is skipped with a warning."""
+    """A log.jsonl's step records, the latest of each step; a damaged line is skipped, said."""
     by_step = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -849,17 +569,14 @@ def read_log(path: str) -> list[dict]:
             except ValueError:
                 warnings.warn(f"{path}: line {number} is damaged (an interrupted write?); skipped")
                 continue
-            if r.get("event") == "start":  # a new run in this folder: it replaces all before it
-                by_step = {}
-            elif r.get("event") == "resume":
+            if r.get("event") in ("start", "resume"):  # the steps after r["step"] run again
                 by_step = {s: rec for s, rec in by_step.items() if s <= r["step"]}
             elif "step" in r and "event" not in r:
                 by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_curves(records: list[dict], path: str, x: str = "step", width: int = 300,
-                height: int = 170):
+def plot_curves(records: list[dict], path: str, x: str = "step", width=300, height=170):
     """A PNG of every logged number against `x` (records sorted by it), one small panel each."""
     keys = list(dict.fromkeys(k for r in records for k, v in r.items()
                               if k not in ("time", x, "epoch") and isinstance(v, (int, float))))
@@ -881,4 +598,3 @@ def plot_curves(records: list[dict], path: str, x: str = "step", width: int = 30
         draw.text((x0, y0 + h + 3), f"{x} {s_lo}", fill=grey)
         draw.text((x0 + w - 60, y0 + h + 3), f"{points[-1][0]}", fill=grey)
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
-

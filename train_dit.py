@@ -1,20 +1,14 @@
-"""Train a LightningDiT on the aligned tokenizer's latents with flow matching
-(dit.py: model and loss).
-
-Two steps, both under `torchrun` or plain `python`:
+"""Train a LightningDiT on the aligned tokenizer's latents with flow matching (dit.py: model and
+loss). Two steps, both under `torchrun` or plain `python`:
 
     # 1. encode the training set once (each image and its horizontal flip) with a trained tokenizer
     torchrun --nproc_per_node=8 train_dit.py --extract --data /imagenet/train --latents runs/latents
     # 2. train on those latents (XL/1, global batch 1024, AdamW 2e-4, EMA 0.9999, bf16)
     torchrun --nproc_per_node=8 train_dit.py --latents runs/latents --run_dir runs/dit --steps 80000
 
-Pre-extracting makes the diffusion training independent of the tokenizer: one pass of the encoder
-instead of one per epoch, and the tokenizer's decoder can still be refined afterwards (stage 3),
-because the latent space no longer changes. Latents are normalised per channel with the mean/std of
-~10K of them (stored with the latents and in every checkpoint, so sampling can undo it).
-
-`--fsdp` shards the model, gradients, AdamW state and EMA over the ranks (XL/1 fits a GPU with
-DDP, the default); `--export` then writes the single file sample.py loads.
+Pre-extracting costs one pass of the encoder instead of one per epoch, and the decoder can still be
+refined afterwards (stage 3): the latent space no longer changes. Latents are normalised per channel
+with the mean/std of ~10K of them (kept with the latents and in every checkpoint, for sampling).
 """
 
 import argparse
@@ -27,19 +21,17 @@ from tqdm import tqdm
 import dit
 from baselines import load_tokenizer
 from common import (EMA, HelpFormatter, Logger, Run, UserError, at_least, autocast,
-                    cleanup_distributed, due, export, forward_flops, gradient_sync, in_range,
-                    load_json, micro_batches, parallelize, same_on_every_rank, save_json,
-                    script_main, setup_distributed, use_bf16)
+                    cleanup_distributed, due, forward_flops, gradient_sync, in_range, load_json,
+                    micro_batches, parallelize, same_on_every_rank, save_json, script_main,
+                    setup_distributed, use_bf16)
 from data import Batches, build_dataset, count_skipped, eval_loader, save_grid, to_model_range
 from sample import decode_to_uint8, sample_latents
 from tokenizer import latent_fingerprint
 
-# Latents on disk: <folder>/latents.npy (2N, C, h, w) float16, labels.npy (2N,), meta.json.
-# Row 2i is image i, row 2i+1 its horizontal flip. meta.json, written last, marks a complete set.
-
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Pre-extracted latents, memory-mapped (ImageNet's 2.5M latents take 42 GB as float16)."""
+    """<folder>/latents.npy (2N, C, h, w) float16 (row 2i: image i, 2i+1 its flip), labels.npy
+    (2N,) and meta.json (written last: a complete set), memory-mapped (ImageNet's take 42 GB)."""
 
     def __init__(self, folder: str):
         meta_path = os.path.join(folder, "meta.json")
@@ -52,15 +44,14 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.meta["num_latents"] == 0:
             raise UserError(f"{folder!r} holds no latents")
         self.folder = folder
-        self._latents = self._labels = None  # opened lazily, once per DataLoader worker
-        self._open()  # and once here: a damaged file is a message, not a worker's traceback
+        self._open()  # here too: a damaged file is a message, not a DataLoader worker's traceback
         latents, labels = self._latents, self._labels
         shape = (len(self), *self.meta["latent_shape"])
         if latents.dtype.kind != "f" or latents.shape != shape or labels.shape != shape[:1]:
             raise UserError(f"{folder!r} holds latents {latents.dtype} {latents.shape} and labels "
                             f"{labels.shape}, but its meta.json says float {shape}: run --extract "
                             "again")
-        self._latents = self._labels = None  # a memory map is not pickled to workers
+        self._latents = self._labels = None  # opened in each worker: memory maps are not pickled
 
     def _open(self):
         try:
@@ -79,9 +70,6 @@ class LatentDataset(torch.utils.data.Dataset):
             self._open()
         return torch.from_numpy(np.array(self._latents[i])), int(self._labels[i])
 
-    def latent_stats(self) -> dict:
-        return {k: torch.tensor(self.meta[k], dtype=torch.float32) for k in ("mean", "std")}
-
 
 @torch.no_grad()
 def extract_latents(args, env):
@@ -92,7 +80,6 @@ def extract_latents(args, env):
     tok.to(env.device)
     if tok.random_encoder:
         log.info(f"WARNING: {args.tokenizer} grew from a RANDOM encoder (demo/tests only)")
-    bf16 = use_bf16(args.precision, env.device)
     dataset = build_dataset(args.data, tok.config["image_size"], demo_images=args.demo_images)
     if not dataset.num_classes:
         raise UserError(f"{args.data!r} has no class subfolders: the class-conditional DiT needs "
@@ -108,17 +95,13 @@ def extract_latents(args, env):
                                   shape=(2 * n, *shape))
         np.lib.format.open_memmap(paths["labels"], mode="w+", dtype=np.int64, shape=(2 * n,))
     env.barrier()
-    latents = np.load(paths["latents"], mmap_mode="r+")
-    labels = np.load(paths["labels"], mmap_mode="r+")
-    # This rank: images rank::world.
+    latents, labels = (np.load(paths[k], mmap_mode="r+") for k in ("latents", "labels"))
     loader = eval_loader(dataset, args.batch_size, env, args.num_workers)
-    mine = np.arange(env.rank, n, env.world_size)
-    done = 0
+    mine, done = np.arange(env.rank, n, env.world_size), 0  # this rank: images rank::world
     for images, y in tqdm(loader, desc="extract", disable=not env.is_main):
         x = to_model_range(images, env.device)
-        with autocast(env.device, bf16):
-            # One pass over images and mirrors: (2B, C, h, w).
-            z = tok.encode(torch.cat([x, x.flip(-1)]))
+        with autocast(env.device, use_bf16(args.precision, env.device)):
+            z = tok.encode(torch.cat([x, x.flip(-1)]))  # images and mirrors: (2B, C, h, w)
         z = torch.stack(z.chunk(2), dim=1)  # (B, 2, C, h, w): image i, then its mirror
         rows = (2 * mine[done: done + len(images)])[:, None] + np.arange(2)  # (B, 2): 2i, 2i + 1
         latents[rows.ravel()] = z.float().flatten(0, 1).cpu().numpy().astype(np.float16)
@@ -126,14 +109,12 @@ def extract_latents(args, env):
         done += len(images)
     latents.flush()
     labels.flush()
-    del latents, labels
     env.barrier()
     skipped = count_skipped(dataset, env)
     if env.is_main:
         # Per-channel mean/std of a fixed random ~10K latents (enough for two moments).
-        all_latents = np.load(paths["latents"], mmap_mode="r")
         pick = np.sort(np.random.default_rng(0).permutation(2 * n)[: args.stats_samples])
-        sample = torch.from_numpy(all_latents[pick].astype(np.float64))  # (K, C, h, w)
+        sample = torch.from_numpy(latents[pick].astype(np.float64))  # (K, C, h, w)
         tokenizer = (os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer)
                      else args.tokenizer)
         meta = {"num_latents": 2 * n, "latent_shape": list(shape),
@@ -156,42 +137,29 @@ def parse_args(argv=None):
     add("--latents", default="runs/latents", help="folder of extracted latents")
     add("--run_dir", default="runs/dit", help="where ckpt.pt, log.jsonl and sample grids go")
     add("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
-    add("--export", nargs="?", const="", metavar="CKPT_DIR", help="only write the file sample.py "
-        "loads from a sharded --fsdp checkpoint, in one process: <run_dir>/ckpt (default) -> "
-        "export.pt, a kept ckpt_<step> -> export_<step>.pt")
-    # latent extraction
     add("--extract", action="store_true", help="encode --data with --tokenizer into --latents")
-    add("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="our tokenizer.pt, a "
-        "diffusers AutoencoderKL (folder or hub name) or a VA-VAE checkpoint")
+    add("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="ours, or a baseline's")
     add("--image_size", type=at_least(8), help="a baseline tokenizer's (default 256)")
     add("--data", help="image folder with class subfolders (default: the built-in demo set)")
     add("--demo_images", type=at_least(1), default=512, help="size of the built-in demo set")
     add("--stats_samples", type=at_least(2), default=10_000, help="latents for the mean/std")
-    # model
     add("--model", default="XL/1", choices=sorted(dit.DiT_models), help="size/patch")
     add("--qknorm", action="store_true", help="QK-norm (long runs: avoids NaN loss spikes)")
     for flag in ("--hidden_size", "--depth", "--num_heads"):
         add(flag, type=at_least(1), help="override the named size's (small demos)")
     add("--grad_checkpointing", action="store_true", help="recompute blocks in backward")
-    # optimisation: LightningDiT's recipe (constant lr, no weight decay)
+    # LightningDiT's recipe (constant lr, no weight decay)
     add("--steps", type=at_least(1), default=80_000, help="80K at batch 1024 = 64 epochs")
     add("--batch_size", type=at_least(1), default=1024, help="global (split over the ranks)")
-    add("--micro_batch", type=at_least(1), help="samples per forward on a rank; below its share "
-        "of --batch_size: gradient accumulation (default: none)")
+    add("--micro_batch", type=at_least(1), help="samples per forward on a rank (accumulation)")
     add("--lr", type=in_range(0, lo_open=True), default=2e-4, help="AdamW learning rate")
-    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95),
-        help="optimiser betas")
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95), help="AdamW")
     add("--weight_decay", type=in_range(0), default=0.0, help="AdamW weight decay")
     add("--grad_clip", type=in_range(0), default=0.0, help="max gradient norm (0: off)")
-    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999,
-        help="EMA of the weights (what is sampled and exported)")
-    # runtime
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999, help="of the weights")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
     add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
-    add("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"), help="shard weights, "
-        "gradients, AdamW state and EMA over the ranks (FSDP2) instead of a copy per GPU (DDP); "
-        "hybrid: shard within a node, replicate across nodes. Checkpoints: <run_dir>/ckpt/")
     add("--num_workers", type=at_least(0), default=4, help="data loading processes per rank")
     add("--seed", type=at_least(0), default=0, help="seeds weights, noise and data order")
     add("--log_every", type=at_least(1), default=100, help="steps between log lines")
@@ -202,48 +170,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_args(args, dataset: LatentDataset) -> dict:
-    """build_dit(args.model, **model_args): the latent shape and classes come from the latents."""
-    channels, size, _ = dataset.meta["latent_shape"]
-    kw = dict(input_size=size, in_channels=channels, num_classes=dataset.meta["num_classes"],
-              use_qknorm=args.qknorm)
-    kw.update({k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads")
-               if getattr(args, k) is not None})
-    return kw
-
-
 def train(args, env):
     dataset = LatentDataset(args.latents)  # first: a missing latent folder fails before any write
     torch.manual_seed(args.seed + env.rank)  # each rank its own noise and timesteps
     device, bf16 = env.device, use_bf16(args.precision, env.device)
     micro, accum = micro_batches(args, env)  # samples per forward, forwards per step
-    stats = dataset.latent_stats()
+    stats = {k: torch.tensor(dataset.meta[k], dtype=torch.float32) for k in ("mean", "std")}
     mean, std = (stats[k].to(device).view(1, -1, 1, 1) for k in ("mean", "std"))
-    kwargs = model_args(args, dataset)
+    channels, size, _ = dataset.meta["latent_shape"]  # the latents give the model's shape
+    kwargs = dict(input_size=size, in_channels=channels, num_classes=dataset.meta["num_classes"],
+                  use_qknorm=args.qknorm)
+    kwargs.update({k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads")
+                   if getattr(args, k) is not None})
     with same_on_every_rank(args.seed):  # on the CPU
         model = dit.build_dit(args.model, grad_checkpointing=args.grad_checkpointing, **kwargs)
-    params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, args.ema_decay)
-    train_model = parallelize(model, ema, env, args)  # DDP, or FSDP: both sharded in place
+    train_model = parallelize(model, ema, env, args)  # DDP
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay, fused=True)
     batches = Batches(dataset, micro, env, seed=args.seed, num_workers=args.num_workers)
-    # Loaded before a resume restores the RNG: building the tokenizer draws random initial weights.
-    grid_tok = grid_tokenizer(dataset.meta, env) if args.grid_every else None
     meta = {k: dataset.meta.get(k) for k in ("tokenizer", "tokenizer_config",
                                              "tokenizer_fingerprint", "classes")}
-    epoch = len(dataset) / 2  # samples per epoch: each image has two latents (and its flip)
+    grid_tok = None  # the sample grids' decoder, built before a resume restores the RNG
+    if args.grid_every:
+        try:
+            grid_tok = load_tokenizer(meta["tokenizer"], meta["tokenizer_config"]["image_size"])
+        except UserError as e:  # the training goes on without grids
+            Logger(env).info(f"no sample grids: {e}")
+        for module in grid_tok.decoding_modules() if grid_tok else ():
+            module.to(env.device)
     with Run(env, args, args.run_dir, meta={"latent_stats": stats, **meta},
              identity={"kind": "dit", "model_name": args.model, "model_args": kwargs},
              state={"model": model, "ema": ema, "opt": opt, "data": batches},
-             batch_size=args.batch_size, show=("loss", "img_per_s"),
              flops_per_image=3 * forward_flops(model, model.num_patches),  # forward + backward
              nan_advice="Resume with --resume and a lower --lr or --grad_clip 1.0; long runs "
                         "should use --qknorm (LightningDiT without it is known to spike).") as run:
-        run.logger.info(f"LightningDiT-{args.model} {kwargs}: {params / 1e6:.1f}M parameters"
-                        + (f", sharded ({args.fsdp})" if args.fsdp else "") + f"; {len(dataset)} "
-                        f"latents; batch {args.batch_size} = {env.world_size} ranks x {accum} x "
-                        f"{micro}")
+        params = sum(p.numel() for p in model.parameters())
+        run.logger.info(f"LightningDiT-{args.model} {kwargs}: {params / 1e6:.1f}M parameters; "
+                        f"{len(dataset)} latents; batch {args.batch_size} = {env.world_size} ranks "
+                        f"x {accum} x {micro}")
         data = iter(batches)
         for step in range(run.resume() if args.resume else 0, args.steps):
             losses = 0
@@ -255,7 +220,7 @@ def train(args, env):
                         loss, parts = dit.flow_matching_loss(train_model, x1, y)
                     (loss / accum).backward()  # outside autocast, as PyTorch recommends
                 losses = losses + torch.stack([loss.detach(), parts["mse"], parts["cos"]]) / accum
-            if args.grad_clip > 0:  # the norm of all gradients, also when FSDP shards them
+            if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -263,7 +228,8 @@ def train(args, env):
             done = step + 1
             run.record(done, **dict(zip(("loss", "mse", "cos"), losses)))
             if due(args.log_every, done, args.steps):
-                run.log(done, lr=opt.param_groups[0]["lr"], epoch=done * args.batch_size / epoch)
+                epoch = done * args.batch_size / (len(dataset) / 2)  # 2 latents per image
+                run.log(done, lr=opt.param_groups[0]["lr"], epoch=epoch)
             if grid_tok and due(args.grid_every, done, args.steps):
                 save_sample_grid(ema.model, grid_tok, dataset.meta, stats, args, done, run.logger,
                                  bf16)
@@ -275,23 +241,9 @@ def train(args, env):
     return run
 
 
-def grid_tokenizer(meta: dict, env):
-    """The tokenizer named in the latents, for the sample grids; None, with a message, if it cannot
-    be loaded (the training goes on without grids)."""
-    try:
-        tokenizer = load_tokenizer(meta["tokenizer"], meta["tokenizer_config"]["image_size"])
-    except UserError as e:
-        Logger(env).info(f"no sample grids: {e}")
-        return None
-    for module in tokenizer.decoding_modules():
-        module.to(env.device)
-    return tokenizer
-
-
 @torch.no_grad()
 def save_sample_grid(model, tokenizer, meta, stats, args, step, logger, bf16):
-    """16 EMA samples of fixed noise and classes, 30 steps, decoded by the tokenizer: drawn by every
-    rank (a sharded model's forward is a collective), written by rank 0."""
+    """16 EMA samples of fixed noise and classes, 30 steps, decoded by the tokenizer (rank 0)."""
     device = next(model.parameters()).device
     labels = (torch.arange(16) % meta["num_classes"]).to(device)
     noise = torch.randn(16, *meta["latent_shape"], generator=torch.Generator().manual_seed(0))
@@ -305,10 +257,7 @@ def save_sample_grid(model, tokenizer, meta, stats, args, step, logger, bf16):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.export is not None:
-        return export(args.export or os.path.join(args.run_dir, "ckpt"))
     env = setup_distributed(args.device)
-    # DDP lives and dies inside either.
     result = extract_latents(args, env) if args.extract else train(args, env)
     cleanup_distributed()
     return result

@@ -1,21 +1,14 @@
-r"""Train the text-to-image model (t2i.TextToImageDiT) on image-caption data: the paper's LAION
-experiment, with the aligned tokenizer (or a baseline such as the FLUX VAE, for the comparison) and
-a frozen text encoder (text.py).
+r"""Train the text-to-image model (t2i.TextToImageDiT) on image-caption data, the paper's LAION
+experiment: the aligned tokenizer (or a baseline such as the FLUX VAE) and a frozen text encoder.
 
     torchrun --nproc_per_node=8 train_t2i.py --captions /data/laion/shards \
         --tokenizer runs/tokenizer_laion/stage2/tokenizer.pt --model T2I-2B/1 --run_dir runs/t2i
 
-Images stream from a caption folder or WebDataset shards in aspect-ratio buckets (captions.py); each
-step encodes them with the frozen tokenizer and the captions with the frozen text encoder, 10% of
-the captions replaced by the empty caption (which guidance compares against), then one
-flow-matching step (dit.flow_matching_loss), with the bookkeeping of the other trainers
-(common.Run). Latents are normalised per channel with statistics of the first --stats_samples
-images, kept in every checkpoint.
-
-The 2B model with float32 AdamW state and an EMA needs about 45 GiB per GPU under DDP (the default)
-before activations. `--fsdp` shards all of it over the ranks (common.parallelize; README: memory
-table and the multi-node command), and `--micro_batch` accumulates gradients, so that the paper's
-global batch fits any number of GPUs:
+Images stream in aspect-ratio buckets (captions.py), are encoded by the frozen tokenizer (latents
+normalised per channel by statistics of the first --stats_samples images) and their captions by the
+text encoder, 10% of them replaced by the empty caption (which guidance compares against).
+The 2B model's training state takes ~45 GiB per GPU under DDP: `--fsdp` shards it (fsdp.py; README:
+memory, several nodes), `--micro_batch` accumulates gradients, so any number of GPUs fits:
 
     torchrun --nproc_per_node=8 train_t2i.py --fsdp --micro_batch 16 ...   # then, to sample from:
     python train_t2i.py --export runs/t2i/ckpt   # runs/t2i/export.pt (also made at the end)
@@ -29,10 +22,11 @@ import torch
 import dit
 from baselines import load_tokenizer
 from captions import CaptionBatches, CaptionStream, buckets
-from common import (EMA, HelpFormatter, Run, at_least, autocast, cleanup_distributed, due, export,
-                    forward_flops, gradient_sync, in_range, micro_batches, parallelize,
-                    same_on_every_rank, script_main, setup_distributed, use_bf16)
+from common import (EMA, HelpFormatter, Run, UserError, at_least, autocast, cleanup_distributed,
+                    due, forward_flops, in_range, micro_batches, same_on_every_rank, script_main,
+                    setup_distributed, use_bf16)
 from data import save_grid, to_model_range
+from fsdp import ShardedRun, export, gradient_sync, parallelize
 from sample import decode_to_uint8, sample_latents
 from t2i import T2I_models, build_t2i
 from text import DEFAULT_TEXT_ENCODER, TextEncoder
@@ -45,41 +39,31 @@ def parse_args(argv=None):
     add("--captions", help="WebDataset .tar shards, or a folder of images with .txt captions")
     add("--run_dir", default="runs/t2i", help="where ckpt.pt, log.jsonl and sample grids go")
     add("--resume", action="store_true", help="continue from <run_dir>/ckpt.pt")
-    add("--export", nargs="?", const="", metavar="CKPT_DIR", help="only write the file "
-        "sample_t2i.py loads from a sharded --fsdp checkpoint, in one process: <run_dir>/ckpt "
-        "(default) -> export.pt, a kept ckpt_<step> -> export_<step>.pt")
-    add("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="our tokenizer.pt, or "
-        "a diffusers AutoencoderKL (folder or hub name, e.g. black-forest-labs/FLUX.1-dev) or a "
-        "VA-VAE checkpoint")
-    add("--image_size", type=at_least(16), help="the square bucket's side; the buckets have about "
-        "its area (default: the tokenizer's training size; 256 for a baseline)")
+    add("--export", nargs="?", const="", metavar="CKPT_DIR", help="only write the file to sample "
+        "from, of an --fsdp checkpoint (default: <run_dir>/ckpt; or a kept ckpt_<step>)")
+    add("--tokenizer", default="runs/tokenizer/stage2/tokenizer.pt", help="ours, or a baseline's "
+        "(e.g. black-forest-labs/FLUX.1-dev)")
+    add("--image_size", type=at_least(16), help="the square bucket's side (default: the "
+        "tokenizer's)")
     add("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="transformers hub name or folder")
     add("--max_length", type=at_least(1), default=128, help="text tokens per caption (cut)")
-    add("--caption_dropout", type=in_range(0, 1), default=0.1,
-        help="share of captions replaced by the empty one")
+    add("--caption_dropout", type=in_range(0, 1), default=0.1, help="share of empty captions")
     add("--stats_samples", type=at_least(2), default=10_000, help="images for the latent mean/std")
-    add("--model", default="T2I-2B/1", choices=sorted(T2I_models),
-        help="size/patch: patch 1 for our f16 latent, 2 for an f8 VAE's")
+    add("--model", default="T2I-2B/1", choices=sorted(T2I_models), help="patch 2 for an f8 VAE")
     add("--grad_checkpointing", action="store_true", help="recompute blocks in backward")
-    # optimisation
     add("--steps", type=at_least(1), default=100_000, help="the paper compares at 100K")
     add("--batch_size", type=at_least(1), default=256, help="global (split over the ranks)")
-    add("--micro_batch", type=at_least(1), help="samples per forward on a rank; below its share "
-        "of --batch_size: gradient accumulation (default: none)")
+    add("--micro_batch", type=at_least(1), help="samples per forward on a rank (accumulation)")
     add("--lr", type=in_range(0, lo_open=True), default=1e-4, help="AdamW learning rate")
-    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95),
-        help="optimiser betas")
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.9, 0.95), help="AdamW")
     add("--weight_decay", type=in_range(0), default=0.0, help="AdamW weight decay")
     add("--grad_clip", type=in_range(0), default=1.0, help="max gradient norm (0: off)")
-    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999,
-        help="EMA of the weights (what is sampled and exported)")
-    # runtime
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.9999, help="of the weights")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA if present")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA")
     add("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on CUDA")
-    add("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"), help="shard weights, "
-        "gradients, AdamW state and EMA over the ranks (FSDP2) instead of a copy per GPU (DDP); "
-        "hybrid: shard within a node, replicate across nodes. Checkpoints: <run_dir>/ckpt/")
+    add("--fsdp", nargs="?", const="shard", choices=("shard", "hybrid"), help="shard the training "
+        "state over the ranks (hybrid: within a node, replicated across nodes); <run_dir>/ckpt/")
     add("--num_workers", type=at_least(0), default=4, help="data loading processes per rank")
     add("--seed", type=at_least(0), default=0, help="seeds weights, noise and data order")
     add("--log_every", type=at_least(1), default=100, help="steps between log lines")
@@ -94,18 +78,14 @@ def parse_args(argv=None):
 
 
 class LatentStats:
-    """Per-channel mean and std (C,) of the latents, measured once at the start of a run (with the
-    captions that the sample grids draw, so that they stay the same over resumes) and kept in its
-    checkpoints, where sample_t2i.py finds them to undo the normalisation."""
-
-    def __init__(self, mean=None, std=None, prompts=()):
-        self.mean, self.std, self.prompts = mean, std, list(prompts)
+    """Per-channel `mean` and `std` (C,) of the latents, measured once at the start of a run (and
+    the sample grids' `prompts`), kept in its checkpoints for sample_t2i.py."""
 
     def state_dict(self):
-        return {"mean": self.mean, "std": self.std, "prompts": self.prompts}
+        return dict(vars(self))
 
     def load_state_dict(self, state):
-        self.mean, self.std, self.prompts = state["mean"], state["std"], state["prompts"]
+        vars(self).update(state)
 
 
 @torch.no_grad()
@@ -131,8 +111,8 @@ def measure_latents(stats, args, env, tok, sizes, bf16):
 
 
 def build(args, env, bf16):
-    """The frozen tokenizer and text encoder, the model (built on the CPU, the same on every rank)
-    and its identity; the aspect-ratio buckets, in whole patches."""
+    """The frozen tokenizer and text encoder, the model (on the CPU, the same on every rank), its
+    identity and the run's meta (with the aspect-ratio buckets, in whole patches)."""
     tok = load_tokenizer(args.tokenizer, args.image_size)
     fingerprint = latent_fingerprint(tok)
     tok.to(env.device).eval().requires_grad_(False)
@@ -152,6 +132,7 @@ def build(args, env, bf16):
 
 
 def train(args, env):
+    check_kind(args)
     torch.manual_seed(args.seed + env.rank)  # each rank its own noise, timesteps and dropout
     device, bf16 = env.device, use_bf16(args.precision, env.device)
     micro, accum = micro_batches(args, env)  # samples per forward, forwards per step
@@ -166,17 +147,16 @@ def train(args, env):
                            args.num_workers)
     batches = CaptionBatches(stream, args.num_workers, pin_memory=device.type == "cuda")
     stats = LatentStats()  # a resumed run's come from its checkpoint; a new run measures them
-    with Run(env, args, args.run_dir, identity=identity, meta=meta,
-             state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
-             batch_size=args.batch_size, skipped=lambda: batches.count_skipped(env),
-             flops_per_image=3 * forward_flops(model, tokens, args.max_length),
-             show=("loss", "img_per_s"),
-             nan_advice="Resume with --resume and a lower --lr.") as run:
-        run.logger.info(f"{args.model}: {params / 1e6:.1f}M parameters" + (
-            f", sharded ({args.fsdp})" if args.fsdp else "") + f"; batch {args.batch_size} = "
-            f"{env.world_size} ranks x {accum} x {micro}; text encoder {args.text_encoder} "
-            f"({text.dim}-d, {args.max_length} tokens); buckets "
-            + " ".join(f"{h}x{w}" for h, w in sizes))
+    with (ShardedRun if args.fsdp else Run)(
+            env, args, args.run_dir, identity=identity, meta=meta,
+            state={"model": model, "ema": ema, "opt": opt, "data": batches, "latent_stats": stats},
+            skipped=lambda: batches.count_skipped(env),
+            nan_advice="Resume with --resume and a lower --lr.",
+            flops_per_image=3 * forward_flops(model, tokens, args.max_length)) as run:
+        run.logger.info(f"{args.model}: {params / 1e6:.1f}M parameters, --fsdp {args.fsdp}; batch "
+                        f"{args.batch_size} = {env.world_size} ranks x {accum} x {micro}; text "
+                        f"encoder {args.text_encoder} ({text.dim}-d, {args.max_length} tokens); "
+                        f"buckets {' '.join(f'{h}x{w}' for h, w in sizes)}")
         start = run.resume() if args.resume else 0
         if not args.resume:  # after Run, which refuses to overwrite a run before this costs minutes
             measure_latents(stats, args, env, tok, sizes, bf16)
@@ -217,8 +197,8 @@ def train(args, env):
 
 @torch.no_grad()
 def save_prompt_grid(model, tok, text, stats, meta, args, step, run, bf16):
-    """EMA samples of fixed prompts and noise at the square bucket, 30 steps, decoded by the
-    tokenizer: drawn by every rank (a sharded forward is a collective), written by rank 0."""
+    """EMA samples of fixed prompts and noise at the square bucket, 30 steps, drawn by every rank
+    (a sharded forward is a collective), decoded and written by rank 0."""
     device, prompts, factor = next(model.parameters()).device, stats.prompts, meta["latent_factor"]
     h, w = meta["buckets"][len(meta["buckets"]) // 2]
     noise = torch.randn(len(prompts), tok.latent_shape[0], h // factor, w // factor,
@@ -229,8 +209,16 @@ def save_prompt_grid(model, tok, text, stats, meta, args, step, run, bf16):
     path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
     if run.env.is_main:
         save_grid(decode_to_uint8(tok, z, stats.state_dict()), path, nrow=8)
-    run.logger.info(f"EMA samples of {len(prompts)} captions (30 steps, cfg {args.grid_cfg}) -> "
-                    f"{path}")
+    run.logger.info(f"EMA samples (30 steps, cfg {args.grid_cfg}) -> {path}")
+
+
+def check_kind(args):
+    """--resume continues a checkpoint of its own kind: ckpt.pt under DDP, ckpt/ under --fsdp."""
+    other = os.path.join(args.run_dir, "ckpt.pt" if args.fsdp else "ckpt")
+    if args.resume and os.path.exists(other):
+        kind, fix = ("single-file (DDP)", "without") if args.fsdp else ("sharded (--fsdp)", "with")
+        raise UserError(f"{other} is a {kind} checkpoint: resume {fix} --fsdp, or start another "
+                        "--run_dir")
 
 
 def main(argv=None):

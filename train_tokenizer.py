@@ -153,8 +153,7 @@ def train(args, env):
     meta = {"init": init, "random_encoder": random_encoder}
     state = {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d, "data": batches}
     with Run(env, args, run_dir, identity=identity, state=state, meta=meta,
-             batch_size=args.batch_size, skipped=lambda: count_skipped(dataset, env),
-             show=("loss", "l1", "lpips", "sp"),
+             skipped=lambda: count_skipped(dataset, env), show=("loss", "l1", "lpips", "sp"),
              nan_advice="Resume with --resume and a lower --lr, or --precision fp32.") as run:
         n_train, n_all = (sum(p.numel() for p in ps) for ps in (trainable, model.parameters()))
         run.logger.info(f"stage {args.stage} from {init or 'DINOv2'}: {n_train / 1e6:.1f}M of "

@@ -1,11 +1,11 @@
-"""Run by tests/test_train_dit.py under torchrun: train_dit.py whose `--resume` saves the checkpoint
+"""Run by tests/test_t2i.py under torchrun: train_t2i.py whose `--resume` saves the checkpoint
 again at once, on this run's ranks, so that the test can compare a checkpoint resharded on another
 number of ranks with the one it was read from (--keep_every keeps the copy)."""
 
 import sys
 
 import common
-import train_dit
+import train_t2i
 from common import script_main
 
 resume = common.Run.resume
@@ -19,4 +19,4 @@ def resume_and_save(run):
 
 if __name__ == "__main__":
     common.Run.resume = resume_and_save
-    script_main(lambda: train_dit.main(sys.argv[1:]))
+    script_main(lambda: train_t2i.main(sys.argv[1:]))

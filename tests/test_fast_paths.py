@@ -14,8 +14,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import bench
 import dit
 import sample
-from common import EMA, DistEnv, autocast, cleanup_distributed, parallelize
+from common import EMA, DistEnv, autocast, cleanup_distributed
 from conftest import randomize_
+from fsdp import parallelize
 from tokenizer import AlignedTokenizer, PatchGAN, build_lpips, tokenizer_loss
 
 CPU = torch.device("cpu")
@@ -164,7 +165,7 @@ def test_regional_compilation_compiles_one_block_for_all():
 
 
 def test_fsdp_compiled_blocks_with_checkpointing_match_eager():
-    """common.parallelize with --fsdp (a process group of one) and --compile on: each block's
+    """fsdp.parallelize with --fsdp (a process group of one) and --compile on: each block's
     forward compiled inside FSDP's hooks, recomputed in backward (gradient checkpointing); three
     AdamW steps give the eager unsharded model's losses and EMA, also when the EMA model draws (a
     sample grid's forward) between updates. Compiling takes ~30 s on 2 cores with a cold cache."""

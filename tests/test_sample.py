@@ -350,21 +350,24 @@ def test_bad_inputs(tiny_files, tmp_path, monkeypatch, capsys):
 
 def test_a_file_of_a_sharded_checkpoint_points_to_export_pt(tiny_files, tmp_path):
     """It suggested --raw_weights (which failed next) and never named export.pt."""
+    from common import load_checkpoint
+
     folder = tmp_path / "run" / "ckpt"  # a sharded (--fsdp) checkpoint: DCP files + train_state.pt
     folder.mkdir(parents=True)
     (folder / ".metadata").write_bytes(b"")
     state = {k: v for k, v in torch.load(tiny_files["dit"]).items() if k not in ("model", "ema")}
     torch.save(state, folder / "train_state.pt")
-    with pytest.raises(UserError) as e:
-        sample.main(["--ckpt", str(folder / "train_state.pt"), "--device", "cpu"])
-    message = str(e.value)
-    assert f"{tmp_path / 'run'}/export.pt" in message and "train_dit.py --export" in message
-    assert "--raw_weights" not in message
     kept = tmp_path / "run" / "ckpt_0000008"  # a kept copy: its own export, not the latest's
     shutil.copytree(folder, kept)
-    with pytest.raises(UserError, match=f"sample from {tmp_path / 'run'}/export_0000008.pt, which "
-                       f"`python train_dit.py --export {kept}` writes"):
-        sample.main(["--ckpt", str(kept / "train_state.pt"), "--device", "cpu"])
+    for ckpt, export in ((folder, "export.pt"), (kept, "export_0000008.pt")):
+        for load in (lambda path: sample.main(["--ckpt", path, "--device", "cpu"]),
+                     load_checkpoint):
+            with pytest.raises(UserError) as e:
+                load(str(ckpt / "train_state.pt"))
+            message = str(e.value)
+            assert f"sample from {tmp_path / 'run' / export}, which" in message, message
+            assert f"--export {ckpt}` writes" in message and "--raw_weights" not in message
+        assert f"`python train_t2i.py --export {ckpt}` writes" in message  # load_checkpoint's
 
 
 def test_a_text_to_image_checkpoint_points_to_sample_t2i(tiny_files, tmp_path):

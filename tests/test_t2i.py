@@ -5,6 +5,9 @@ and a short training run whose samples follow the colour named in the prompt."""
 
 import io
 import json
+import os
+import shutil
+import signal
 import tarfile
 import warnings
 
@@ -20,6 +23,7 @@ import sample
 import sample_t2i
 import t2i
 import train_t2i
+from baselines import load_tokenizer
 from captions import CaptionBatches, CaptionStream, buckets, decode, parse_size, read_shard
 from common import UserError, load_checkpoint, read_log
 from conftest import randomize_, run_script, run_torchrun, save_random_clip, save_tokenizer
@@ -490,24 +494,53 @@ def test_prompts_that_differ_in_colour_give_samples_of_that_colour(t5, tmp_path,
 
 
 # --------------------------------------------------------------------------------------------------
-# Sharded training (--fsdp) and gradient accumulation
+# Sharded training (--fsdp, fsdp.py) and gradient accumulation
 
 FSDP_TOLERANCE = 1e-5  # |loss difference| per step, float32 (README: sharded training)
 
 
-def test_fsdp_matches_ddp_over_20_steps_and_its_export_samples(t2i_run, demo_captions, t5,
-                                                                 tmp_path):
+def dcp_tensors(folder):
+    """Every tensor of a sharded checkpoint (model, EMA, optimiser), whole, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = f"{folder}.whole.pt"
+    dcp_to_torch_save(folder, path)
+    return torch.load(path, weights_only=False)
+
+
+def assert_same(a, b, where=""):
+    """Nested dicts and lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, (dict, list)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for k in a if isinstance(a, dict) else range(len(a)):
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def losses(run_dir):
+    return np.array([r["loss"] for r in read_log(str(run_dir / "log.jsonl"))])
+
+
+def test_fsdp_and_hsdp_match_ddp_reshard_exactly_and_export_samples(t2i_run, demo_captions, t5,
+                                                                    tmp_path):
     """2 gloo ranks, 2 micro-batches of 2 per rank and step: FSDP (with gradient checkpointing, and
-    the sample grid drawn by both ranks) gives DDP's losses within FSDP_TOLERANCE, 20 steps; its
-    export.pt holds DDP's EMA weights within that tolerance, and sample_t2i.py draws from it."""
+    the sample grid drawn by both ranks) gives DDP's losses within FSDP_TOLERANCE over 20 steps, its
+    export.pt DDP's EMA weights, and sample_t2i.py draws from it. Its checkpoint of step 10 resumed
+    as HSDP (two single-process "nodes": a 2-D mesh, replicated across them) gives DDP's steps
+    11-20; resumed on 4 ranks, it is saved again bit for bit (model, EMA, AdamW moments and steps,
+    ranks 0-1's RNG), ranks 2-3 with new RNG streams (common.set_rng_states)."""
     tok, _ = t2i_run
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    args = ["--tokenizer", tok, "--steps", 20, "--micro_batch", 2, "--ckpt_every", 10]
+    ddp, fsdp, hsdp, four = (tmp_path / d for d in ("ddp", "fsdp", "hsdp", "four"))
+    args = ["--tokenizer", tok, "--steps", 20, "--micro_batch", 2, "--ckpt_every", 10,
+            "--keep_every", 10, "--grad_checkpointing"]
     run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, ddp, *args, "--grid_every", 0)])
     run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, fsdp, *args, "--grid_every", 20,
-                                            "--fsdp", "--grad_checkpointing")])
-    losses = [np.array([r["loss"] for r in read_log(str(d / "log.jsonl"))]) for d in (ddp, fsdp)]
-    assert len(losses[1]) == 20 and np.abs(losses[0] - losses[1]).max() <= FSDP_TOLERANCE, losses
+                                            "--fsdp")])
+    assert len(losses(fsdp)) == 20
+    assert np.abs(losses(ddp) - losses(fsdp)).max() <= FSDP_TOLERANCE, (losses(ddp), losses(fsdp))
     assert (fsdp / "samples_0000020.png").exists()
     exported = load_checkpoint(str(fsdp / "export.pt"))
     reference = load_checkpoint(str(ddp / "ckpt.pt"))
@@ -516,10 +549,132 @@ def test_fsdp_matches_ddp_over_20_steps_and_its_export_samples(t2i_run, demo_cap
         assert torch.allclose(exported["ema"][k], v, rtol=0, atol=FSDP_TOLERANCE), k
     assert torch.equal(exported["latent_stats"]["mean"], reference["latent_stats"]["mean"])
     train_t2i.main(["--export", "--run_dir", str(fsdp)])  # again from the checkpoint: the same
-    assert all(torch.equal(v, load_checkpoint(str(fsdp / "export.pt"))["ema"][k])
-               for k, v in exported["ema"].items())
+    assert_same(exported["ema"], load_checkpoint(str(fsdp / "export.pt"))["ema"])
     grid = sample_t2i.main(["--ckpt", str(fsdp / "export.pt"), "--device", "cpu", "--steps", "3",
                             "--prompt", "a red disc", "--num_samples", "2", "--out", str(tmp_path)])
     assert Image.open(grid).size == (2 * 66 - 2, 64)
-    with pytest.raises(UserError, match="fsdp/ckpt is a sharded .* --export .*fsdp/ckpt"):
+    with pytest.raises(UserError, match=f"sample from {fsdp}/export.pt, which `python "
+                                        f"train_t2i.py --export {fsdp}/ckpt` writes"):
         sample_t2i.main(["--ckpt", str(fsdp / "ckpt"), "--device", "cpu", "--prompt", "x"])
+    saved = fsdp / "ckpt_0000010"
+    for d in (hsdp, four):
+        shutil.copytree(saved, d / "ckpt")
+    run_torchrun(["train_t2i.py", *t2i_args(demo_captions, t5, hsdp, *args, "--grid_every", 0,
+                                            "--fsdp", "hybrid", "--resume")], nproc=1, nodes=2)
+    assert np.abs(losses(ddp)[10:] - losses(hsdp)).max() <= FSDP_TOLERANCE
+    run_torchrun(["tests/fsdp_resave.py", *t2i_args(demo_captions, t5, four, *args, "--fsdp",
+                                                    "--resume", "--steps", 10)], nproc=4)
+    assert_same(dcp_tensors(saved), dcp_tensors(four / "ckpt_0000010"))
+    before, after = (fsdp_train_state(d) for d in (saved, four / "ckpt_0000010"))
+    assert len(before["rng"]) == 2 and len(after["rng"]) == 4 and before["args"]["fsdp"] == "shard"
+    assert_same(after["rng"][:2], before["rng"])
+    assert len(after["data"]["ranks"]) == 4 and after["step"] == 10
+
+
+def fsdp_train_state(folder):
+    import fsdp
+
+    return fsdp.train_state(str(folder))
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import fsdp, train_t2i
+where = sys.argv.pop(1)
+real_save, real_rename = fsdp.save_checkpoint, os.rename
+def save(obj, path):  # train_state.pt of step 4, after its shards
+    if where == "while writing" and obj["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, path)
+def rename(src, dst):
+    if (where == "between the renames" and str(src).endswith("ckpt.tmp")  # ckpt.tmp -> ckpt
+            and os.path.isdir(f"{dst}.old") or  # after ckpt -> ckpt.old
+            where == "at the kept copy" and str(dst).endswith("ckpt_0000004")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst)
+fsdp.save_checkpoint, os.rename = save, rename
+train_t2i.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(t2i_run, demo_captions, t5, tmp_path_factory):
+    """--fsdp in one process (a process group of one): 6 steps, saved every 2, kept every 4."""
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    args = t2i_args(demo_captions, t5, run, "--tokenizer", t2i_run[0], "--fsdp", "--steps", 6,
+                    "--ckpt_every", 2, "--keep_every", 4, "--grid_every", 0)
+    train_t2i.main(args)
+    return run, args
+
+
+def elsewhere(args, run_dir):
+    i = args.index("--run_dir")
+    return [*args[:i + 1], str(run_dir), *args[i + 2:]]
+
+
+def test_fsdp_save_killed_anywhere_resumes_exactly(fsdp_run, tmp_path):
+    """Killed while it writes step 4, between its two renames, or as its kept copy is put in place:
+    each time the run resumes from step 2, and then gives the uninterrupted run's losses exactly."""
+    a, args = fsdp_run
+    b = tmp_path / "b"
+    args = elsewhere(args, b)
+    for where, left in (("while writing", "ckpt.tmp"), ("between the renames", "ckpt.old"),
+                        ("at the kept copy", "ckpt_0000004.tmp")):
+        proc = run_script(["-c", KILL_IN_SAVE, where, *args, *(["--resume"] if b.exists() else [])])
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert left in os.listdir(b), (where, os.listdir(b))
+    train_t2i.main([*args, "--resume"])
+    assert sorted(os.listdir(b / "ckpt")) == [".metadata", "__0_0.distcp", "train_state.pt"]
+    assert list(losses(a)) == list(losses(b))
+    assert (b / "log.jsonl").read_text().count('"event": "resume", "step": 2,') == 3
+    assert fsdp_train_state(b / "ckpt_0000004")["step"] == 4
+    assert_same(*(load_checkpoint(str(d / "export.pt"))["ema"] for d in (a, b)))
+
+
+def test_fsdp_export_only_reads_and_bad_inputs(fsdp_run, t2i_run, tmp_path):
+    run, args = fsdp_run
+    a = tmp_path / "a"
+    shutil.copytree(run, a)
+    shutil.copytree(a / "ckpt", a / "ckpt.tmp")  # a save in flight: not --export's to delete
+    train_t2i.main(["--export", "--run_dir", str(a)])
+    assert (a / "ckpt.tmp" / "train_state.pt").exists()
+    assert load_checkpoint(str(a / "export.pt"))["step"] == 6
+    path = train_t2i.main(["--export", str(a / "ckpt_0000004")])
+    assert path == str(a / "export_0000004.pt")
+    model, meta = sample.load_dit(path, kind="t2i", build=t2i.build_t2i)
+    assert meta["step"] == 4 and isinstance(model, t2i.TextToImageDiT)
+    ddp = t2i_run[1]
+    no_fsdp = [x for x in args if x != "--fsdp"]
+    with pytest.raises(UserError, match=r"ckpt.pt is a single-file \(DDP\) checkpoint: resume "
+                                        "without --fsdp"):
+        train_t2i.main([*elsewhere(args, ddp), "--resume"])
+    with pytest.raises(UserError, match=r"run/ckpt is a sharded \(--fsdp\) checkpoint: resume "
+                                        "with --fsdp"):
+        train_t2i.main([*no_fsdp, "--resume"])
+    with pytest.raises(UserError, match="run/ckpt exists: pass --resume"):
+        train_t2i.main(args)
+    sharded = f"{run}/ckpt is \\(part of\\) a sharded training checkpoint, not a .* file"
+    with pytest.raises(UserError, match=sharded):  # e.g. train_tokenizer.py --init
+        load_tokenizer(str(run / "ckpt"))
+    with pytest.raises(UserError, match=r"no sharded \(--fsdp\) checkpoint .*/run/ckpt to export"):
+        train_t2i.main(["--export", "--run_dir", str(ddp)])
+
+
+@pytest.mark.parametrize("damage", ["shard deleted", "shard truncated", "no .metadata", "empty"])
+def test_fsdp_damaged_checkpoint_is_one_line_naming_the_kept_copy(fsdp_run, tmp_path, damage):
+    run, args = fsdp_run
+    shutil.copytree(run, tmp_path / "run")
+    args = elsewhere(args, tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt"
+    if damage == "empty":
+        shutil.rmtree(ckpt)
+        ckpt.mkdir()
+    elif damage == "no .metadata":
+        (ckpt / ".metadata").unlink()
+    else:
+        shard = ckpt / "__0_0.distcp"
+        shard.unlink() if damage == "shard deleted" else shard.write_bytes(shard.read_bytes()[:99])
+    for argv in ([*args, "--resume"], ["--export", str(ckpt)]):
+        with pytest.raises(UserError, match=f"the sharded checkpoint {ckpt} is damaged or "
+                           f"incomplete .*the last kept copy is {ckpt}_0000004"):
+            train_t2i.main(argv)

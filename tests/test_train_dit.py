@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +16,11 @@ import common
 import dit
 import sample
 import train_dit
-from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint
-from conftest import ROOT, run_script, run_torchrun, wait_for_log
-from data import DemoShapes, to_model_range
-from common import set_rng_states
+import train_tokenizer
 from baselines import load_tokenizer
+from common import EXIT_STOPPED, DistEnv, UserError, load_checkpoint, set_rng_states
+from conftest import ROOT, run_torchrun, wait_for_log
+from data import DemoShapes, to_model_range
 from tokenizer import AlignedTokenizer
 
 TINY_DIT = ["--model", "B/1", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
@@ -189,6 +188,17 @@ def test_bad_inputs_have_clear_messages(latents, tmp_path):
                         "--latents", str(tmp_path / "l2"), "--device", "cpu", "--num_workers", "0"])
     with pytest.raises(UserError, match="is not a LightningDiT checkpoint"):
         sample.load_dit(tok_path)
+    with pytest.raises(UserError, match="--batch_size 8 must split evenly over 1 ranks, each "
+                                        "share into micro-batches of --micro_batch 3"):
+        train_dit.main(["--latents", folder, "--run_dir", str(tmp_path / "r"), *TINY_DIT,
+                        "--micro_batch", "3"])
+
+
+@pytest.mark.parametrize("parse", [train_dit.parse_args, train_tokenizer.parse_args])
+def test_only_the_text_to_image_trainer_shards(parse, capsys):
+    with pytest.raises(SystemExit):  # LightningDiT-XL and the tokenizer fit a GPU under DDP
+        parse(["--stage", "1", "--fsdp"] if parse is train_tokenizer.parse_args else ["--fsdp"])
+    assert "unrecognized arguments: --fsdp" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(latents, tmp_path):
@@ -227,201 +237,6 @@ def test_sigterm_to_torchrun_stops_all_ranks_between_log_steps(latents, tmp_path
     assert "stopped at step" in out and "continue with --resume" in out, out[-3000:]
     step = load_checkpoint(os.path.join(run, "ckpt.pt"))["step"]
     assert step % 10 == 0 and 0 < step < 1000000
-
-
-# --------------------------------------------------------------------------------------------------
-# Sharded training (--fsdp): FSDP2 and DCP checkpoints
-
-
-def dcp_tensors(folder):
-    """Every tensor of a sharded checkpoint (model, EMA, optimiser), whole, read in this process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = os.path.join(os.path.dirname(folder), os.path.basename(folder) + ".whole.pt")
-    dcp_to_torch_save(folder, path)
-    return torch.load(path, weights_only=False)
-
-
-def assert_same(a, b, where=""):
-    """Nested dicts and lists of tensors and numbers, equal bit for bit."""
-    if isinstance(a, (dict, list)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for k in a if isinstance(a, dict) else range(len(a)):
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
-def test_ddp_and_hsdp_runs_and_a_resume_on_four_ranks_resharded_exactly(latents, tmp_path):
-    """2 gloo ranks under DDP, and as two single-process "nodes" with --fsdp hybrid (a 2-D mesh,
-    replicated across the nodes): the same losses. The HSDP checkpoint, resumed on 4 ranks with
-    --fsdp (sharded 4 ways), is what was saved bit for bit: model, EMA, AdamW moments and steps,
-    ranks 0-1's RNG, the data position. Ranks 2-3 get new RNG streams (set_rng_states), so the
-    losses after that cannot be those of a 2-rank run."""
-    _, folder = latents
-    ddp, run = tmp_path / "ddp", tmp_path / "run"
-    args = ["train_dit.py", "--latents", folder, *TINY_DIT, "--ckpt_every", "2", "--keep_every",
-            "4"]
-    run_torchrun([*args, "--run_dir", str(ddp), "--steps", "4"])
-    assert load_checkpoint(str(ddp / "ckpt.pt"))["step"] == 4
-    run_torchrun([*args, "--run_dir", str(run), "--steps", "4", "--fsdp", "hybrid"], nproc=1,
-                 nodes=2)
-    losses = [[r["loss"] for r in read_log(d)] for d in (ddp, run)]
-    assert len(losses[0]) == 4 and np.allclose(losses[0], losses[1], rtol=0, atol=1e-5), losses
-    saved = load_checkpoint(str(run / "ckpt" / "train_state.pt"))
-    assert saved["step"] == 4 and len(saved["rng"]) == 2 and saved["args"]["fsdp"] == "hybrid"
-    shutil.copytree(run / "ckpt", tmp_path / "saved")
-    shutil.rmtree(run / "ckpt_0000004")
-    run_torchrun(["tests/fsdp_resave.py", *args[1:], "--run_dir", str(run), "--steps", "6",
-                  "--fsdp", "--resume"], nproc=4)
-    assert_same(dcp_tensors(str(tmp_path / "saved")), dcp_tensors(str(run / "ckpt_0000004")))
-    resharded = load_checkpoint(str(run / "ckpt_0000004" / "train_state.pt"))
-    assert len(resharded["rng"]) == 4 and resharded["data"] == saved["data"]
-    assert_same(resharded["rng"][:2], saved["rng"])
-    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
-    assert load_checkpoint(str(run / "ckpt" / "train_state.pt"))["step"] == 6
-    model, meta = sample.load_dit(str(run / "export.pt"))  # written at the end of the run
-    assert meta["step"] == 6 and "opt" not in meta and meta["latent_stats"]["mean"].shape == (32,)
-
-
-KILL_IN_SAVE = """
-import os, signal, sys
-import common, train_dit
-{patch}
-train_dit.main(sys.argv[1:])
-"""
-KILLS = {  # the second save (step 4) killed ...
-    "while writing": """
-real = common.save_checkpoint
-def save(obj, path):  # train_state.pt, after the shards of step 4
-    if obj["step"] == 4:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(obj, path)
-common.save_checkpoint = save
-""",
-    "between the renames": """
-real = os.rename
-def rename(src, dst):  # ckpt.tmp -> ckpt, after ckpt -> ckpt.old
-    if str(src).endswith("ckpt.tmp") and os.path.isdir(f"{dst}.old"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-os.rename = rename
-"""}
-
-
-@pytest.mark.parametrize("when", sorted(KILLS))
-def test_fsdp_save_killed_keeps_the_last_checkpoint_and_resume_is_exact(latents, tmp_path, when):
-    """--fsdp in one process (a process group of one): a run killed while it saves step 4 resumes
-    from step 2 and then gives the uninterrupted run's losses exactly."""
-    _, folder = latents
-    a, b = tmp_path / "a", tmp_path / "b"
-    args = ["--latents", folder, *TINY_DIT, "--fsdp", "--ckpt_every", "2", "--steps", "6"]
-    train_dit.main([*args, "--run_dir", str(a)])
-    proc = run_script(["-c", KILL_IN_SAVE.format(patch=KILLS[when]), *args, "--run_dir", str(b)])
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert {"ckpt.tmp", "ckpt.old"} & set(os.listdir(b)), os.listdir(b)
-    train_dit.main([*args, "--run_dir", str(b), "--resume"])
-    assert sorted(os.listdir(b / "ckpt")) == [".metadata", "__0_0.distcp", "train_state.pt"]
-    assert [r["loss"] for r in read_log(a)] == [r["loss"] for r in read_log(b)]
-    assert '"event": "resume", "step": 2,' in (b / "log.jsonl").read_text()
-    assert_same(*(load_checkpoint(str(d / "export.pt"))["ema"] for d in (a, b)))
-
-
-def test_fsdp_bad_inputs_have_clear_messages(latents, tmp_path):
-    tok_path, folder = latents
-    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
-    train_dit.main(["--latents", folder, "--run_dir", ddp, "--steps", "1", *TINY_DIT])
-    train_dit.main(["--latents", folder, "--run_dir", fsdp, "--steps", "1", *TINY_DIT, "--fsdp"])
-    with pytest.raises(UserError, match=r"ckpt.pt is a single-file \(DDP\) checkpoint: resume "
-                                        "without --fsdp"):
-        train_dit.main(["--latents", folder, "--run_dir", ddp, "--resume", *TINY_DIT, "--fsdp"])
-    with pytest.raises(UserError, match=r"fsdp/ckpt is a sharded \(--fsdp\) checkpoint: resume "
-                                        "with --fsdp"):
-        train_dit.main(["--latents", folder, "--run_dir", fsdp, "--resume", *TINY_DIT])
-    with pytest.raises(UserError, match="fsdp/ckpt exists: pass --resume"):
-        train_dit.main(["--latents", folder, "--run_dir", fsdp, *TINY_DIT])
-    sharded = (f"{fsdp}/ckpt is a sharded \\(--fsdp\\) training checkpoint, not a .* file: "
-               f"`python train_dit.py --export {fsdp}/ckpt`")
-    with pytest.raises(UserError, match=sharded):
-        sample.main(["--ckpt", f"{fsdp}/ckpt", "--device", "cpu"])
-    with pytest.raises(UserError, match=sharded):  # e.g. train_tokenizer.py --init
-        load_tokenizer(f"{fsdp}/ckpt")
-    with pytest.raises(UserError, match=r"no sharded \(--fsdp\) checkpoint .*ddp/ckpt to export"):
-        train_dit.main(["--export", "--run_dir", ddp])
-    with pytest.raises(UserError, match="--batch_size 8 must split evenly over 1 ranks, each "
-                                        "share into micro-batches of --micro_batch 3"):
-        train_dit.main(["--latents", folder, "--run_dir", str(tmp_path / "r"), *TINY_DIT,
-                        "--micro_batch", "3"])
-    proc = run_script(["train_tokenizer.py", "--stage", "1", "--fsdp", "--device", "cpu",
-                       "--run_dir", str(tmp_path)])
-    assert proc.returncode == 2 and "unrecognized arguments: --fsdp" in proc.stderr, proc.stderr
-
-
-# --------------------------------------------------------------------------------------------------
-# Sharded checkpoints: export only reads, kept copies survive a kill, damage is one line
-
-
-KILL_AT_KEEP = """
-import os, signal, sys
-import train_dit
-real = os.rename
-def rename(src, dst):  # the kept copy of step 4 put in place
-    if str(dst).endswith("ckpt_0000004"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-os.rename = rename
-train_dit.main(sys.argv[1:])
-"""
-
-
-def test_fsdp_kept_copy_is_made_again_after_a_kill_at_its_rename(latents, tmp_path):
-    _, folder = latents
-    args = ["--latents", folder, *TINY_DIT, "--fsdp", "--ckpt_every", "2", "--keep_every", "4",
-            "--steps", "6", "--run_dir", str(tmp_path)]
-    proc = run_script(["-c", KILL_AT_KEEP, *args])
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    train_dit.main([*args, "--resume"])
-    kept = load_checkpoint(str(tmp_path / "ckpt_0000004" / "train_state.pt"))
-    assert kept["step"] == 4
-    assert load_checkpoint(str(tmp_path / "ckpt" / "train_state.pt"))["step"] == 6
-
-
-def test_fsdp_export_only_reads_and_takes_a_kept_checkpoint(latents, tmp_path):
-    _, folder = latents
-    train_dit.main(["--latents", folder, *TINY_DIT, "--fsdp", "--ckpt_every", "1",
-                    "--keep_every", "1", "--steps", "2", "--run_dir", str(tmp_path)])
-    # a save in flight: its half-written folder is the trainer's, not --export's to delete
-    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt.tmp")
-    train_dit.main(["--export", "--run_dir", str(tmp_path)])
-    assert (tmp_path / "ckpt.tmp" / "train_state.pt").exists()
-    path = train_dit.main(["--export", str(tmp_path / "ckpt_0000001")])
-    assert path == str(tmp_path / "export_0000001.pt")
-    model, meta = sample.load_dit(path)
-    assert meta["step"] == 1
-    assert load_checkpoint(str(tmp_path / "export.pt"))["step"] == 2
-
-
-@pytest.mark.parametrize("damage", ["shard deleted", "shard truncated", "no .metadata", "empty"])
-def test_fsdp_damaged_checkpoint_is_one_line_naming_the_kept_copy(latents, tmp_path, damage):
-    _, folder = latents
-    args = ["--latents", folder, *TINY_DIT, "--fsdp", "--ckpt_every", "1", "--keep_every", "2",
-            "--steps", "3", "--run_dir", str(tmp_path)]
-    train_dit.main(args)
-    ckpt = tmp_path / "ckpt"
-    if damage == "empty":
-        shutil.rmtree(ckpt)
-        ckpt.mkdir()
-    elif damage == "no .metadata":
-        (ckpt / ".metadata").unlink()
-    else:
-        shard = ckpt / "__0_0.distcp"
-        shard.unlink() if damage == "shard deleted" else shard.write_bytes(shard.read_bytes()[:99])
-    for argv in ([*args, "--resume"], ["--export", str(ckpt)]):
-        with pytest.raises(UserError, match=f"the sharded checkpoint {ckpt} is damaged or "
-                           f"incomplete .*the last kept copy is {tmp_path / 'ckpt_0000002'}"):
-            train_dit.main(argv)
 
 
 def test_micro_batch_above_a_ranks_share_means_no_accumulation(latents, tmp_path):
