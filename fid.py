@@ -80,7 +80,7 @@ class FIDStatistics:
 
     mu: np.ndarray
     sigma: np.ndarray
-    num_images: int
+    num_images: int  # -1: unknown (ADM's, pytorch-fid's files)
     features: np.ndarray | None = None
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
@@ -109,7 +109,7 @@ class FIDStatistics:
 
     @classmethod
     def load(cls, path: str, npz):
-        got = {k: np.asarray(npz[k], np.float64) for pair in PAIRS for k in pair if k in npz.files}
+        got = {k: np.asarray(npz[k], np.float64) for pair in PAIRS for k in pair if k in npz}
         for m, s in PAIRS:
             if (m in got) != (s in got) or m in got and not (
                     got[m].ndim == 1 and got[s].shape == (got[m].size,) * 2
@@ -117,13 +117,10 @@ class FIDStatistics:
                 shapes = [got[k].shape if k in got else "missing" for k in (m, s)]
                 raise UserError(f"{path}: {m} {shapes[0]} and {s} {shapes[1]} are not finite "
                                 "statistics (D,) and (D, D); recompute them")
-        feats = npz["features"] if "features" in npz.files else None
-        num_images = int(npz["num_images"]) if "num_images" in npz.files else -1  # ADM's: unknown
-        # Unsaid: ADM's reference batches (mu_s, no num_images) are ADM's; pytorch-fid's, theirs
-        how = str(npz["preprocess"]) if "preprocess" in npz.files else (
-            "adm" if "mu_s" in npz.files and "num_images" not in npz.files else "pytorch-fid")
-        return cls(num_images=num_images, features=feats, path=path, preprocess=how, **got,
-                   images=NpzImages(path) if "arr_0" in npz.files else None)  # ADM's batches
+        how = str(npz["preprocess"]) if "preprocess" in npz else (  # unsaid: ADM's batch or not
+            "adm" if "mu_s" in npz and "num_images" not in npz else "pytorch-fid")
+        return cls(num_images=int(npz.get("num_images", -1)), features=npz.get("features"), **got,
+                   path=path, preprocess=how, images=NpzImages(path) if "arr_0" in npz else None)
 
     def frechet_distance(self, other: "FIDStatistics", key: str = "mu") -> float:
         """FID; sFID with key "mu_s"; FD_DINOv2 with "mu_dinov2" (whose input is dgm-eval's)."""
@@ -135,9 +132,8 @@ class FIDStatistics:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)) of two Gaussians. Not scipy's fragile
-    sqrtm (pytorch-fid, ADM): tr sqrt(S1 S2) = sum sqrt(eig(R S2 R)), R = sqrt(S1), by float64 eigh,
-    keeping the min(rank S1, rank S2) largest (the rest is round-off); two identities check it."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) by float64 eigh, not scipy's fragile sqrtm: tr
+    sqrt(S1 S2) = sum sqrt(eig(R S2 R)), R = sqrt(S1), the min(rank S1, rank S2) largest."""
     mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric only up to round-off
 
@@ -222,12 +218,11 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
     with npz:
         if "mu" in files and not (from_images and "arr_0" in files):
             return FIDStatistics.load(path, npz)
-        labelling = str(npz["labelling"]) if "labelling" in files else None
-    if "arr_0" not in files:
-        raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images) or 'mu', 'sigma'")
-    if "mu" in files:
-        log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
-    return NpzImages(path, labelling)
+        if "arr_0" not in files:
+            raise UserError(f"{path} holds {files}; expected 'arr_0' (images) or 'mu', 'sigma'")
+        if "mu" in files:
+            log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
+        return NpzImages(path, str(npz["labelling"]) if "labelling" in files else None)
 
 
 def gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -278,17 +273,15 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
     keep = [0, 1] + [2] * spatial + [3] * (dinov2 is not None)  # pool, logits, spatial, DINOv2
     columns = [gather_rows(torch.cat([b[i] for b in batches]) if batches else torch.zeros(0, 0),
                            env) for i in keep]
-    skipped = count_skipped(images, env)
-    if skipped and env.is_main:
+    if (skipped := count_skipped(images, env)) and env.is_main:  # a collective: on every rank
         warnings.warn(f"{desc}: {skipped} unreadable files were replaced by readable neighbours")
     return tuple(c.numpy() for c in columns)
 
 
 @torch.inference_mode()
-def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024, device=None):
+def precision_recall(real_feats, fake_feats, device, k: int = 3, batch_size: int = 1024):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's evaluator: the fraction of
     fake points within the k-th nearest neighbour radius of a real point, and vice versa."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
                   for f in (real_feats, fake_feats))
     if min(len(real), len(fake)) <= k:
@@ -303,7 +296,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
         return torch.cat([(torch.cdist(rows, y) <= radius).any(1) for rows in x.split(batch_size)]
                          ).float().mean().item()
 
-    with exact_float32(device):  # distances a block of rows at a time (ADM: float16 where it fits)
+    with exact_float32(torch.device(device)):  # row blocks at a time (ADM: float16 where it fits)
         return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
 
 
@@ -377,8 +370,7 @@ def check_statistics(stats, what: str, model, prc: bool, sfid: bool, dinov2=None
 
 
 def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dinov2, **extract):
-    """(FIDStatistics on rank 0, else None; logits or None) of one side; stored statistics' images
-    are featurised for what the statistics lack (precision/recall, FD_DINOv2)."""
+    """(rank 0's FIDStatistics, logits or None) of one side; stored statistics' images fill gaps."""
     if isinstance(src, FIDStatistics):
         dino = dinov2 if src.mu_dinov2 is None else None
         if prc and src.features is None or dino is not None:
@@ -398,11 +390,10 @@ def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dino
 
 def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = None,
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
-             reference_from_images=False, save_stats=None, progress=True, log=None, dinov2=None):
+             reference_from_images=False, save_stats=None, progress=True, log=print, dinov2=None):
     """FID, sFID, IS, precision/recall (`prc`), FD_DINOv2 (`dinov2`) of `samples` against
     `reference` (paths, load_source's objects, uint8 images), on every rank."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
-    log = log or Logger(env).info
     sides = [load_source(os.fspath(s), None, log, reference_from_images)
              if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
     for what, src in zip(("samples", "reference"), sides):  # before the expensive part
