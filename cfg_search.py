@@ -1,6 +1,4 @@
-"""CFG search, the paper's gFID "at the best-searched CFG scale": each guidance scale (and interval
-start) draws --num_samples samples of the same noise and labels into <out>/cfg<w>_from<t>/ with
-sample.py --npz, scored by fid.py (its fid.json read back if sweep.json matches); then table, plot.
+"""CFG search for the paper's gFID "at the best-searched CFG scale": sample.py --npz, then fid.py.
 
     torchrun --nproc_per_node=8 cfg_search.py ref.npz --steps 30 --cfg_scales 1.2 1.4 1.6 1.8 2.0
     python cfg_search.py ref.npz --cfg_channels 3 --cfg_scales 6 8 10 --interval_starts 0 0.1
@@ -37,7 +35,7 @@ def parse_args(argv=None):
 
 
 def write_results(rows: list[dict], out: str, log, rank_by: str = "fid") -> dict:
-    """Sorted `rows` -> results.json, .csv, fid_vs_cfg.png, best.json (lowest `rank_by`), logged."""
+    """`rows` by t, then cfg -> results.json, .csv, fid_vs_cfg.png, best.json (lowest `rank_by`)."""
     save_json(rows, os.path.join(out, "results.json"))
     names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "fd_dinov2": "FD_DINOv2"}
     keys = [k for k in ("cfg", "cfg_interval_start", *names, "num_samples") if k in rows[0]]
@@ -47,8 +45,7 @@ def write_results(rows: list[dict], out: str, log, rank_by: str = "fid") -> dict
     atomic_write(os.path.join(out, "results.csv"), lambda f: f.write(csv.encode()))
     log("\n".join("  ".join(f"{v:>18}" for v in line) for line in table))
     curves = [{"cfg": r["cfg"], **{f"{name} (t >= {r['cfg_interval_start']:g})": r[k]
-                                   for k, name in names.items() if k in r}}
-              for r in sorted(rows, key=lambda r: r["cfg"])]  # a curve per interval start
+                                   for k, name in names.items() if k in r}} for r in rows]
     plot_curves(curves, os.path.join(out, "fid_vs_cfg.png"), x="cfg")
     best = min(rows, key=lambda r: r[rank_by])
     log(f"best by {rank_by}: cfg {best['cfg']:g} from t={best['cfg_interval_start']:g} ({out})")
@@ -63,9 +60,8 @@ def main(argv=None):
     inception = fid.load_inception(args.inception_ckpt, args.random_inception, env.device)
     dinov2 = (fid.load_dinov2(args.dinov2_ckpt, args.random_dinov2, env.device)
               if args.rank_by == "fd_dinov2" else None)
-    source = fid.load_source(args.reference, log=log)
-    if isinstance(source, fid.FIDStatistics):  # before any sampling: can it give what is asked?
-        fid.check_statistics(source, "reference", inception, False, not args.no_sfid, dinov2)
+    source = fid.load_source(args.reference, log=log)  # checked before any sampling
+    fid.check_statistics(source, "reference", inception, False, not args.no_sfid, dinov2)
     out, args.keep_shards = args.out, False  # args becomes sample.py's, guidance and folder below
     args.cfg = args.cfg_interval_start = None  # as sweep.json records them: in no result's folder
     sampler = sample.class_sampler(args, env)
@@ -78,11 +74,10 @@ def main(argv=None):
                    num_workers=args.num_workers, sfid=not args.no_sfid, save_stats=stats)
     rows = []
     for t, w in itertools.product(sorted(args.interval_starts), sorted(args.cfg_scales)):
-        args.cfg, args.cfg_interval_start = w, t
-        args.out = os.path.join(out, f"cfg{w:g}_from{t:g}")
+        args.cfg, args.cfg_interval_start, args.out = w, t, os.path.join(out, f"cfg{w:g}_from{t:g}")
         done = os.path.join(args.out, "fid.json")  # finished before, with the same sweep.json
         if not os.path.exists(done):
-            path = sample.run_npz(sampler, log)
+            path = sample.run_npz(sampler, log)  # the same noise and labels in every setting
             result = fid.evaluate(path, stats if os.path.exists(stats) else source, **scoring)
             if env.is_main:
                 save_json({"cfg": w, "cfg_interval_start": t, **result}, done)

@@ -1,12 +1,12 @@
-"""Evaluation: FID, sFID, Inception Score, precision/recall (and rFID) by ADM's evaluation protocol,
-and FD_DINOv2 as dgm-eval computes it, of folders of images (ADM's centre crop), ADM `.npz` files
-(`arr_0`, uint8 NHWC) or statistics (`mu`, `sigma`, `mu_s`, `sigma_s`, as ADM's reference batch).
+"""FID, sFID, Inception Score, precision/recall by ADM's evaluation protocol, FD_DINOv2 (dgm-eval),
+of image folders (ADM's centre crop), ADM .npz files (`arr_0`, uint8 NHWC) or statistics (`mu`...).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --prc --json fid.json
     torchrun --nproc_per_node=8 fid.py /data/imagenet/train --image_size 256 --save_stats t.npz
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -80,7 +80,7 @@ class FIDStatistics:
 
     mu: np.ndarray
     sigma: np.ndarray
-    num_images: int
+    num_images: int  # -1: unknown (ADM's, pytorch-fid's files)
     features: np.ndarray | None = None
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
@@ -109,7 +109,7 @@ class FIDStatistics:
 
     @classmethod
     def load(cls, path: str, npz):
-        got = {k: np.asarray(npz[k], np.float64) for pair in PAIRS for k in pair if k in npz.files}
+        got = {k: np.asarray(npz[k], np.float64) for pair in PAIRS for k in pair if k in npz}
         for m, s in PAIRS:
             if (m in got) != (s in got) or m in got and not (
                     got[m].ndim == 1 and got[s].shape == (got[m].size,) * 2
@@ -117,32 +117,24 @@ class FIDStatistics:
                 shapes = [got[k].shape if k in got else "missing" for k in (m, s)]
                 raise UserError(f"{path}: {m} {shapes[0]} and {s} {shapes[1]} are not finite "
                                 "statistics (D,) and (D, D); recompute them")
-        feats = npz["features"] if "features" in npz.files else None
-        num_images = int(npz["num_images"]) if "num_images" in npz.files else (
-            len(feats) if feats is not None else -1)  # -1: unknown (ADM's, pytorch-fid's)
-        # Unsaid: ADM's reference batches (mu_s, no num_images) are ADM's; pytorch-fid's, theirs
-        how = str(npz["preprocess"]) if "preprocess" in npz.files else (
-            "adm" if "mu_s" in npz.files and "num_images" not in npz.files else "pytorch-fid")
-        return cls(num_images=num_images, features=feats, path=path, preprocess=how, **got)
+        how = str(npz["preprocess"]) if "preprocess" in npz else (  # unsaid: ADM's batch or not
+            "adm" if "mu_s" in npz and "num_images" not in npz else "pytorch-fid")
+        return cls(num_images=int(npz.get("num_images", -1)), features=npz.get("features"), **got,
+                   path=path, preprocess=how, images=NpzImages(path) if "arr_0" in npz else None)
 
     def frechet_distance(self, other: "FIDStatistics", key: str = "mu") -> float:
         """FID; sFID with key "mu_s"; FD_DINOv2 with "mu_dinov2" (whose input is dgm-eval's)."""
         if key != "mu_dinov2" and self.preprocess != other.preprocess:
-            raise UserError(f"{self.path or 'one side'} is of {self.preprocess} preprocessing, "
-                            f"{other.path or 'the other'} of {other.preprocess}: an FID across the "
-                            "two would be meaningless")
+            raise UserError(f"statistics of {self.preprocess} and {other.preprocess} "
+                            "preprocessing: an FID across the two would be meaningless")
         keys = (key, key.replace("mu", "sigma"))
         return frechet_distance(*(getattr(s, k) for s in (self, other) for k in keys))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), the Frechet distance of two Gaussians.
-
-    Not scipy's fragile sqrtm(S1 @ S2) (pytorch-fid, ADM): with R = sqrt(S1), tr sqrt(S1 S2) =
-    sum_i sqrt(lambda_i(R S2 R)), from symmetric float64 eigendecompositions, keeping the min(rank
-    S1, rank S2) largest (round-off is 0). Two identities check the linear algebra."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a, np.float64))
-                        for a in (mu1, sigma1, mu2, sigma2))
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) by float64 eigh, not scipy's fragile sqrtm: tr
+    sqrt(S1 S2) = sum sqrt(eig(R S2 R)), R = sqrt(S1), the min(rank S1, rank S2) largest."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric only up to round-off
 
     def above_round_off(w):  # eigenvalues (d,) of a covariance; those at round-off level -> 0
@@ -173,12 +165,10 @@ def as_nchw_uint8(images) -> torch.Tensor:
     """uint8 images (B, 3, H, W) of numpy NHWC (ADM's .npz) or torch NCHW ones."""
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
         images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a writable copy
-    elif not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3):
-        raise UserError(f"expected uint8 images, numpy NHWC (N, H, W, 3) or torch NCHW, got "
-                        f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
-    if images.dtype != torch.uint8:
-        raise UserError(f"expected uint8 images, got {images.dtype}: FID is defined on the "
-                        "quantised images you would save (data.to_uint8 makes them)")
+    if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3
+            and images.dtype == torch.uint8):
+        raise UserError("expected uint8 images (data.to_uint8), numpy NHWC or torch NCHW, got "
+                        f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
     return images
 
 
@@ -189,16 +179,13 @@ class NpzImages:
     def __init__(self, path: str, labelling: str | None = None):
         self.path, self.labelling = path, labelling
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            self.shape, self.dtype = self._header(f)
-        as_nchw_uint8(np.zeros((1, *self.shape[1:]), self.dtype))  # the layout and dtype, now
-
-    def _header(self, f):  # (shape, dtype) of the .npy stream f, left at the start of the data
-        major, _ = np.lib.format.read_magic(f)
-        shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
-        if fortran or dtype.hasobject:
-            raise UserError(f"{self.path}: 'arr_0' is in Fortran order or holds Python objects "
+            v, _ = np.lib.format.read_magic(f)  # the .npy format's version
+            self.shape, fortran, self.dtype = getattr(np.lib.format, f"read_array_header_{v}_0")(f)
+            self.offset = f.tell()  # of the data
+        if fortran or self.dtype.hasobject:
+            raise UserError(f"{path}: 'arr_0' is in Fortran order or holds Python objects "
                             "(np.savez of images of different sizes): save one C-order array")
-        return shape, dtype
+        as_nchw_uint8(np.zeros((1, *self.shape[1:]), self.dtype))  # the layout and dtype, now
 
     def __len__(self):
         return self.shape[0]
@@ -207,8 +194,7 @@ class NpzImages:
         """Images [start, stop) in (b, H, W, 3) batches."""
         item = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            self._header(f)
-            f.seek(start * item, os.SEEK_CUR)
+            f.seek(self.offset + start * item)
             for i in range(start, stop, batch_size):
                 b = min(batch_size, stop - i)
                 yield np.frombuffer(f.read(b * item), self.dtype).reshape(b, *self.shape[1:])
@@ -219,32 +205,24 @@ def load_source(path: str, image_size: int | None = None, log=print, from_images
     .npz with `mu` -> FIDStatistics (`arr_0` in `.images`) unless `from_images`; else NpzImages."""
     if os.path.isdir(path):
         folder = ImageFolder(path, image_size or 0)
-        for file, _ in [] if image_size else folder.samples:
-            try:
-                with Image.open(file) as img:
-                    folder.image_size = min(img.size)
-                    break
-            except (OSError, ValueError, SyntaxError):
-                continue  # unreadable: ImageFolder warns about it when it meets it
+        for file, _ in [] if image_size else folder.samples:  # ImageFolder warns of unreadable ones
+            with contextlib.suppress(OSError, ValueError, SyntaxError), Image.open(file) as img:
+                folder.image_size = min(img.size)
+                break
         return folder
     try:
         npz = np.load(path, allow_pickle=False)
         files = npz.files  # a plain .npy has none
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); expected a folder of "
-                        "images, an ADM .npz (arr_0) or a statistics .npz (mu, sigma)") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e})") from None
     with npz:
         if "mu" in files and not (from_images and "arr_0" in files):
-            stats = FIDStatistics.load(path, npz)
-            stats.images = NpzImages(path) if "arr_0" in files else None
-            return stats
-        labelling = str(npz["labelling"]) if "labelling" in files else None
-    if "arr_0" not in files:
-        raise UserError(f"{path} has arrays {files}; expected 'arr_0' (images, uint8 NHWC, as ADM "
-                        "and sample.py write them) or 'mu' and 'sigma' (statistics)")
-    if "mu" in files:
-        log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
-    return NpzImages(path, labelling)
+            return FIDStatistics.load(path, npz)
+        if "arr_0" not in files:
+            raise UserError(f"{path} holds {files}; expected 'arr_0' (images) or 'mu', 'sigma'")
+        if "mu" in files:
+            log(f"{path}: featurising its images (arr_0) here, not using its stored mu/sigma")
+        return NpzImages(path, str(npz["labelling"]) if "labelling" in files else None)
 
 
 def gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -258,8 +236,7 @@ def gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, desc: str,
              progress: bool = True, skip: int = 0, dinov2=None):
-    """(pool, logits, spatial) features, and `dinov2`'s if given, in true float32, of each batch of
-    this rank's contiguous share of a set, less its first `skip` images."""
+    """Float32 (pool, logits, spatial[, DINOv2]) features of this rank's share, past `skip`."""
     n = len(images)
     if n == 0:  # on every rank, before any collective
         raise UserError(f"{desc}: no images (an empty folder or array?)")
@@ -296,18 +273,15 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
     keep = [0, 1] + [2] * spatial + [3] * (dinov2 is not None)  # pool, logits, spatial, DINOv2
     columns = [gather_rows(torch.cat([b[i] for b in batches]) if batches else torch.zeros(0, 0),
                            env) for i in keep]
-    skipped = count_skipped(images, env)
-    if skipped and env.is_main:
-        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by their next readable "
-                      "neighbour (see the warnings above); remove or repair them for an exact FID")
+    if (skipped := count_skipped(images, env)) and env.is_main:  # a collective: on every rank
+        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by readable neighbours")
     return tuple(c.numpy() for c in columns)
 
 
 @torch.inference_mode()
-def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024, device=None):
+def precision_recall(real_feats, fake_feats, device, k: int = 3, batch_size: int = 1024):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's evaluator: the fraction of
     fake points within the k-th nearest neighbour radius of a real point, and vice versa."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
                   for f in (real_feats, fake_feats))
     if min(len(real), len(fake)) <= k:
@@ -322,7 +296,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1024,
         return torch.cat([(torch.cdist(rows, y) <= radius).any(1) for rows in x.split(batch_size)]
                          ).float().mean().item()
 
-    with exact_float32(device):  # distances a block of rows at a time (ADM: float16 where it fits)
+    with exact_float32(torch.device(device)):  # row blocks at a time (ADM: float16 where it fits)
         return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
 
 
@@ -373,18 +347,17 @@ def dataset_statistics(source, model: FIDInception, env: DistEnv, out: str, batc
     return stats
 
 
-def check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bool, dinov2=None):
-    """Before any feature is computed: can these statistics give what was asked?"""
+def check_statistics(stats, what: str, model, prc: bool, sfid: bool, dinov2=None):
+    """Before any feature is computed: can `stats`, if statistics, give what was asked?"""
+    if not isinstance(stats, FIDStatistics):
+        return
     name, how = stats.path or f"the {what} statistics", getattr(model, "preprocess", "adm")
     if prc and stats.features is None and stats.images is None:
-        raise UserError(f"{name} has only mu/sigma, no features for precision/recall (--prc): "
-                        "pass the images, or write them with --prc --save_stats")
+        raise UserError(f"{name} has only mu/sigma, no features for --prc: see --prc --save_stats")
     if sfid and stats.mu_s is None:
-        raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID: pass "
-                        "--no_sfid, or statistics written by fid.py --save_stats")
+        raise UserError(f"{name} has no spatial statistics (mu_s, sigma_s) for sFID (--no_sfid)")
     if dinov2 is not None and stats.mu_dinov2 is None and stats.images is None:
-        raise UserError(f"{name} has no DINOv2 statistics (mu_dinov2) nor images: pass images, "
-                        "or statistics written by fid.py --save_stats --fd_dinov2")
+        raise UserError(f"{name} has no DINOv2 statistics nor images: see --save_stats --fd_dinov2")
     if stats.preprocess != how:
         raise UserError(f"{name} holds statistics of {stats.preprocess} preprocessing, this run "
                         f"uses {how}: pass --preprocess {stats.preprocess} or recompute them")
@@ -397,8 +370,7 @@ def check_statistics(stats: FIDStatistics, what: str, model, prc: bool, sfid: bo
 
 
 def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dinov2, **extract):
-    """(FIDStatistics on rank 0, else None; logits or None) of one side; stored statistics' images
-    are featurised for what the statistics lack (precision/recall, FD_DINOv2)."""
+    """(rank 0's FIDStatistics, logits or None) of one side; stored statistics' images fill gaps."""
     if isinstance(src, FIDStatistics):
         dino = dinov2 if src.mu_dinov2 is None else None
         if prc and src.features is None or dino is not None:
@@ -418,17 +390,14 @@ def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dino
 
 def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = None,
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
-             reference_from_images: bool = False, save_stats: str | None = None,
-             progress: bool = True, log=None, dinov2=None) -> dict:
+             reference_from_images=False, save_stats=None, progress=True, log=print, dinov2=None):
     """FID, sFID, IS, precision/recall (`prc`), FD_DINOv2 (`dinov2`) of `samples` against
     `reference` (paths, load_source's objects, uint8 images), on every rank."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
-    log = log or Logger(env).info
     sides = [load_source(os.fspath(s), None, log, reference_from_images)
              if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
     for what, src in zip(("samples", "reference"), sides):  # before the expensive part
-        if isinstance(src, FIDStatistics):
-            check_statistics(src, what, model, prc, sfid, dinov2)
+        check_statistics(src, what, model, prc, sfid, dinov2)
     extract = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
     (fake, logits), (real, _) = (_statistics(src, what, model, env, prc, sfid, dinov2, **extract)
                                  for src, what in zip(sides, ("samples", "reference")))
@@ -454,9 +423,8 @@ def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = N
             result["precision"], result["recall"] = precision_recall(
                 real.features, fake.features, device=env.device)
             result["num_prc_reference"] = len(real.features)
-        result.update(inception_weights=model.weights_name, preprocess=real.preprocess)
-        if getattr(sides[0], "labelling", None):  # as sample.py records it
-            result["labelling"] = sides[0].labelling
+        result.update(inception_weights=model.weights_name, preprocess=real.preprocess,
+                      labelling=getattr(sides[0], "labelling", None))  # as sample.py records it
     box = [result]
     if env.distributed:  # every rank returns the same (small) dict
         dist.broadcast_object_list(box, src=0)
@@ -469,7 +437,7 @@ def result_line(r: dict) -> str:
              "inception_score_std": "+-", "precision": "precision", "recall": "recall"}
     line = "  ".join(f"{name} {r[key]:.4f}" for key, name in names.items() if key in r)
     how = "".join(f", {r[k]} {s}" for k, s in (("preprocess", "preprocessing"),
-                                                ("labelling", "labels")) if k in r)
+                                                ("labelling", "labels")) if r.get(k))
     return line + f"  ({r['num_samples']} samples vs {r['reference']}{how})"
 
 
@@ -479,8 +447,7 @@ def parse_args(argv=None):
                    help="SAMPLES REFERENCE (folders or .npz), or one PATH with --save_stats")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--save_stats", help="write REFERENCE's (the one PATH's) statistics here")
-    p.add_argument("--save_every", type=int, default=50_000,
-                   help="one PATH: images per rank between saves of the running sums")
+    p.add_argument("--save_every", type=int, default=50_000, help="one PATH: images/rank per save")
     p.add_argument("--reference_from_images", action="store_true",
                    help="featurise a reference batch's images, not use its mu/sigma")
     p.add_argument("--no_sfid", action="store_true", help="no sFID (for a reference without mu_s)")
@@ -538,10 +505,9 @@ def main(argv=None):
     if one and env.is_main:
         if args.prc:
             stats.save(args.save_stats)
-        result = {"images": args.paths[0], "num_images": stats.num_images,
-                  "statistics": args.save_stats, "preprocess": args.preprocess,
-                  "inception_weights": model.weights_name,
-                  "dinov2_weights": getattr(dinov2, "weights_name", None)}
+        result = dict(images=args.paths[0], num_images=stats.num_images, statistics=args.save_stats,
+                      preprocess=args.preprocess, inception_weights=model.weights_name,
+                      dinov2_weights=getattr(dinov2, "weights_name", None))
         log(f"statistics of {stats.num_images} images written to {args.save_stats}")
     if env.is_main and args.json:
         save_json(result, args.json)

@@ -1,8 +1,6 @@
-"""The networks behind fid.py's metrics, run in true float32: FD_DINOv2's DINOv2, and for FID,
-sFID, IS (computed here) and precision/recall the FID Inception-v3: the 2015 TF graph as pytorch-fid
-ports it on torchvision's blocks (its weights load strictly), TF's zero-padding-free average pools,
-1008 classes, and ADM's input preprocessing inside: TF1's bilinear resize to 299, (x - 128) / 128.
-pytorch-fid's (half-pixel bilinear, 2 x / 255 - 1) moves real photos' statistics by 1-5%."""
+"""The networks behind fid.py's metrics, in true float32: DINOv2 (FD_DINOv2), the FID Inception-v3
+(FID, sFID, IS computed here, precision/recall): the 2015 TF graph as pytorch-fid ports it, with
+ADM's preprocessing (TF1's bilinear resize to 299, (x - 128) / 128; pytorch-fid's: FID 1-5% off)."""
 
 import contextlib
 import math
@@ -53,8 +51,7 @@ def dinov2_input(images) -> torch.Tensor:
     resized = [np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
         (224, 224), Image.BICUBIC)) for im in images.cpu()]  # each (224, 224, 3) uint8
     x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406),
-                                                         (0.229, 0.224, 0.225)))
+    mean, std = torch.tensor([(0.485, 0.456, 0.406), (0.229, 0.224, 0.225)]).view(2, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -72,12 +69,10 @@ def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return top + (bottom - top) * wy[:, None]  # (B, C, *size)
 
 
-def _avg_pool(x):  # as TensorFlow: the average over the real pixels only
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+_avg_pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)  # TF's: real pixels only
 
 
-# torchvision's Inception3 blocks (Conv2d -> BatchNorm with TF's eps -> ReLU as BasicConv2d; the
-# grid reductions Mixed_6a, Mixed_7a as they are); the others pool as the TF graph does.
+# torchvision's Inception3 blocks (BasicConv2d has TF's BatchNorm eps); these pool as TF does
 class InceptionA(tv.InceptionA):
     """Mixed_5b/c/d (35x35): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avg-pool->1x1, concatenated."""
 
@@ -115,10 +110,8 @@ class InceptionE(tv.InceptionE):
 
 class FIDInception(nn.Module):
     """Images (B, 3, H, W), floats 0..255 -> pool features (B, 2048), logits (B, 1008) without
-    `fc.bias` (as IS has always been computed: original code, ADM, torch-fidelity), and with
-    spatial=True sFID's (B, 2023): TF's `mixed_6/conv` (Nash et al. 2021, as ADM), i.e. Mixed_6d's
-    1x1 branch after BatchNorm and ReLU (B, 192, 17, 17), its channels 0..6 flattened per image in
-    TF's (h, w, c) order, the order of ADM's stored mu_s/sigma_s."""
+    `fc.bias` (as IS always was), and with `spatial` sFID's (B, 2023): TF's `mixed_6/conv` as in
+    ADM, Mixed_6d's 1x1 branch (B, 192, 17, 17), channels 0..6 flattened in TF's (h, w, c) order."""
 
     dims = (2048, 17 * 17 * SPATIAL_CHANNELS)  # (pool, spatial) feature sizes
 
