@@ -2,16 +2,12 @@
 the text-to-image model, and sampling. Each row: images/s, peak memory, the first step's time
 (compiling included), on CUDA the MFU (FLOPs from common.forward_flops; the tokenizer's by torch).
 
-    python bench.py                                          # all parts; small configs on the CPU
     python bench.py --part dit --vs_official ~/LightningDiT  # ours and the official code, same step
-    python bench.py --part dit --batch_size 128 256 512 --memory_gib 80  # a sweep in 80 GB
-    python bench.py --part dit --compile off --precision fp32 --no_fused --attention math  # plain
 """
 
 import argparse
 import contextlib
 import gc
-import json
 import os
 import resource
 import statistics
@@ -27,7 +23,8 @@ import dit
 import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
-                    forward_flops, parallelize, setup_distributed, unwrap, use_bf16, use_compile)
+                    forward_flops, parallelize, save_json, setup_distributed, unwrap, use_bf16,
+                    use_compile)
 from data import to_model_range
 from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
                        set_trainable, tokenizer_loss)
@@ -56,8 +53,7 @@ def compiled(model, args, **compile_kwargs):
 
 
 def timed(step, args, profile=None, warmup=None, iters=None):
-    """(median seconds per call of `step`, the first call's or None); --profile DIR: two more
-    calls' operator table and Chrome trace to DIR/PROFILE.*."""
+    """(median seconds per call of `step`, the first call's or None); --profile: 2 more profiled."""
     sync = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
 
     def clock(n=1):  # seconds per call over n calls
@@ -68,10 +64,7 @@ def timed(step, args, profile=None, warmup=None, iters=None):
         sync()
         return (time.perf_counter() - start) / n
 
-    warmup = args.warmup if warmup is None else warmup
-    first = clock() if warmup else None
-    for _ in range(warmup - 1):
-        step()
+    warm = [clock() for _ in range(args.warmup if warmup is None else warmup)]  # 1st: compiling
     times = [clock(iters or args.iters) for _ in range(args.repeats)]
     if profile and args.profile:
         with torch.profiler.profile() as prof:  # the CPU's activities and CUDA's where present
@@ -82,7 +75,7 @@ def timed(step, args, profile=None, warmup=None, iters=None):
         with open(os.path.join(args.profile, profile + ".txt"), "w") as f:
             f.write(f"2 steps; {sort}\n{table}")
         prof.export_chrome_trace(os.path.join(args.profile, profile + ".json.gz"))
-    return statistics.median(times), first
+    return statistics.median(times), warm[0] if warm else None
 
 
 def report(name, args, batch, seconds, flops_per_image=None, **extra):
@@ -100,8 +93,7 @@ def report(name, args, batch, seconds, flops_per_image=None, **extra):
 
 
 def train_row(name, args, B, model, inputs, ema_update, flops, clip=False, fused=True):
-    """report() of a flow-matching training step of `model` on inputs() = (x1, condition),
-    profiled as NAME's first word _bB."""
+    """report() of a flow-matching training step of `model` on inputs() = (x1, condition)."""
     params = list(unwrap(model).parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
                             fused=fused and not args.no_fused)
@@ -119,11 +111,6 @@ def train_row(name, args, B, model, inputs, ema_update, flops, clip=False, fused
     return report(name, args, B, timed(step, args, f"{name.split()[0]}_b{B}"), flops)
 
 
-def build_dit(args, **kwargs):
-    (C, H, _), cfg = args.cfg["latent"], args.cfg
-    return dit.build_dit(cfg["dit"], in_channels=C, input_size=H, **cfg["dit_kw"], **kwargs)
-
-
 def bench_dit(args, B):
     """The LightningDiT's training step; with --vs_official, the official model's next to it: its
     XL config's flags, foreach AdamW and its train.py's per-parameter EMA loop."""
@@ -133,20 +120,20 @@ def bench_dit(args, B):
             sys.modules.setdefault("fairscale" + name, mock.MagicMock())
         with mock.patch.object(sys, "path", [os.path.abspath(args.vs_official), *sys.path]):
             from models.lightningdit import LightningDiT  # needs timm and einops
-    model = build_dit(args, grad_checkpointing=args.grad_checkpointing).to(args.device)
-    x1 = torch.randn(B, *args.cfg["latent"], device=args.device)
-    y = torch.randint(0, 1000, (B,), device=args.device)
+    cfg, device, (C, H, W) = args.cfg, args.device, args.cfg["latent"]
+    size = dit.DiT_models[cfg["dit"]].keywords  # depth, width, heads, patch
+    kwargs = {**size, "in_channels": C, "input_size": H, **cfg["dit_kw"]}  # the official's too
+    model = dit.LightningDiT(**kwargs, grad_checkpointing=args.grad_checkpointing).to(device)
+    x1, y = torch.randn(B, C, H, W, device=device), torch.randint(0, 1000, (B,), device=device)
     flops = 3 * forward_flops(model, model.num_patches)
-    ours = train_row(f"dit {args.cfg['dit']} train", args, B, compiled(model, args),
+    ours = train_row(f"dit {cfg['dit']} train", args, B, compiled(model, args),
                      lambda: (x1, y), EMA(model, 0.9999).update, flops)
     if not args.vs_official:
         return [ours]
-    sizes = {k: getattr(model, k) for k in ("in_channels", "depth", "hidden_size", "num_heads",
-                                            "patch_size")}
     del model
-    reset_memory(args.device)
-    official = LightningDiT(input_size=x1.shape[-1], **sizes, use_swiglu=True, use_rope=True,
-                            use_rmsnorm=True, use_qknorm=False).to(args.device)
+    reset_memory(device)
+    official = LightningDiT(**kwargs, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                            use_qknorm=False).to(device)
     ema = {n: p.detach().clone() for n, p in official.named_parameters()}
 
     def official_ema(model, decay=0.9999):
@@ -177,7 +164,6 @@ def bench_tokenizer(args, B):
         if args.compile == "regional" or use_compile(args.compile, device):  # networks = regions
             for net in (model.encoder, model.decoder, disc):
                 net.compile()
-        # the frozen parameters get no gradient, which Adam skips
         opt = torch.optim.Adam(model.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
         opt_d = torch.optim.Adam(disc.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
         ema = EMA(model, 0.999)
@@ -198,7 +184,6 @@ def bench_tokenizer(args, B):
         step()  # outside the counter: compilation and lazy initialisation
         with FlopCounterMode(display=False) as counter:
             step()
-        reset_memory(device)
         seconds = timed(step, args, f"tokenizer_stage{stage}_b{B}")
         rows.append(report(f"tokenizer stage {stage} train", args, B, seconds,
                            counter.get_total_flops() / B))
@@ -208,7 +193,8 @@ def bench_tokenizer(args, B):
 def bench_sampling(args, B):
     """Sampling with CFG and decoding: 30 steps timed, 250 from the time per step."""
     (C, H, W), device = args.cfg["latent"], args.device
-    model = build_dit(args).to(device).eval()
+    model = dit.build_dit(args.cfg["dit"], in_channels=C, input_size=H, **args.cfg["dit_kw"])
+    model.to(device).eval()
     tok = AlignedTokenizer({**args.cfg["tok"], "image_size": 16 * H}).to(device).eval()
     net = two_pass(compiled(model, args)) if args.cfg_two_pass else compiled(model, args)
     noise, y = torch.randn(B, C, H, W, device=device), torch.randint(0, 1000, (B,), device=device)
@@ -236,9 +222,8 @@ def two_pass(model):
 
 
 def bench_t2i(args, B):
-    """train_t2i.py's step (2B on CUDA) on the square bucket, on random latents and text states;
-    then what the step runs first, timed alone: the frozen tokenizer and a random T5 encoder on
-    uint8 images and token ids (built after the step: not in its peak memory)."""
+    """train_t2i.py's step (2B on CUDA) on the square bucket from random latents and text states;
+    then its frozen tokenizer and (random) T5 alone, built after it: not in its peak memory."""
     cfg, device, bf16 = args.cfg, args.device, args.bf16
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim,
@@ -254,20 +239,17 @@ def bench_t2i(args, B):
     row = train_row(f"t2i {cfg['t2i']} train", args, B, train_model, lambda: (z, (text, mask)),
                     ema.update, flops, clip=True)
     import transformers
-
-    t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
+    config = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
     with torch.device(device):  # built there: T5-XXL has 4.7B parameters
-        text_encoder = transformers.T5EncoderModel(t5).eval()
-    text_encoder.to(torch.bfloat16 if bf16 else torch.float32)
+        t5 = transformers.T5EncoderModel(config).eval().to(torch.bfloat16 if bf16 else torch.float)
     tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device).eval()
     images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-    ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
+    ids = torch.randint(0, config.vocab_size, (B, L), device=device)
 
-    @torch.no_grad()
     def encode():  # (B, 3, 16H, 16W) uint8 -> (B, C, H, W) latents; (B, L) ids -> text states
-        with autocast(device, bf16):
+        with torch.no_grad(), autocast(device, bf16):
             tok.encode(to_model_range(images, device))
-            text_encoder(input_ids=ids, attention_mask=mask)
+            t5(input_ids=ids, attention_mask=mask)
 
     encoders = 1000 * timed(encode, args, f"t2i_encoders_b{B}")[0]
     row.update(encoders_ms=encoders, encoders_share=encoders / (encoders + row["ms_per_step"]))
@@ -285,8 +267,7 @@ def parse_args(argv=None):
     for flag, choices, help in (
             ("--device", ("auto", "cuda", "cpu"), None),
             ("--precision", ("auto", "bf16", "fp32"), "auto: bf16 on CUDA"),
-            ("--compile", ("auto", "on", "off", "regional"),
-             "torch.compile the model whole (on; auto: on CUDA) or each block (regional)"),
+            ("--compile", ("auto", "on", "off", "regional"), "whole (auto: on CUDA) or blockwise"),
             ("--attention", ("sdpa", "math"), "math: PyTorch's reference attention")):
         p.add_argument(flag, default=choices[0], choices=choices, help=help)
     p.add_argument("--fsdp", action="store_const", const="shard", help="t2i as train_t2i.py --fsdp")
@@ -333,8 +314,7 @@ def main(argv=None):
                     rows.append({"part": part, "batch": batch, "out_of_memory": True})
                 reset_memory(device)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": gpu, "switches": switches, "rows": rows}, f, indent=1)
+        save_json({"device": gpu, "switches": switches, "rows": rows}, args.json)
     cleanup_distributed()  # --fsdp's process group of one
     return rows
 

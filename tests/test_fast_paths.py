@@ -266,7 +266,8 @@ def test_benchmark_sweep_goes_on_past_a_batch_that_does_not_fit(monkeypatch):
 
     monkeypatch.setitem(bench.PARTS, "dit", part)
     rows = bench.main(["--part", "dit", "--device", "cpu", "--batch_size", "2", "4", "1"])
-    assert rows == [{"part": "fake", "batch": 2}, {"part": "dit", "batch": 4, "out_of_memory": True},
+    assert rows == [{"part": "fake", "batch": 2},
+                    {"part": "dit", "batch": 4, "out_of_memory": True},
                     {"part": "fake", "batch": 1}]
 
 
