@@ -1,18 +1,13 @@
-"""Speed benchmarks of the method on the device present: the training steps of the tokenizer, the
-LightningDiT and the text-to-image model, and sampling. Each row: images/s, peak memory, the first
-step's time (compiling included) and on CUDA the MFU (model FLOP/s over the GPU's bf16 peak; model
-FLOPs from common.forward_flops, the tokenizer's counted by torch).
+"""Speed benchmarks on the device present: the training steps of the tokenizer, the LightningDiT and
+the text-to-image model, and sampling. Each row: images/s, peak memory, the first step's time
+(compiling included), on CUDA the MFU (FLOPs from common.forward_flops; the tokenizer's by torch).
 
-    python bench.py                                          # all parts; small configs on the CPU
     python bench.py --part dit --vs_official ~/LightningDiT  # ours and the official code, same step
-    python bench.py --part dit --batch_size 128 256 512 --memory_gib 80  # a sweep in 80 GB
-    python bench.py --part dit --compile off --precision fp32 --no_fused --attention math  # plain
 """
 
 import argparse
 import contextlib
 import gc
-import json
 import os
 import resource
 import statistics
@@ -28,13 +23,13 @@ import dit
 import sample
 import t2i
 from common import (EMA, PEAK_BF16_FLOPS, DistEnv, HelpFormatter, autocast, cleanup_distributed,
-                    forward_flops, unwrap, use_bf16, use_compile)
+                    forward_flops, save_json, setup_distributed, unwrap, use_bf16, use_compile)
 from data import to_model_range
 from fsdp import parallelize
 from tokenizer import (AlignedTokenizer, PatchGAN, build_lpips, hinge_d_loss, semantic_reference,
                        set_trainable, tokenizer_loss)
 
-# The paper's sizes on CUDA, small ones on the CPU; t5: t2i_e2e's random T5 (T5-XXL's on CUDA).
+# The paper's sizes on CUDA, small ones on the CPU; t5: the t2i part's random T5 (T5-XXL's on CUDA).
 CONFIGS = {
     "cuda": dict(dit="XL/1", dit_kw={}, latent=(32, 16, 16), tok={}, t2i="T2I-2B/1",
                  t2i_text=(128, 4096), batch=dict(dit=128, tokenizer=32, sample=128, t2i=32),
@@ -46,47 +41,41 @@ CONFIGS = {
 }
 
 
-def compiled(model, args, device, **compile_kwargs):
+def compiled(model, args, **compile_kwargs):
     """The model as --compile asks: whole (on; auto: on CUDA), eager (off), or regional: each block
     of its block lists compiled, one graph shared by the blocks of a class (a faster first step)."""
     if args.compile != "regional":
-        return torch.compile(model) if use_compile(args.compile, device) else model
+        return torch.compile(model) if use_compile(args.compile, args.device) else model
     for blocks in model.children():
-        if isinstance(blocks, torch.nn.ModuleList):
-            for block in blocks:
-                block.compile(**compile_kwargs)
+        for block in blocks if isinstance(blocks, torch.nn.ModuleList) else ():
+            block.compile(**compile_kwargs)
     return model
 
 
-def clock(fn, device, n=1):
-    """Seconds per call of fn over n calls, CUDA synchronised around them."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / n
-
-
 def timed(step, args, profile=None, warmup=None, iters=None):
-    """(median seconds per call of `step`, the first call's or None); --profile DIR: two more
-    calls' operator table and Chrome trace to DIR/PROFILE.*."""
-    warmup = args.warmup if warmup is None else warmup
-    first = clock(step, args.device) if warmup else None
-    for _ in range(warmup - 1):
-        step()
-    times = [clock(step, args.device, iters or args.iters) for _ in range(args.repeats)]
+    """(median seconds per call of `step`, the first call's or None); --profile: 2 more profiled."""
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
+
+    def clock(n=1):  # seconds per call over n calls
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return (time.perf_counter() - start) / n
+
+    warm = [clock() for _ in range(args.warmup if warmup is None else warmup)]  # 1st: compiling
+    times = [clock(iters or args.iters) for _ in range(args.repeats)]
     if profile and args.profile:
         with torch.profiler.profile() as prof:  # the CPU's activities and CUDA's where present
-            clock(step, args.device, 2)
+            clock(2)
         sort = "self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=120)
         os.makedirs(args.profile, exist_ok=True)
         with open(os.path.join(args.profile, profile + ".txt"), "w") as f:
             f.write(f"2 steps; {sort}\n{table}")
         prof.export_chrome_trace(os.path.join(args.profile, profile + ".json.gz"))
-    return statistics.median(times), first
+    return statistics.median(times), warm[0] if warm else None
 
 
 def report(name, args, batch, seconds, flops_per_image=None, **extra):
@@ -103,7 +92,7 @@ def report(name, args, batch, seconds, flops_per_image=None, **extra):
     return row
 
 
-def train_row(name, profile, args, B, model, inputs, ema_update, flops, clip=False, fused=True):
+def train_row(name, args, B, model, inputs, ema_update, flops, clip=False, fused=True):
     """report() of a flow-matching training step of `model` on inputs() = (x1, condition)."""
     params = list(unwrap(model).parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
@@ -119,12 +108,7 @@ def train_row(name, profile, args, B, model, inputs, ema_update, flops, clip=Fal
         opt.zero_grad(set_to_none=True)
         ema_update(unwrap(model))
 
-    return report(name, args, B, timed(step, args, profile), flops)
-
-
-def build_dit(args, **kwargs):
-    (C, H, _), cfg = args.cfg["latent"], args.cfg
-    return dit.build_dit(cfg["dit"], in_channels=C, input_size=H, **cfg["dit_kw"], **kwargs)
+    return report(name, args, B, timed(step, args, f"{name.split()[0]}_b{B}"), flops)
 
 
 def bench_dit(args, B):
@@ -136,30 +120,28 @@ def bench_dit(args, B):
             sys.modules.setdefault("fairscale" + name, mock.MagicMock())
         with mock.patch.object(sys, "path", [os.path.abspath(args.vs_official), *sys.path]):
             from models.lightningdit import LightningDiT  # needs timm and einops
-    model = build_dit(args, grad_checkpointing=args.grad_checkpointing).to(args.device)
-    x1 = torch.randn(B, *args.cfg["latent"], device=args.device)
-    y = torch.randint(0, 1000, (B,), device=args.device)
+    cfg, device, (C, H, W) = args.cfg, args.device, args.cfg["latent"]
+    size = dit.DiT_models[cfg["dit"]].keywords  # depth, width, heads, patch
+    kwargs = {**size, "in_channels": C, "input_size": H, **cfg["dit_kw"]}  # the official's too
+    model = dit.LightningDiT(**kwargs, grad_checkpointing=args.grad_checkpointing).to(device)
+    x1, y = torch.randn(B, C, H, W, device=device), torch.randint(0, 1000, (B,), device=device)
     flops = 3 * forward_flops(model, model.num_patches)
-    ours = train_row(f"dit {args.cfg['dit']} train", f"dit_b{B}", args, B,
-                     compiled(model, args, args.device), lambda: (x1, y), EMA(model, 0.9999).update,
-                     flops)
+    ours = train_row(f"dit {cfg['dit']} train", args, B, compiled(model, args),
+                     lambda: (x1, y), EMA(model, 0.9999).update, flops)
     if not args.vs_official:
         return [ours]
-    sizes = {k: getattr(model, k) for k in ("in_channels", "depth", "hidden_size", "num_heads",
-                                            "patch_size")}
-    official = LightningDiT(input_size=x1.shape[-1], **sizes, use_swiglu=True, use_rope=True,
-                            use_rmsnorm=True, use_qknorm=False)
     del model
-    reset_memory(args.device)
-    official.to(args.device)
+    reset_memory(device)
+    official = LightningDiT(**kwargs, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                            use_qknorm=False).to(device)
     ema = {n: p.detach().clone() for n, p in official.named_parameters()}
 
     def official_ema(model, decay=0.9999):
         for name, p in model.named_parameters():
             ema[name].mul_(decay).add_(p.data, alpha=1 - decay)
 
-    theirs = train_row("official LightningDiT train", f"official_b{B}", args, B, official,
-                       lambda: (x1, y), official_ema, flops, fused=False)
+    theirs = train_row("official LightningDiT train", args, B, official, lambda: (x1, y),
+                       official_ema, flops, fused=False)
     ours["speedup_vs_official"] = ours["img_per_s"] / theirs["img_per_s"]
     print(f"ours / official: {ours['speedup_vs_official']:.2f}x images/s, "
           f"{ours['peak_mem_gib'] / theirs['peak_mem_gib']:.2f}x peak memory", flush=True)
@@ -170,22 +152,19 @@ def bench_tokenizer(args, B):
     """train_tokenizer.py's step in each stage, LPIPS and the GAN on (the costliest phase)."""
     device, bf16, size = args.device, args.bf16, 16 * args.cfg["latent"][1]
     lpips = build_lpips(random_backbone=True).to(device)  # its weights do not change its speed
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format  # the conv nets'
+    x = (torch.rand(B, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=fmt)
     rows = []
     for stage in (1, 2, 3):
         model = AlignedTokenizer({**args.cfg["tok"], "image_size": size}).to(device)
+        model.decoder.to(memory_format=fmt)
         set_trainable(model, stage)
         ref = semantic_reference(model) if stage == 2 else None
-        disc = PatchGAN().to(device)
-        x = torch.rand(B, 3, size, size, device=device) * 2 - 1
-        if args.channels_last:
-            model.decoder.to(memory_format=torch.channels_last)
-            disc.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
+        disc = PatchGAN().to(device, memory_format=fmt)
         if args.compile == "regional" or use_compile(args.compile, device):  # networks = regions
             for net in (model.encoder, model.decoder, disc):
                 net.compile()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, 1e-4, (0.5, 0.9), fused=not args.no_fused)
+        opt = torch.optim.Adam(model.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
         opt_d = torch.optim.Adam(disc.parameters(), 1e-4, (0.5, 0.9), fused=not args.no_fused)
         ema = EMA(model, 0.999)
 
@@ -205,7 +184,6 @@ def bench_tokenizer(args, B):
         step()  # outside the counter: compilation and lazy initialisation
         with FlopCounterMode(display=False) as counter:
             step()
-        reset_memory(device)
         seconds = timed(step, args, f"tokenizer_stage{stage}_b{B}")
         rows.append(report(f"tokenizer stage {stage} train", args, B, seconds,
                            counter.get_total_flops() / B))
@@ -215,10 +193,10 @@ def bench_tokenizer(args, B):
 def bench_sampling(args, B):
     """Sampling with CFG and decoding: 30 steps timed, 250 from the time per step."""
     (C, H, W), device = args.cfg["latent"], args.device
-    model = build_dit(args).to(device).eval()
+    model = dit.build_dit(args.cfg["dit"], in_channels=C, input_size=H, **args.cfg["dit_kw"])
+    model.to(device).eval()
     tok = AlignedTokenizer({**args.cfg["tok"], "image_size": 16 * H}).to(device).eval()
-    net = compiled(model, args, device)
-    net = two_pass(net) if args.cfg_two_pass else net
+    net = two_pass(compiled(model, args)) if args.cfg_two_pass else compiled(model, args)
     noise, y = torch.randn(B, C, H, W, device=device), torch.randint(0, 1000, (B,), device=device)
     stats = {"mean": torch.zeros(C), "std": torch.ones(C)}
 
@@ -227,9 +205,8 @@ def bench_sampling(args, B):
             return sample.sample_latents(net, y, noise, steps=30, cfg_scale=1.5,
                                          null=torch.full_like(y, model.num_classes))
 
-    z = run()
     t30, _ = timed(run, args, f"sample30_b{B}", warmup=1, iters=1)
-    t_decode, _ = timed(lambda: sample.decode_to_uint8(tok, z, stats), args, None, 1, 1)
+    t_decode, _ = timed(lambda: sample.decode_to_uint8(tok, noise, stats), args, None, 1, 1)
     flops = 2 * forward_flops(model, model.num_patches)  # per step and image: both CFG rows
     rows = []
     for steps in (250, 30):
@@ -244,83 +221,67 @@ def two_pass(model):
     return lambda x, t, y: torch.cat([model(*half) for half in zip(x.chunk(2), (t, t), y.chunk(2))])
 
 
-def bench_t2i(args, B, e2e=False):
-    """train_t2i.py's step (2B on CUDA) on the square bucket, on random latents and text states;
-    with `e2e`, from uint8 images and token ids through the frozen tokenizer and a random T5
-    encoder, which are then timed alone: their share of the step."""
+def bench_t2i(args, B):
+    """train_t2i.py's step (2B on CUDA) on the square bucket from random latents and text states;
+    then its frozen tokenizer and (random) T5 alone, built after it: not in its peak memory."""
     cfg, device, bf16 = args.cfg, args.device, args.bf16
     (L, text_dim), (C, H, W) = cfg["t2i_text"], cfg["latent"]
     model = t2i.build_t2i(cfg["t2i"], in_channels=C, text_dim=text_dim,
                           grad_checkpointing=args.grad_checkpointing)
     flops = 3 * forward_flops(model, H * W // model.patch_size ** 2, L)
     ema = EMA(model, 0.9999)
-    if args.fsdp:  # as train_t2i.py --fsdp: sharded (over one GPU here), each block compiled
-        train_model = parallelize(model, ema, DistEnv(0, 0, 1, device), args)
-    else:
-        train_model = compiled(model.to(device), args, device)
-        ema.model.to(device)
+    # as train_t2i.py: on the device, compiled; --fsdp: sharded (over one GPU), each block compiled
+    train_model = parallelize(model, ema, DistEnv(0, 0, 1, device), args)
+    if args.compile == "regional" and not args.fsdp:
+        compiled(model, args)
     mask = torch.arange(L, device=device).expand(B, L) < L // 2  # half of the tokens: padding
     z, text = torch.randn(B, C, H, W, device=device), torch.randn(B, L, text_dim, device=device)
-    encode = lambda: (z, (text, mask))  # noqa: E731
-    if e2e:
-        import transformers
-
-        t5 = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
-        with torch.device(device):
-            text_encoder = transformers.T5EncoderModel(t5).eval()
-        text_encoder.to(torch.bfloat16 if bf16 else torch.float32)
-        tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device).eval()
-        images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
-        ids = torch.randint(0, t5.vocab_size, (B, L), device=device)
-
-        @torch.no_grad()
-        def encode():  # -> (latents, (text states, mask)); no latent statistics (mean 0, std 1)
-            with autocast(device, bf16):
-                z = tok.encode(to_model_range(images, device))
-                states = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            return z.float(), (states, mask)
-    name = f"t2i {cfg['t2i']} " + ("train_t2i step" if e2e else "train")
-    row = train_row(name, f"{'t2i_e2e' if e2e else 't2i'}_b{B}", args, B, train_model, encode,
+    row = train_row(f"t2i {cfg['t2i']} train", args, B, train_model, lambda: (z, (text, mask)),
                     ema.update, flops, clip=True)
-    if e2e:
-        encoders = timed(encode, args)[0]  # after the step: warm
-        row.update(encoders_ms=1000 * encoders, encoders_share=1000 * encoders / row["ms_per_step"])
-        print(f"frozen tokenizer + text encoder: {row['encoders_share']:.0%} of the step")
+    import transformers
+    config = transformers.T5Config(**cfg["t5"], feed_forward_proj="gated-gelu", vocab_size=32128)
+    with torch.device(device):  # built there: T5-XXL has 4.7B parameters
+        t5 = transformers.T5EncoderModel(config).eval().to(torch.bfloat16 if bf16 else torch.float)
+    tok = AlignedTokenizer({**cfg["tok"], "image_size": 16 * H}).to(device).eval()
+    images = torch.randint(0, 256, (B, 3, 16 * H, 16 * W), dtype=torch.uint8, device=device)
+    ids = torch.randint(0, config.vocab_size, (B, L), device=device)
+
+    def encode():  # (B, 3, 16H, 16W) uint8 -> (B, C, H, W) latents; (B, L) ids -> text states
+        with torch.no_grad(), autocast(device, bf16):
+            tok.encode(to_model_range(images, device))
+            t5(input_ids=ids, attention_mask=mask)
+
+    encoders = 1000 * timed(encode, args, f"t2i_encoders_b{B}")[0]
+    row.update(encoders_ms=encoders, encoders_share=encoders / (encoders + row["ms_per_step"]))
+    print(f"frozen tokenizer + text encoder: {row['encoders_share']:.0%} of train_t2i.py's step")
     return [row]
 
 
-PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "t2i": bench_t2i,
-         "t2i_e2e": lambda args, B: bench_t2i(args, B, e2e=True)}
+PARTS = {"dit": bench_dit, "tokenizer": bench_tokenizer, "sample": bench_sampling, "t2i": bench_t2i}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--part", choices=sorted(PARTS), action="append",
-                   help="what to measure (repeatable; default all)")
-    p.add_argument("--batch_size", type=int, nargs="+",
-                   help="batch(es) to measure (default: each part's own, fitting an 80 GB GPU)")
+    p.add_argument("--part", choices=sorted(PARTS), action="append", help="repeatable; default all")
+    p.add_argument("--batch_size", type=int, nargs="+", help="default: each part's own (for 80 GB)")
     for flag, choices, help in (
             ("--device", ("auto", "cuda", "cpu"), None),
             ("--precision", ("auto", "bf16", "fp32"), "auto: bf16 on CUDA"),
-            ("--compile", ("auto", "on", "off", "regional"),
-             "torch.compile the model whole (on; auto: on CUDA) or each block (regional)"),
+            ("--compile", ("auto", "on", "off", "regional"), "whole (auto: on CUDA) or blockwise"),
             ("--attention", ("sdpa", "math"), "math: PyTorch's reference attention")):
         p.add_argument(flag, default=choices[0], choices=choices, help=help)
-    p.add_argument("--fsdp", action="store_const", const="shard",
-                   help="the text-to-image model sharded as by train_t2i.py --fsdp, over one GPU")
-    p.add_argument("--vs_official", metavar="PATH",
-                   help="a checkout of hustvl/LightningDiT to time next to ours")
-    for flag, help in (("--no_fused", "for-each Adam/AdamW, not fused"), ("--no_tf32", None),
-                       ("--channels_last", "the tokenizer's conv nets"), ("--grad_checkpointing",
-                       None), ("--cfg_two_pass", "CFG as two forwards, not one")):
+    p.add_argument("--fsdp", action="store_const", const="shard", help="t2i as train_t2i.py --fsdp")
+    p.add_argument("--vs_official", metavar="PATH", help="a hustvl/LightningDiT checkout to time")
+    for flag, help in (("--no_fused", "for-each Adam/AdamW"), ("--grad_checkpointing", None),
+                       ("--channels_last", "the tokenizer's conv nets"),
+                       ("--cfg_two_pass", "CFG as two forwards")):
         p.add_argument(flag, action="store_true", help=help)
     p.add_argument("--memory_gib", type=float, help="cap the GPU memory (e.g. 80 on an H200)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (their median)")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--profile", metavar="DIR",
-                   help="also profile two steps of each part: operator tables, Chrome traces")
+    p.add_argument("--profile", metavar="DIR", help="two steps' operator tables, Chrome traces")
     return p.parse_args(argv)
 
 
@@ -334,22 +295,18 @@ def reset_memory(device):
 def main(argv=None):
     args = parse_args(argv)
     switches = {k: v for k, v in vars(args).items() if k not in ("part", "json")}
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = args.device = torch.device("cuda" if cuda else "cpu")
+    device = args.device = setup_distributed(args.device).device  # TF32 and cuDNN tuning on CUDA
     args.cfg, args.bf16 = CONFIGS[device.type], use_bf16(args.precision, device)
-    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.benchmark = True
-        if args.memory_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2 ** 30 / total))
+    if device.type == "cuda" and args.memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2 ** 30 / total))
     print(f"device {gpu}, {'bf16' if args.bf16 else 'fp32'}; switches {switches}")
     rows = []
     with sdpa_kernel(SDPBackend.MATH) if args.attention == "math" else contextlib.nullcontext():
         for part in args.part or PARTS:
-            for batch in args.batch_size or [args.cfg["batch"][part.split("_")[0]]]:
+            for batch in args.batch_size or [args.cfg["batch"][part]]:
                 try:  # a batch that does not fit gets a row that says so; a sweep goes on
                     rows += PARTS[part](args, batch)
                 except torch.OutOfMemoryError:
@@ -357,8 +314,7 @@ def main(argv=None):
                     rows.append({"part": part, "batch": batch, "out_of_memory": True})
                 reset_memory(device)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": gpu, "switches": switches, "rows": rows}, f, indent=1)
+        save_json({"device": gpu, "switches": switches, "rows": rows}, args.json)
     cleanup_distributed()  # --fsdp's process group of one
     return rows
 

@@ -155,7 +155,7 @@ def test_regional_compilation_compiles_one_block_for_all():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     flags = bench.parse_args(["--compile", "regional"])
-    assert bench.compiled(model, flags, CPU, backend="aot_eager") is model
+    assert bench.compiled(model, flags, backend="aot_eager") is model
     assert list(model.state_dict()) == list(tiny_dit().state_dict())  # no _orig_mod prefixes
     loss_c, grads_c = dit_loss_and_grads(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # two blocks, one graph
@@ -234,8 +234,8 @@ def test_tokenizer_channels_last_and_bf16_match_fp32():
     assert abs(bf16["w_g"] - ref["w_g"]) / ref["w_g"] < 0.1
 
 
-@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "t2i", "t2i_e2e",
-                                  "t2i --fsdp", "sample --attention math --cfg_two_pass"])
+@pytest.mark.parametrize("part", ["dit", "sample", "tokenizer", "t2i", "t2i --fsdp",
+                                  "sample --attention math --cfg_two_pass"])
 def test_benchmark_command_runs_on_cpu(part, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--part", *part.split(), "--device", "cpu", "--warmup", "0", "--iters", "1",
@@ -245,8 +245,8 @@ def test_benchmark_command_runs_on_cpu(part, tmp_path):
     if part == "tokenizer":
         assert [r["part"] for r in rows] == [f"tokenizer stage {s} train" for s in (1, 2, 3)]
         assert all(r["gflops_per_image"] > 0 for r in rows)
-    if part == "t2i_e2e":  # the frozen tokenizer and a (tiny, random) T5 encoder in the step
-        assert rows[0]["encoders_share"] > 0 and rows[0]["encoders_ms"] > 0  # 1 step: noisy
+    if part.startswith("t2i"):  # the frozen tokenizer and a (tiny, random) T5 encoder, timed too
+        assert 0 < rows[0]["encoders_share"] < 1 and rows[0]["encoders_ms"] > 0
 
 
 def test_benchmark_profile_and_first_step(tmp_path):
@@ -267,7 +267,8 @@ def test_benchmark_sweep_goes_on_past_a_batch_that_does_not_fit(monkeypatch):
 
     monkeypatch.setitem(bench.PARTS, "dit", part)
     rows = bench.main(["--part", "dit", "--device", "cpu", "--batch_size", "2", "4", "1"])
-    assert rows == [{"part": "fake", "batch": 2}, {"part": "dit", "batch": 4, "out_of_memory": True},
+    assert rows == [{"part": "fake", "batch": 2},
+                    {"part": "dit", "batch": 4, "out_of_memory": True},
                     {"part": "fake", "batch": 1}]
 
 
