@@ -31,12 +31,12 @@ def buckets(image_size: int, cell: int) -> list[tuple[int, int]]:
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
 
-def parse_size(text: str, sizes) -> tuple[int, int]:
-    """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
+def parse_size(text: str | None, sizes) -> tuple[int, int]:
+    """'224x288' (height x width) -> (224, 288) if a bucket; None -> the middle (square) one."""
     names = {f"{h}x{w}": (h, w) for h, w in sizes}
-    if text.lower() not in names:
+    if text and text.lower() not in names:
         raise UserError(f"--size {text} is not one of the buckets: {', '.join(names)}")
-    return names[text.lower()]
+    return names[text.lower()] if text else list(names.values())[len(names) // 2]
 
 
 def list_shards(path: str, readers: int = 1) -> list:
