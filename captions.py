@@ -1,6 +1,5 @@
-"""Image-caption data for the text-to-image model, as the README's "Text-to-image" section describes
-it: caption folders or WebDataset shards, unusable samples skipped and counted, batches of one
-aspect-ratio bucket each, shards dealt to ranks and loader workers, resumed exactly."""
+"""Image-caption data for text-to-image: caption folders or WebDataset shards, unusable samples
+skipped and counted, batches of one aspect-ratio bucket, shards dealt to ranks and workers."""
 
 import collections
 import io
@@ -17,34 +16,31 @@ from PIL import Image
 from common import UserError
 from data import IMAGE_EXTENSIONS, center_crop_arr, to_rgb
 
-FOLDER_SHARD = 256  # images per pseudo-shard of a caption folder
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # tarfile reads compressed shards as a stream too
 MAX_PIXELS = 64_000_000  # larger images are skipped: decoding a 12000x12000 PNG takes 1.6 GB
 
 
-def buckets(image_size: int, cell: int = 16, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(H, W) sizes of image_size^2 pixels within 10%, whole multiples of `cell` (a latent cell
-    times the DiT's patch), aspect ratios up to max_ratio, from tall to wide."""
+def buckets(image_size: int, cell: int) -> list[tuple[int, int]]:
+    """(H, W) sizes of image_size^2 pixels within 10% in whole `cell`s (a latent cell times the
+    DiT's patch), aspect ratios up to 2, from tall to wide."""
     base, sizes = image_size // cell, set()
     for h in range(1, base + 1):
         w = round(base * base / h)
-        if abs(h * w - base * base) <= 0.1 * base * base and w / h <= max_ratio:
+        if abs(h * w - base * base) <= 0.1 * base * base and w / h <= 2:
             sizes |= {(h * cell, w * cell), (w * cell, h * cell)}
     return sorted(sizes, key=lambda s: s[0] / s[1])
 
 
-def parse_size(text: str, sizes) -> tuple[int, int]:
-    """'224x288' (height x width) -> (224, 288), if it is one of the buckets."""
-    size = tuple(int(v) if v.isdigit() else -1 for v in text.lower().split("x"))
-    if size not in sizes:
-        raise UserError(f"--size {text} is not one of the buckets: "
-                        + ", ".join(f"{h}x{w}" for h, w in sizes))
-    return size
+def parse_size(text: str | None, sizes) -> tuple[int, int]:
+    """'224x288' (height x width) -> (224, 288) if a bucket; None -> the middle (square) one."""
+    names = {f"{h}x{w}": (h, w) for h, w in sizes}
+    if text and text.lower() not in names:
+        raise UserError(f"--size {text} is not one of the buckets: {', '.join(names)}")
+    return names[text.lower()] if text else list(names.values())[len(names) // 2]
 
 
 def list_shards(path: str, readers: int = 1) -> list:
-    """The shards of a source, or a caption folder's images shuffled once (sorted by subfolder they
-    would give batches of one kind) and dealt into at least `readers` lists."""
+    """The .tar shards, or a folder's images shuffled (not by kind) and dealt into `readers`+."""
     if os.path.isfile(path):
         if path.endswith(SHARD_SUFFIXES):
             return [path]
@@ -59,19 +55,17 @@ def list_shards(path: str, readers: int = 1) -> list:
         raise UserError(f"no .tar shards and no images in {path!r} (images: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, each with a .txt caption)")
     images = [images[i] for i in np.random.default_rng(0).permutation(len(images))]
-    count = min(len(images), max(readers, math.ceil(len(images) / FOLDER_SHARD)))
+    count = min(len(images), max(readers, math.ceil(len(images) / 256)))  # pseudo-shards of 256
     return [images[i::count] for i in range(count)]
 
 
 def read_shard(shard):
-    """Samples (key, image bytes or path or None, caption or "") of a shard in order, a damaged
-    tar's ending with a warning and (key, None, None). utf-8-sig: no Windows byte-order mark."""
-    if isinstance(shard, list):  # a caption folder's files
+    """A shard's (key, image bytes/path/None, caption); a damaged tar ends in (key, None, None)."""
+    if isinstance(shard, list):  # a caption folder's files (utf-8-sig: no byte-order mark)
         for image in shard:
             txt = os.path.splitext(image)[0] + ".txt"
-            caption = (open(txt, encoding="utf-8-sig", errors="replace").read().strip()
-                       if os.path.isfile(txt) else "")
-            yield image, image, caption
+            with open(txt, "rb") if os.path.isfile(txt) else io.BytesIO() as f:
+                yield image, image, f.read().decode("utf-8-sig", "replace").strip()
         return
     try:
         with tarfile.open(shard, mode="r|*") as tar:  # a stream: each member read as it comes
@@ -88,26 +82,23 @@ def read_shard(shard):
         yield (f"{shard}:damaged", None, None)
 
 
-def decode(key, image, caption, sizes):
-    """The HxWx3 uint8 pixels of a usable sample in its bucket, else why it is unusable (a str)."""
-    if image is None or not caption:
-        why = "without a caption" if image is not None else "without an image"
-        return "in a damaged shard" if key.endswith(":damaged") else why
+def decode(image, text, sizes):
+    """A usable sample's HxWx3 uint8 pixels in the bucket nearest its shape, else why not (str)."""
+    if image is None or not text:  # text None: the end of a damaged shard
+        return {None: "in a damaged shard", "": "without a caption"}.get(text, "without an image")
     try:
         with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
             if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding
                 return f"over {MAX_PIXELS / 1e6:g} megapixels"
-            ratio = math.log(img.size[1] / img.size[0])  # height / width; the nearest bucket:
-            size = min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
-            return center_crop_arr(to_rgb(img), *size)  # finds a truncated file
+            hw = min(sizes, key=lambda s: abs(math.log(s[0] / s[1] * img.size[0] / img.size[1])))
+            return center_crop_arr(to_rgb(img), *hw)  # finds a truncated file
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return "undecodable"
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
-    """Endless batches {"images": uint8 (B, 3, H, W), "captions": [B str], "worker", "epoch",
-    "index", "skipped" (the unusable samples of the worker's first epoch)} of this rank's shards,
-    each batch from one bucket."""
+    """This rank's shards as endless batches of one bucket each: {"images": uint8 (B, 3, H, W),
+    "captions", "worker", "epoch", "index", "skipped" (unusable samples of its first epoch)}."""
 
     def __init__(self, path: str, batch_size: int, sizes, rank: int = 0, world: int = 1,
                  seed: int = 0, num_workers: int = 0):
@@ -137,42 +128,36 @@ class CaptionStream(torch.utils.data.IterableDataset):
             mine = [self.shards[i] for i in order[reader::readers]]
             buffers, index = {}, 0
             for key, image, caption in (sample for s in mine for sample in read_shard(s)):
-                pixels = decode(key, image, caption, self.sizes)
+                pixels = decode(image, caption, self.sizes)
                 counts[pixels if isinstance(pixels, str) else "usable"] += 1
                 if isinstance(pixels, str):  # the first 5 of the first epoch named
-                    if counts is first and (skipped := first.total() - first["usable"]) <= 5:
-                        more = " (further ones are counted, not named)" if skipped == 5 else ""
-                        warnings.warn(f"skipped the sample {key}: {pixels}{more}")
+                    if counts is first and first.total() - first["usable"] <= 5:
+                        warnings.warn(f"skipped the sample {key}: {pixels} (at most 5 are named)")
                     continue
-                buffer = buffers.setdefault(pixels.shape[:2], [])
-                buffer.append((pixels, caption))
-                if len(buffer) < self.batch_size:
+                buffers.setdefault(pixels.shape[:2], []).append((pixels, caption))
+                if len(buffers[pixels.shape[:2]]) < self.batch_size:
                     continue
-                del buffers[pixels.shape[:2]]
+                batch, captions = zip(*buffers.pop(pixels.shape[:2]))  # B (H, W, 3) arrays, B str
                 if index >= skip:  # the batches before a resume point are made again, not yielded
-                    images = torch.from_numpy(np.stack([p for p, _ in buffer]))  # (B, H, W, 3)
-                    yield {"images": images.permute(0, 3, 1, 2), "captions": [c for _, c in buffer],
-                           "worker": worker, "epoch": epoch, "index": index,
-                           "skipped": first.total() - first["usable"]}
+                    yield {"images": torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2),
+                           "captions": list(captions), "worker": worker, "epoch": epoch,
+                           "index": index, "skipped": first.total() - first["usable"]}
                 index += 1
             if index == 0:  # else an endless loop, and under DDP the other ranks would wait forever
-                found = "".join(f", {n} {why}" for why, n in counts.items() if why != "usable")
-                raise UserError(f"rank {self.rank}'s loader worker {worker} made no batch of "
-                                f"{self.batch_size} from a whole epoch of {len(mine)} shard(s) that"
-                                f" hold {counts.total()} samples: {counts['usable']} usable{found} "
-                                "(a batch is of one bucket): fix the data, lower --batch_size or "
-                                "--num_workers")
+                found = ", ".join(f"{n} {why}" for why, n in {"usable": 0, **counts}.items())
+                raise UserError(f"rank {self.rank} worker {worker} made no batch of "
+                                f"{self.batch_size} from a whole epoch of {len(mine)} shard(s) "
+                                f"that hold {counts.total()} samples: {found} (a batch is of one "
+                                "bucket): fix the data, lower --batch_size or --num_workers")
             epoch, skip, counts = epoch + 1, 0, collections.Counter()
 
 
 class CaptionBatches:
-    """An endless iterator of a CaptionStream's batches whose state_dict() holds every rank's worker
-    positions: `--resume` on the same ranks and --num_workers continues exactly."""
+    """A CaptionStream's batches, endless; state_dict() holds every rank's worker positions."""
 
     def __init__(self, stream: CaptionStream, num_workers: int, pin_memory: bool = False):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.position, self.skipped = {}, {}  # worker -> (epoch, batches consumed), skipped count
-        self.next_worker = 0  # the loader takes batches from its workers in turn; whose turn it is
+        self.position, self.skipped, self.next_worker = {}, {}, 0  # per worker; whose turn it is
 
     def state_dict(self):
         """A collective under DDP: the ranks' positions differ, and rank 0 saves them."""
@@ -194,8 +179,7 @@ class CaptionBatches:
         self.position = {w: (epoch, 0) for w in range(max(1, self.num_workers))}
 
     def __iter__(self):
-        # The loader's worker 0, whose turn comes first, plays the worker whose turn it is. A
-        # generator of its own leaves the global RNG (the training noise) untouched on resume.
+        # Loader worker 0 plays the one whose turn it is; its own generator keeps the global RNG.
         self.stream.start, self.stream.first_worker = dict(self.position), self.next_worker
         for batch in torch.utils.data.DataLoader(self.stream, None, num_workers=self.num_workers,
                                                  pin_memory=self.pin_memory,

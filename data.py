@@ -1,8 +1,7 @@
-"""Image data for every script: `ImageFolder` (class subfolders or flat; any image mode made RGB,
+"""Image data for every script: `ImageFolder` (class subfolders or flat; any mode made RGB,
 unreadable files skipped), the ADM centre crop, the built-in `DemoShapes` set (labelled and
-captioned: the pipeline runs with no download), `Batches` (endless, resumable, sharded over ranks),
-`save_grid`. Images leave the datasets as uint8 CHW tensors (4x less to copy than float32);
-`to_model_range` makes floats in [-1, 1] on the device."""
+captioned: no download), `Batches` (endless, resumable, sharded over ranks), `save_grid`. Images
+leave the datasets as uint8 CHW (4x less to copy than float32); `to_model_range` makes [-1, 1]."""
 
 import multiprocessing
 import os
@@ -24,9 +23,8 @@ def is_image_file(name: str) -> bool:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB: 16-bit greyscale rescaled (not clipped at 255), transparency
-    composited over white (the colour under transparent pixels is arbitrary). EXIF orientation is
-    ignored, as by ADM's and pytorch-fid's loaders (the FID reference statistics)."""
+    """Any PIL image -> 8-bit RGB: 16-bit greyscale rescaled (not clipped), transparency over white.
+    EXIF orientation is ignored, as by ADM's and pytorch-fid's loaders (the FID reference stats)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
@@ -41,9 +39,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def center_crop_arr(pil_image: Image.Image, height: int, width: int | None = None) -> np.ndarray:
-    """ADM's centre crop (all ImageNet 256 numbers): box-filter halvings while the image is at least
-    twice the target, bicubic resize to cover it, centre crop. Square unless `width` is given (the
-    text-to-image buckets). Returns an HxWx3 uint8 array."""
+    """ADM's centre crop -> HxWx3 uint8: box-filter halvings while the image is at least twice the
+    target, bicubic resize to cover it, centre crop. Square unless `width` is given (t2i)."""
     width = width or height
     while pil_image.size[0] >= 2 * width and pil_image.size[1] >= 2 * height:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -87,9 +84,8 @@ class _Images(Dataset):
 
 class ImageFolder(_Images):
     """Images under `root`: in class subfolders (labels 0..C-1 from the sorted folder names, empty
-    folders included, so labels mean what they mean in the full ImageNet tree) or directly in it
-    (label -1, `classes` None). An undecodable file is replaced by the next readable one, warned
-    about once; `unreadable` flags such files for all workers, `count_skipped` over ranks."""
+    folders included, so labels match the full ImageNet tree) or directly in it (label -1, `classes`
+    None). An undecodable file is replaced by the next readable one, warned about once."""
 
     def __init__(self, root: str, image_size: int, hflip: bool = False, seed: int = 0):
         if not os.path.isdir(root):
@@ -113,15 +109,13 @@ class ImageFolder(_Images):
             warnings.warn(f"{len(empty)} class folder(s) in {root!r} have no images ({listed}); "
                           "they keep their labels, so the others do too")
         if not self.samples:
-            raise UserError(f"no images found in {root!r}: expected image files "
-                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) directly in it or in one "
-                            "subfolder per class")
-        # Shared with the DataLoader workers (they inherit it): the files that failed to decode.
-        self._unreadable = multiprocessing.Array("b", len(self.samples))
+            raise UserError(f"no images found in {root!r} ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                            "directly or in one subfolder per class")
+        self._unreadable = multiprocessing.Array("b", len(self.samples))  # workers inherit it
 
     @property
     def unreadable(self) -> np.ndarray:
-        """(N,) bool: the files found unreadable so far (by this process and its workers)."""
+        """(N,) bool: the files found unreadable so far, by this process or its workers."""
         return np.frombuffer(self._unreadable.get_obj(), dtype=np.int8).astype(bool)
 
     def __len__(self):
@@ -145,15 +139,13 @@ class ImageFolder(_Images):
                                   f"in): {e}", stacklevel=2)
                 continue
             return self._tensor(arr, index), label
-        raise UserError(f"none of the {len(self.samples)} files in {self.root!r} could be read as "
-                        "an image")
+        raise UserError(f"none of the files in {self.root!r} could be read as an image")
 
 
 class DemoShapes(_Images):
-    """A built-in, procedurally drawn image set, so the whole method runs on a laptop with no
-    download: class k is a shape in one of four colours, left, centre or right, on a light or dark
-    background, as its caption says ("a red disc on the left, dark background"). Image i is a pure
-    function of (seed, i)."""
+    """A built-in drawn image set (the method runs on a laptop with no download): class k is a shape
+    in one of four colours, left, centre or right, on a light or dark background, as its caption
+    says ("a red disc on the left, dark background"). Image i is a pure function of (seed, i)."""
 
     CLASSES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star")
     COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -223,8 +215,7 @@ class DemoShapes(_Images):
 
 
 def count_skipped(dataset, env) -> int:
-    """Files of `dataset` (or a Subset's) skipped as unreadable so far on any rank, each once. A
-    collective under DDP."""
+    """Files of `dataset` (or a Subset's) skipped so far on any rank, each once (a collective)."""
     dataset = getattr(dataset, "dataset", dataset)
     if not isinstance(dataset, ImageFolder):  # the demo set has no files
         return 0
@@ -263,8 +254,7 @@ class Batches:
         self.epoch, self.batch_in_epoch = 0, 0
 
     def state_dict(self):
-        # Samples consumed by all ranks together: the same position whatever the number of ranks or
-        # the batch size (rank r reads positions r, r + W, ... of the epoch's shared permutation).
+        # Samples consumed by all ranks: the same position whatever the ranks or the batch size.
         return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * self.global_batch}
 
     def load_state_dict(self, state):
@@ -284,8 +274,7 @@ class Batches:
                 self.dataset.set_epoch(self.epoch)
             # this rank's share of the epoch's permutation, less the batches already consumed
             sampler = list(self.sampler)[self.batch_in_epoch * self.batch_size:]
-            # A generator of its own: one drawn from the global RNG would shift the training noise
-            # of a resumed run.
+            # Its own generator: one from the global RNG would shift a resumed run's training noise.
             loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=4 if self.num_workers else None,
@@ -306,8 +295,7 @@ def eval_loader(dataset, batch_size: int, env, num_workers: int = 4, skip: int =
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
-    """Write uint8 images (N, 3, H, W) as one PNG grid, `nrow` a row, 2-px white gaps; images under
-    64 px are enlarged (nearest neighbour) to be seen."""
+    """uint8 (N, 3, H, W) -> a PNG grid, `nrow` a row, 2-px white gaps; under 64 px, enlarged."""
     from torchvision.utils import make_grid
 
     scale = max(1, 64 // images.shape[-2])

@@ -1,7 +1,5 @@
-"""Sampling: noise (B, 32, 16, 16) at t = 0 -> the ODE dx/dt = v(x, t, y) of a class-conditional
-LightningDiT (train_dit.py), integrated to t = 1 (Euler or Heun) on a shifted time grid with
-classifier-free guidance -> undo the latent normalisation -> tokenizer decoder -> image. Sample i's
-noise and label come from (--seed, i): any number of ranks gives the same samples.
+"""Sampling: noise at t = 0 -> the ODE dx/dt = v(x, t, y) of a class-conditional LightningDiT to
+t = 1 (Euler/Heun, shifted times, CFG) -> normalisation undone -> decoder. Sample i: (--seed, i).
 
   python sample.py --cfg 1.5                                 # a PNG grid of 16 random classes
   torchrun --nproc_per_node=8 sample.py --npz --cfg 1.5      # 50K samples as ADM's .npz, for fid.py
@@ -30,9 +28,8 @@ from tokenizer import latent_fingerprint
 def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, shift: float = 0.3,
                    solver: str = "euler", cfg_channels=None, cfg_interval_start: float = 0.0,
                    null=None):
-    """Normalised latents (B, C, H, W) from noise of that shape, under the caller's precision. CFG:
-    v = v_u + w (v_c - v_u) from one forward over [y; null] (the extra label, or a text model's
-    empty caption), on channels [:cfg_channels]; v = v_c for w = 1 or t < cfg_interval_start."""
+    """Normalised latents (B, C, H, W) from noise of that shape. CFG for t >= cfg_interval_start on
+    channels [:cfg_channels]: v = v_u + w (v_c - v_u), one forward over [y; null]."""
     null = torch.full_like(y, model.num_classes) if null is None else null
     y2 = tuple(map(torch.cat, zip(y, null))) if isinstance(y, tuple) else torch.cat([y, null])
 
@@ -44,8 +41,7 @@ def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, sh
         k = cfg_channels or x.shape[1]
         return torch.cat([v_u[:, :k] + cfg_scale * (v_c[:, :k] - v_u[:, :k]), v_c[:, k:]], dim=1)
 
-    # Times shifted to s t / (s t + 1 - t), 0 (noise) to 1 (data); Euler: x += (t1 - t0) v(x, t0);
-    # Heun: an Euler predictor, then the mean velocity of both ends. Host times: no syncs.
+    # Host times (no syncs) s t / (s t + 1 - t), 0 (noise) to 1 (data); Heun: both ends' mean v.
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
     x, ts = noise, (shift * u / (shift * u + (1 - u))).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -57,8 +53,7 @@ def sample_latents(model, y, noise, steps: int = 250, cfg_scale: float = 1.0, sh
 
 
 def per_index(seed: int, indices, draw, stream: int = 0) -> torch.Tensor:
-    """torch.stack of draw(g) for each index i, g a generator of (seed, i, stream) alone: sample i
-    is the same on any rank, in any batch (stream 0: noise, 1: labels)."""
+    """draw(g) stacked over indices i, g seeded by (seed, i, stream) only: the same on any rank."""
     states = [np.random.SeedSequence([seed, int(i), stream]).generate_state(1, np.uint64)[0]
               for i in indices]
     return torch.stack([draw(torch.Generator().manual_seed(int(s) & (2**63 - 1))) for s in states])
@@ -110,8 +105,7 @@ def load_models(ckpt: str, tokenizer_path: str | None, ema: bool, kind="dit", bu
     meta["latent_stats"] = {k: torch.as_tensor(stats.get(k, []), dtype=torch.float32).flatten()
                             for k in ("mean", "std")}
     if any(v.numel() != C for v in meta["latent_stats"].values()):
-        raise UserError(f"{ckpt} has no latent statistics (per-channel mean and std of the "
-                        f"training latents) for its {C} channels, to map samples back")
+        raise UserError(f"{ckpt} has no latent statistics (mean, std) for its {C} channels")
     path = tokenizer_path or refined_tokenizer(meta.get("tokenizer"))
     if not path or (path.endswith((".pt", ".pth", ".ckpt")) and not os.path.isfile(path)):
         raise UserError(f"tokenizer {path} not found (named by {ckpt}): pass --tokenizer PATH")
@@ -160,20 +154,18 @@ class Sampler:
 
     def settings(self) -> dict:
         """Everything that changes the images: --npz's and cfg_search.py's settings records."""
-        a = self.args
         same = ("raw_weights", "cfg", "cfg_channels", "cfg_interval_start", "steps", "shift",
                 "solver", "seed", "num_samples", "shard_size")
-        return dict(ckpt=os.path.abspath(a.ckpt), step=self.meta.get("step"),
+        return dict(ckpt=os.path.abspath(self.args.ckpt), step=self.meta.get("step"),
                     tokenizer=os.path.abspath(self.meta["tokenizer"]),
-                    **{k: getattr(a, k) for k in same},
+                    **{k: getattr(self.args, k) for k in same},
                     precision="bf16" if self.bf16 else "fp32", **self.record)
 
 
 def match_settings(path: str, settings: dict, what: str):
     """Record `settings` in `path`, or refuse other ones there: a resumed run must not mix them."""
     old = load_json(path, what) if os.path.exists(path) else settings
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
+    if diff := {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}:
         raise UserError(f"{os.path.dirname(path)} holds {what} made with other settings (was, now: "
                         f"{diff}); choose another --out or delete that folder")
     save_json(settings, path)
@@ -192,14 +184,12 @@ def run_npz(sampler: Sampler, log) -> str:
     if os.path.exists(final):
         log(f"{final} already holds these {N} samples")
         return final
-    missing = [k for k, p in enumerate(paths) if not os.path.exists(p)]
+    mine = [k for k, p in enumerate(paths) if not os.path.exists(p)][env.rank::env.world_size]
     env.barrier()  # every rank has listed the shards before any rank writes a new one
-    mine = missing[env.rank::env.world_size]
     total = sum(min(S, N - k * S) for k in mine)
     with tqdm(total=total, unit="img", desc="sampling", disable=not env.is_main) as bar:
         for k in mine:  # shard k: the samples [k S, (k + 1) S)
-            indices = list(range(k * S, min(N, (k + 1) * S)))
-            x = sampler.images(indices, bar)
+            x = sampler.images(list(range(k * S, min(N, (k + 1) * S))), bar)
             atomic_write(paths[k], lambda f: np.savez(f, arr_0=x))  # to f: no ".npz" appended
     # Polled, not a barrier: ranks can finish minutes apart, past a collective's timeout.
     while not all(map(os.path.exists, paths if env.is_main else [final])):
@@ -249,30 +239,29 @@ def run(sampler: Sampler, log) -> str | None:
 
 def add_args(p, ckpt: str, output: bool = True, labels: bool = True):
     """The sampling scripts' flags: model, ODE, hardware; guidance and output; class labels."""
-    p.add_argument("--ckpt", default=ckpt, help="the training run's checkpoint (or export.pt)")
-    p.add_argument("--tokenizer", help="to decode with (default: the checkpoint's, or its stage 3)")
-    p.add_argument("--steps", type=at_least(2), default=250, help="time points from 0 to 1")
-    p.add_argument("--shift", type=in_range(0, lo_open=True), default=0.3, help="s (1: none)")
-    p.add_argument("--solver", default="euler", choices=["euler", "heun"], help="ODE solver")
-    p.add_argument("--cfg_channels", type=at_least(1),
-                   help="guide only the first K latent channels (LightningDiT: 3; default: all)")
-    p.add_argument("--batch_size", type=at_least(1), default=64, help="per forward, per rank")
-    p.add_argument("--seed", type=at_least(0), default=0, help="sample i's generator: (seed, i)")
-    p.add_argument("--shard_size", type=at_least(1), default=1000, help="--npz: samples per shard")
-    p.add_argument("--raw_weights", action="store_true", help="the raw weights, not the EMA")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="the model's (auto: bf16 on CUDA); decoding is float32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on CUDA)")
+    add = p.add_argument
+    add("--ckpt", default=ckpt, help="the training run's checkpoint (or export.pt)")
+    add("--tokenizer", help="to decode with (default: the checkpoint's, or its stage 3)")
+    add("--steps", type=at_least(2), default=250, help="time points from 0 to 1")
+    add("--shift", type=in_range(0, lo_open=True), default=0.3, help="s (1: none)")
+    add("--solver", default="euler", choices=["euler", "heun"], help="ODE solver")
+    add("--cfg_channels", type=at_least(1),
+        help="guide only the first K latent channels (LightningDiT: 3; default: all)")
+    add("--batch_size", type=at_least(1), default=64, help="per forward, per rank")
+    add("--seed", type=at_least(0), default=0, help="sample i's generator: (seed, i)")
+    add("--shard_size", type=at_least(1), default=1000, help="--npz: samples per shard")
+    add("--raw_weights", action="store_true", help="the raw weights, not the EMA")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
+    add("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA")
     if output:
-        p.add_argument("--cfg", type=in_range(0), default=1.0, help="guidance scale w; 1 = none")
-        p.add_argument("--cfg_interval_start", type=in_range(0, 1), default=0.0,
-                       help="no guidance for t below this (LightningDiT: 0.1; 0.125 at 800 epochs)")
-        p.add_argument("--num_samples", type=at_least(1), help="default: 16 (grid), 50000 (--npz)")
-        p.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
-        p.add_argument("--npz", action="store_true", help="an ADM .npz for FID (the 50K mode)")
-        p.add_argument("--keep_shards", action="store_true", help="--npz: keep the shards")
+        add("--cfg", type=in_range(0), default=1.0, help="guidance scale w; 1 = none")
+        add("--cfg_interval_start", type=in_range(0, 1), default=0.0,
+            help="no guidance for t below this (LightningDiT: 0.1; 0.125 at 800 epochs)")
+        add("--num_samples", type=at_least(1), help="default: 16 (grid), 50000 (--npz)")
+        add("--out", help="output folder (default: samples/ beside the checkpoint)")
+        add("--npz", action="store_true", help="an ADM .npz for FID (the 50K mode)")
+        add("--keep_shards", action="store_true", help="--npz: keep the shards")
     if labels:  # default: uniformly random
         g = p.add_mutually_exclusive_group()
         g.add_argument("--classes", type=lambda text: [int(c) for c in text.split(",") if c],
@@ -284,8 +273,7 @@ def add_args(p, ckpt: str, output: bool = True, labels: bool = True):
 def output_defaults(a, listed):
     """--num_samples: the `listed` classes or prompts once each, else 16 (grid) or 50K (--npz).
     --out: samples/ beside the checkpoint, with --npz a subfolder per setting, so that none meet."""
-    if a.num_samples is None:
-        a.num_samples = len(listed) if listed else (50_000 if a.npz else 16)
+    a.num_samples = a.num_samples or (len(listed) if listed else 50_000 if a.npz else 16)
     tag = (f"cfg{a.cfg:g}_k{a.cfg_channels or 'all'}_from{a.cfg_interval_start:g}_steps{a.steps}"
            f"_shift{a.shift:g}_{a.solver}_seed{a.seed}_n{a.num_samples}")
     samples = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "samples")

@@ -29,30 +29,26 @@ def parse_args(argv=None):
     p.add_argument("--text_encoder", help="a local copy of the checkpoint's text encoder")
     p.add_argument("--clip_model", help="CLIP score of the samples (openai/clip-vit-large-patch14)")
     p.add_argument("--score", metavar="NPZ", help="only the CLIP score of this .npz of samples")
-    args = p.parse_args(argv)
-    if (args.score or args.clip_model) and not (args.clip_model and args.prompts
-                                                 and (args.npz or args.score)):
+    a = p.parse_args(argv)
+    if (a.score or a.clip_model) and not (a.clip_model and a.prompts and (a.npz or a.score)):
         p.error("the CLIP score needs --clip_model, the --prompts FILE and --npz (or --score NPZ)")
-    return args
+    return a
 
 
 def t2i_sampler(args, env) -> sample.Sampler:
-    """The model at the --size bucket, its text encoder, and sample i's prompt: line i mod N."""
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     sample.output_defaults(args, args.prompts and prompts)  # each line once, or 16 (50K)
     model, tokenizer, meta = sample.load_models(args.ckpt, args.tokenizer, not args.raw_weights,
                                                 kind="t2i", build=build_t2i)
-    sizes = [tuple(s) for s in meta["buckets"]]
-    args.size = parse_size(args.size, sizes) if args.size else sizes[len(sizes) // 2]
+    args.size = parse_size(args.size, meta["buckets"])
     text = TextEncoder(args.text_encoder or meta["text_encoder"], meta["max_length"], env.device,
                        torch.bfloat16 if use_bf16(args.precision, env.device) else torch.float32)
-    if text.dim != meta["model_args"]["text_dim"]:  # now, not as a shape error in the first batch
-        raise UserError(f"the text encoder {text.name} gives {text.dim}-d states, but the model in "
-                        f"{args.ckpt} was trained on {meta['model_args']['text_dim']}-d ones: "
-                        f"--text_encoder {meta['text_encoder']}")
+    if text.dim != (dim := meta["model_args"]["text_dim"]):  # now, not as a shape error later
+        raise UserError(f"{text.name} gives {text.dim}-d states, but the model in {args.ckpt} was "
+                        f"trained on {dim}-d ones: --text_encoder {meta['text_encoder']}")
     shape = (model.in_channels, *(s // meta["latent_factor"] for s in args.size))  # (C, h, w)
     return sample.Sampler(args, env, model, tokenizer, meta, shape,
-                          lambda indices: torch.tensor(indices) % len(prompts),  # prompt lines
+                          lambda indices: torch.tensor(indices) % len(prompts),  # line i mod N
                           lambda lines: (text([prompts[i] for i in lines], warn=True),
                                          text([""] * len(lines))),  # and the empty caption's
                           prompts=prompts, size=list(args.size), text_encoder=text.name)
