@@ -1,6 +1,5 @@
-"""Baseline tokenizers behind the aligned tokenizer's interface (encode: images in [-1, 1] -> the
-posterior's mean; decode, latent_shape, config, decoding_modules), so that the same diffusion
-pipeline runs on their latents: the paper compares with VA-VAE (ImageNet) and the FLUX VAE (T2I).
+"""Baseline tokenizers behind the aligned tokenizer's interface (encode: the posterior's mean), so
+the same diffusion pipeline runs on them: the paper compares with VA-VAE and the FLUX VAE (T2I).
 
     DiffusersVAE: any diffusers AutoencoderKL (SD-VAE f8c4, FLUX VAE f8c16...), a folder or hub name
     VAVAE:        hustvl's VA-VAE f16d32 (the LDM autoencoder), from its checkpoint file
@@ -19,15 +18,14 @@ from tokenizer import AttnBlock, Decoder, ResnetBlock, group_norm, load_aligned_
 
 
 class Baseline(nn.Module):
-    """What both baselines share: a latent f times smaller than the image, and the interface."""
+    """What both baselines share: a latent (ch channels) f times smaller than the image."""
 
-    def __init__(self, kind: str, source: str, image_size: int, channels: int, f: int):
+    def __init__(self, kind: str, source: str, image_size: int, ch: int, f: int):
         super().__init__()
         if image_size % f:
             raise UserError(f"--image_size {image_size}: not a multiple of {f} ({source}'s factor)")
-        self.latent_shape = (channels, image_size // f, image_size // f)
-        self.config = dict(kind=kind, source=source, image_size=image_size,
-                           latent_channels=channels)
+        self.latent_shape = (ch, image_size // f, image_size // f)
+        self.config = dict(kind=kind, source=source, image_size=image_size, latent_channels=ch)
         self.stage, self.random_encoder = None, False
 
     def forward(self, x):
@@ -51,14 +49,6 @@ class DiffusersVAE(Baseline):
         return [m for m in (self.vae.decoder, self.vae.post_quant_conv) if m is not None]
 
 
-def is_folder(name: str, what: str) -> bool:
-    """A folder rather than a hub name ("org/model")? A missing folder is refused here."""
-    folder = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
-    if folder and not os.path.isdir(name):
-        raise UserError(f"the {what} folder {name} does not exist")
-    return folder
-
-
 def from_pretrained(cls, name: str, what: str, **kwargs):
     """cls.from_pretrained(name) of transformers or diffusers, any failure one UserError, strictly:
     both fill missing weights at random, and a random VAE, text encoder or CLIP looks plausible."""
@@ -70,7 +60,10 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
         loaded = cls.from_pretrained(name, **kwargs, **report)
     except Exception as e:  # OSError, ValueError, an unpickling error...: one line, no traceback
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        offline = "" if is_folder(name, what) else (
+        folder = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
+        if folder and not os.path.isdir(name):  # not a hub name ("org/model")
+            raise UserError(f"the {what} folder {name} does not exist") from None
+        offline = "" if folder else (
             f". Offline, save it on a machine with internet (`{cls.__name__}.from_pretrained(name)"
             ".save_pretrained(folder)`) and pass that folder")
         raise UserError(f"could not load the {what} {name!r} ({why}){offline}") from None
@@ -193,8 +186,7 @@ def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
 
 
 def load_tokenizer(path: str, image_size: int | None = None):
-    """The tokenizer at `path` (ours, a VA-VAE checkpoint, or a diffusers AutoencoderKL folder or
-    hub name) for extraction, training grids, sampling and --eval, at `image_size` (default 256)."""
+    """The tokenizer at `path`: ours, a VA-VAE checkpoint, or a diffusers VAE folder or hub name."""
     sharded = os.path.isfile(os.path.join(path, ".metadata"))  # which load_checkpoint refuses
     if not sharded and (os.path.isdir(path) or not (os.path.exists(path)
                                                     or path.endswith((".pt", ".pth", ".ckpt")))):

@@ -1,8 +1,7 @@
 """LightningDiT, the latent diffusion transformer, and its flow-matching objective.
 
-The second half of the method: once the aligned tokenizer (tokenizer.py) maps a 256x256 image to a
-32x16x16 latent, a class-conditional LightningDiT (Yao et al., 2025: DiT/SiT with modern blocks)
-learns to generate such latents by flow matching. The paper uses XL/1: patch 1, 256 tokens.
+The second half of the method: a class-conditional LightningDiT (Yao et al., 2025: DiT/SiT with
+modern blocks) learns to generate the tokenizer's 32x16x16 latents; the paper's: XL/1, 256 tokens.
 
     flow matching: t = 0 is noise, t = 1 is data; x_t = t x1 + (1 - t) eps; the model predicts the
     velocity v = x1 - eps; loss = MSE + (1 - cosine similarity); t ~ logit-normal(0, 1)
@@ -57,8 +56,8 @@ class LightningDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed tables as in the reference's state dict: sin-cos a frozen Parameter, RoPE buffers.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size),
-                                      requires_grad=False)
+        pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)[None]  # (1, N, D)
+        self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)
         self.feat_rope = nn.Module()
         cos, sin = rope_tables(hidden_size // num_heads, self.grid_size, self.grid_size)
         self.feat_rope.register_buffer("freqs_cos", cos)
@@ -66,28 +65,11 @@ class LightningDiT(nn.Module):
         self.blocks = nn.ModuleList(
             LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)[None])
+        init_adaln_zero(self)
         # The patch embedding is a linear map of each flattened patch: initialised like one.
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(hidden_size, -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for i in (0, 2):
-            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
-        # AdaLN-Zero: zero modulation (gates 0: every block starts as the identity) and a zero
-        # output layer, so the initial model predicts v = 0 exactly.
-        for m in [*(b.adaLN_modulation[-1] for b in self.blocks),
-                  self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y, force_drop_ids=None):
         """x_t (B, C, H, W), t (B,) or scalar in [0, 1], labels y (B,) (num_classes: the null class)
@@ -105,6 +87,21 @@ class LightningDiT(nn.Module):
         return unpatchify(self.final_layer(x, c), self.patch_size, self.grid_size, self.grid_size)
 
 
+def init_adaln_zero(model):
+    """Xavier linears, N(0, 0.02) for the timestep MLP, and AdaLN-Zero: zero modulations and output
+    layer, so v = 0 at first and each block starts as the identity (a deep net starts shallow)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    for i in (0, 2):
+        nn.init.normal_(model.t_embedder.mlp[i].weight, std=0.02)
+    zeroed = [m.adaLN_modulation[-1] for m in model.modules() if hasattr(m, "adaLN_modulation")]
+    for linear in zeroed + [model.final_layer.linear]:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+
+
 def unpatchify(x, p: int, h: int, w: int):
     """(B, h*w, p*p*C) tokens, each laid out (p, q, c) -> (B, C, h*p, w*p)."""
     x = x.unflatten(2, (p, p, -1)).unflatten(1, (h, w))  # (B, h, w, p, q, c)
@@ -116,9 +113,8 @@ def modulate(x, shift, scale):
 
 
 class LightningDiTBlock(nn.Module):
-    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. The gates
-    start at zero: a deep network starts shallow and stable, and learns what each block adds.
-    t2i.py's double-stream block calls its three parts, with joint attention between them."""
+    """Pre-norm block with AdaLN-Zero: c gives a shift, scale and gate for each branch. t2i.py's
+    double-stream block calls its three parts, with joint attention between them."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  use_qknorm: bool = False):
@@ -262,9 +258,8 @@ class LabelEmbedder(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's 2D sin-cos table (grid_size**2, embed_dim), float32, tokens row-major: the first half
-    of the channels encodes the column, the second the row, each [sin(p w_k), cos(p w_k)] with
-    w_k = 1e4^(-k / (D/4))."""
+    """MAE's 2D sin-cos table (grid_size**2, D) float32, tokens row-major: the first D/2 channels
+    encode the column, the last the row, as [sin(p w_k), cos(p w_k)] with w_k = 1e4^(-4k/D)."""
     assert embed_dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     k = torch.arange(embed_dim // 4, dtype=torch.float64)
     omega = 1.0 / 10000 ** (k / (embed_dim / 4))  # w_k, (D/4,)
@@ -275,9 +270,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 
 
 def rope_tables(head_dim: int, rows: int, cols: int, theta: float = 10000.0, device=None):
-    """2D axial RoPE: cos and sin (rows*cols, head_dim), float32, tokens row-major. The first
-    head_dim/2 channels rotate with the row, the last with the column, channel pair (2i, 2i+1) of
-    each half at f_i = theta^(-4i / head_dim)."""
+    """2D axial RoPE: cos, sin (rows*cols, head_dim) float32, tokens row-major; the first half turns
+    with the row, the second with the column, pair (2i, 2i+1) of each at theta^(-4i / head_dim)."""
     assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
     half, f64 = head_dim // 2, dict(dtype=torch.float64, device=device)
     freqs = (1.0 / theta ** (torch.arange(0, half, 2, **f64) / half)).repeat_interleave(2)

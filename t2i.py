@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from dit import (FinalLayer, LightningDiTBlock, RMSNorm, TimestepEmbedder, attention, compute_dtype,
-                 modulate, rope_tables, split_heads, unpatchify)
+                 init_adaln_zero, modulate, rope_tables, split_heads, unpatchify)
 
 
 class TextToImageDiT(nn.Module):
@@ -46,17 +46,7 @@ class TextToImageDiT(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(*args) for _ in range(depth_double))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(*args) for _ in range(depth_single))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        # Initialised as LightningDiT (AdaLN-Zero: v = 0 at first); the patch conv as torch does.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for i in (0, 2):
-            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
-        zeroed = [m.adaLN_modulation[-1] for m in self.modules() if hasattr(m, "adaLN_modulation")]
-        for linear in zeroed + [self.final_layer.linear]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        init_adaln_zero(self)  # as LightningDiT (v = 0 at first); the patch conv as torch does
 
     def forward(self, x, t, text):
         (states, mask), (B, _, H, W), p = text, x.shape, self.patch_size

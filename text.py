@@ -5,7 +5,6 @@ over at most 128 tokens (`--max_length`); `--text_encoder` takes any that `trans
 """
 
 import warnings
-import zipfile
 
 import numpy as np
 import torch
@@ -25,9 +24,8 @@ def load_tokenizer(name: str, what: str):
     tokenizer = from_pretrained(transformers.AutoTokenizer, name, what)
     words = ["red", "blue", "disc", "ring", "left"]
     if len({tuple(ids) for ids in tokenizer(words)["input_ids"]}) < len(words):
-        raise UserError(f"the {what} in {name} maps different words to the same tokens: its "
-                        "files (tokenizer.json, spiece.model, vocab.json...) are missing or "
-                        "damaged; save them there (`AutoTokenizer...save_pretrained(folder)`)")
+        raise UserError(f"the {what} in {name} maps different words to the same tokens: its files "
+                        "(tokenizer.json, spiece.model, vocab.json...) are missing or damaged")
     return tokenizer
 
 
@@ -56,8 +54,7 @@ class TextEncoder:
         pos = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
         limit = min([v for v in (pos, self.tokenizer.model_max_length) if v and v < 1e6] or [512])
         if max_length > limit:
-            raise UserError(f"--max_length {max_length} is more than the {limit} tokens that the "
-                            f"text encoder {name} takes")
+            raise UserError(f"--max_length {max_length} is more than the {limit} tokens of {name}")
         # AutoModel would give T5's encoder-decoder and the whole CLIP
         cls = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
                "clip": transformers.CLIPTextModel}.get(config.model_type, transformers.AutoModel)
@@ -70,9 +67,8 @@ class TextEncoder:
         if warn:  # sampling: say which prompts are cut, once each
             for caption, ids in dict(zip(captions, self.tokenizer(captions)["input_ids"])).items():
                 if len(ids) > self.max_length:
-                    short = caption if len(caption) <= 80 else caption[:77] + "..."
                     warnings.warn(f"prompt longer than the text encoder's {self.max_length} "
-                                  f"tokens, cut there: {short!r}")
+                                  f"tokens, cut there: {caption[:80]!r}")
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length,
                                 truncation=True, return_tensors="pt").to(self.device)
         out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
@@ -105,24 +101,23 @@ def clip_score(images, prompts: list[str], name: str = "openai/clip-vit-large-pa
 
 def clip_score_npz(samples: str, prompts_file: str, name: str, device) -> dict:
     """CLIP score of sample_t2i.py's .npz, whose arr_1 is each sample's line in the prompt file."""
-    again = "sample it with sample_t2i.py --npz --prompts FILE"
     if not samples.endswith(".npz"):  # a missing file or a folder: np.load says so below
         raise UserError(f"the CLIP score needs sample_t2i.py's .npz (--npz), not {samples}")
     try:
         with np.load(samples) as data:
             images, lines = data["arr_0"], data["arr_1"]  # arr_1: each sample's prompt line
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # missing, a folder, not a zip, no arr_1, pickled objects...
         pickled = "pickle" in str(e)  # numpy's message would advise the unsafe allow_pickle
         why = "it holds Python objects" if pickled else str(e).split(". ")[0]
         raise UserError(f"could not read {samples} as sample_t2i.py's .npz ({why})") from None
     prompts = read_prompts(prompts_file)
-    # A float, missing or negative line (Python counts from the end) would pick another prompt.
-    if lines.dtype.kind not in "iu" or lines.shape != images.shape[:1] or lines.min(initial=0) < 0:
-        raise UserError(f"{samples}: arr_1 must hold {len(images)} integers from 0 (prompt lines), "
-                        f"not {lines.dtype} {lines.shape} from {lines.min(initial=0)}: {again}")
-    if lines.max(initial=0) >= len(prompts):
-        raise UserError(f"{samples} refers to prompt line {lines.max()}, but {prompts_file} has "
-                        f"{len(prompts)}: pass the prompt file it was sampled from")
+    low, high = (lines.min(), lines.max()) if lines.size else (0, 0)
+    # A float, missing, negative (Python counts from the end) or too large line: another prompt.
+    if (lines.dtype.kind not in "iu" or lines.shape != images.shape[:1]
+            or not 0 <= low <= high < len(prompts)):
+        raise UserError(f"{samples}: arr_1 must hold {len(images)} integers from 0 to "
+                        f"{len(prompts) - 1} (lines of {prompts_file}: pass the one it was sampled "
+                        f"from), not {lines.dtype} {lines.shape} from {low} to {high}")
     score = clip_score(images, [prompts[i] for i in lines], name, device)
     return {"clip_score": score, "clip_model": name, "prompts": prompts_file}
 

@@ -18,7 +18,6 @@ Every stage: L1 + LPIPS + w_g * hinge GAN (PatchGAN, adaptive weight w_g); stage
 
 import copy
 import hashlib
-import math
 import warnings
 from collections import OrderedDict
 
@@ -29,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from common import MissingWeightsError, UserError, load_checkpoint, pretrained_file, unwrap
 
-# The three stages: which parts learn, and the loss
 TRAINABLE = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}
 
 
@@ -50,18 +48,16 @@ def semantic_reference(model: "AlignedTokenizer") -> "AlignedTokenizer":
 
 def tokenizer_loss(model, x, lpips, disc=None, ref=None, *, lpips_weight=1.0, disc_weight=0.5,
                    sp_weight=1.0, sp_loss="mse"):
-    """The loss of every stage on images x (B, 3, H, W) in [-1, 1]:
+    """The loss of every stage on images x (B, 3, H, W) in [-1, 1] -> (loss, x_hat, {part: value}):
         L1(x, x_hat) + lpips_weight * LPIPS(x, x_hat)  (the reconstruction L_nll)
         + sp_weight * L_sp(z, z_ref)                   (stage 2: given the frozen reference `ref`)
-        + w_g * L_G, L_G = -mean D(x_hat)              (once the discriminator `disc` is on)
-    -> (loss, x_hat, {name: value} of every part)."""
+        + w_g * L_G, L_G = -mean D(x_hat)              (once the discriminator `disc` is on)"""
     x_hat, z = model(x)
     x_hat = x_hat.float()
     parts = {"l1": (x_hat - x).abs().mean()}
-    nll = parts["l1"]
     if lpips_weight:  # 0 skips the VGG network altogether
         parts["lpips"] = lpips(x_hat, x).mean()
-        nll = nll + lpips_weight * parts["lpips"]
+    nll = parts["l1"] + lpips_weight * parts.get("lpips", 0)
     loss = nll
     if ref is not None:
         z_ref = ref.encode(x)  # frozen: no autograd graph
@@ -100,7 +96,6 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer, scale: float = 0.5):
     return scale * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4)
 
 
-# The tokenizer
 def default_config(**overrides) -> dict:
     """The tokenizer's architecture as a plain dict (stored in every checkpoint)."""
     cfg = dict(encoder="dinov2_vitl14", latent_channels=32, adapter_hidden=None, image_size=256,
@@ -166,8 +161,7 @@ def load_aligned_tokenizer(path: str, ckpt) -> AlignedTokenizer:
     if isinstance(ckpt, dict) and ckpt.get("kind", "tokenizer") != "tokenizer":
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"model", "ema"} & set(ckpt)):
-        raise UserError(f"{path} is not a tokenizer checkpoint of this project (no 'config'/'ema' "
-                        "entries), nor a VA-VAE checkpoint")
+        raise UserError(f"{path} is not a tokenizer checkpoint of this project, nor a VA-VAE one")
     model = AlignedTokenizer(ckpt["config"])
     model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     model.stage, model.random_encoder = ckpt.get("stage"), bool(ckpt.get("random_encoder", False))
@@ -187,12 +181,9 @@ def latent_fingerprint(tokenizer) -> str:
 
 
 # DINOv2, the encoder: the six hub variants ("_reg": 4 registers, another position resize)
-_PLAIN = dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1)
-_REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
-DINOV2_VARIANTS = {f"dinov2_vit{s}14{suffix}": dict(embed_dim=d, depth=n, num_heads=h, **extra)
-                   for s, (d, n, h) in _SIZES.items()
-                   for suffix, extra in (("", _PLAIN), ("_reg", _REG))}
+DINOV2_VARIANTS = {f"dinov2_vit{s}14{r}": dict(embed_dim=d, depth=n, num_heads=h, registers=bool(r))
+                   for s, (d, n, h) in _SIZES.items() for r in ("", "_reg")}
 
 
 def dinov2_url(name: str) -> str:
@@ -208,8 +199,7 @@ def mlp(dim: int, hidden: int, out_dim: int | None = None) -> nn.Sequential:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)) * ls1, then x + mlp(norm2(x)) * ls2 (learned
-    per-channel scales). The dicts keep the official names (attn.qkv, ls1.gamma...)."""
+    """Pre-norm block, x + attn(norm1(x)) * ls1, then x + mlp(norm2(x)) * ls2: official names."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -232,17 +222,15 @@ class DINOv2(nn.Module):
     """The DINOv2 ViT/14 backbone, official names (the hub weights load strictly): final-norm patch
     tokens out, CLS and registers dropped; `mask_token` (for masked pre-training) is unused."""
 
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, num_register_tokens: int = 0,
-                 interpolate_antialias: bool = False, interpolate_offset: float = 0.1):
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, registers: bool = False):
         super().__init__()
         self.patch_size, self.embed_dim = 14, embed_dim
-        self.antialias, self.offset = interpolate_antialias, interpolate_offset  # hub settings
-        self.num_prefix = 1 + num_register_tokens  # tokens before the patches: CLS, registers
-        grid = 518 // 14  # the hub models' 37 x 37 positions (+ 1 for CLS)
+        self.antialias, self.offset = registers, 0.0 if registers else 0.1  # hub's position resize
+        self.num_prefix = 1 + 4 * registers  # tokens before the patches: CLS, 4 registers
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 1e-6)  # random: tests, demo
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        self.register_tokens = (nn.Parameter(torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
-                                if num_register_tokens else None)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 37 * 37 + 1, embed_dim))  # 37 = 518 px / 14
+        self.register_tokens = (nn.Parameter(torch.randn(1, 4, embed_dim) * 1e-6)
+                                if registers else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, 14, 14)))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
@@ -257,7 +245,7 @@ class DINOv2(nn.Module):
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype):
         """Position embeddings (1, 1 + h*w, D) for an h x w grid, resized as the hub does: bicubic
         in float32 with its antialias flag; the plain models pass scale factor (n + 0.1) / 37."""
-        M = math.isqrt(self.pos_embed.shape[1] - 1)
+        M = 37  # the hub's grid
         if h == w == M:
             return self.pos_embed
         pos = self.pos_embed.float()
@@ -288,9 +276,8 @@ class DINOv2(nn.Module):
 
 def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None,
                  flags=("--encoder_ckpt", "--random_encoder")) -> DINOv2:
-    """A hub variant by name ("dinov2_vitl14", ..., "dinov2_vitl14_reg"), or "tiny" (random only);
-    pretrained: the weights loaded strictly from `ckpt`, the hub cache or the URL (`flags`: the
-    caller's weights-file and random-weights flags, for the messages)."""
+    """A hub variant ("dinov2_vitl14", ..., "dinov2_vitl14_reg") or "tiny" (random); pretrained:
+    loaded strictly from `ckpt`, the hub cache or the URL (`flags`: the caller's, for messages)."""
     if name == "tiny":
         if pretrained:
             raise MissingWeightsError("the 'tiny' encoder has no weights: pass --random_encoder")
@@ -299,10 +286,9 @@ def build_dinov2(name: str, pretrained: bool = True, ckpt: str | None = None,
         raise UserError(f"unknown encoder {name!r}: not one of {', '.join(DINOV2_VARIANTS)}, tiny")
     model = DINOv2(**DINOV2_VARIANTS[name])
     if pretrained:
-        what = f"DINOv2 weights for {name}"
-        path = pretrained_file(dinov2_url(name), ckpt, what, *flags)
+        path = pretrained_file(dinov2_url(name), ckpt, f"DINOv2 weights for {name}", *flags)
         try:
-            model.load_state_dict(load_checkpoint(path, what), strict=True)
+            model.load_state_dict(load_checkpoint(path, "DINOv2 weights"), strict=True)
         except RuntimeError as e:
             raise UserError(f"{path} does not hold {name} weights (another variant?): "
                             f"{' '.join(str(e).split())[:300]}") from None  # one line
@@ -392,8 +378,7 @@ class PatchGAN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+                nn.init.normal_(m.weight, 1.0, 0.02)  # bias: 0 already
 
     def forward(self, x):
         return self.main(x)  # (B, 1, h', w') patch logits

@@ -1,12 +1,9 @@
 """Train the aligned tokenizer, one stage per run; tokenizer.py defines the stages and their loss.
 
-    torchrun --nproc_per_node=8 train_tokenizer.py --stage 1 --data /imagenet/train
-    torchrun --nproc_per_node=8 train_tokenizer.py --stage 2 --data /imagenet/train
-    torchrun --nproc_per_node=8 train_tokenizer.py --stage 3 --data /imagenet/train
-    python train_tokenizer.py --eval --data /imagenet/val --rfid
+    torchrun --nproc_per_node=8 train_tokenizer.py --stage 1 --data /imagenet/train  # then 2, 3
+    python train_tokenizer.py --eval --data /imagenet/val --rfid  # PSNR, SSIM, LPIPS, rFID
 
-Stage N starts from stage N-1's EMA weights, <run_dir>/stage{N-1}/tokenizer.pt. --eval measures
-PSNR, SSIM, LPIPS (and rFID) of the reconstructions of an image folder.
+Stage N starts from stage N-1's EMA weights, <run_dir>/stage{N-1}/tokenizer.pt.
 """
 
 import argparse
@@ -55,9 +52,8 @@ def parse_args(argv=None):
     add("--steps", type=at_least(1), default=50_000, help="training steps of this stage")
     add("--batch_size", type=at_least(1), default=256, help="global (split over the ranks)")
     add("--lr", type=in_range(0, lo_open=True), default=1e-4, help="Adam's, constant (VA-VAE's)")
-    unit = in_range(0, 1, hi_open=True)
-    add("--betas", type=unit, nargs=2, default=(0.5, 0.9), help="optimiser betas")
-    add("--ema_decay", type=unit, default=0.999, help="EMA of the weights (what is exported)")
+    add("--betas", type=in_range(0, 1, hi_open=True), nargs=2, default=(0.5, 0.9), help="Adam's")
+    add("--ema_decay", type=in_range(0, 1, hi_open=True), default=0.999, help="of the exported EMA")
     add("--lpips_weight", type=in_range(0), default=1.0, help="weight of LPIPS next to L1 (0: off)")
     add("--disc_weight", type=in_range(0), default=0.5, help="scale of the adaptive GAN weight")
     add("--disc_start", type=at_least(0), help="the GAN's first step (default: 20%% of --steps)")
@@ -101,11 +97,10 @@ def build_tokenizer(args, log):
         if model.stage != prev:
             raise UserError(f"stage {args.stage} starts from stage {prev}, but {init} comes from "
                             f"stage {model.stage}: pass --init with a stage-{prev} tokenizer.pt")
-        clash = {k: (v, model.config[k]) for k, v in arch.items()
-                 if v is not None and default_config(**{k: v})[k] != model.config[k]}
+        clash = [f"--{k} {v} (checkpoint: {model.config[k]})" for k, v in arch.items()
+                 if v is not None and default_config(**{k: v})[k] != model.config[k]]
         if clash:
-            flags = ", ".join(f"--{k} {a} (checkpoint: {b})" for k, (a, b) in clash.items())
-            raise UserError(f"the architecture is fixed in stage 1, but {init} differs: {flags}")
+            raise UserError(f"stage 1 fixed the architecture; {init} differs: {', '.join(clash)}")
         random_encoder = model.random_encoder or args.random_encoder
     if random_encoder:
         log(f"WARNING: the {model.config['encoder']} encoder {'grew from' if init else 'has'} "
@@ -114,8 +109,7 @@ def build_tokenizer(args, log):
 
 
 def build_loss_nets(model, args, device):
-    """The model on the device, and what its loss needs: stage 2's frozen reference, LPIPS and the
-    PatchGAN; compiled in place (the state-dict names do not change)."""
+    """The model on the device, and stage 2's reference, LPIPS, the PatchGAN, compiled in place."""
     ref = semantic_reference(model).to(device) if args.stage == 2 else None
     lpips = (build_lpips(args.vgg_ckpt, random_backbone=args.random_lpips).to(device)
              if args.lpips_weight else None)
@@ -158,8 +152,8 @@ def train(args, env):
         n_train, n_all = (sum(p.numel() for p in ps) for ps in (trainable, model.parameters()))
         run.logger.info(f"stage {args.stage} from {init or 'DINOv2'}: {n_train / 1e6:.1f}M of "
                         f"{n_all / 1e6:.1f}M parameters train ({', '.join(TRAINABLE[args.stage])})"
-                        f"; latent {model.latent_shape}; GAN from step {disc_start}; data: "
-                        f"{args.data or f'the built-in demo set ({len(dataset)} images)'}")
+                        f"; latent {model.latent_shape}; GAN from step {disc_start}; "
+                        f"{len(dataset)} images ({args.data or 'built-in demo set'})")
         data = iter(batches)
         for step in range(run.resume() if args.resume else 0, args.steps):
             x = to_model_range(next(data)[0], device)  # (B, 3, H, W) in [-1, 1]
@@ -173,8 +167,7 @@ def train(args, env):
             loss.backward()
             opt.step()
             ema.update(model)
-            # the discriminator learns to tell x from the (detached) reconstruction: hinge loss
-            if gan_on:
+            if gan_on:  # the discriminator learns to tell x from the (detached) reconstruction
                 with autocast(device, bf16):
                     parts["d_loss"] = hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
                 opt_d.zero_grad(set_to_none=True)
@@ -195,7 +188,6 @@ def train(args, env):
                 run.save(done)
             if stop:
                 break
-    # the stage's result: the EMA weights, read by the next stage
     if env.is_main and not run.stopped:
         path = os.path.join(run_dir, "tokenizer.pt")
         save_checkpoint({**identity, **meta, "ema": ema.state_dict(), "args": vars(args)}, path)
@@ -210,9 +202,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) of uint8 images (B, 3, H, W), per image: local
-    means, variances and covariance under an 11x11 Gaussian window (sigma 1.5), constants
-    (0.01 * 255)^2 and (0.03 * 255)^2, averaged over the valid positions and the channels."""
+    """SSIM (Wang et al. 2004) of uint8 images (B, 3, H, W), per image: 11x11 Gaussian window
+    (sigma 1.5), c1 = (0.01 * 255)^2, c2 = (0.03 * 255)^2, mean over valid positions, channels."""
     a, b = a.double(), b.double()
     g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=a.device) - 5) ** 2 / 4.5)
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
@@ -259,13 +250,12 @@ def evaluate(args, env):
                 features[name].append(torch.from_numpy(activations))
     if env.distributed:
         torch.distributed.all_reduce(totals)
-    n = totals[3].item()
-    mean_psnr, mean_ssim, mean_lpips = (totals[i].item() / n for i in range(3))
+    sum_psnr, sum_ssim, sum_lpips, n = totals.tolist()
     encoder = model.config.get("encoder") or f"{model.config['kind']} {model.config['source']}"
     if model.random_encoder:
         encoder += " (grown from RANDOM weights)"
-    metrics = {"tokenizer": path, "images": int(n), "psnr": mean_psnr, "ssim": mean_ssim,
-               "lpips": mean_lpips, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
+    metrics = {"tokenizer": path, "images": int(n), "psnr": sum_psnr / n, "ssim": sum_ssim / n,
+               "lpips": sum_lpips / n, "lpips_backbone": "RANDOM" if args.random_lpips else "vgg16",
                "encoder": encoder, "skipped_files": count_skipped(dataset, env)}
     if inception is not None:  # rank order: each side's statistics do not depend on it
         recon, real = (fid.FIDStatistics.from_features(fid.gather_rows(

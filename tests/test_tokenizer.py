@@ -159,8 +159,7 @@ def test_pos_embed_interpolation_plain_models(hw):
 def test_pos_embed_interpolation_reg_models(hw):
     """The _reg models resize to the grid size with antialiasing, which is PIL's bicubic filter."""
     torch.manual_seed(0)
-    model = DINOv2(embed_dim=4, depth=1, num_heads=2, num_register_tokens=4,
-                   interpolate_antialias=True, interpolate_offset=0.0)
+    model = DINOv2(embed_dim=4, depth=1, num_heads=2, registers=True)
     h, w = hw[0] // 14, hw[1] // 14
     got = model.interpolate_pos_encoding(h, w, torch.float32)[0, 1:].detach().reshape(h, w, 4)
     grid = model.pos_embed[0, 1:].detach().reshape(37, 37, 4).numpy()
@@ -172,7 +171,7 @@ def test_pos_embed_interpolation_reg_models(hw):
 
 def test_encoder_drops_cls_and_registers():
     torch.manual_seed(0)
-    model = DINOv2(embed_dim=16, depth=1, num_heads=2, num_register_tokens=4)
+    model = DINOv2(embed_dim=16, depth=1, num_heads=2, registers=True)
     out = model(torch.randn(2, 3, 28, 42))
     assert out.shape == (2, 2 * 3, 16)
     # Registers carry no position: changing them changes the output, but the count stays 6 patches.
@@ -184,7 +183,7 @@ def test_tokens_stay_float32_under_bf16_autocast():
     """As in the official model: CLS and position embeddings join the bf16 patch embeddings in
     float32."""
     torch.manual_seed(0)
-    model = DINOv2(embed_dim=16, depth=1, num_heads=2, num_register_tokens=4)
+    model = DINOv2(embed_dim=16, depth=1, num_heads=2, registers=True)
     seen = []
     model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
