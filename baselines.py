@@ -181,7 +181,11 @@ def load_vavae(path: str, state: dict, image_size: int) -> VAVAE:
     if missing:
         raise UserError(f"{path} is not a VA-VAE f16d32 checkpoint: {len(missing)} of its "
                         f"autoencoder's weights are missing (e.g. {', '.join(missing[:3])})")
-    model.load_state_dict({n: torch.cat([state[k] for k in keys]) for n, keys in names.items()})
+    try:
+        model.load_state_dict({n: torch.cat([state[k] for k in keys]) for n, keys in names.items()})
+    except RuntimeError as e:  # the right names, other shapes: another VA-VAE variant
+        why = str(e).splitlines()[-1].strip()[:200]
+        raise UserError(f"{path} does not fit VA-VAE f16d32: {why}") from None
     return model.eval()
 
 

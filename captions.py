@@ -3,7 +3,6 @@ skipped and counted, batches of one aspect-ratio bucket, shards dealt to ranks a
 
 import collections
 import io
-import itertools
 import math
 import os
 import tarfile
@@ -60,32 +59,48 @@ def list_shards(path: str, readers: int = 1) -> list:
 
 
 def read_shard(shard):
-    """A shard's (key, image bytes/path/None, caption); a damaged tar ends in (key, None, None)."""
-    if isinstance(shard, list):  # a caption folder's files (utf-8-sig: no byte-order mark)
+    """A shard's samples (key, image bytes or path or None, caption); a damaged tar's are read up to
+    the damage, then (key, None, None). utf-8-sig: a Windows byte-order mark stays out."""
+    if isinstance(shard, list):  # a caption folder's files
         for image in shard:
-            txt = os.path.splitext(image)[0] + ".txt"
-            with open(txt, "rb") if os.path.isfile(txt) else io.BytesIO() as f:
-                yield image, image, f.read().decode("utf-8-sig", "replace").strip()
+            txt, caption = os.path.splitext(image)[0] + ".txt", ""
+            if os.path.isfile(txt):
+                with open(txt, encoding="utf-8-sig", errors="replace") as f:
+                    caption = f.read().strip()
+            yield image, image, caption
         return
+    key, parts, damage = None, {}, None  # the sample being read: its files by extension
     try:
         with tarfile.open(shard, mode="r|*") as tar:  # a stream: each member read as it comes
-            members = ((os.path.splitext(m.name), m) for m in tar if m.isfile())
-            for key, files in itertools.groupby(members, key=lambda pair: pair[0][0]):
-                parts = {ext.lower(): tar.extractfile(m).read() for (_, ext), m in files}
-                image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-                yield key, image, parts.get(".txt", b"").decode("utf-8-sig", "replace").strip()
+            for member in (m for m in tar if m.isfile()):
+                stem, ext = os.path.splitext(member.name)
+                if stem != key and key is not None:
+                    yield _sample(key, parts)
+                    parts = {}
+                key, parts[ext.lower()] = stem, tar.extractfile(member).read()
             # A plain tar cut at (or in) a header reads as a shorter one, without its 1024-byte end.
             if tar.fileobj.comptype == "tar" and os.path.getsize(shard) < tar.offset + 1024:
                 raise tarfile.ReadError("no end-of-archive marker: cut short")
     except (tarfile.TarError, EOFError, OSError) as e:
-        warnings.warn(f"{shard} is damaged ({e}); its remaining samples are skipped")
+        damage = e
+    if key is not None:
+        yield _sample(key, parts)
+    if damage is not None:
+        warnings.warn(f"{shard} is damaged ({damage}); its remaining samples are skipped")
         yield (f"{shard}:damaged", None, None)
+
+
+def _sample(key, parts):
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    return key, image, parts.get(".txt", b"").decode("utf-8-sig", "replace").strip()
 
 
 def decode(image, text, sizes):
     """A usable sample's HxWx3 uint8 pixels in the bucket nearest its shape, else why not (str)."""
-    if image is None or not text:  # text None: the end of a damaged shard
-        return {None: "in a damaged shard", "": "without a caption"}.get(text, "without an image")
+    if text is None:  # the end of a damaged shard
+        return "in a damaged shard"
+    if image is None or not text:
+        return "without an image" if image is None else "without a caption"
     try:
         with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as img:
             if img.size[0] * img.size[1] > MAX_PIXELS:  # known from the header, before decoding

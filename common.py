@@ -467,13 +467,16 @@ def forward_flops(model, image_tokens: int, text_tokens: int = 0) -> int:
     sees (conditioning: one token), plus attention's 4 tokens^2 width per block."""
     flops = 0
     for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            cond = "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool"))
-            text = name.startswith("context_embedder") or ".txt." in name
-            image = name.startswith(("x_embedder", "final_layer")) or ".img." in name
-            tokens = 1 if cond else text_tokens if text else image_tokens if image else \
-                image_tokens + text_tokens
-            flops += 2 * m.weight.numel() * tokens
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        tokens = image_tokens + text_tokens  # the joint stream's layers see all tokens
+        if "adaLN_modulation" in name or name.startswith(("t_embedder", "text_pool")):
+            tokens = 1  # the conditioning
+        elif name.startswith("context_embedder") or ".txt." in name:
+            tokens = text_tokens
+        elif name.startswith(("x_embedder", "final_layer")) or ".img." in name:
+            tokens = image_tokens
+        flops += 2 * m.weight.numel() * tokens
     return flops + model.depth * 4 * (image_tokens + text_tokens) ** 2 * model.hidden_size
 
 

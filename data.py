@@ -300,6 +300,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
 
     scale = max(1, 64 // images.shape[-2])
     images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    grid = make_grid(images.cpu(), nrow, padding=2, pad_value=255)[:, 2:-2, 2:-2]  # no outer gap
+    grid = make_grid(images.cpu(), nrow, padding=2, pad_value=255)
+    if len(images) > 1:  # make_grid pads a grid of several images outside too: not ours
+        grid = grid[:, 2:-2, 2:-2]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

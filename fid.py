@@ -135,6 +135,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) by float64 eigh, not scipy's fragile sqrtm: tr
     sqrt(S1 S2) = sum sqrt(eig(R S2 R)), R = sqrt(S1), the min(rank S1, rank S2) largest."""
     mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    if not all(torch.isfinite(a).all() for a in (mu1, s1, mu2, s2)):  # else NaN, or garbage
+        raise UserError("the statistics contain NaN/inf: recompute them")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric only up to round-off
 
     def above_round_off(w):  # eigenvalues (d,) of a covariance; those at round-off level -> 0
@@ -248,7 +250,7 @@ def _forward(images, model, env: DistEnv, batch_size: int, num_workers: int, des
     elif isinstance(images, NpzImages):
         batches = images.batches(batch_size, start, stop)
     else:  # in memory
-        batches = as_nchw_uint8(images[start: stop]).split(batch_size)
+        batches = as_nchw_uint8(images[start: stop]).split(batch_size) if stop > start else ()
     bar = tqdm(total=n, initial=skip * env.world_size, desc=desc, unit="img", dynamic_ncols=True,
                disable=not (progress and env.is_main))
     with exact_float32(env.device), bar:
@@ -274,7 +276,8 @@ def compute_activations(images, model: FIDInception, env: DistEnv | None = None,
     columns = [gather_rows(torch.cat([b[i] for b in batches]) if batches else torch.zeros(0, 0),
                            env) for i in keep]
     if (skipped := count_skipped(images, env)) and env.is_main:  # a collective: on every rank
-        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by readable neighbours")
+        warnings.warn(f"{desc}: {skipped} unreadable files were replaced by readable neighbours: "
+                      "remove or repair them for an exact FID")
     return tuple(c.numpy() for c in columns)
 
 
@@ -390,10 +393,11 @@ def _statistics(src, what: str, model, env: DistEnv, prc: bool, sfid: bool, dino
 
 def evaluate(samples, reference, *, model: FIDInception, env: DistEnv | None = None,
              batch_size: int = 50, num_workers: int = 4, prc: bool = False, sfid: bool = True,
-             reference_from_images=False, save_stats=None, progress=True, log=print, dinov2=None):
+             reference_from_images=False, save_stats=None, progress=True, log=None, dinov2=None):
     """FID, sFID, IS, precision/recall (`prc`), FD_DINOv2 (`dinov2`) of `samples` against
     `reference` (paths, load_source's objects, uint8 images), on every rank."""
     env = env or DistEnv(0, 0, 1, next(model.parameters()).device)
+    log = log or Logger(env).info  # rank 0's
     sides = [load_source(os.fspath(s), None, log, reference_from_images)
              if isinstance(s, (str, os.PathLike)) else s for s in (samples, reference)]
     for what, src in zip(("samples", "reference"), sides):  # before the expensive part

@@ -82,7 +82,8 @@ def dcp_state(parts: dict) -> dict:
     """What DCP saves and loads in place: each part's sharded tensors, keyed by parameter name."""
     model = next(p for p in parts.values() if isinstance(p, torch.nn.Module))
     return {name: get_optimizer_state_dict(model, p) if isinstance(p, torch.optim.Optimizer)
-            else get_model_state_dict(getattr(p, "model", p)) for name, p in parts.items()}
+            else get_model_state_dict(p.model if isinstance(p, EMA) else p)
+            for name, p in parts.items()}
 
 
 @contextmanager
@@ -112,9 +113,10 @@ class ShardedCheckpoint(common.Checkpoint):
     name = "ckpt"
 
     def __init__(self, env, args, run_dir: str, identity: dict, state: dict):
-        if env.is_main:
+        super().__init__(env, args, run_dir, identity, state)  # refuses a run without --resume
+        if env.is_main:  # so that an interrupted save is undone only in the run's own folder
             recover(run_dir)
-        super().__init__(env, args, run_dir, identity, state)
+        env.barrier()
         self.sharded = {n: p for n, p in state.items() if isinstance(p, SHARDED)}
 
     def read(self) -> dict:
@@ -129,7 +131,7 @@ class ShardedCheckpoint(common.Checkpoint):
             if isinstance(part, torch.optim.Optimizer):
                 set_optimizer_state_dict(model, part, state[name])
             elif name in self.sharded:
-                set_model_state_dict(getattr(part, "model", part), state[name])
+                set_model_state_dict(part.model if isinstance(part, EMA) else part, state[name])
             else:
                 part.load_state_dict(ckpt[name])
 
@@ -165,6 +167,9 @@ class ShardedRun(common.Run):
 def export(folder: str) -> str:
     """--export: the file to sample from (the whole EMA, no training state), <run_dir>/ckpt/ ->
     export.pt, ckpt_<step>/ -> export_<step>.pt. It only reads (a run may be saving meanwhile)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # not a run's end
+        raise UserError("--export reads the checkpoint in one process: run it with python, not "
+                        "torchrun")
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder) or not os.path.basename(folder).startswith("ckpt"):
         raise UserError(f"no sharded (--fsdp) checkpoint folder {folder} to export: give "

@@ -100,6 +100,8 @@ def default_config(**overrides) -> dict:
     """The tokenizer's architecture as a plain dict (stored in every checkpoint)."""
     cfg = dict(encoder="dinov2_vitl14", latent_channels=32, adapter_hidden=None, image_size=256,
                decoder_ch=128, decoder_ch_mult=(1, 1, 2, 2, 4), decoder_res_blocks=2)
+    if unknown := set(overrides) - set(cfg):
+        raise ValueError(f"unknown tokenizer config keys: {sorted(unknown)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     cfg["decoder_ch_mult"] = tuple(cfg["decoder_ch_mult"])
     return cfg

@@ -230,7 +230,7 @@ def train(args, env):
             if due(args.log_every, done, args.steps):
                 epoch = done * args.batch_size / (len(dataset) / 2)  # 2 latents per image
                 run.log(done, lr=opt.param_groups[0]["lr"], epoch=epoch)
-            if grid_tok and due(args.grid_every, done, args.steps):
+            if env.is_main and grid_tok and due(args.grid_every, done, args.steps):
                 save_sample_grid(ema.model, grid_tok, dataset.meta, stats, args, done, run.logger,
                                  bf16)
             stop = run.stop_requested(done)
@@ -243,15 +243,14 @@ def train(args, env):
 
 @torch.no_grad()
 def save_sample_grid(model, tokenizer, meta, stats, args, step, logger, bf16):
-    """16 EMA samples of fixed noise and classes, 30 steps, decoded by the tokenizer (rank 0)."""
+    """16 EMA samples of fixed noise and classes, 30 steps, decoded by the tokenizer."""
     device = next(model.parameters()).device
     labels = (torch.arange(16) % meta["num_classes"]).to(device)
     noise = torch.randn(16, *meta["latent_shape"], generator=torch.Generator().manual_seed(0))
     with autocast(device, bf16):
         z = sample_latents(model, labels, noise.to(device), steps=30, cfg_scale=args.grid_cfg)
     path = os.path.join(args.run_dir, f"samples_{step:07d}.png")
-    if logger.enabled:  # rank 0; decoded in float32
-        save_grid(decode_to_uint8(tokenizer, z, stats), path, nrow=8)
+    save_grid(decode_to_uint8(tokenizer, z, stats), path, nrow=8)  # decoded in float32
     logger.info(f"EMA samples (30 steps, cfg {args.grid_cfg}) -> {path}")
 
 

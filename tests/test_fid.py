@@ -123,6 +123,13 @@ def test_frechet_equal_gaussians_is_zero():
     assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_frechet_refuses_non_finite_statistics():
+    mu, sigma = gaussian_stats(400, 64, 0)
+    sigma[3, 5] = np.nan  # NaN would otherwise come out as the "FID"
+    with pytest.raises(UserError, match="NaN/inf"):
+        fid.frechet_distance(mu, sigma, mu, gaussian_stats(400, 64, 1)[1])
+
+
 def test_frechet_diagonal_closed_form():
     """Commuting (diagonal) covariances: FID = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2,
     including zero variances (rank-deficient)."""
