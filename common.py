@@ -262,6 +262,10 @@ def pretrained_file(url: str, local_path: str | None, what: str, flag: str,
                if random_flag else "")) from None
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a sharded DTensor's own shard
+
+
 class EMA:
     """The weights' moving average (sampled, exported): a frozen copy of the model."""
 
@@ -274,9 +278,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
         params, ema = dict(model.named_parameters()), dict(self.model.named_parameters())
-        # One fused kernel for all tensors (sharded ones too): ema += (1 - decay) * (param - ema).
-        torch._foreach_lerp_([ema[n] for n in self._names],
-                             [params[n].detach() for n in self._names], 1.0 - self.decay)
+        # One fused kernel for all tensors: ema += (1 - decay) * (param - ema); under FSDP on this
+        # rank's shards, plain tensors (DTensor would dispatch tensor by tensor).
+        torch._foreach_lerp_([_local(ema[n]) for n in self._names],
+                             [_local(params[n].detach()) for n in self._names], 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -329,8 +334,9 @@ class Checkpoint:
     def save(self, extras: dict, env, keep: str | None):
         """A collective; the copy `keep` first: after a kill between the two, both are redone."""
         ckpt = {**extras, **{name: part.state_dict() for name, part in self.state.items()}}
-        for name in ([keep + ".pt"] if keep else []) + [self.name] if env.is_main else []:
-            save_checkpoint(ckpt, os.path.join(self.dir, name))
+        if env.is_main:
+            for name in ([keep + ".pt"] if keep else []) + [self.name]:
+                save_checkpoint(ckpt, os.path.join(self.dir, name))
 
 
 class Logger:

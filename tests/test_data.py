@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from common import DistEnv, UserError
 from conftest import run_torchrun
 from data import (Batches, DemoShapes, ImageFolder, build_dataset, center_crop_arr, count_skipped,
-                  to_rgb)
+                  save_grid, to_rgb)
 
 CPU1 = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -226,3 +226,17 @@ def test_images_both_flat_and_in_subfolders_are_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "thumbs" / f"{i}.png")
     with pytest.raises(UserError, match="holds 5 images directly and 2 in subfolders"):
         ImageFolder(str(tmp_path), 8)
+
+
+def test_save_grid_layout(tmp_path):
+    """64-px images, 2 a row, 2-px white gaps between them and none outside; one image whole."""
+    images = torch.stack([torch.full((3, 64, 64), v, dtype=torch.uint8) for v in (10, 20, 30)])
+    save_grid(images, str(tmp_path / "grid.png"), nrow=2)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (130, 130, 3)
+    assert (grid[:64, :64] == 10).all() and (grid[:64, 66:] == 20).all()
+    assert (grid[66:, :64] == 30).all() and (grid[64:66] == 255).all()
+    assert (grid[66:, 66:] == 255).all()  # the empty cell
+    save_grid(images[:1], str(tmp_path / "one.png"))
+    assert (np.asarray(Image.open(tmp_path / "one.png")) == 10).all()
+    assert Image.open(tmp_path / "one.png").size == (64, 64)
